@@ -1,0 +1,1 @@
+//! The Paxwasm guest SDK (see ABI.md).

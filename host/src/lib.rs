@@ -1,0 +1,6 @@
+//! Paxwasm: a replicated application platform. Multi-Paxos orders commands; a
+//! deterministic WebAssembly module applies them on every replica.
+//!
+//! See ARCHITECTURE.md at the repository root for the map of the code.
+
+pub mod cli;
