@@ -1,0 +1,69 @@
+//! Tunable limits and timings of the core. Every limit is here, unit last.
+
+/// Ticks a follower keeps refusing to support another candidate after hearing from
+/// the leader, minus the leader's lease: covers tick-rate drift between replicas.
+pub const LEASE_SAFETY_MARGIN_TICKS: u64 = 4;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Params {
+    /// A leader sends a heartbeat round (and retransmits unacknowledged accepts)
+    /// every this many ticks.
+    pub heartbeat_ticks: u64,
+    /// Election timeouts are drawn from `election_ticks_min..election_ticks_max`. A
+    /// replica that heard from a leader within `election_ticks_min` neither starts nor
+    /// supports an election.
+    pub election_ticks_min: u64,
+    pub election_ticks_max: u64,
+    /// A leader serves lease reads until this many ticks after SENDING the latest
+    /// heartbeat round a quorum acknowledged. Must be at most
+    /// `election_ticks_min - LEASE_SAFETY_MARGIN_TICKS`.
+    pub lease_ticks: u64,
+    /// Upper bound on the client bytes in one slot (a single larger command still
+    /// gets a slot of its own).
+    pub batch_bytes_max: usize,
+    /// Slots a leader may have proposed but not yet seen chosen.
+    pub slots_in_flight_max: u64,
+    /// Client proposals a leader queues while the window is full; beyond, `Busy`.
+    pub proposals_queued_max: usize,
+    /// Reads waiting for a read-index round or for apply; beyond, `Busy`.
+    pub reads_pending_max: usize,
+    /// Catch-up: entries and bytes of client data per `Chosen` message.
+    pub catchup_entries_max: usize,
+    pub catchup_bytes_max: usize,
+    /// PLANTED BUG, for the simulator's teeth test only: a new leader ignores the
+    /// values acceptors report in Phase 1 and fills every slot with a no-op.
+    #[doc(hidden)]
+    pub bug_ignore_phase1_values: bool,
+}
+
+impl Default for Params {
+    fn default() -> Params {
+        Params {
+            heartbeat_ticks: 2,
+            election_ticks_min: 20,
+            election_ticks_max: 40,
+            lease_ticks: 14,
+            batch_bytes_max: 64 * 1024,
+            slots_in_flight_max: 8,
+            proposals_queued_max: 4096,
+            reads_pending_max: 4096,
+            catchup_entries_max: 64,
+            catchup_bytes_max: 256 * 1024,
+            bug_ignore_phase1_values: false,
+        }
+    }
+}
+
+impl Params {
+    /// Panics on inconsistent timings: they are programmer errors, and a lease that
+    /// outlives a follower's election timeout would break linearizable reads.
+    pub fn validate(&self) {
+        assert!(self.heartbeat_ticks >= 1);
+        assert!(self.election_ticks_min > 2 * self.heartbeat_ticks);
+        assert!(self.election_ticks_max > self.election_ticks_min);
+        assert!(self.lease_ticks + LEASE_SAFETY_MARGIN_TICKS <= self.election_ticks_min);
+        assert!(self.slots_in_flight_max >= 1);
+        assert!(self.batch_bytes_max >= 1);
+        assert!(self.catchup_entries_max >= 1);
+    }
+}

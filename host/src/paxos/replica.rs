@@ -1,0 +1,1231 @@
+//! One Multi-Paxos replica as a pure state machine: acceptor, learner and (when
+//! elected) leader in one value. `handle` takes an event and pushes the actions the
+//! runtime must perform, in order.
+//!
+//! Orderings the core encodes (and the runtime must keep):
+//! - A `Promise` or `Accepted` reply is released only after `Event::Persisted` for the
+//!   `Persist` that made its state durable. Persists complete in issue order, so a
+//!   released reply also covers everything persisted before it.
+//! - `Apply` actions come exactly once per slot, in slot order; a `Reply` with
+//!   `ReadReady` means "serve now", after the `Apply` actions before it.
+//! - Messages to itself never leave the core: they go through an internal queue,
+//!   drained before `handle` returns, so the leader's own acceptor follows the same
+//!   persist-before-reply path as every other.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::config::Configuration;
+use super::params::Params;
+use super::rng::SplitMix64;
+use super::types::{
+    Action, Ballot, Batch, Command, DurableState, Event, LogEntry, Message, NodeId, Origin,
+    Outcome, PersistRecord, ReadMode, RequestId, Slot, Value,
+};
+
+/// A reply held back until the persist with the given token completes.
+#[derive(Debug)]
+enum Deferred {
+    /// Entries are gathered when the promise is released, so it reports everything
+    /// accepted up to then.
+    Promise {
+        to: NodeId,
+        ballot: Ballot,
+        first_slot: Slot,
+    },
+    Accepted {
+        to: NodeId,
+        ballot: Ballot,
+        slot: Slot,
+    },
+}
+
+#[derive(Debug)]
+enum Role {
+    Follower,
+    /// Asking for pre-votes for `round`; no one's state changes until a quorum agrees.
+    PreCandidate {
+        round: u64,
+        grants: BTreeSet<NodeId>,
+    },
+    /// Phase 1 in flight.
+    Candidate(Box<CandidateState>),
+    Leader(Box<LeaderState>),
+}
+
+#[derive(Debug)]
+struct CandidateState {
+    ballot: Ballot,
+    first_slot: Slot,
+    promised_by: BTreeSet<NodeId>,
+    /// Per slot, the value Phase 1 must adopt: a chosen one, else the highest ballot's.
+    adopted: BTreeMap<Slot, LogEntry>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    value: Value,
+    acked: BTreeSet<NodeId>,
+    proposed_tick: u64,
+}
+
+#[derive(Debug)]
+struct ReadWait {
+    request: RequestId,
+    read_index: Slot,
+    /// The first heartbeat round sent after the read arrived; a quorum ack of it (or a
+    /// later one) confirms leadership for this read.
+    seq_needed: u64,
+}
+
+#[derive(Debug)]
+struct LeaderState {
+    ballot: Ballot,
+    next_slot: Slot,
+    in_flight: BTreeMap<Slot, InFlight>,
+    queued: VecDeque<Command>,
+    /// The no-op this leader proposed right after Phase 1. Reads wait until it is
+    /// applied: then every slot chosen before this leader is applied too.
+    ready_slot: Slot,
+    heartbeat_seq: u64,
+    heartbeat_elapsed_ticks: u64,
+    /// Tick at which each recent heartbeat round was sent.
+    round_sent_tick: BTreeMap<u64, u64>,
+    /// Latest round each peer acknowledged.
+    acked_seq: BTreeMap<NodeId, u64>,
+    /// Latest round a quorum acknowledged, and when it was sent.
+    quorum_seq: u64,
+    quorum_sent_tick: Option<u64>,
+    /// Tick of the latest quorum evidence (or of election); for stepping down.
+    contact_tick: u64,
+    reads: Vec<ReadWait>,
+    round_wanted: bool,
+    /// Per peer: catch-up sent through this slot, at this tick.
+    catchup: BTreeMap<NodeId, (Slot, u64)>,
+}
+
+/// What `Replica::status` reports, for tests, the simulator and the status API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub promised: Ballot,
+    pub chosen_index: Slot,
+    pub applied_index: Slot,
+    /// `Some(ballot)` while this replica leads.
+    pub leading: Option<Ballot>,
+    pub leader_hint: Option<NodeId>,
+}
+
+pub struct Replica {
+    id: NodeId,
+    config: Configuration,
+    params: Params,
+    rng: SplitMix64,
+
+    // Acceptor and learner state. `promised` may run ahead of the durable promise; the
+    // replies that depend on it wait for the persist.
+    promised: Ballot,
+    log: BTreeMap<Slot, LogEntry>,
+    chosen_index: Slot,
+    applied_index: Slot,
+    /// First slot still in the log; compaction (a later issue) raises it.
+    log_start: Slot,
+
+    next_token: u64,
+    deferred: VecDeque<(u64, Deferred)>,
+    inbox: VecDeque<(NodeId, Message)>,
+
+    tick: u64,
+    now_ms: u64,
+    last_timestamp_ms: u64,
+    heard_elapsed_ticks: u64,
+    election_elapsed_ticks: u64,
+    election_timeout_ticks: u64,
+    max_round_seen: u64,
+    leader_hint: Option<NodeId>,
+    role: Role,
+}
+
+impl Replica {
+    /// A replica with empty durable state.
+    pub fn new(id: NodeId, config: Configuration, params: Params, seed: u64) -> Replica {
+        Replica::restart(id, config, params, seed, DurableState::default())
+    }
+
+    /// A replica rebuilt from what it persisted. Unpersisted state is gone. Every chosen
+    /// slot is applied again from slot 1 (snapshots will change the start later). It
+    /// refuses to support other candidates for `election_ticks_min` after starting, as
+    /// it cannot know whether it acknowledged a leader lease just before crashing.
+    pub fn restart(
+        id: NodeId,
+        config: Configuration,
+        params: Params,
+        seed: u64,
+        durable: DurableState,
+    ) -> Replica {
+        params.validate();
+        let mut log = durable.log;
+        for slot in 1..=durable.chosen_index {
+            let entry = log
+                .get_mut(&slot)
+                .expect("durable chosen prefix has a hole");
+            entry.chosen = true;
+        }
+        let mut rng = SplitMix64::new(seed ^ id.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let election_timeout_ticks =
+            rng.range(params.election_ticks_min, params.election_ticks_max);
+        Replica {
+            id,
+            config,
+            params,
+            rng,
+            promised: durable.promised,
+            max_round_seen: durable.promised.round,
+            log,
+            chosen_index: durable.chosen_index,
+            applied_index: 0,
+            log_start: 1,
+            next_token: 1,
+            deferred: VecDeque::new(),
+            inbox: VecDeque::new(),
+            tick: 0,
+            now_ms: 0,
+            last_timestamp_ms: 0,
+            heard_elapsed_ticks: 0,
+            election_elapsed_ticks: 0,
+            election_timeout_ticks,
+            leader_hint: None,
+            role: Role::Follower,
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.id,
+            promised: self.promised,
+            chosen_index: self.chosen_index,
+            applied_index: self.applied_index,
+            leading: match &self.role {
+                Role::Leader(leader) => Some(leader.ballot),
+                _ => None,
+            },
+            leader_hint: self.leader_hint,
+        }
+    }
+
+    /// The log entry this replica holds for `slot`, if any.
+    pub fn entry(&self, slot: Slot) -> Option<&LogEntry> {
+        self.log.get(&slot)
+    }
+
+    /// True while this replica leads and its lease allows local reads.
+    pub fn lease_valid(&self) -> bool {
+        match &self.role {
+            Role::Leader(leader) => self.leader_lease_valid(leader),
+            _ => false,
+        }
+    }
+
+    /// Convenience wrapper around `handle` for tests and simple runtimes.
+    pub fn step(&mut self, event: Event) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.handle(event, &mut actions);
+        actions
+    }
+
+    /// Processes one event and pushes the resulting actions onto `actions`.
+    pub fn handle(&mut self, event: Event, actions: &mut Vec<Action>) {
+        match event {
+            Event::Message { from, msg } => self.on_message(from, msg, actions),
+            Event::Tick { now_ms } => self.on_tick(now_ms, actions),
+            Event::Propose { request, command } => self.on_propose(request, command, actions),
+            Event::Persisted { token } => self.on_persisted(token, actions),
+            Event::Read { request, mode } => self.on_read(request, mode, actions),
+        }
+        while let Some((from, msg)) = self.inbox.pop_front() {
+            self.on_message(from, msg, actions);
+        }
+        self.apply_chosen(actions);
+        self.serve_reads(actions);
+    }
+
+    // ---- plumbing -------------------------------------------------------------------
+
+    fn send(&mut self, to: NodeId, msg: Message, actions: &mut Vec<Action>) {
+        if to == self.id {
+            self.inbox.push_back((to, msg));
+        } else {
+            actions.push(Action::Send { to, msg });
+        }
+    }
+
+    fn broadcast(&mut self, msg: &Message, actions: &mut Vec<Action>) {
+        let members: Vec<NodeId> = self.config.members().collect();
+        for to in members {
+            self.send(to, msg.clone(), actions);
+        }
+    }
+
+    fn persist(&mut self, record: PersistRecord, actions: &mut Vec<Action>) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        actions.push(Action::Persist { token, record });
+        token
+    }
+
+    fn on_persisted(&mut self, token: u64, actions: &mut Vec<Action>) {
+        assert!(
+            token < self.next_token,
+            "persisted token {token} was never issued"
+        );
+        while self
+            .deferred
+            .front()
+            .is_some_and(|(waiting, _)| *waiting <= token)
+        {
+            let (_, deferred) = self.deferred.pop_front().expect("front checked above");
+            match deferred {
+                Deferred::Promise {
+                    to,
+                    ballot,
+                    first_slot,
+                } => {
+                    let entries: Vec<(Slot, LogEntry)> = self
+                        .log
+                        .range(first_slot..)
+                        .map(|(slot, entry)| (*slot, entry.clone()))
+                        .collect();
+                    self.send(
+                        to,
+                        Message::Promise {
+                            ballot,
+                            first_slot,
+                            entries,
+                        },
+                        actions,
+                    );
+                }
+                Deferred::Accepted { to, ballot, slot } => {
+                    self.send(to, Message::Accepted { ballot, slot }, actions);
+                }
+            }
+        }
+    }
+
+    fn observe(&mut self, ballot: Ballot) {
+        self.max_round_seen = self.max_round_seen.max(ballot.round);
+    }
+
+    fn reset_election_timer(&mut self) {
+        self.election_elapsed_ticks = 0;
+        self.election_timeout_ticks = self.rng.range(
+            self.params.election_ticks_min,
+            self.params.election_ticks_max,
+        );
+    }
+
+    /// A leader was heard from in a ballot at least our promise.
+    fn heard_leader(&mut self, leader: NodeId) {
+        self.leader_hint = Some(leader);
+        self.heard_elapsed_ticks = 0;
+        self.reset_election_timer();
+    }
+
+    /// Stops leading or campaigning. Queued (never proposed) commands and waiting
+    /// reads are answered "not leader"; proposed slots stay in acceptors' logs and
+    /// may still be chosen, so their clients learn the outcome by retrying.
+    fn become_follower(&mut self, actions: &mut Vec<Action>) {
+        let role = std::mem::replace(&mut self.role, Role::Follower);
+        if let Role::Leader(leader) = role {
+            let hint = self.leader_hint.filter(|node| *node != self.id);
+            for command in leader.queued {
+                let outcome = Outcome::NotLeader { leader_hint: hint };
+                actions.push(Action::Reply {
+                    request: command.origin.request,
+                    outcome,
+                });
+            }
+            for read in leader.reads {
+                let outcome = Outcome::NotLeader { leader_hint: hint };
+                actions.push(Action::Reply {
+                    request: read.request,
+                    outcome,
+                });
+            }
+            if self.leader_hint == Some(self.id) {
+                self.leader_hint = None;
+            }
+            self.heard_elapsed_ticks = 0;
+        }
+        self.reset_election_timer();
+    }
+
+    fn own_ballot(&self) -> Option<Ballot> {
+        match &self.role {
+            Role::Leader(leader) => Some(leader.ballot),
+            Role::Candidate(candidate) => Some(candidate.ballot),
+            _ => None,
+        }
+    }
+
+    /// A message in `ballot` from someone else: a leader or candidate with a lower
+    /// ballot gives up.
+    fn yield_to(&mut self, ballot: Ballot, actions: &mut Vec<Action>) {
+        if self.own_ballot().is_some_and(|own| own < ballot) {
+            self.become_follower(actions);
+        } else if matches!(self.role, Role::PreCandidate { .. }) && ballot >= self.promised {
+            self.role = Role::Follower;
+        }
+    }
+
+    // ---- time and elections ----------------------------------------------------------
+
+    fn on_tick(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        self.tick += 1;
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Role::Leader(leader) = &mut self.role {
+            leader.heartbeat_elapsed_ticks += 1;
+            let lost_quorum =
+                self.tick.saturating_sub(leader.contact_tick) >= self.params.election_ticks_min;
+            if lost_quorum {
+                self.become_follower(actions);
+                return;
+            }
+            if leader.heartbeat_elapsed_ticks >= self.params.heartbeat_ticks || leader.round_wanted
+            {
+                self.heartbeat_round(actions);
+            }
+            return;
+        }
+        self.heard_elapsed_ticks += 1;
+        self.election_elapsed_ticks += 1;
+        if self.election_elapsed_ticks >= self.election_timeout_ticks {
+            self.start_pre_vote(actions);
+        } else if self.tick.is_multiple_of(self.params.heartbeat_ticks) {
+            self.retransmit_prepare(actions);
+        }
+    }
+
+    fn start_pre_vote(&mut self, actions: &mut Vec<Action>) {
+        self.reset_election_timer();
+        if !self.config.is_voter(self.id) {
+            return;
+        }
+        let round = self.max_round_seen.max(self.promised.round) + 1;
+        self.role = Role::PreCandidate {
+            round,
+            grants: BTreeSet::new(),
+        };
+        self.broadcast(&Message::PreVote { round }, actions);
+    }
+
+    fn on_pre_vote(&mut self, from: NodeId, round: u64, actions: &mut Vec<Action>) {
+        // Stable leadership: while a leader is live (or we lead), nobody gets support.
+        let granted = !matches!(self.role, Role::Leader(_))
+            && (from == self.id || self.heard_elapsed_ticks >= self.params.election_ticks_min);
+        let promised = self.promised;
+        self.send(
+            from,
+            Message::PreVoteReply {
+                round,
+                granted,
+                promised,
+            },
+            actions,
+        );
+    }
+
+    fn on_pre_vote_reply(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        granted: bool,
+        promised: Ballot,
+        actions: &mut Vec<Action>,
+    ) {
+        self.observe(promised);
+        let Role::PreCandidate {
+            round: current,
+            grants,
+        } = &mut self.role
+        else {
+            return;
+        };
+        if *current != round || !granted {
+            return;
+        }
+        grants.insert(from);
+        let grants = grants.clone();
+        if self.config.is_quorum(|node| grants.contains(&node)) {
+            self.start_phase1(actions);
+        }
+    }
+
+    fn start_phase1(&mut self, actions: &mut Vec<Action>) {
+        let round = self.max_round_seen.max(self.promised.round) + 1;
+        let ballot = Ballot {
+            round,
+            node: self.id,
+        };
+        self.max_round_seen = round;
+        let first_slot = self.chosen_index + 1;
+        self.role = Role::Candidate(Box::new(CandidateState {
+            ballot,
+            first_slot,
+            promised_by: BTreeSet::new(),
+            adopted: BTreeMap::new(),
+        }));
+        self.broadcast(&Message::Prepare { ballot, first_slot }, actions);
+    }
+
+    fn retransmit_prepare(&mut self, actions: &mut Vec<Action>) {
+        let Role::Candidate(candidate) = &self.role else {
+            return;
+        };
+        let (ballot, first_slot) = (candidate.ballot, candidate.first_slot);
+        let missing: Vec<NodeId> = self
+            .config
+            .members()
+            .filter(|node| !candidate.promised_by.contains(node))
+            .collect();
+        for to in missing {
+            self.send(to, Message::Prepare { ballot, first_slot }, actions);
+        }
+    }
+
+    // ---- acceptor --------------------------------------------------------------------
+
+    fn on_message(&mut self, from: NodeId, msg: Message, actions: &mut Vec<Action>) {
+        match msg {
+            Message::PreVote { round } => self.on_pre_vote(from, round, actions),
+            Message::PreVoteReply {
+                round,
+                granted,
+                promised,
+            } => self.on_pre_vote_reply(from, round, granted, promised, actions),
+            Message::Prepare { ballot, first_slot } => {
+                self.on_prepare(from, ballot, first_slot, actions)
+            }
+            Message::Promise {
+                ballot,
+                first_slot,
+                entries,
+            } => self.on_promise(from, ballot, first_slot, entries, actions),
+            Message::Reject { promised } => {
+                self.observe(promised);
+                self.yield_to(promised, actions);
+            }
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+                chosen_index,
+            } => self.on_accept(from, ballot, slot, value, chosen_index, actions),
+            Message::Accepted { ballot, slot } => self.on_accepted(from, ballot, slot, actions),
+            Message::Heartbeat {
+                ballot,
+                seq,
+                chosen_index,
+            } => self.on_heartbeat(from, ballot, seq, chosen_index, actions),
+            Message::HeartbeatAck {
+                ballot,
+                seq,
+                chosen_index,
+            } => self.on_heartbeat_ack(from, ballot, seq, chosen_index, actions),
+            Message::Chosen {
+                ballot,
+                entries,
+                chosen_index,
+            } => self.on_chosen(from, ballot, entries, chosen_index, actions),
+            Message::Learned {
+                ballot,
+                chosen_index,
+            } => self.on_learned(from, ballot, chosen_index, actions),
+            Message::Forward { command } => self.on_forward(command, actions),
+        }
+    }
+
+    fn on_prepare(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        first_slot: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        self.observe(ballot);
+        let leader_live = matches!(self.role, Role::Leader(_))
+            || (self.heard_elapsed_ticks < self.params.election_ticks_min
+                && self.leader_hint != Some(from));
+        if from != self.id && leader_live {
+            // Stable leadership and lease safety: while we (may) have acknowledged a
+            // live leader's lease, no other candidate gets our promise.
+            return;
+        }
+        if ballot < self.promised {
+            let promised = self.promised;
+            self.send(from, Message::Reject { promised }, actions);
+            return;
+        }
+        self.promised = ballot;
+        if from != self.id {
+            self.yield_to(ballot, actions);
+            self.reset_election_timer();
+        }
+        let token = self.persist(
+            PersistRecord {
+                promised: Some(ballot),
+                ..Default::default()
+            },
+            actions,
+        );
+        self.deferred.push_back((
+            token,
+            Deferred::Promise {
+                to: from,
+                ballot,
+                first_slot,
+            },
+        ));
+    }
+
+    fn on_accept(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        slot: Slot,
+        value: Value,
+        leader_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        self.observe(ballot);
+        if ballot < self.promised {
+            let promised = self.promised;
+            self.send(from, Message::Reject { promised }, actions);
+            return;
+        }
+        let promise_raised = ballot > self.promised;
+        self.promised = ballot;
+        if from != self.id {
+            self.yield_to(ballot, actions);
+            self.heard_leader(from);
+        }
+        let mut record = PersistRecord {
+            promised: promise_raised.then_some(ballot),
+            ..Default::default()
+        };
+        let chosen_here = self.log.get(&slot).is_some_and(|entry| entry.chosen);
+        if !chosen_here && slot >= self.log_start {
+            // A chosen entry is never overwritten: any later ballot proposes the same
+            // value, and its chosen flag is what Phase 1 trusts most.
+            let entry = LogEntry {
+                ballot,
+                value,
+                chosen: false,
+            };
+            record.entries.push((slot, entry.clone()));
+            self.log.insert(slot, entry);
+        }
+        let token = self.persist(record, actions);
+        self.deferred.push_back((
+            token,
+            Deferred::Accepted {
+                to: from,
+                ballot,
+                slot,
+            },
+        ));
+        self.learn_chosen(ballot, leader_chosen_index, actions);
+    }
+
+    /// Commit learning: slot s <= the leader's chosen index is chosen here only if the
+    /// value held for s is known to be the chosen one: accepted in the leader's current
+    /// ballot (a leader proposes one value per slot per ballot, and it is the chosen
+    /// value) or already marked chosen. Anything else waits for catch-up.
+    fn learn_chosen(
+        &mut self,
+        ballot: Ballot,
+        leader_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        let mut slot = self.chosen_index + 1;
+        while slot <= leader_chosen_index {
+            match self.log.get_mut(&slot) {
+                Some(entry) if entry.chosen || entry.ballot == ballot => entry.chosen = true,
+                _ => break,
+            }
+            slot += 1;
+        }
+        self.advance_chosen_index(actions);
+    }
+
+    /// Moves the chosen index over every contiguous chosen slot and persists it.
+    fn advance_chosen_index(&mut self, actions: &mut Vec<Action>) {
+        let before = self.chosen_index;
+        while self
+            .log
+            .get(&(self.chosen_index + 1))
+            .is_some_and(|entry| entry.chosen)
+        {
+            self.chosen_index += 1;
+        }
+        if self.chosen_index > before {
+            let record = PersistRecord {
+                chosen_index: Some(self.chosen_index),
+                ..Default::default()
+            };
+            self.persist(record, actions);
+        }
+    }
+
+    fn apply_chosen(&mut self, actions: &mut Vec<Action>) {
+        while self.applied_index < self.chosen_index {
+            let slot = self.applied_index + 1;
+            let entry = self
+                .log
+                .get(&slot)
+                .expect("chosen slot missing from the log");
+            assert!(
+                entry.chosen,
+                "applying slot {slot} that is not known chosen"
+            );
+            if let Value::Batch(batch) = &entry.value {
+                self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+            }
+            actions.push(Action::Apply {
+                slot,
+                value: entry.value.clone(),
+            });
+            self.applied_index = slot;
+        }
+    }
+
+    fn on_heartbeat(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        seq: u64,
+        leader_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        self.observe(ballot);
+        if ballot < self.promised {
+            let promised = self.promised;
+            self.send(from, Message::Reject { promised }, actions);
+            return;
+        }
+        self.yield_to(ballot, actions);
+        self.heard_leader(from);
+        self.learn_chosen(ballot, leader_chosen_index, actions);
+        let chosen_index = self.chosen_index;
+        self.send(
+            from,
+            Message::HeartbeatAck {
+                ballot,
+                seq,
+                chosen_index,
+            },
+            actions,
+        );
+    }
+
+    fn on_chosen(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        entries: Vec<(Slot, Value)>,
+        leader_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        // Chosen values are final whoever delivers them, so a stale sender is fine.
+        let mut record = PersistRecord::default();
+        for (slot, value) in entries {
+            if slot <= self.chosen_index || slot > leader_chosen_index {
+                continue;
+            }
+            let ballot_held = match self.log.get(&slot) {
+                Some(entry) if entry.chosen => continue,
+                Some(entry) => entry.ballot,
+                None => Ballot::ZERO,
+            };
+            let entry = LogEntry {
+                ballot: ballot_held,
+                value,
+                chosen: true,
+            };
+            record.entries.push((slot, entry.clone()));
+            self.log.insert(slot, entry);
+        }
+        if !record.entries.is_empty() {
+            self.persist(record, actions);
+        }
+        self.advance_chosen_index(actions);
+        let chosen_index = self.chosen_index;
+        self.send(
+            from,
+            Message::Learned {
+                ballot,
+                chosen_index,
+            },
+            actions,
+        );
+    }
+
+    // ---- leader ----------------------------------------------------------------------
+
+    fn on_promise(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        first_slot: Slot,
+        entries: Vec<(Slot, LogEntry)>,
+        actions: &mut Vec<Action>,
+    ) {
+        let Role::Candidate(candidate) = &mut self.role else {
+            return;
+        };
+        if candidate.ballot != ballot || candidate.first_slot != first_slot {
+            return;
+        }
+        candidate.promised_by.insert(from);
+        for (slot, entry) in entries {
+            let adopt = match candidate.adopted.get(&slot) {
+                None => true,
+                Some(held) => !held.chosen && (entry.chosen || entry.ballot > held.ballot),
+            };
+            if adopt && slot >= first_slot {
+                candidate.adopted.insert(slot, entry);
+            }
+        }
+        let promised_by = &candidate.promised_by;
+        if self.config.is_quorum(|node| promised_by.contains(&node)) {
+            self.become_leader(actions);
+        }
+    }
+
+    /// Phase 1 done: re-propose every adopted value in this ballot, fill holes with
+    /// no-ops, then propose one more no-op that marks when this leader may serve reads.
+    fn become_leader(&mut self, actions: &mut Vec<Action>) {
+        let Role::Candidate(candidate) = std::mem::replace(&mut self.role, Role::Follower) else {
+            unreachable!("become_leader outside Phase 1")
+        };
+        let CandidateState {
+            ballot,
+            first_slot,
+            adopted,
+            ..
+        } = *candidate;
+        let last_adopted = adopted.keys().next_back().copied().unwrap_or(0);
+        let ready_slot = last_adopted.max(first_slot - 1).max(self.chosen_index) + 1;
+        self.role = Role::Leader(Box::new(LeaderState {
+            ballot,
+            next_slot: ready_slot + 1,
+            in_flight: BTreeMap::new(),
+            queued: VecDeque::new(),
+            ready_slot,
+            heartbeat_seq: 0,
+            heartbeat_elapsed_ticks: 0,
+            round_sent_tick: BTreeMap::new(),
+            acked_seq: BTreeMap::new(),
+            quorum_seq: 0,
+            quorum_sent_tick: None,
+            contact_tick: self.tick,
+            reads: Vec::new(),
+            round_wanted: false,
+            catchup: BTreeMap::new(),
+        }));
+        self.leader_hint = Some(self.id);
+        let mut adopted = adopted;
+        for slot in first_slot..ready_slot {
+            // A slot this replica already knows chosen (catch-up may have arrived
+            // during Phase 1) keeps its value; Phase 1 would report the same one.
+            let known = self
+                .log
+                .get(&slot)
+                .filter(|entry| entry.chosen)
+                .map(|entry| entry.value.clone());
+            let value = match (known, adopted.remove(&slot)) {
+                _ if self.params.bug_ignore_phase1_values => Value::Noop,
+                (Some(value), _) => value,
+                (None, Some(entry)) => entry.value,
+                (None, None) => Value::Noop,
+            };
+            self.propose_slot(slot, value, actions);
+        }
+        self.propose_slot(ready_slot, Value::Noop, actions);
+        self.heartbeat_round(actions);
+    }
+
+    fn propose_slot(&mut self, slot: Slot, value: Value, actions: &mut Vec<Action>) {
+        let chosen_index = self.chosen_index;
+        let Role::Leader(leader) = &mut self.role else {
+            unreachable!("only a leader proposes")
+        };
+        let ballot = leader.ballot;
+        let proposed_tick = self.tick;
+        let in_flight = InFlight {
+            value: value.clone(),
+            acked: BTreeSet::new(),
+            proposed_tick,
+        };
+        leader.in_flight.insert(slot, in_flight);
+        self.broadcast(
+            &Message::Accept {
+                ballot,
+                slot,
+                value,
+                chosen_index,
+            },
+            actions,
+        );
+    }
+
+    fn on_accepted(&mut self, from: NodeId, ballot: Ballot, slot: Slot, actions: &mut Vec<Action>) {
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if leader.ballot != ballot {
+            return;
+        }
+        let Some(in_flight) = leader.in_flight.get_mut(&slot) else {
+            return;
+        };
+        in_flight.acked.insert(from);
+        let acked = &in_flight.acked;
+        if !self.config.is_quorum(|node| acked.contains(&node)) {
+            return;
+        }
+        let in_flight = leader.in_flight.remove(&slot).expect("present above");
+        leader.contact_tick = self.tick;
+        // The leader's own accept may still be unpersisted or even not yet received, so
+        // the log entry is written from what was proposed.
+        let held_ballot = self
+            .log
+            .get(&slot)
+            .map_or(Ballot::ZERO, |entry| entry.ballot);
+        self.log.insert(
+            slot,
+            LogEntry {
+                ballot: held_ballot,
+                value: in_flight.value,
+                chosen: true,
+            },
+        );
+        self.advance_chosen_index(actions);
+        self.propose_queued(actions);
+    }
+
+    fn on_propose(&mut self, request: RequestId, mut command: Command, actions: &mut Vec<Action>) {
+        command.origin = Origin {
+            node: self.id,
+            request,
+        };
+        match &mut self.role {
+            Role::Leader(leader) => {
+                if leader.queued.len() >= self.params.proposals_queued_max {
+                    actions.push(Action::Reply {
+                        request,
+                        outcome: Outcome::Busy,
+                    });
+                    return;
+                }
+                leader.queued.push_back(command);
+                self.propose_queued(actions);
+            }
+            _ => match self.leader_hint {
+                Some(leader) if leader != self.id => {
+                    self.send(leader, Message::Forward { command }, actions);
+                }
+                _ => {
+                    let outcome = Outcome::NotLeader { leader_hint: None };
+                    actions.push(Action::Reply { request, outcome });
+                }
+            },
+        }
+    }
+
+    fn on_forward(&mut self, command: Command, actions: &mut Vec<Action>) {
+        // Only a leader takes forwarded commands; anyone else drops them (no second
+        // hop, so no loops). The origin's client times out and retries.
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if leader.queued.len() < self.params.proposals_queued_max {
+            leader.queued.push_back(command);
+            self.propose_queued(actions);
+        }
+    }
+
+    /// Fills the pipelining window with batches of queued commands.
+    fn propose_queued(&mut self, actions: &mut Vec<Action>) {
+        loop {
+            let Role::Leader(leader) = &mut self.role else {
+                return;
+            };
+            let slots_open = leader.next_slot - 1 - self.chosen_index.min(leader.next_slot - 1);
+            if leader.queued.is_empty() || slots_open >= self.params.slots_in_flight_max {
+                return;
+            }
+            let mut commands = Vec::new();
+            let mut bytes = 0;
+            while let Some(command) = leader.queued.front() {
+                let size = command.size_bytes();
+                if !commands.is_empty() && bytes + size > self.params.batch_bytes_max {
+                    break;
+                }
+                bytes += size;
+                commands.push(leader.queued.pop_front().expect("front checked above"));
+            }
+            let slot = leader.next_slot;
+            leader.next_slot += 1;
+            let timestamp_ms = self.now_ms.max(self.last_timestamp_ms);
+            self.last_timestamp_ms = timestamp_ms;
+            let seed = self.rng.next_u64();
+            self.propose_slot(
+                slot,
+                Value::Batch(Batch {
+                    commands,
+                    timestamp_ms,
+                    seed,
+                }),
+                actions,
+            );
+        }
+    }
+
+    /// One heartbeat round: commit index to followers, lease evidence back, and a
+    /// retransmission of every accept a peer has not acknowledged.
+    fn heartbeat_round(&mut self, actions: &mut Vec<Action>) {
+        let chosen_index = self.chosen_index;
+        let tick = self.tick;
+        let id = self.id;
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        leader.heartbeat_seq += 1;
+        leader.heartbeat_elapsed_ticks = 0;
+        leader.round_wanted = false;
+        leader.round_sent_tick.insert(leader.heartbeat_seq, tick);
+        leader.acked_seq.insert(id, leader.heartbeat_seq);
+        let (ballot, seq) = (leader.ballot, leader.heartbeat_seq);
+        let mut sends = Vec::new();
+        for to in self.config.members().filter(|node| *node != id) {
+            sends.push((
+                to,
+                Message::Heartbeat {
+                    ballot,
+                    seq,
+                    chosen_index,
+                },
+            ));
+            for (slot, in_flight) in &leader.in_flight {
+                let due = tick >= in_flight.proposed_tick + self.params.heartbeat_ticks;
+                if due && !in_flight.acked.contains(&to) {
+                    let value = in_flight.value.clone();
+                    sends.push((
+                        to,
+                        Message::Accept {
+                            ballot,
+                            slot: *slot,
+                            value,
+                            chosen_index,
+                        },
+                    ));
+                }
+            }
+        }
+        // Our own accept is delivered in-process; it is only missing while its persist
+        // is outstanding, so it is not resent.
+        for (to, msg) in sends {
+            self.send(to, msg, actions);
+        }
+        self.update_lease();
+    }
+
+    fn on_heartbeat_ack(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        seq: u64,
+        follower_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if leader.ballot != ballot {
+            return;
+        }
+        let acked = leader.acked_seq.entry(from).or_insert(0);
+        *acked = (*acked).max(seq);
+        self.update_lease();
+        if follower_chosen_index >= self.chosen_index {
+            return;
+        }
+        // Start (or restart a stalled) catch-up stream; `Learned` replies drive it on.
+        let retry_ticks = self.params.election_ticks_min / 2;
+        let Role::Leader(leader) = &self.role else {
+            return;
+        };
+        let stalled = match leader.catchup.get(&from) {
+            None => true,
+            Some((through, sent_tick)) => {
+                follower_chosen_index >= *through || self.tick >= sent_tick + retry_ticks
+            }
+        };
+        if stalled {
+            self.send_catchup(from, follower_chosen_index + 1, actions);
+        }
+    }
+
+    fn on_learned(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        follower_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        let Role::Leader(leader) = &self.role else {
+            return;
+        };
+        if leader.ballot == ballot && follower_chosen_index < self.chosen_index {
+            self.send_catchup(from, follower_chosen_index + 1, actions);
+        }
+    }
+
+    fn send_catchup(&mut self, to: NodeId, from_slot: Slot, actions: &mut Vec<Action>) {
+        if from_slot < self.log_start {
+            actions.push(Action::SendSnapshot {
+                to,
+                slot: from_slot,
+            });
+            return;
+        }
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for (slot, entry) in self.log.range(from_slot..=self.chosen_index) {
+            let size = value_bytes(&entry.value);
+            let full = entries.len() >= self.params.catchup_entries_max
+                || (!entries.is_empty() && bytes + size > self.params.catchup_bytes_max);
+            if full {
+                break;
+            }
+            bytes += size;
+            entries.push((*slot, entry.value.clone()));
+        }
+        let through = entries.last().map_or(from_slot, |(slot, _)| *slot);
+        let (tick, chosen_index) = (self.tick, self.chosen_index);
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        leader.catchup.insert(to, (through, tick));
+        let ballot = leader.ballot;
+        self.send(
+            to,
+            Message::Chosen {
+                ballot,
+                entries,
+                chosen_index,
+            },
+            actions,
+        );
+    }
+
+    /// Recomputes the latest heartbeat round a quorum acknowledged.
+    fn update_lease(&mut self) {
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        let mut candidates: Vec<u64> = leader.acked_seq.values().copied().collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        let acked_seq = &leader.acked_seq;
+        let best = candidates.into_iter().find(|&seq| {
+            self.config
+                .is_quorum(|node| acked_seq.get(&node).is_some_and(|acked| *acked >= seq))
+        });
+        let Some(seq) = best else { return };
+        if seq <= leader.quorum_seq {
+            return;
+        }
+        let sent_tick = *leader.round_sent_tick.get(&seq).expect("round was sent");
+        leader.quorum_seq = seq;
+        leader.quorum_sent_tick = Some(sent_tick);
+        leader.contact_tick = leader.contact_tick.max(sent_tick);
+        leader.round_sent_tick = leader.round_sent_tick.split_off(&seq);
+    }
+
+    fn leader_lease_valid(&self, leader: &LeaderState) -> bool {
+        let ready = self.applied_index >= leader.ready_slot;
+        let within = leader
+            .quorum_sent_tick
+            .is_some_and(|sent| self.tick < sent + self.params.lease_ticks);
+        ready && within
+    }
+
+    // ---- reads -----------------------------------------------------------------------
+
+    fn on_read(&mut self, request: RequestId, mode: ReadMode, actions: &mut Vec<Action>) {
+        let hint = self.leader_hint;
+        let Role::Leader(leader) = &self.role else {
+            actions.push(Action::Reply {
+                request,
+                outcome: Outcome::NotLeader { leader_hint: hint },
+            });
+            return;
+        };
+        if mode == ReadMode::Lease && self.leader_lease_valid(leader) {
+            actions.push(Action::Reply {
+                request,
+                outcome: Outcome::ReadReady,
+            });
+            return;
+        }
+        let read_index = self.chosen_index.max(leader.ready_slot);
+        let Role::Leader(leader) = &mut self.role else {
+            unreachable!()
+        };
+        if leader.reads.len() >= self.params.reads_pending_max {
+            actions.push(Action::Reply {
+                request,
+                outcome: Outcome::Busy,
+            });
+            return;
+        }
+        // The confirming round must be sent after the read arrived: the next one.
+        let seq_needed = leader.heartbeat_seq + 1;
+        leader.reads.push(ReadWait {
+            request,
+            read_index,
+            seq_needed,
+        });
+        leader.round_wanted = true;
+    }
+
+    fn serve_reads(&mut self, actions: &mut Vec<Action>) {
+        let applied_index = self.applied_index;
+        let Role::Leader(leader) = &mut self.role else {
+            return;
+        };
+        let quorum_seq = leader.quorum_seq;
+        leader.reads.retain(|read| {
+            let ready = read.seq_needed <= quorum_seq && read.read_index <= applied_index;
+            if ready {
+                actions.push(Action::Reply {
+                    request: read.request,
+                    outcome: Outcome::ReadReady,
+                });
+            }
+            !ready
+        });
+    }
+}
+
+/// Client bytes of a value, for catch-up message bounds.
+fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::Batch(batch) => batch.commands.iter().map(Command::size_bytes).sum(),
+        Value::Noop => 0,
+    }
+}

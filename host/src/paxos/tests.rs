@@ -1,0 +1,913 @@
+//! Unit tests of the core: exact actions for the key protocol steps.
+
+use super::*;
+
+const SEED: u64 = 7;
+
+fn three() -> Configuration {
+    Configuration::new([1, 2, 3])
+}
+
+fn ballot(round: u64, node: NodeId) -> Ballot {
+    Ballot { round, node }
+}
+
+fn batch(payload: &[u8], request: RequestId) -> Value {
+    Value::Batch(Batch {
+        commands: vec![command(payload, 9, request)],
+        timestamp_ms: 0,
+        seed: 0,
+    })
+}
+
+fn command(payload: &[u8], node: NodeId, request: RequestId) -> Command {
+    Command {
+        payload: payload.to_vec(),
+        idempotency_key: None,
+        origin: Origin { node, request },
+    }
+}
+
+fn message(from: NodeId, msg: Message) -> Event {
+    Event::Message { from, msg }
+}
+
+fn tick(replica: &mut Replica) -> Vec<Action> {
+    replica.step(Event::Tick { now_ms: 1_000 })
+}
+
+/// Completes every persist in `actions` (in order) and returns all actions after.
+fn persist_all(replica: &mut Replica, actions: &[Action]) -> Vec<Action> {
+    let mut out = Vec::new();
+    for action in actions {
+        if let Action::Persist { token, .. } = action {
+            out.extend(replica.step(Event::Persisted { token: *token }));
+        }
+    }
+    out
+}
+
+fn sends(actions: &[Action]) -> Vec<(NodeId, Message)> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Send { to, msg } => Some((*to, msg.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Ticks node 1 until it asks for pre-votes, grants them, and returns the actions of
+/// starting Phase 1 (ballot (1, 1) on a fresh replica).
+fn start_phase1(replica: &mut Replica) -> Vec<Action> {
+    for _ in 0..Params::default().election_ticks_max {
+        let actions = tick(replica);
+        if actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Send {
+                    msg: Message::PreVote { .. },
+                    ..
+                }
+            )
+        }) {
+            let grant = Message::PreVoteReply {
+                round: 1,
+                granted: true,
+                promised: Ballot::ZERO,
+            };
+            return replica.step(message(2, grant));
+        }
+    }
+    panic!("no election within election_ticks_max");
+}
+
+/// Elects node 1 of {1,2,3} with node 2's empty promise; returns the leader's actions
+/// after the promise quorum.
+fn elect(replica: &mut Replica) -> Vec<Action> {
+    let actions = start_phase1(replica);
+    persist_all(replica, &actions);
+    let promise = Message::Promise {
+        ballot: ballot(1, 1),
+        first_slot: 1,
+        entries: vec![],
+    };
+    replica.step(message(2, promise))
+}
+
+#[test]
+fn prepare_is_answered_only_after_the_promise_is_persisted() {
+    let mut acceptor = Replica::new(2, three(), Params::default(), SEED);
+    // A fresh replica refuses other candidates for election_ticks_min (lease safety).
+    for _ in 0..Params::default().election_ticks_min {
+        tick(&mut acceptor);
+    }
+    let actions = acceptor.step(message(
+        1,
+        Message::Prepare {
+            ballot: ballot(1, 1),
+            first_slot: 1,
+        },
+    ));
+    assert_eq!(
+        actions,
+        vec![Action::Persist {
+            token: 1,
+            record: PersistRecord {
+                promised: Some(ballot(1, 1)),
+                ..Default::default()
+            },
+        }]
+    );
+    assert_eq!(acceptor.status().promised, ballot(1, 1));
+    let actions = acceptor.step(Event::Persisted { token: 1 });
+    assert_eq!(
+        actions,
+        vec![Action::Send {
+            to: 1,
+            msg: Message::Promise {
+                ballot: ballot(1, 1),
+                first_slot: 1,
+                entries: vec![]
+            },
+        }]
+    );
+    // A lower ballot is rejected at once: no state behind a rejection.
+    let actions = acceptor.step(message(
+        3,
+        Message::Prepare {
+            ballot: ballot(0, 3),
+            first_slot: 1,
+        },
+    ));
+    assert_eq!(
+        actions,
+        vec![Action::Send {
+            to: 3,
+            msg: Message::Reject {
+                promised: ballot(1, 1)
+            }
+        }]
+    );
+}
+
+#[test]
+fn accept_is_acknowledged_only_after_the_entry_is_persisted() {
+    let mut acceptor = Replica::new(2, three(), Params::default(), SEED);
+    let value = batch(b"x", 1);
+    let accept = Message::Accept {
+        ballot: ballot(1, 1),
+        slot: 1,
+        value: value.clone(),
+        chosen_index: 0,
+    };
+    let actions = acceptor.step(message(1, accept));
+    let entry = LogEntry {
+        ballot: ballot(1, 1),
+        value: value.clone(),
+        chosen: false,
+    };
+    assert_eq!(
+        actions,
+        vec![Action::Persist {
+            token: 1,
+            record: PersistRecord {
+                promised: Some(ballot(1, 1)),
+                entries: vec![(1, entry)],
+                chosen_index: None
+            },
+        }]
+    );
+    assert_eq!(
+        acceptor.step(Event::Persisted { token: 1 }),
+        vec![Action::Send {
+            to: 1,
+            msg: Message::Accepted {
+                ballot: ballot(1, 1),
+                slot: 1
+            }
+        }]
+    );
+    // The commit index arrives with the next message; the entry was accepted in the
+    // leader's current ballot, so it is known chosen and applied.
+    let heartbeat = Message::Heartbeat {
+        ballot: ballot(1, 1),
+        seq: 1,
+        chosen_index: 1,
+    };
+    assert_eq!(
+        acceptor.step(message(1, heartbeat)),
+        vec![
+            Action::Persist {
+                token: 2,
+                record: PersistRecord {
+                    chosen_index: Some(1),
+                    ..Default::default()
+                }
+            },
+            Action::Send {
+                to: 1,
+                msg: Message::HeartbeatAck {
+                    ballot: ballot(1, 1),
+                    seq: 1,
+                    chosen_index: 1
+                }
+            },
+            Action::Apply { slot: 1, value },
+        ]
+    );
+}
+
+#[test]
+fn follower_does_not_learn_a_commit_for_a_value_from_an_older_ballot() {
+    let mut acceptor = Replica::new(2, three(), Params::default(), SEED);
+    let stale = batch(b"old", 1);
+    let accept = Message::Accept {
+        ballot: ballot(1, 1),
+        slot: 1,
+        value: stale,
+        chosen_index: 0,
+    };
+    acceptor.step(message(1, accept));
+    // A new leader in ballot (2, 3) says slot 1 is chosen; what we hold may not be it.
+    let heartbeat = Message::Heartbeat {
+        ballot: ballot(2, 3),
+        seq: 1,
+        chosen_index: 1,
+    };
+    assert_eq!(
+        acceptor.step(message(3, heartbeat)),
+        vec![Action::Send {
+            to: 3,
+            msg: Message::HeartbeatAck {
+                ballot: ballot(2, 3),
+                seq: 1,
+                chosen_index: 0
+            }
+        }]
+    );
+    // Catch-up delivers the chosen value, which replaces ours.
+    let chosen = batch(b"new", 2);
+    let catchup = Message::Chosen {
+        ballot: ballot(2, 3),
+        entries: vec![(1, chosen.clone())],
+        chosen_index: 1,
+    };
+    let actions = acceptor.step(message(3, catchup));
+    let entry = LogEntry {
+        ballot: ballot(1, 1),
+        value: chosen.clone(),
+        chosen: true,
+    };
+    assert_eq!(
+        actions,
+        vec![
+            Action::Persist {
+                token: 2,
+                record: PersistRecord {
+                    entries: vec![(1, entry)],
+                    ..Default::default()
+                }
+            },
+            Action::Persist {
+                token: 3,
+                record: PersistRecord {
+                    chosen_index: Some(1),
+                    ..Default::default()
+                }
+            },
+            Action::Send {
+                to: 3,
+                msg: Message::Learned {
+                    ballot: ballot(2, 3),
+                    chosen_index: 1
+                }
+            },
+            Action::Apply {
+                slot: 1,
+                value: chosen
+            },
+        ]
+    );
+}
+
+#[test]
+fn phase1_adopts_highest_ballot_values_and_fills_holes_with_noops() {
+    let mut leader = Replica::new(1, three(), Params::default(), SEED);
+    let actions = start_phase1(&mut leader);
+    let prepare = Message::Prepare {
+        ballot: ballot(1, 1),
+        first_slot: 1,
+    };
+    assert_eq!(
+        actions,
+        vec![
+            Action::Send {
+                to: 2,
+                msg: prepare.clone()
+            },
+            Action::Send {
+                to: 3,
+                msg: prepare
+            },
+            Action::Persist {
+                token: 1,
+                record: PersistRecord {
+                    promised: Some(ballot(1, 1)),
+                    ..Default::default()
+                }
+            },
+        ]
+    );
+    // Our own promise (empty log) counts once persisted; one more is a quorum.
+    assert_eq!(leader.step(Event::Persisted { token: 1 }), vec![]);
+    let low = batch(b"low", 1);
+    let high = batch(b"high", 2);
+    let other = batch(b"other", 3);
+    let entries = vec![
+        (
+            1,
+            LogEntry {
+                ballot: ballot(0, 2),
+                value: low,
+                chosen: false,
+            },
+        ),
+        (
+            3,
+            LogEntry {
+                ballot: ballot(0, 3),
+                value: other.clone(),
+                chosen: false,
+            },
+        ),
+    ];
+    let actions = leader.step(message(
+        2,
+        Message::Promise {
+            ballot: ballot(1, 1),
+            first_slot: 1,
+            entries,
+        },
+    ));
+    // Only one promise from a peer so far: node 2 alone plus us is a quorum of 3.
+    let b = ballot(1, 1);
+    let accept = |slot, value: &Value| Message::Accept {
+        ballot: b,
+        slot,
+        value: value.clone(),
+        chosen_index: 0,
+    };
+    let expected_sends: Vec<(NodeId, Message)> = [
+        (1, accept(1, &batch(b"low", 1))),
+        (2, accept(2, &Value::Noop)),
+        (3, accept(3, &other)),
+        (4, accept(4, &Value::Noop)),
+    ]
+    .into_iter()
+    .flat_map(|(_, msg)| [(2, msg.clone()), (3, msg)])
+    .chain([
+        (
+            2,
+            Message::Heartbeat {
+                ballot: b,
+                seq: 1,
+                chosen_index: 0,
+            },
+        ),
+        (
+            3,
+            Message::Heartbeat {
+                ballot: b,
+                seq: 1,
+                chosen_index: 0,
+            },
+        ),
+    ])
+    .collect();
+    assert_eq!(sends(&actions), expected_sends);
+    assert_eq!(leader.status().leading, Some(b));
+    // With five voters, two peers report slot 1 in different ballots: the higher wins.
+    let mut leader2 = Replica::new(
+        1,
+        Configuration::new([1, 2, 3, 4, 5]),
+        Params::default(),
+        SEED,
+    );
+    start_phase1(&mut leader2);
+    let grant = Message::PreVoteReply {
+        round: 1,
+        granted: true,
+        promised: Ballot::ZERO,
+    };
+    let actions = leader2.step(message(3, grant));
+    persist_all(&mut leader2, &actions);
+    let low_entry = LogEntry {
+        ballot: ballot(0, 2),
+        value: batch(b"low", 1),
+        chosen: false,
+    };
+    let high_entry = LogEntry {
+        ballot: ballot(0, 4),
+        value: high.clone(),
+        chosen: false,
+    };
+    assert!(sends(&leader2.step(message(
+        2,
+        Message::Promise {
+            ballot: b,
+            first_slot: 1,
+            entries: vec![(1, low_entry)]
+        }
+    )))
+    .is_empty());
+    let actions = leader2.step(message(
+        4,
+        Message::Promise {
+            ballot: b,
+            first_slot: 1,
+            entries: vec![(1, high_entry)],
+        },
+    ));
+    let first_accept = sends(&actions).into_iter().next().expect("accepts sent");
+    assert_eq!(
+        first_accept,
+        (
+            2,
+            Message::Accept {
+                ballot: b,
+                slot: 1,
+                value: high,
+                chosen_index: 0
+            }
+        )
+    );
+}
+
+#[test]
+fn planted_bug_makes_phase1_ignore_accepted_values() {
+    let params = Params {
+        bug_ignore_phase1_values: true,
+        ..Params::default()
+    };
+    let mut leader = Replica::new(1, three(), params, SEED);
+    let actions = start_phase1(&mut leader);
+    persist_all(&mut leader, &actions);
+    let entries = vec![(
+        1,
+        LogEntry {
+            ballot: ballot(0, 2),
+            value: batch(b"v", 1),
+            chosen: false,
+        },
+    )];
+    let actions = leader.step(message(
+        2,
+        Message::Promise {
+            ballot: ballot(1, 1),
+            first_slot: 1,
+            entries,
+        },
+    ));
+    let first = sends(&actions).into_iter().next().expect("accepts sent");
+    assert_eq!(
+        first,
+        (
+            2,
+            Message::Accept {
+                ballot: ballot(1, 1),
+                slot: 1,
+                value: Value::Noop,
+                chosen_index: 0
+            }
+        )
+    );
+}
+
+/// Runs the leader's round: persists its own writes, acks every accept and heartbeat
+/// from node 2, and returns everything emitted.
+fn ack_from_2(leader: &mut Replica, actions: &[Action]) -> Vec<Action> {
+    let mut out = persist_all(leader, actions);
+    for (to, msg) in sends(actions) {
+        if to != 2 {
+            continue;
+        }
+        let reply = match msg {
+            Message::Accept { ballot, slot, .. } => Message::Accepted { ballot, slot },
+            Message::Heartbeat { ballot, seq, .. } => Message::HeartbeatAck {
+                ballot,
+                seq,
+                chosen_index: 0,
+            },
+            _ => continue,
+        };
+        let more = leader.step(message(2, reply));
+        out.extend(persist_all(leader, &more));
+        out.extend(more);
+    }
+    out
+}
+
+#[test]
+fn lease_reads_are_served_until_the_lease_expires_then_need_a_quorum_round() {
+    let params = Params::default();
+    let mut leader = Replica::new(1, three(), params.clone(), SEED);
+    let actions = elect(&mut leader);
+    let sent_tick_actions = ack_from_2(&mut leader, &actions);
+    assert!(sent_tick_actions.contains(&Action::Apply {
+        slot: 1,
+        value: Value::Noop
+    }));
+    assert!(leader.lease_valid());
+    // The lease counts from when the acknowledged round was SENT.
+    assert_eq!(
+        leader.step(Event::Read {
+            request: 5,
+            mode: ReadMode::Lease
+        }),
+        vec![Action::Reply {
+            request: 5,
+            outcome: Outcome::ReadReady
+        }]
+    );
+    // Ticks pass with heartbeats unanswered: the lease runs out after lease_ticks.
+    for _ in 0..params.lease_ticks - 1 {
+        tick(&mut leader);
+        assert!(leader.lease_valid());
+    }
+    tick(&mut leader);
+    assert!(!leader.lease_valid());
+    // A lease read now waits for a confirming round sent after it arrived.
+    assert_eq!(
+        leader.step(Event::Read {
+            request: 6,
+            mode: ReadMode::Lease
+        }),
+        vec![]
+    );
+    let actions = tick(&mut leader);
+    let seq = sends(&actions)
+        .into_iter()
+        .find_map(|(_, msg)| match msg {
+            Message::Heartbeat { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .expect("a confirming round is sent on the next tick");
+    let ack = Message::HeartbeatAck {
+        ballot: ballot(1, 1),
+        seq: seq - 1,
+        chosen_index: 1,
+    };
+    assert_eq!(
+        leader.step(message(3, ack)),
+        vec![],
+        "an older round does not confirm the read"
+    );
+    let ack = Message::HeartbeatAck {
+        ballot: ballot(1, 1),
+        seq,
+        chosen_index: 1,
+    };
+    assert_eq!(
+        leader.step(message(3, ack)),
+        vec![Action::Reply {
+            request: 6,
+            outcome: Outcome::ReadReady
+        }]
+    );
+}
+
+#[test]
+fn leader_without_quorum_contact_steps_down_and_answers_waiting_requests() {
+    let params = Params::default();
+    let mut leader = Replica::new(1, three(), params.clone(), SEED);
+    let actions = elect(&mut leader);
+    ack_from_2(&mut leader, &actions);
+    assert!(leader.status().leading.is_some());
+    leader.step(Event::Read {
+        request: 8,
+        mode: ReadMode::ReadIndex,
+    });
+    let mut last = Vec::new();
+    for _ in 0..params.election_ticks_min {
+        last = tick(&mut leader);
+    }
+    assert_eq!(leader.status().leading, None);
+    assert_eq!(
+        last,
+        vec![Action::Reply {
+            request: 8,
+            outcome: Outcome::NotLeader { leader_hint: None }
+        }]
+    );
+}
+
+#[test]
+fn new_leader_serves_no_read_before_its_own_entry_is_applied() {
+    let mut leader = Replica::new(1, three(), Params::default(), SEED);
+    let actions = elect(&mut leader);
+    persist_all(&mut leader, &actions);
+    assert_eq!(
+        leader.step(Event::Read {
+            request: 1,
+            mode: ReadMode::Lease
+        }),
+        vec![]
+    );
+    let heartbeat_seq = 1;
+    let ack = Message::HeartbeatAck {
+        ballot: ballot(1, 1),
+        seq: heartbeat_seq,
+        chosen_index: 0,
+    };
+    let actions = leader.step(message(2, ack));
+    // Catch-up is not needed (nothing chosen); the read still waits for its own round
+    // and for the leader's no-op to be chosen and applied.
+    assert!(!actions.iter().any(|a| matches!(a, Action::Reply { .. })));
+    let actions = tick(&mut leader);
+    let seq = sends(&actions)
+        .into_iter()
+        .find_map(|(_, msg)| match msg {
+            Message::Heartbeat { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .expect("confirming round");
+    let ack = Message::HeartbeatAck {
+        ballot: ballot(1, 1),
+        seq,
+        chosen_index: 0,
+    };
+    let actions = leader.step(message(2, ack));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Reply { .. })),
+        "no-op not chosen yet"
+    );
+    let actions = leader.step(message(
+        2,
+        Message::Accepted {
+            ballot: ballot(1, 1),
+            slot: 1,
+        },
+    ));
+    assert_eq!(
+        actions,
+        vec![
+            Action::Persist {
+                token: 3,
+                record: PersistRecord {
+                    chosen_index: Some(1),
+                    ..Default::default()
+                }
+            },
+            Action::Apply {
+                slot: 1,
+                value: Value::Noop
+            },
+            Action::Reply {
+                request: 1,
+                outcome: Outcome::ReadReady
+            },
+        ]
+    );
+}
+
+#[test]
+fn follower_forwards_proposals_to_the_leader_or_says_not_leader() {
+    let mut follower = Replica::new(2, three(), Params::default(), SEED);
+    let cmd = command(b"c", 0, 0);
+    assert_eq!(
+        follower.step(Event::Propose {
+            request: 4,
+            command: cmd.clone()
+        }),
+        vec![Action::Reply {
+            request: 4,
+            outcome: Outcome::NotLeader { leader_hint: None }
+        }]
+    );
+    follower.step(message(
+        3,
+        Message::Heartbeat {
+            ballot: ballot(1, 3),
+            seq: 1,
+            chosen_index: 0,
+        },
+    ));
+    assert_eq!(
+        follower.step(Event::Propose {
+            request: 4,
+            command: cmd
+        }),
+        vec![Action::Send {
+            to: 3,
+            msg: Message::Forward {
+                command: command(b"c", 2, 4)
+            }
+        }]
+    );
+    assert_eq!(
+        follower.step(Event::Read {
+            request: 5,
+            mode: ReadMode::Lease
+        }),
+        vec![Action::Reply {
+            request: 5,
+            outcome: Outcome::NotLeader {
+                leader_hint: Some(3)
+            }
+        }]
+    );
+}
+
+#[test]
+fn live_leader_blocks_pre_votes_and_prepares_from_others() {
+    let mut follower = Replica::new(2, three(), Params::default(), SEED);
+    for _ in 0..Params::default().election_ticks_min {
+        tick(&mut follower);
+    }
+    follower.step(message(
+        1,
+        Message::Heartbeat {
+            ballot: ballot(1, 1),
+            seq: 1,
+            chosen_index: 0,
+        },
+    ));
+    assert_eq!(
+        follower.step(message(3, Message::PreVote { round: 2 })),
+        vec![Action::Send {
+            to: 3,
+            msg: Message::PreVoteReply {
+                round: 2,
+                granted: false,
+                promised: Ballot::ZERO
+            }
+        }]
+    );
+    assert_eq!(
+        follower.step(message(
+            3,
+            Message::Prepare {
+                ballot: ballot(2, 3),
+                first_slot: 1
+            }
+        )),
+        vec![]
+    );
+}
+
+#[test]
+fn batching_respects_batch_bytes_max_and_the_pipelining_window() {
+    let params = Params {
+        batch_bytes_max: 2 * (8 + COMMAND_OVERHEAD_BYTES),
+        slots_in_flight_max: 2,
+        ..Params::default()
+    };
+    let mut leader = Replica::new(1, three(), params, SEED);
+    let actions = elect(&mut leader);
+    persist_all(&mut leader, &actions);
+    // The ready no-op occupies one of the two window slots.
+    let mut accepted_slots = Vec::new();
+    for request in 0..5 {
+        let actions = leader.step(Event::Propose {
+            request,
+            command: command(b"12345678", 0, 0),
+        });
+        for (to, msg) in sends(&actions) {
+            if let (
+                2,
+                Message::Accept {
+                    slot,
+                    value: Value::Batch(batch),
+                    ..
+                },
+            ) = (to, msg)
+            {
+                accepted_slots.push((slot, batch.commands.len()));
+            }
+        }
+    }
+    assert_eq!(
+        accepted_slots,
+        vec![(2, 1)],
+        "window of 2 holds the no-op and one batch"
+    );
+    let actions = leader.step(message(
+        2,
+        Message::Accepted {
+            ballot: ballot(1, 1),
+            slot: 1,
+        },
+    ));
+    let batches: Vec<(Slot, usize)> = sends(&actions)
+        .into_iter()
+        .filter_map(|(to, msg)| match (to, msg) {
+            (
+                2,
+                Message::Accept {
+                    slot,
+                    value: Value::Batch(batch),
+                    ..
+                },
+            ) => Some((slot, batch.commands.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        batches,
+        vec![(3, 2)],
+        "one more slot opened; it takes two commands"
+    );
+}
+
+#[test]
+fn restart_keeps_only_persisted_state() {
+    let mut acceptor = Replica::new(2, three(), Params::default(), SEED);
+    let value = batch(b"x", 1);
+    let accept = Message::Accept {
+        ballot: ballot(1, 1),
+        slot: 1,
+        value: value.clone(),
+        chosen_index: 0,
+    };
+    let actions = acceptor.step(message(1, accept));
+    let mut durable = DurableState::default();
+    // The persist never completed: a restart forgets the accept and the promise.
+    let restarted = Replica::restart(2, three(), Params::default(), SEED, durable.clone());
+    assert_eq!(restarted.status().promised, Ballot::ZERO);
+    assert_eq!(restarted.entry(1), None);
+    let Action::Persist { record, .. } = &actions[0] else {
+        panic!("persist first")
+    };
+    durable.apply(record);
+    durable.apply(&PersistRecord {
+        chosen_index: Some(1),
+        ..Default::default()
+    });
+    let mut restarted = Replica::restart(2, three(), Params::default(), SEED, durable);
+    assert_eq!(restarted.status().promised, ballot(1, 1));
+    // The chosen prefix is applied again from slot 1 on the first event.
+    assert_eq!(tick(&mut restarted), vec![Action::Apply { slot: 1, value }]);
+}
+
+struct Counter {
+    applied: u64,
+}
+
+impl StateMachine for Counter {
+    fn apply(&mut self, payload: &[u8], _context: &ApplyContext) -> Vec<u8> {
+        self.applied += 1;
+        let mut result = payload.to_vec();
+        result.extend_from_slice(&self.applied.to_le_bytes());
+        result
+    }
+}
+
+#[test]
+fn dedup_applies_a_keyed_command_once_and_returns_the_first_result() {
+    let mut applier = Applier::new(1, Counter { applied: 0 });
+    let keyed = |seq, request| Command {
+        payload: b"inc".to_vec(),
+        idempotency_key: Some(IdempotencyKey { client: 42, seq }),
+        origin: Origin { node: 1, request },
+    };
+    let value = Value::Batch(Batch {
+        commands: vec![keyed(1, 10), keyed(1, 11)],
+        timestamp_ms: 5,
+        seed: 6,
+    });
+    let mut replies = Vec::new();
+    applier.apply(1, &value, &mut replies);
+    let first = [b"inc".as_slice(), &1u64.to_le_bytes()].concat();
+    assert_eq!(replies, vec![(10, first.clone()), (11, first.clone())]);
+    assert_eq!(applier.machine.applied, 1);
+    // The same key decided again in a later slot (a retry after a leader change).
+    replies.clear();
+    let value = Value::Batch(Batch {
+        commands: vec![keyed(1, 12), keyed(2, 13), keyed(1, 14)],
+        timestamp_ms: 5,
+        seed: 6,
+    });
+    applier.apply(2, &value, &mut replies);
+    let second = [b"inc".as_slice(), &2u64.to_le_bytes()].concat();
+    assert_eq!(
+        replies,
+        vec![(12, first), (13, second), (14, STALE_RESULT.to_vec())]
+    );
+    assert_eq!(applier.machine.applied, 2);
+    assert_eq!(
+        applier.dedup.check(IdempotencyKey { client: 42, seq: 3 }),
+        DedupCheck::New
+    );
+}
+
+#[test]
+fn quorum_is_a_strict_majority_of_voters() {
+    let config = Configuration::new([1, 2, 3, 4, 5]);
+    assert!(!config.is_quorum(|node| node <= 2));
+    assert!(config.is_quorum(|node| node <= 3));
+    assert!(
+        !config.is_quorum(|node| node >= 6),
+        "non-voters never count"
+    );
+}

@@ -1,0 +1,263 @@
+//! Plain data of the protocol: identifiers, ballots, log values, messages, and the
+//! events and actions of the sans-IO interface. No behaviour lives here.
+
+use std::collections::BTreeMap;
+
+/// A replica's identity. Stable across restarts and address changes.
+pub type NodeId = u64;
+/// A position in the replicated log. Slot 0 is never used: the first slot is 1, so
+/// "chosen index 0" means "nothing chosen yet".
+pub type Slot = u64;
+/// A runtime-chosen identifier of a client request at one replica. The core only
+/// carries it back in `Reply` actions and in a command's `Origin`.
+pub type RequestId = u64;
+
+/// A ballot is (round, node id), ordered by round first. Two replicas never use the
+/// same ballot because the node id breaks ties.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ballot {
+    pub round: u64,
+    pub node: NodeId,
+}
+
+impl Ballot {
+    /// The ballot every acceptor starts promised to; no leader ever uses it.
+    pub const ZERO: Ballot = Ballot { round: 0, node: 0 };
+}
+
+/// Client id + per-client sequence number. A command carrying one is applied at most
+/// once; duplicates get the first result back (see `paxos::dedup`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdempotencyKey {
+    pub client: u64,
+    pub seq: u64,
+}
+
+/// Where a command entered the cluster, so that replica (and only it) can answer the
+/// client once the command is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub node: NodeId,
+    pub request: RequestId,
+}
+
+/// One client command: opaque bytes for the state machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub payload: Vec<u8>,
+    pub idempotency_key: Option<IdempotencyKey>,
+    pub origin: Origin,
+}
+
+impl Command {
+    /// Bytes this command counts against `batch_bytes_max`.
+    pub fn size_bytes(&self) -> usize {
+        self.payload.len() + COMMAND_OVERHEAD_BYTES
+    }
+}
+
+/// Fixed per-command bookkeeping counted in batch sizes (key + origin, rounded up).
+pub const COMMAND_OVERHEAD_BYTES: usize = 48;
+
+/// Many commands decided in one slot, with the leader-chosen context the state
+/// machine may read: every replica sees the same timestamp and seed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub commands: Vec<Command>,
+    /// The leader's wall clock when it formed the batch (from `Event::Tick::now_ms`),
+    /// never smaller than the previous batch's timestamp the leader knew of.
+    pub timestamp_ms: u64,
+    /// Drawn from the leader's seeded PRNG.
+    pub seed: u64,
+}
+
+/// What a slot decides. Configuration entries (joint consensus) and module upgrades
+/// join this enum in later issues, which is why it is `non_exhaustive`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Value {
+    /// Fills a hole found by Phase 1, or marks a new leader's first slot.
+    Noop,
+    Batch(Batch),
+}
+
+/// One slot of an acceptor's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The ballot the value was accepted in. For an entry learned through catch-up
+    /// this is the ballot it was already accepted in, or `Ballot::ZERO` if none: a
+    /// chosen entry never has its ballot lowered, since Phase 1 relies on it.
+    pub ballot: Ballot,
+    pub value: Value,
+    /// Known to be the chosen value of this slot.
+    pub chosen: bool,
+}
+
+/// How a read is made linearizable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Served locally while the leader lease holds; falls back to `ReadIndex` when it
+    /// does not.
+    Lease,
+    /// Confirm leadership with a quorum round, then wait until applied >= read index.
+    ReadIndex,
+}
+
+/// Peer-to-peer messages. Every message from a leader or candidate carries its ballot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Asks "would you support an election now?" without disturbing anyone.
+    PreVote { round: u64 },
+    /// `promised` lets a candidate with a stale round pick a high enough ballot.
+    PreVoteReply {
+        round: u64,
+        granted: bool,
+        promised: Ballot,
+    },
+    /// Phase 1a for every slot from `first_slot` on.
+    Prepare { ballot: Ballot, first_slot: Slot },
+    /// Phase 1b: every entry the acceptor holds from `first_slot` on.
+    Promise {
+        ballot: Ballot,
+        first_slot: Slot,
+        entries: Vec<(Slot, LogEntry)>,
+    },
+    /// The sender has promised `promised`, higher than the ballot it was asked for.
+    Reject { promised: Ballot },
+    /// Phase 2a. `chosen_index` lets followers learn commits.
+    Accept {
+        ballot: Ballot,
+        slot: Slot,
+        value: Value,
+        chosen_index: Slot,
+    },
+    /// Phase 2b.
+    Accepted { ballot: Ballot, slot: Slot },
+    /// Leader liveness, lease round `seq` and commit index.
+    Heartbeat {
+        ballot: Ballot,
+        seq: u64,
+        chosen_index: Slot,
+    },
+    /// `chosen_index` is the follower's own; the leader sends catch-up if it lags.
+    HeartbeatAck {
+        ballot: Ballot,
+        seq: u64,
+        chosen_index: Slot,
+    },
+    /// Catch-up: chosen entries the receiver lacks (bounded per message).
+    Chosen {
+        ballot: Ballot,
+        entries: Vec<(Slot, Value)>,
+        chosen_index: Slot,
+    },
+    /// Reply to `Chosen`: asks for the next chunk if still behind.
+    Learned { ballot: Ballot, chosen_index: Slot },
+    /// A proposal received by a follower, passed on to the leader.
+    Forward { command: Command },
+}
+
+/// Inputs to `Replica::handle`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Message {
+        from: NodeId,
+        msg: Message,
+    },
+    /// One tick of logical time; `now_ms` is the runtime's wall clock, used only as
+    /// the timestamp of batches this replica forms as leader.
+    Tick {
+        now_ms: u64,
+    },
+    Propose {
+        request: RequestId,
+        command: Command,
+    },
+    /// The runtime made the `Persist` with this token durable. Runtimes complete
+    /// persists in the order they were issued.
+    Persisted {
+        token: u64,
+    },
+    Read {
+        request: RequestId,
+        mode: ReadMode,
+    },
+}
+
+/// Durable changes: apply in order. `entries` replace whole slots.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PersistRecord {
+    pub promised: Option<Ballot>,
+    pub entries: Vec<(Slot, LogEntry)>,
+    pub chosen_index: Option<Slot>,
+}
+
+/// What a replica restarts from: everything ever persisted, folded together.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DurableState {
+    pub promised: Ballot,
+    pub log: BTreeMap<Slot, LogEntry>,
+    pub chosen_index: Slot,
+}
+
+impl DurableState {
+    /// Folds one completed persist into the durable state.
+    pub fn apply(&mut self, record: &PersistRecord) {
+        if let Some(promised) = record.promised {
+            assert!(
+                promised >= self.promised,
+                "durable promise must never decrease"
+            );
+            self.promised = promised;
+        }
+        for (slot, entry) in &record.entries {
+            self.log.insert(*slot, entry.clone());
+        }
+        if let Some(chosen_index) = record.chosen_index {
+            self.chosen_index = self.chosen_index.max(chosen_index);
+        }
+    }
+}
+
+/// Answers to client requests that the core itself decides. Results of applied
+/// commands are produced by the applier (`paxos::apply`), not by the core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The read is linearizable if served from the state machine right now (all
+    /// `Apply` actions before this one have been performed).
+    ReadReady,
+    /// This replica cannot serve it; `leader_hint` is the leader it believes in.
+    NotLeader { leader_hint: Option<NodeId> },
+    /// A limit was reached (queued proposals or pending reads); retry later.
+    Busy,
+}
+
+/// Outputs of `Replica::handle`, to be performed in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Make `record` durable, then feed back `Event::Persisted { token }`.
+    Persist {
+        token: u64,
+        record: PersistRecord,
+    },
+    Send {
+        to: NodeId,
+        msg: Message,
+    },
+    /// Apply the chosen value of `slot`; emitted exactly once per slot, in slot order.
+    Apply {
+        slot: Slot,
+        value: Value,
+    },
+    Reply {
+        request: RequestId,
+        outcome: Outcome,
+    },
+    /// Hook for log compaction: `to` needs entries below this leader's log start and
+    /// must be sent a snapshot covering at least `slot`. Never emitted until a later
+    /// issue compacts the log.
+    SendSnapshot {
+        to: NodeId,
+        slot: Slot,
+    },
+}
