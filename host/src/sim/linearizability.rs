@@ -1,0 +1,630 @@
+//! Linearizability checker for the simulator's key-value client histories.
+//!
+//! Owns the decision "could these client-observed operations have happened one at
+//! a time, each at some instant between its call and its return, on a single
+//! key-value map?" It knows nothing about Paxos, replicas or the network: it sees
+//! only what clients saw (input, output, call tick, return tick).
+//!
+//! The search is Wing & Gong's, with Lowe's just-in-time linearization and
+//! memoization of (set of linearized operations, model value), as in Porcupine:
+//!
+//! - Every operation touches one key, and a history is linearizable iff each
+//!   per-key sub-history is (linearizability is local), so each key is searched on
+//!   its own and the bitsets stay small.
+//! - Calls and returns are ordered by tick. Ties put calls before returns: an
+//!   operation whose return tick equals another's call tick overlaps it. Only a
+//!   strictly smaller return tick orders two operations. Treating a tie as overlap
+//!   allows more orders, so it can hide a real violation that fell inside one tick
+//!   but can never report a false one.
+//! - An operation whose outcome the client never learned (`ret: None`, a timeout)
+//!   may take effect at any point after its call, or never. It gets a return at
+//!   infinity and accepts any output; "never" is the same as "after every other
+//!   operation", where nobody can observe it, so the search succeeds as soon as
+//!   every completed operation is linearized. Unknown-outcome reads change nothing
+//!   and constrain nothing, so they are dropped up front.
+//! - The search is bounded by a step budget per key and returns
+//!   [`CheckResult::TooComplex`] instead of hanging.
+//!
+//! A malformed history (a return before its own call, an output that does not
+//! belong to its input kind) is a bug in whoever recorded it and panics.
+//!
+//! See docs/notes/lincheck.md for the algorithm, its invariants and its limits.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+/// Default search budget: loop iterations of the search for one key before the
+/// checker gives up with [`CheckResult::TooComplex`]. Simulator histories with a
+/// handful of clients need a tiny fraction of this.
+pub const SEARCH_STEPS_PER_KEY_MAX: u64 = 2_000_000;
+
+/// How many operations of the longest linearizable prefix a violation report
+/// lists (the last ones; the earlier ones are summarized by count).
+const DETAIL_PREFIX_OPS_MAX: usize = 40;
+
+/// How many candidate operations a violation report lists after the prefix.
+const DETAIL_CANDIDATE_OPS_MAX: usize = 20;
+
+/// A client request on the key-value state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KvInput {
+    Get {
+        key: String,
+    },
+    Put {
+        key: String,
+        value: String,
+    },
+    /// Sets `key` to `new` iff its current value is `expected`; `expected: None`
+    /// means "the key is absent".
+    Cas {
+        key: String,
+        expected: Option<String>,
+        new: String,
+    },
+}
+
+impl KvInput {
+    pub fn key(&self) -> &str {
+        match self {
+            KvInput::Get { key } | KvInput::Put { key, .. } | KvInput::Cas { key, .. } => key,
+        }
+    }
+}
+
+/// What the client saw: `Get -> Value(current)`, `Put -> Ok`,
+/// `Cas -> Ok | Mismatch(current)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KvOutput {
+    Value(Option<String>),
+    Ok,
+    Mismatch(Option<String>),
+}
+
+/// One client operation as the client observed it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Operation {
+    pub client: u64,
+    pub input: KvInput,
+    /// Simulator tick at which the client sent the request.
+    pub call: u64,
+    /// Simulator tick at which the client received the reply, and the reply.
+    /// `None`: the client never learned the outcome (timeout, gave up); the
+    /// operation may or may not have taken effect.
+    pub ret: Option<(u64, KvOutput)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckResult {
+    Linearizable,
+    /// The operations on `key` have no linearization. `detail` is a multi-line
+    /// report: the longest linearizable prefix found and the operations that
+    /// could not follow it.
+    Violation {
+        key: String,
+        detail: String,
+    },
+    /// The search for `key` ran out of budget; nothing is known about it.
+    TooComplex {
+        key: String,
+    },
+}
+
+/// Checks `history` with the default budget [`SEARCH_STEPS_PER_KEY_MAX`].
+pub fn check(history: &[Operation]) -> CheckResult {
+    check_with_budget(history, SEARCH_STEPS_PER_KEY_MAX)
+}
+
+/// Checks `history`, giving the search for each key at most
+/// `search_steps_per_key_max` steps. Keys are searched in sorted order; a
+/// violation on any key wins over a budget exhausted on another, because a
+/// violation is a definite answer.
+pub fn check_with_budget(history: &[Operation], search_steps_per_key_max: u64) -> CheckResult {
+    for (index, operation) in history.iter().enumerate() {
+        validate(index, operation);
+    }
+    let mut indices_by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (index, operation) in history.iter().enumerate() {
+        let unknown_read =
+            operation.ret.is_none() && matches!(operation.input, KvInput::Get { .. });
+        if unknown_read {
+            continue;
+        }
+        indices_by_key
+            .entry(operation.input.key())
+            .or_default()
+            .push(index);
+    }
+    let mut too_complex = None;
+    for (key, indices) in indices_by_key {
+        let mut key_history = KeyHistory::new(history, indices);
+        match key_history.search(search_steps_per_key_max) {
+            SearchOutcome::Linearizable => {}
+            SearchOutcome::Violation(dead_end) => {
+                return CheckResult::Violation {
+                    key: key.to_string(),
+                    detail: key_history.describe(key, &dead_end),
+                };
+            }
+            SearchOutcome::TooComplex => {
+                too_complex.get_or_insert_with(|| key.to_string());
+            }
+        }
+    }
+    match too_complex {
+        Some(key) => CheckResult::TooComplex { key },
+        None => CheckResult::Linearizable,
+    }
+}
+
+fn validate(index: usize, operation: &Operation) {
+    let Some((ret_tick, output)) = &operation.ret else {
+        return;
+    };
+    assert!(
+        *ret_tick >= operation.call,
+        "history operation #{index} returns at tick {ret_tick} before its call at tick {}: {operation}",
+        operation.call
+    );
+    let output_fits_input = matches!(
+        (&operation.input, output),
+        (KvInput::Get { .. }, KvOutput::Value(_))
+            | (KvInput::Put { .. }, KvOutput::Ok)
+            | (KvInput::Cas { .. }, KvOutput::Ok | KvOutput::Mismatch(_))
+    );
+    assert!(
+        output_fits_input,
+        "history operation #{index} has an output of the wrong kind: {operation}"
+    );
+}
+
+impl fmt::Display for KvInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvInput::Get { key } => write!(f, "get({key:?})"),
+            KvInput::Put { key, value } => write!(f, "put({key:?}, {value:?})"),
+            KvInput::Cas { key, expected, new } => {
+                write!(f, "cas({key:?}, expected {expected:?}, new {new:?})")
+            }
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client {}: {} ", self.client, self.input)?;
+        match &self.ret {
+            Some((ret_tick, output)) => {
+                write!(f, "-> {output:?} [call {}, ret {ret_tick}]", self.call)
+            }
+            None => write!(f, "-> unknown [call {}, ret never]", self.call),
+        }
+    }
+}
+
+/// An interned value of the key: 0 is "absent", `n > 0` is `values[n - 1]`.
+/// Interning keeps the memo table's entries small and their hashing cheap.
+type ValueId = u32;
+const ABSENT: ValueId = 0;
+
+/// An operation on one key, in the model's terms, with the output the client saw.
+#[derive(Debug, Clone, Copy)]
+enum ModelOp {
+    /// Completed reads only: unknown-outcome reads are dropped before the search.
+    Get { seen: ValueId },
+    /// A put's output carries no information, whether known or not.
+    Put { value: ValueId },
+    Cas {
+        expected: ValueId,
+        new: ValueId,
+        seen: CasSeen,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CasSeen {
+    Unknown,
+    Ok,
+    Mismatch(ValueId),
+}
+
+impl ModelOp {
+    /// The key's value after this operation runs on `value`, or `None` if the
+    /// output the client saw is impossible from `value`.
+    fn apply(self, value: ValueId) -> Option<ValueId> {
+        match self {
+            ModelOp::Get { seen } => (seen == value).then_some(value),
+            ModelOp::Put { value: new } => Some(new),
+            ModelOp::Cas {
+                expected,
+                new,
+                seen,
+            } => match seen {
+                CasSeen::Unknown => Some(if value == expected { new } else { value }),
+                CasSeen::Ok => (value == expected).then_some(new),
+                CasSeen::Mismatch(current) => {
+                    (value != expected && value == current).then_some(value)
+                }
+            },
+        }
+    }
+}
+
+/// Index of an entry in the event list; entry 0 is the head sentinel.
+type EntryId = usize;
+const HEAD: EntryId = 0;
+/// "No entry": the successor of the last entry, and the partner of a call whose
+/// operation never returned.
+const NONE: EntryId = usize::MAX;
+
+/// A call or return event in the doubly linked event list. Entries are unlinked
+/// when their operation is linearized and relinked on backtrack; an unlinked
+/// entry keeps its `prev`/`next`, so relinking in reverse order restores the list
+/// exactly (dancing links).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Local operation index (position in `KeyHistory::indices`).
+    op: usize,
+    is_call: bool,
+    /// For a call, its return entry (`NONE` if the outcome is unknown).
+    ret: EntryId,
+    prev: EntryId,
+    next: EntryId,
+}
+
+/// The operations of one key, prepared for the search.
+struct KeyHistory<'h> {
+    history: &'h [Operation],
+    /// Indices into `history`; an operation's position here is its local index.
+    indices: Vec<usize>,
+    model_ops: Vec<ModelOp>,
+    values: Vec<&'h str>,
+    entries: Vec<Entry>,
+    /// Entry position of each operation's call and return in event order, for
+    /// the violation report (`usize::MAX` for an unknown return).
+    call_position: Vec<usize>,
+    ret_position: Vec<usize>,
+}
+
+/// Where the search got furthest before failing: the linearized operations (local
+/// indices, in order) and the key's value after them.
+#[derive(Debug, Clone, Default)]
+struct DeadEnd {
+    prefix: Vec<usize>,
+    value: ValueId,
+}
+
+enum SearchOutcome {
+    Linearizable,
+    Violation(DeadEnd),
+    TooComplex,
+}
+
+impl<'h> KeyHistory<'h> {
+    fn new(history: &'h [Operation], indices: Vec<usize>) -> Self {
+        let mut values: Vec<&'h str> = Vec::new();
+        let mut intern = |value: Option<&'h String>| -> ValueId {
+            let Some(value) = value else {
+                return ABSENT;
+            };
+            let position = match values.iter().position(|known| *known == value.as_str()) {
+                Some(position) => position,
+                None => {
+                    values.push(value.as_str());
+                    values.len() - 1
+                }
+            };
+            ValueId::try_from(position + 1).expect("fewer than 2^32 distinct values per key")
+        };
+        let model_ops: Vec<ModelOp> = indices
+            .iter()
+            .map(|&index| {
+                let operation = &history[index];
+                let output = operation.ret.as_ref().map(|(_, output)| output);
+                match (&operation.input, output) {
+                    (KvInput::Get { .. }, Some(KvOutput::Value(seen))) => ModelOp::Get {
+                        seen: intern(seen.as_ref()),
+                    },
+                    (KvInput::Put { value, .. }, _) => ModelOp::Put {
+                        value: intern(Some(value)),
+                    },
+                    (KvInput::Cas { expected, new, .. }, output) => {
+                        let expected = intern(expected.as_ref());
+                        let new = intern(Some(new));
+                        let seen = match output {
+                            None => CasSeen::Unknown,
+                            Some(KvOutput::Ok) => CasSeen::Ok,
+                            Some(KvOutput::Mismatch(current)) => {
+                                CasSeen::Mismatch(intern(current.as_ref()))
+                            }
+                            Some(KvOutput::Value(_)) => {
+                                unreachable!("validated: a cas returns Ok or Mismatch")
+                            }
+                        };
+                        ModelOp::Cas {
+                            expected,
+                            new,
+                            seen,
+                        }
+                    }
+                    (KvInput::Get { .. }, _) => {
+                        unreachable!("validated, and unknown reads are dropped")
+                    }
+                }
+            })
+            .collect();
+
+        // Events sorted by (tick, returns after calls, operation order): the tie
+        // rule of the module doc. Unknown-outcome operations get no return event,
+        // which stands for a return at infinity.
+        let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * indices.len());
+        for (op, &index) in indices.iter().enumerate() {
+            let operation = &history[index];
+            events.push((operation.call, false, op));
+            if let Some((ret_tick, _)) = operation.ret {
+                events.push((ret_tick, true, op));
+            }
+        }
+        events.sort_unstable();
+
+        let mut entries = Vec::with_capacity(events.len() + 1);
+        entries.push(Entry {
+            op: usize::MAX,
+            is_call: false,
+            ret: NONE,
+            prev: NONE,
+            next: NONE,
+        });
+        let mut call_position = vec![usize::MAX; indices.len()];
+        let mut ret_position = vec![usize::MAX; indices.len()];
+        for (position, &(_, is_ret, op)) in events.iter().enumerate() {
+            let id = position + 1;
+            entries.push(Entry {
+                op,
+                is_call: !is_ret,
+                ret: NONE,
+                prev: id - 1,
+                next: NONE,
+            });
+            entries[id - 1].next = id;
+            if is_ret {
+                ret_position[op] = position;
+                let call = call_position[op];
+                assert!(call < position, "a call sorts before its own return");
+                entries[call + 1].ret = id;
+            } else {
+                call_position[op] = position;
+            }
+        }
+        KeyHistory {
+            history,
+            indices,
+            model_ops,
+            values,
+            entries,
+            call_position,
+            ret_position,
+        }
+    }
+
+    /// Removes a call entry and its return entry from the list.
+    fn lift(&mut self, call: EntryId) {
+        self.unlink(call);
+        let ret = self.entries[call].ret;
+        if ret != NONE {
+            self.unlink(ret);
+        }
+    }
+
+    /// Undoes `lift(call)`; must be applied in reverse order of the lifts.
+    fn unlift(&mut self, call: EntryId) {
+        let ret = self.entries[call].ret;
+        if ret != NONE {
+            self.relink(ret);
+        }
+        self.relink(call);
+    }
+
+    fn unlink(&mut self, id: EntryId) {
+        let Entry { prev, next, .. } = self.entries[id];
+        self.entries[prev].next = next;
+        if next != NONE {
+            self.entries[next].prev = prev;
+        }
+    }
+
+    fn relink(&mut self, id: EntryId) {
+        let Entry { prev, next, .. } = self.entries[id];
+        self.entries[prev].next = id;
+        if next != NONE {
+            self.entries[next].prev = id;
+        }
+    }
+
+    /// Wing–Gong search with Lowe's just-in-time linearization: walk the event
+    /// list from the head; at a call, try to linearize that operation now (its
+    /// output must fit the current value, and the resulting (linearized set,
+    /// value) must be new); at a return of an operation not yet linearized, the
+    /// current prefix cannot be extended, so undo the last linearization and try
+    /// the next call after it.
+    fn search(&mut self, steps_max: u64) -> SearchOutcome {
+        let ops_total = self.indices.len();
+        let completed_total = self
+            .indices
+            .iter()
+            .filter(|&&index| self.history[index].ret.is_some())
+            .count();
+        let mut linearized = Bitset::new(ops_total);
+        let mut value = ABSENT;
+        let mut completed_linearized = 0;
+        // (call entry, value before it) per linearized operation, in order.
+        let mut stack: Vec<(EntryId, ValueId)> = Vec::with_capacity(ops_total);
+        let mut memo: HashSet<(Bitset, ValueId)> = HashSet::new();
+        let mut dead_end = DeadEnd::default();
+        let mut entry = self.entries[HEAD].next;
+        let mut steps: u64 = 0;
+        loop {
+            // Unknown-outcome operations not yet linearized can all go after
+            // everything else (any output is accepted there) or never happen.
+            if completed_linearized == completed_total {
+                return SearchOutcome::Linearizable;
+            }
+            steps += 1;
+            if steps > steps_max {
+                return SearchOutcome::TooComplex;
+            }
+            // A completed operation is still unlinearized, so its return entry is
+            // still in the list and the walk stops there before the end.
+            assert!(
+                entry != NONE,
+                "walked past every return with operations left"
+            );
+            let Entry {
+                op, is_call, next, ..
+            } = self.entries[entry];
+            if !is_call {
+                let Some((call, value_before)) = stack.pop() else {
+                    return SearchOutcome::Violation(dead_end);
+                };
+                let undone = self.entries[call].op;
+                linearized.clear(undone);
+                value = value_before;
+                if self.entries[call].ret != NONE {
+                    completed_linearized -= 1;
+                }
+                self.unlift(call);
+                entry = self.entries[call].next;
+                continue;
+            }
+            if let Some(value_after) = self.model_ops[op].apply(value) {
+                linearized.set(op);
+                if memo.insert((linearized.clone(), value_after)) {
+                    stack.push((entry, value));
+                    value = value_after;
+                    if self.entries[entry].ret != NONE {
+                        completed_linearized += 1;
+                    }
+                    self.lift(entry);
+                    if stack.len() > dead_end.prefix.len() {
+                        dead_end.prefix = stack
+                            .iter()
+                            .map(|&(call, _)| self.entries[call].op)
+                            .collect();
+                        dead_end.value = value;
+                    }
+                    entry = self.entries[HEAD].next;
+                    continue;
+                }
+                linearized.clear(op);
+            }
+            entry = next;
+        }
+    }
+
+    fn value_text(&self, value: ValueId) -> String {
+        match value {
+            ABSENT => "absent".to_string(),
+            id => format!("{:?}", self.values[id as usize - 1]),
+        }
+    }
+
+    fn operation_text(&self, op: usize) -> String {
+        let index = self.indices[op];
+        format!("#{index} {}", self.history[index])
+    }
+
+    /// The violation report: the longest linearizable prefix, the operation that
+    /// returned without fitting after it, and the operations that could have been
+    /// linearized next (those called before that return).
+    fn describe(&self, key: &str, dead_end: &DeadEnd) -> String {
+        use fmt::Write;
+        let ops_total = self.indices.len();
+        let unknown_total = self
+            .indices
+            .iter()
+            .filter(|&&index| self.history[index].ret.is_none())
+            .count();
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "no linearization of the {ops_total} operations on key {key:?} \
+             ({unknown_total} with unknown outcome; unknown-outcome reads are not counted)"
+        );
+        let prefix = &dead_end.prefix;
+        let _ = writeln!(
+            text,
+            "longest linearizable prefix: {} operations, value after it: {}",
+            prefix.len(),
+            self.value_text(dead_end.value)
+        );
+        let omitted = prefix.len().saturating_sub(DETAIL_PREFIX_OPS_MAX);
+        if omitted > 0 {
+            let _ = writeln!(text, "  ... {omitted} earlier operations");
+        }
+        for &op in &prefix[omitted..] {
+            let _ = writeln!(text, "  {}", self.operation_text(op));
+        }
+
+        let mut in_prefix = vec![false; ops_total];
+        for &op in prefix {
+            in_prefix[op] = true;
+        }
+        let blocking = (0..ops_total)
+            .filter(|&op| !in_prefix[op] && self.ret_position[op] != usize::MAX)
+            .min_by_key(|&op| self.ret_position[op])
+            .expect("a violation leaves a completed operation unlinearized");
+        let _ = writeln!(
+            text,
+            "next to return, and not linearizable after that prefix: {}",
+            self.operation_text(blocking)
+        );
+        let mut candidates: Vec<usize> = (0..ops_total)
+            .filter(|&op| !in_prefix[op] && self.call_position[op] < self.ret_position[blocking])
+            .collect();
+        candidates.sort_by_key(|&op| self.call_position[op]);
+        let _ = writeln!(
+            text,
+            "operations that could come next (called before that return):"
+        );
+        for &op in candidates.iter().take(DETAIL_CANDIDATE_OPS_MAX) {
+            let reason = match self.model_ops[op].apply(dead_end.value) {
+                None => "output impossible from that value".to_string(),
+                Some(after) => format!(
+                    "fits, value after: {}, but no continuation does",
+                    self.value_text(after)
+                ),
+            };
+            let _ = writeln!(text, "  {} ({reason})", self.operation_text(op));
+        }
+        if candidates.len() > DETAIL_CANDIDATE_OPS_MAX {
+            let _ = writeln!(
+                text,
+                "  ... {} more",
+                candidates.len() - DETAIL_CANDIDATE_OPS_MAX
+            );
+        }
+        text
+    }
+}
+
+/// A fixed-size set of local operation indices: the memo key's "which
+/// operations are linearized".
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Bitset(Box<[u64]>);
+
+impl Bitset {
+    fn new(bits: usize) -> Self {
+        Bitset(vec![0; bits.div_ceil(64)].into_boxed_slice())
+    }
+
+    fn set(&mut self, bit: usize) {
+        self.0[bit / 64] |= 1 << (bit % 64);
+    }
+
+    fn clear(&mut self, bit: usize) {
+        self.0[bit / 64] &= !(1 << (bit % 64));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,2 @@
+//! Deterministic cluster simulation: the seeded simulator and the checkers it runs.
+pub mod linearizability;
