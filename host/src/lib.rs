@@ -4,5 +4,6 @@
 //! See ARCHITECTURE.md at the repository root for the map of the code.
 
 pub mod cli;
+pub mod node;
 pub mod paxos;
 pub mod sim;

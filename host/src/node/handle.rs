@@ -1,0 +1,201 @@
+//! The contract between a replica's runtime (`node`) and its front ends (`api`, the
+//! CLI). Plain types only: `api` owns HTTP and JSON, `node` owns consensus, storage and
+//! the Wasm machine, and neither leaks into the other through this file.
+
+use std::future::Future;
+
+use crate::paxos::NodeId;
+
+/// How a query is made consistent (`?consistency=` on `POST /v1/queries`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Read-index round through the leader (the default).
+    Linearizable,
+    /// Served by the leader while its lease holds (falls back to a read-index round).
+    Lease,
+    /// Served from this replica's applied state, however old.
+    Stale,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandRequest {
+    pub payload: Vec<u8>,
+    /// The `Idempotency-Key` header, verbatim: retries with the same key return the
+    /// first result and are never applied twice.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandOk {
+    /// The log slot the command was decided in (`Paxwasm-Index`).
+    pub index: u64,
+    pub output: Vec<u8>,
+}
+
+/// Where to find the leader, for forwarding and for clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderHint {
+    pub id: NodeId,
+    /// `host:port` of the leader's HTTP API.
+    pub http: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandError {
+    /// The module trapped or ran out of fuel (422). `error` is canonical, e.g.
+    /// `trap: unreachable`, `fuel exhausted`; the state is as before the command.
+    Rejected { index: u64, error: String },
+    /// No leader or no quorum now (503 with `Retry-After`).
+    Unavailable { reason: String, retry_after_ms: u64 },
+    /// The outcome is unknown: it may or may not be applied later (504).
+    Unknown { reason: String },
+    /// Larger than this node accepts (413).
+    TooLarge { limit_bytes: usize },
+    /// No module is deployed yet (503: deploy one first).
+    NoModule,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryOk {
+    /// Applied index of the state the query ran against (`Paxwasm-Applied-Index`).
+    pub applied_index: u64,
+    pub output: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueryError {
+    /// This replica cannot serve this consistency; `api` forwards to the leader.
+    NotLeader {
+        leader: Option<LeaderHint>,
+    },
+    /// The query trapped or ran out of fuel (422).
+    Rejected {
+        error: String,
+    },
+    Unavailable {
+        reason: String,
+        retry_after_ms: u64,
+    },
+    NoModule,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeployOk {
+    /// `sha256:<hex>` of the module bytes.
+    pub module: String,
+    /// The slot at which the module took effect.
+    pub index: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeployError {
+    /// The module failed validation (400), with the reason.
+    Invalid {
+        reason: String,
+    },
+    /// Migration trapped, ran out of fuel or lacked its hooks; the old module is kept (409).
+    MigrationFailed {
+        index: u64,
+        reason: String,
+    },
+    Unavailable {
+        reason: String,
+        retry_after_ms: u64,
+    },
+    Unknown {
+        reason: String,
+    },
+    TooLarge {
+        limit_bytes: usize,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleEvent {
+    pub module: String,
+    pub index: u64,
+    pub migrated: bool,
+    /// `Some(reason)` for a refused upgrade (the previous module stayed).
+    pub failed: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppInfo {
+    pub module: Option<String>,
+    pub index: Option<u64>,
+    pub history: Vec<ModuleEvent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    pub id: NodeId,
+    pub peer: String,
+    pub http: String,
+    pub connected: bool,
+    /// The peer's chosen index as this replica last heard it, if known.
+    pub chosen_index: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusView {
+    pub id: NodeId,
+    /// `leader`, `follower`, `candidate`, `learner` or `removed`.
+    pub role: String,
+    pub leader: Option<NodeId>,
+    /// `(round, node id)`.
+    pub ballot: (u64, NodeId),
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub module: Option<String>,
+    /// `(index, "sha256:<hex>")`: the machine's state hash and the applied index it was
+    /// computed at.
+    pub state_hash: Option<(u64, String)>,
+    pub peers: Vec<PeerView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    pub id: NodeId,
+    /// `voter` or `learner`.
+    pub role: String,
+    pub peer: String,
+    pub http: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    pub members: Vec<MemberView>,
+    pub leader: Option<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not, for the `/readyz` body.
+    pub reason: Option<String>,
+}
+
+/// What a running replica offers its front ends. Cheap to clone; every method may be
+/// called concurrently from many HTTP connections.
+pub trait NodeApi: Clone + Send + Sync + 'static {
+    fn submit(
+        &self,
+        request: CommandRequest,
+    ) -> impl Future<Output = Result<CommandOk, CommandError>> + Send;
+    fn query(
+        &self,
+        payload: Vec<u8>,
+        consistency: Consistency,
+    ) -> impl Future<Output = Result<QueryOk, QueryError>> + Send;
+    fn deploy(
+        &self,
+        module: Vec<u8>,
+        migrate: bool,
+    ) -> impl Future<Output = Result<DeployOk, DeployError>> + Send;
+    fn app(&self) -> AppInfo;
+    fn status(&self) -> StatusView;
+    fn cluster(&self) -> ClusterView;
+    fn readiness(&self) -> Readiness;
+    /// Prometheus text exposition format.
+    fn metrics(&self) -> String;
+}

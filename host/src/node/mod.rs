@@ -1,0 +1,3 @@
+//! The replica runtime: wires paxos, storage, net, machine and api together.
+
+pub mod handle;
