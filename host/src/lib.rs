@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md at the repository root for the map of the code.
 
 pub mod cli;
+pub mod examples;
 pub mod net;
 pub mod node;
 pub mod paxos;
