@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::sim::cluster::{run_seeds, FaultCounts, SimOptions};
+use crate::sim::cluster::{run_seeds, FaultCounts, FaultRates, SimOptions};
 
 /// Client operations per seed when `--ops` is not given.
 pub const OPS_PER_SEED_DEFAULT: usize = 100;
@@ -27,6 +27,14 @@ pub struct SimArgs {
     /// Worker threads (each seed is single-threaded); default: available cores.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Fault profile: `default` or `harsh` (more drops, crashes, partitions, slower
+    /// persists).
+    #[arg(long, default_value = "default", value_parser = ["default", "harsh"])]
+    pub faults: String,
+    /// Plant the known protocol bug (a new leader ignores Phase 1 values); for
+    /// replaying the planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_bug: bool,
 }
 
 fn parse_replicas(text: &str) -> Result<usize, String> {
@@ -42,7 +50,14 @@ pub fn run(args: SimArgs) -> ExitCode {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options_for = |seed| SimOptions::for_seed(seed, args.replicas, args.ops);
+    let options_for = |seed| {
+        let mut options = SimOptions::for_seed(seed, args.replicas, args.ops);
+        if args.faults == "harsh" {
+            options.faults = FaultRates::harsh();
+        }
+        options.params.bug_ignore_phase1_values = args.planted_bug;
+        options
+    };
     let outcomes = run_seeds(&seeds, threads, &options_for);
     let mut committed = 0;
     let mut violations = 0;

@@ -65,6 +65,28 @@ impl Default for FaultRates {
     }
 }
 
+impl FaultRates {
+    /// Many more faults, longer persists and more reordering; still within the
+    /// timings the core is configured for (a round trip stays below the election
+    /// timeout), so the liveness phase can still demand progress.
+    pub fn harsh() -> FaultRates {
+        FaultRates {
+            drop_per_million: 150_000,
+            duplicate_per_million: 100_000,
+            delay_ticks_min: 1,
+            delay_ticks_max: 6,
+            partition_per_million: 30_000,
+            partition_ticks_min: 5,
+            partition_ticks_max: 120,
+            crash_per_million: 30_000,
+            down_ticks_min: 1,
+            down_ticks_max: 80,
+            persist_ticks_min: 0,
+            persist_ticks_max: 8,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimOptions {
     pub seed: u64,
@@ -109,10 +131,17 @@ impl SimOptions {
 
     /// The one-line command that replays this run.
     pub fn replay_command(&self) -> String {
-        format!(
+        let mut command = format!(
             "cargo run --release -p paxwasm -- sim --seeds 1 --seed {} --replicas {} --ops {}",
             self.seed, self.replicas, self.ops
-        )
+        );
+        if self.faults == FaultRates::harsh() {
+            command.push_str(" --faults harsh");
+        }
+        if self.params.bug_ignore_phase1_values {
+            command.push_str(" --planted-bug");
+        }
+        command
     }
 }
 
