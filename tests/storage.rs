@@ -179,7 +179,9 @@ fn a_directory_of_another_node_or_cluster_is_refused() {
         )
     );
 
-    let error = Store::open(dir.path(), "other-cluster", NODE).err().unwrap();
+    let error = Store::open(dir.path(), "other-cluster", NODE)
+        .err()
+        .unwrap();
     assert_eq!(
         error,
         StorageError::WrongIdentity {
@@ -375,7 +377,10 @@ fn delete_below_forgets_entries_and_deletes_them_in_steps() {
         assert_eq!(store.log_start(), BELOW);
         assert_eq!(store.accepted(BELOW - 1).unwrap(), None);
         assert_eq!(store.accepted(BELOW).unwrap(), Some(vec![BELOW as u8]));
-        assert_eq!(store.accepted_from(0, 1).unwrap(), vec![(BELOW, vec![BELOW as u8])]);
+        assert_eq!(
+            store.accepted_from(0, 1).unwrap(),
+            vec![(BELOW, vec![BELOW as u8])]
+        );
         // A lower watermark changes nothing.
         store
             .write_blocking(WriteBatch {

@@ -20,7 +20,7 @@ const NODE: u64 = 1;
 const CHILD_DIR_ENV: &str = "PAXWASM_STORAGE_CHILD_DIR";
 const WRITERS: u64 = 8;
 const ENTRY_BYTES: usize = 128;
-const KILL_ROUNDS: usize = 3;
+const KILL_ROUNDS: usize = 5;
 const SIGABRT: i32 = 6;
 const SIGKILL: i32 = 9;
 
@@ -165,7 +165,11 @@ fn kill_9_loses_no_acknowledged_write() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        assert_eq!(status.signal(), Some(SIGKILL), "child ended by itself: {status}");
+        assert_eq!(
+            status.signal(),
+            Some(SIGKILL),
+            "child ended by itself: {status}"
+        );
         reader.join().unwrap();
 
         let acked = parse_acknowledged(&lines.lock().unwrap());

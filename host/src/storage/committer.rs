@@ -178,29 +178,25 @@ impl Committer {
             batch.insert(
                 &self.keyspaces.acceptor,
                 layout::KEY_PROMISED,
-                &layout::encode_ballot(ballot),
+                layout::encode_ballot(ballot),
             );
         }
         if let Some(chosen) = group.chosen {
             batch.insert(
                 &self.keyspaces.acceptor,
                 layout::KEY_CHOSEN,
-                &chosen.to_be_bytes(),
+                chosen.to_be_bytes(),
             );
         }
         if let Some(log_start) = group.log_start {
             batch.insert(
                 &self.keyspaces.acceptor,
                 layout::KEY_LOG_START,
-                &log_start.to_be_bytes(),
+                log_start.to_be_bytes(),
             );
         }
         for (slot, entry) in &group.accepted {
-            batch.insert(
-                &self.keyspaces.entries,
-                &layout::slot_key(*slot),
-                *entry,
-            );
+            batch.insert(&self.keyspaces.entries, layout::slot_key(*slot), *entry);
         }
         for (key, value) in &group.meta {
             batch.insert(&self.keyspaces.meta, *key, *value);
@@ -257,7 +253,7 @@ impl Committer {
         }
         let mut batch = self.db.batch();
         for slot in &slots {
-            batch.remove(&self.keyspaces.entries, &layout::slot_key(*slot));
+            batch.remove(&self.keyspaces.entries, layout::slot_key(*slot));
         }
         if !slots.is_empty() {
             self.inject(FaultPoint::Write)?;
@@ -325,7 +321,10 @@ fn classify(shared: &Shared, error: &fjall::Error) -> StorageError {
 
 fn payload_bytes(accepted: &[(u64, Vec<u8>)], meta: &[(String, Vec<u8>)]) -> usize {
     let accepted: usize = accepted.iter().map(|(_, entry)| 8 + entry.len()).sum();
-    let meta: usize = meta.iter().map(|(key, value)| key.len() + value.len()).sum();
+    let meta: usize = meta
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
     accepted + meta
 }
 

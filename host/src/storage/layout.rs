@@ -194,11 +194,11 @@ fn create_identity(
     }
     let mut batch = db.batch();
     batch.insert(&keyspaces.node, KEY_CLUSTER_ID, cluster_id.as_bytes());
-    batch.insert(&keyspaces.node, KEY_NODE_ID, &node_id.to_be_bytes());
+    batch.insert(&keyspaces.node, KEY_NODE_ID, node_id.to_be_bytes());
     batch.insert(
         &keyspaces.node,
         KEY_FORMAT_VERSION,
-        &FORMAT_VERSION.to_be_bytes(),
+        FORMAT_VERSION.to_be_bytes(),
     );
     batch.commit().map_err(|e| open_error(dir, e))?;
     db.persist(PersistMode::SyncAll)

@@ -362,8 +362,14 @@ impl Store {
         cluster_id: &str,
         node_id: u64,
     ) -> Result<(Store, Recovered), StorageError> {
-        assert!(config.queue_batches_max > 0, "queue_batches_max must be > 0");
-        assert!(config.group_batches_max > 0, "group_batches_max must be > 0");
+        assert!(
+            config.queue_batches_max > 0,
+            "queue_batches_max must be > 0"
+        );
+        assert!(
+            config.group_batches_max > 0,
+            "group_batches_max must be > 0"
+        );
         assert!(
             config.delete_keys_per_step_max > 0,
             "delete_keys_per_step_max must be > 0"
