@@ -9,3 +9,4 @@ pub mod net;
 pub mod node;
 pub mod paxos;
 pub mod sim;
+pub mod storage;
