@@ -4,3 +4,4 @@
 //! See ARCHITECTURE.md at the repository root for the map of the code.
 
 pub mod cli;
+pub mod machine;

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod exec;
+
 #[derive(Debug, Parser)]
 #[command(name = "paxwasm", version, about = "Replicated WebAssembly applications over Multi-Paxos")]
 struct Cli {
@@ -13,9 +15,14 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Run a guest module locally: apply commands, run queries, print the state hash.
+    Exec(exec::ExecArgs),
+}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Exec(args) => exec::run(args),
+    }
 }
