@@ -4,5 +4,5 @@
 //! See ARCHITECTURE.md at the repository root for the map of the code.
 
 pub mod cli;
-pub mod machine;
 pub mod examples;
+pub mod machine;

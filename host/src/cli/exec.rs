@@ -27,7 +27,10 @@ pub fn run(args: ExecArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = MachineConfig { guest_log: GuestLog::Stderr, ..MachineConfig::default() };
+    let config = MachineConfig {
+        guest_log: GuestLog::Stderr,
+        ..MachineConfig::default()
+    };
     let mut machine = match Machine::load(&bytes, &config) {
         Ok(machine) => machine,
         Err(e) => {
@@ -47,10 +50,12 @@ pub fn run(args: ExecArgs) -> ExitCode {
 pub fn exec_lines(machine: &mut Machine, commands: &[String], queries: &[String]) -> Vec<String> {
     let mut lines = Vec::new();
     for command in commands {
-        lines.push(match machine.apply(command.as_bytes(), EntryContext::default()) {
-            Ok(out) => String::from_utf8_lossy(&out).into_owned(),
-            Err(e) => format!("error: {e}"),
-        });
+        lines.push(
+            match machine.apply(command.as_bytes(), EntryContext::default()) {
+                Ok(out) => String::from_utf8_lossy(&out).into_owned(),
+                Err(e) => format!("error: {e}"),
+            },
+        );
     }
     for query in queries {
         lines.push(match machine.query(query.as_bytes()) {

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 pub mod exec;
 
 #[derive(Debug, Parser)]
-#[command(name = "paxwasm", version, about = "Replicated WebAssembly applications over Multi-Paxos")]
+#[command(
+    name = "paxwasm",
+    version,
+    about = "Replicated WebAssembly applications over Multi-Paxos"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

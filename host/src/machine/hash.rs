@@ -70,16 +70,25 @@ impl PageHashes {
     fn cover(&mut self, memory_bytes: usize) {
         assert_eq!(memory_bytes % HASH_LEAF_BYTES, 0);
         let leaves = memory_bytes / HASH_LEAF_BYTES;
-        assert!(leaves >= self.leaves.len(), "linear memory never shrinks under a hash cache");
+        assert!(
+            leaves >= self.leaves.len(),
+            "linear memory never shrinks under a hash cache"
+        );
         let old = self.leaves.len();
         self.leaves.resize(leaves, self.zero_leaf);
         self.leaf_dirty.resize(leaves, false);
-        self.groups.resize(leaves.div_ceil(HASH_GROUP_LEAVES), [0; 32]);
+        self.groups
+            .resize(leaves.div_ceil(HASH_GROUP_LEAVES), [0; 32]);
         self.group_dirty.resize(self.groups.len(), true);
         self.mark_written(old * HASH_LEAF_BYTES, memory_bytes);
     }
 
-    pub fn root(&mut self, module_id: ModuleId, globals: &[GlobalValue], memory: &[u8]) -> [u8; 32] {
+    pub fn root(
+        &mut self,
+        module_id: ModuleId,
+        globals: &[GlobalValue],
+        memory: &[u8],
+    ) -> [u8; 32] {
         self.cover(memory.len());
         for leaf in self.dirty_leaves.drain(..) {
             let start = leaf * HASH_LEAF_BYTES;
@@ -116,7 +125,8 @@ impl PageHashes {
 }
 
 /// The whole-memory hash computed from scratch, for tests of the cache.
-pub fn root_from_scratch(module_id: ModuleId, globals: &[GlobalValue], memory: &[u8]) -> [u8; 32] {
+#[cfg(test)]
+fn root_from_scratch(module_id: ModuleId, globals: &[GlobalValue], memory: &[u8]) -> [u8; 32] {
     PageHashes::new().root(module_id, globals, memory)
 }
 
@@ -139,6 +149,9 @@ mod tests {
         assert_ne!(first, second);
         assert_eq!(second, root_from_scratch(id, &[], &memory));
         memory.resize(memory.len() + 65536, 3);
-        assert_eq!(cache.root(id, &[], &memory), root_from_scratch(id, &[], &memory));
+        assert_eq!(
+            cache.root(id, &[], &memory),
+            root_from_scratch(id, &[], &memory)
+        );
     }
 }

@@ -2,15 +2,19 @@
 //! touches wasmtime's store and turns its errors into canonical [`ApplyError`]s.
 
 use wasmtime::{
-    AsContextMut, Caller, Global, InstancePre, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, Val,
+    Caller, Global, InstancePre, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, Val,
 };
 
 use super::module::{
-    CheckedModule, GlobalKind, EXPORT_ALLOC, EXPORT_APPLY, EXPORT_EXPORT_STATE, EXPORT_IMPORT_STATE, EXPORT_INIT,
-    EXPORT_MEMORY, EXPORT_QUERY, IMPORT_ENTRY_SEED, IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE, START_EXPORT,
+    CheckedModule, GlobalKind, EXPORT_ALLOC, EXPORT_APPLY, EXPORT_EXPORT_STATE,
+    EXPORT_IMPORT_STATE, EXPORT_INIT, EXPORT_MEMORY, EXPORT_QUERY, IMPORT_ENTRY_SEED,
+    IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE, START_EXPORT,
 };
 use super::snapshot::GlobalValue;
 use super::{ApplyError, EntryContext, GuestLog};
+
+/// Fuel for instantiation, which evaluates only constant expressions.
+const INSTANTIATION_FUEL: u64 = 1_000_000;
 
 /// Per-store host data: what the imports read and what the limiter records.
 pub struct HostState {
@@ -22,7 +26,12 @@ pub struct HostState {
 }
 
 impl ResourceLimiter for HostState {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes_max {
             self.memory_refused = true;
             return Ok(false);
@@ -30,7 +39,12 @@ impl ResourceLimiter for HostState {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, _desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        _desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         // Tables are fixed after instantiation (`table.grow` is refused at load).
         Ok(false)
     }
@@ -51,29 +65,42 @@ impl std::error::Error for HostTrap {}
 pub fn linker(engine: &wasmtime::Engine) -> Linker<HostState> {
     let mut linker = Linker::new(engine);
     linker
-        .func_wrap(IMPORT_MODULE, IMPORT_LOG, |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
-            let Some(wasmtime::Extern::Memory(memory)) = caller.get_export(EXPORT_MEMORY) else {
-                return Err(wasmtime::Error::new(HostTrap("out of bounds memory access")));
-            };
-            let (data, host) = memory.data_and_store_mut(&mut caller);
-            let Some(bytes) = guest_slice(data, ptr as u32, len as u32) else {
-                return Err(wasmtime::Error::new(HostTrap("out of bounds memory access")));
-            };
-            if let GuestLog::Stderr = host.log {
-                eprintln!("guest log: {}", String::from_utf8_lossy(bytes));
-            }
-            Ok(())
-        })
+        .func_wrap(
+            IMPORT_MODULE,
+            IMPORT_LOG,
+            |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
+                let Some(wasmtime::Extern::Memory(memory)) = caller.get_export(EXPORT_MEMORY)
+                else {
+                    return Err(wasmtime::Error::new(HostTrap(
+                        "out of bounds memory access",
+                    )));
+                };
+                let (data, host) = memory.data_and_store_mut(&mut caller);
+                let Some(bytes) = guest_slice(data, ptr as u32, len as u32) else {
+                    return Err(wasmtime::Error::new(HostTrap(
+                        "out of bounds memory access",
+                    )));
+                };
+                if let GuestLog::Stderr = host.log {
+                    eprintln!("guest log: {}", String::from_utf8_lossy(bytes));
+                }
+                Ok(())
+            },
+        )
         .expect("defining paxwasm.log");
     linker
-        .func_wrap(IMPORT_MODULE, IMPORT_ENTRY_TIME_MS, |caller: Caller<'_, HostState>| {
-            caller.data().entry.time_ms
-        })
+        .func_wrap(
+            IMPORT_MODULE,
+            IMPORT_ENTRY_TIME_MS,
+            |caller: Caller<'_, HostState>| caller.data().entry.time_ms,
+        )
         .expect("defining paxwasm.entry_time_ms");
     linker
-        .func_wrap(IMPORT_MODULE, IMPORT_ENTRY_SEED, |caller: Caller<'_, HostState>| {
-            caller.data().entry.seed as i64
-        })
+        .func_wrap(
+            IMPORT_MODULE,
+            IMPORT_ENTRY_SEED,
+            |caller: Caller<'_, HostState>| caller.data().entry.seed as i64,
+        )
         .expect("defining paxwasm.entry_seed");
     linker
 }
@@ -107,26 +134,54 @@ pub enum Call {
 impl Instance {
     /// Instantiates without running any guest code (the start function was
     /// turned into an export at load). Data segments are written into memory.
-    pub fn new(pre: &InstancePre<HostState>, checked: &CheckedModule, host: HostState) -> wasmtime::Result<Instance> {
+    pub fn new(
+        pre: &InstancePre<HostState>,
+        checked: &CheckedModule,
+        host: HostState,
+    ) -> wasmtime::Result<Instance> {
         let mut store = Store::new(pre.module().engine(), host);
         store.limiter(|host| host as &mut dyn ResourceLimiter);
-        store.set_fuel(0)?;
+        // Instantiation runs no guest code (the start function is an export
+        // now), but wasmtime meters the evaluation of data segment offsets.
+        store.set_fuel(INSTANTIATION_FUEL)?;
         let instance = pre.instantiate(&mut store)?;
-        let memory = instance.get_memory(&mut store, EXPORT_MEMORY).expect("checked at load");
+        let memory = instance
+            .get_memory(&mut store, EXPORT_MEMORY)
+            .expect("checked at load");
         let globals = checked
             .global_exports
             .iter()
             .zip(&checked.global_kinds)
-            .map(|(name, kind)| (instance.get_global(&mut store, name).expect("instrumented"), *kind))
+            .map(|(name, kind)| {
+                (
+                    instance.get_global(&mut store, name).expect("instrumented"),
+                    *kind,
+                )
+            })
             .collect();
         Ok(Instance {
             alloc: instance.get_typed_func(&mut store, EXPORT_ALLOC)?,
             apply: instance.get_typed_func(&mut store, EXPORT_APPLY)?,
-            query: optional(checked.has_query, instance.get_typed_func(&mut store, EXPORT_QUERY))?,
-            init: optional(checked.has_init, instance.get_typed_func(&mut store, EXPORT_INIT))?,
-            start: optional(checked.has_start, instance.get_typed_func(&mut store, START_EXPORT))?,
-            export_state: optional(checked.has_export_state, instance.get_typed_func(&mut store, EXPORT_EXPORT_STATE))?,
-            import_state: optional(checked.has_import_state, instance.get_typed_func(&mut store, EXPORT_IMPORT_STATE))?,
+            query: optional(
+                checked.has_query,
+                instance.get_typed_func(&mut store, EXPORT_QUERY),
+            )?,
+            init: optional(
+                checked.has_init,
+                instance.get_typed_func(&mut store, EXPORT_INIT),
+            )?,
+            start: optional(
+                checked.has_start,
+                instance.get_typed_func(&mut store, START_EXPORT),
+            )?,
+            export_state: optional(
+                checked.has_export_state,
+                instance.get_typed_func(&mut store, EXPORT_EXPORT_STATE),
+            )?,
+            import_state: optional(
+                checked.has_import_state,
+                instance.get_typed_func(&mut store, EXPORT_IMPORT_STATE),
+            )?,
             memory,
             globals,
             store,
@@ -153,7 +208,9 @@ impl Instance {
         assert!(bytes >= current && bytes % super::module::WASM_PAGE_BYTES as usize == 0);
         let pages = ((bytes - current) as u64) / super::module::WASM_PAGE_BYTES;
         if pages > 0 {
-            self.memory.grow(&mut self.store, pages).expect("regrowing memory to a size it had before");
+            self.memory
+                .grow(&mut self.store, pages)
+                .expect("regrowing memory to a size it had before");
         }
     }
 
@@ -184,7 +241,9 @@ impl Instance {
                 GlobalKind::F64 => Val::F64(value.bits as u64),
                 GlobalKind::V128 => Val::V128(value.bits.into()),
             };
-            global.set(&mut self.store, val).expect("global types checked at load");
+            global
+                .set(&mut self.store, val)
+                .expect("global types checked at load");
         }
     }
 
@@ -215,22 +274,33 @@ impl Instance {
         output_bytes_max: usize,
         out: &mut Vec<u8>,
     ) -> Result<u64, ApplyError> {
-        let func = match which {
-            Call::Apply => self.apply,
-            Call::Query => self.query.ok_or(ApplyError::MissingExport(EXPORT_QUERY))?,
-        };
+        if let Call::Query = which {
+            if self.query.is_none() {
+                return Err(ApplyError::MissingExport(EXPORT_QUERY));
+            }
+        }
         self.begin(entry, fuel);
         let ptr = self.write_input(input)?;
-        let packed = func
-            .call(&mut self.store, (ptr as i32, input.len() as i32))
-            .map_err(|e| self.canonical(e))?;
+        let args = (ptr as i32, input.len() as i32);
+        let packed = match which {
+            Call::Apply => self.apply.call(&mut self.store, args),
+            Call::Query => self
+                .query
+                .as_ref()
+                .expect("checked above")
+                .call(&mut self.store, args),
+        }
+        .map_err(|e| self.canonical(e))?;
         self.read_output(packed, output_bytes_max, out)?;
         Ok(self.fuel_used(fuel))
     }
 
     fn write_input(&mut self, input: &[u8]) -> Result<u32, ApplyError> {
         let len = i32::try_from(input.len()).map_err(|_| ApplyError::InputTooLarge)?;
-        let ptr = self.alloc.call(&mut self.store, len).map_err(|e| self.canonical(e))? as u32;
+        let ptr = self
+            .alloc
+            .call(&mut self.store, len)
+            .map_err(|e| self.canonical(e))? as u32;
         let memory = self.memory.data_mut(&mut self.store);
         let start = ptr as usize;
         match memory.get_mut(start..start + input.len()) {
@@ -240,7 +310,12 @@ impl Instance {
         Ok(ptr)
     }
 
-    fn read_output(&mut self, packed: i64, output_bytes_max: usize, out: &mut Vec<u8>) -> Result<(), ApplyError> {
+    fn read_output(
+        &mut self,
+        packed: i64,
+        output_bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ApplyError> {
         let ptr = (packed as u64 >> 32) as u32;
         let len = packed as u64 as u32;
         if len as usize > output_bytes_max {
@@ -255,44 +330,62 @@ impl Instance {
 
     /// Runs the former start function (if any) and then `paxwasm_init` (if
     /// asked and present): the install of a module with empty state.
-    pub fn run_start(&mut self, entry: EntryContext, fuel: u64, with_init: bool) -> Result<(), ApplyError> {
+    pub fn run_start(
+        &mut self,
+        entry: EntryContext,
+        fuel: u64,
+        with_init: bool,
+    ) -> Result<(), ApplyError> {
         self.begin(entry, fuel);
-        if let Some(start) = self.start {
-            start.call(&mut self.store, ()).map_err(|e| self.canonical(e))?;
+        if let Some(start) = &self.start {
+            start
+                .call(&mut self.store, ())
+                .map_err(|e| self.canonical(e))?;
         }
         if with_init {
-            if let Some(init) = self.init {
-                init.call(&mut self.store, ()).map_err(|e| self.canonical(e))?;
+            if let Some(init) = &self.init {
+                init.call(&mut self.store, ())
+                    .map_err(|e| self.canonical(e))?;
             }
         }
         Ok(())
     }
 
     /// Calls `paxwasm_export_state` and returns a copy of its bytes.
-    pub fn export_state(&mut self, entry: EntryContext, fuel: u64, bytes_max: usize) -> Result<Vec<u8>, ApplyError> {
-        let func = self.export_state.ok_or(ApplyError::MissingExport(EXPORT_EXPORT_STATE))?;
+    pub fn export_state(
+        &mut self,
+        entry: EntryContext,
+        fuel: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<u8>, ApplyError> {
+        let func = self
+            .export_state
+            .clone()
+            .ok_or(ApplyError::MissingExport(EXPORT_EXPORT_STATE))?;
         self.begin(entry, fuel);
-        let packed = func.call(&mut self.store, ()).map_err(|e| self.canonical(e))?;
+        let packed = func
+            .call(&mut self.store, ())
+            .map_err(|e| self.canonical(e))?;
         let mut out = Vec::new();
         self.read_output(packed, bytes_max, &mut out)?;
         Ok(out)
     }
 
     /// Calls `paxwasm_import_state` with `state` (buffer from `paxwasm_alloc`).
-    pub fn import_state(&mut self, state: &[u8], entry: EntryContext, fuel: u64) -> Result<(), ApplyError> {
-        let func = self.import_state.ok_or(ApplyError::MissingExport(EXPORT_IMPORT_STATE))?;
+    pub fn import_state(
+        &mut self,
+        state: &[u8],
+        entry: EntryContext,
+        fuel: u64,
+    ) -> Result<(), ApplyError> {
+        let func = self
+            .import_state
+            .clone()
+            .ok_or(ApplyError::MissingExport(EXPORT_IMPORT_STATE))?;
         self.begin(entry, fuel);
         let ptr = self.write_input(state)?;
         func.call(&mut self.store, (ptr as i32, state.len() as i32))
             .map_err(|e| self.canonical(e))
-    }
-
-    pub fn has_export_state(&self) -> bool {
-        self.export_state.is_some()
-    }
-
-    pub fn store_mut(&mut self) -> impl AsContextMut<Data = HostState> + '_ {
-        &mut self.store
     }
 }
 
@@ -309,7 +402,11 @@ fn optional<T>(present: bool, func: wasmtime::Result<T>) -> wasmtime::Result<Opt
 pub fn canonical_error(error: wasmtime::Error, memory_refused: bool) -> ApplyError {
     if let Some(trap) = error.downcast_ref::<Trap>() {
         if *trap == Trap::OutOfFuel {
-            return if memory_refused { ApplyError::MemoryLimitExceeded } else { ApplyError::FuelExhausted };
+            return if memory_refused {
+                ApplyError::MemoryLimitExceeded
+            } else {
+                ApplyError::FuelExhausted
+            };
         }
         if memory_refused {
             return ApplyError::MemoryLimitExceeded;

@@ -102,7 +102,12 @@ unsafe impl Send for MemfdMemory {}
 unsafe impl Sync for MemfdMemory {}
 
 impl MemfdMemory {
-    fn new(memfd: Arc<Memfd>, minimum: usize, reserved: Option<usize>, guard: usize) -> io::Result<MemfdMemory> {
+    fn new(
+        memfd: Arc<Memfd>,
+        minimum: usize,
+        reserved: Option<usize>,
+        guard: usize,
+    ) -> io::Result<MemfdMemory> {
         let capacity_bytes = reserved.map_or(memfd.bytes_max, |r| r.min(memfd.bytes_max));
         if minimum > capacity_bytes {
             return Err(io::Error::other("initial memory exceeds memory_bytes_max"));
@@ -212,7 +217,12 @@ pub unsafe fn discard_private_pages(ptr: *mut u8, len: usize) {
     // SAFETY: per the function contract the range is our private file mapping;
     // MADV_DONTNEED on it reverts pages to the file's contents.
     let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) };
-    assert_eq!(rc, 0, "madvise(MADV_DONTNEED): {}", io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "madvise(MADV_DONTNEED): {}",
+        io::Error::last_os_error()
+    );
 }
 
 pub fn os_page_bytes() -> usize {
@@ -245,10 +255,6 @@ impl DirtyScanner {
         }
     }
 
-    pub fn page_bytes(&self) -> usize {
-        self.page_bytes
-    }
-
     /// Appends to `runs` the written byte ranges of `[ptr, ptr + len)`, as
     /// offsets from `ptr`, merged into maximal runs.
     pub fn written_runs(&mut self, ptr: *const u8, len: usize, runs: &mut Vec<(usize, usize)>) {
@@ -266,14 +272,18 @@ impl DirtyScanner {
         while page < pages {
             let count = (pages - page).min(PAGEMAP_ENTRIES_PER_READ);
             let buf = &mut self.entries[..count * 8];
-            if pagemap.read_exact_at(buf, ((first_page + page) * 8) as u64).is_err() {
+            if pagemap
+                .read_exact_at(buf, ((first_page + page) * 8) as u64)
+                .is_err()
+            {
                 runs.clear();
                 runs.push((0, len));
                 return;
             }
             for (i, entry) in buf.chunks_exact(8).enumerate() {
                 let bits = u64::from_le_bytes(entry.try_into().unwrap());
-                let private_copy = bits & PAGEMAP_PRESENT != 0 && bits & PAGEMAP_FILE_OR_SHARED == 0;
+                let private_copy =
+                    bits & PAGEMAP_PRESENT != 0 && bits & PAGEMAP_FILE_OR_SHARED == 0;
                 if private_copy || bits & PAGEMAP_SWAPPED != 0 {
                     let start = (page + i) * self.page_bytes;
                     let end = (start + self.page_bytes).min(len);

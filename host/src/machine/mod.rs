@@ -158,7 +158,9 @@ impl std::fmt::Display for UpgradeError {
         match self {
             UpgradeError::Refused(e) => write!(f, "upgrade refused: {e}"),
             UpgradeError::Export(e) => write!(f, "upgrade failed: old module's state export: {e}"),
-            UpgradeError::Import(e) => write!(f, "upgrade failed: new module's start or state import: {e}"),
+            UpgradeError::Import(e) => {
+                write!(f, "upgrade failed: new module's start or state import: {e}")
+            }
         }
     }
 }
@@ -167,7 +169,10 @@ impl std::error::Error for UpgradeError {}
 
 #[derive(Debug)]
 pub enum RestoreError {
-    WrongModule { snapshot: ModuleId, machine: ModuleId },
+    WrongModule {
+        snapshot: ModuleId,
+        machine: ModuleId,
+    },
     BadMemorySize(usize),
     BadGlobals,
 }
@@ -176,10 +181,18 @@ impl std::fmt::Display for RestoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RestoreError::WrongModule { snapshot, machine } => {
-                write!(f, "snapshot is of module {snapshot}, the machine runs {machine}")
+                write!(
+                    f,
+                    "snapshot is of module {snapshot}, the machine runs {machine}"
+                )
             }
-            RestoreError::BadMemorySize(bytes) => write!(f, "snapshot memory of {bytes} bytes does not fit the module"),
-            RestoreError::BadGlobals => f.write_str("snapshot globals do not match the module's mutable globals"),
+            RestoreError::BadMemorySize(bytes) => write!(
+                f,
+                "snapshot memory of {bytes} bytes does not fit the module"
+            ),
+            RestoreError::BadGlobals => {
+                f.write_str("snapshot globals do not match the module's mutable globals")
+            }
         }
     }
 }
@@ -247,7 +260,9 @@ pub struct Machine {
 
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Machine").field("module_id", &self.module_id()).finish_non_exhaustive()
+        f.debug_struct("Machine")
+            .field("module_id", &self.module_id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -267,16 +282,16 @@ fn engine(config: &MachineConfig, creator: Arc<MemfdCreator>) -> Engine {
         .wasm_multi_memory(false)
         .wasm_memory64(false)
         .wasm_tail_call(true)
-        .wasm_reference_types(true)
         .wasm_bulk_memory(true)
         .wasm_multi_value(true)
         .wasm_extended_const(true)
-        .wasm_function_references(false)
         .wasm_wide_arithmetic(false)
         .wasm_custom_page_sizes(false)
         .max_wasm_stack(config.stack_bytes_max)
         .with_host_memory(creator)
-        .memory_may_move(false);
+        .memory_may_move(false)
+        // Data segments are copied into our memory, not mapped as an image.
+        .memory_init_cow(false);
     Engine::new(&c).unwrap_or_else(|e| host_failure("engine configuration", e))
 }
 
@@ -313,7 +328,11 @@ impl Machine {
     }
 
     /// Loads `module_bytes` and restores `snapshot` into it.
-    pub fn from_snapshot(module_bytes: &[u8], snapshot: &Snapshot, config: &MachineConfig) -> anyhow::Result<Machine> {
+    pub fn from_snapshot(
+        module_bytes: &[u8],
+        snapshot: &Snapshot,
+        config: &MachineConfig,
+    ) -> anyhow::Result<Machine> {
         let mut machine = Machine::load(module_bytes, config)?;
         machine.restore(snapshot)?;
         Ok(machine)
@@ -337,10 +356,14 @@ impl Machine {
 
     /// Like [`Machine::apply`], appending the result to `out` (no allocation
     /// once `out` has capacity).
-    pub fn apply_into(&mut self, command: &[u8], entry: EntryContext, out: &mut Vec<u8>) -> Result<(), ApplyError> {
+    pub fn apply_into(
+        &mut self,
+        command: &[u8],
+        entry: EntryContext,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ApplyError> {
         self.last_entry = entry;
         let out_start = out.len();
-        let memory_before = self.primary.memory_bytes();
         let result = self.primary.call(
             Call::Apply,
             command,
@@ -354,7 +377,11 @@ impl Machine {
             Ok(fuel_used) => {
                 self.replay.input.extend_from_slice(command);
                 self.replay.fuel_used += fuel_used;
-                self.replay.commands.push(Replayed { input_end: self.replay.input.len(), entry, fuel_used });
+                self.replay.commands.push(Replayed {
+                    input_end: self.replay.input.len(),
+                    entry,
+                    fuel_used,
+                });
                 if self.replay.commands.len() >= self.config.replay_commands_max
                     || self.replay.fuel_used >= self.config.replay_fuel_max
                     || self.replay.input.len() >= self.config.replay_input_bytes_max
@@ -365,7 +392,7 @@ impl Machine {
             }
             Err(error) => {
                 out.truncate(out_start);
-                self.roll_back(memory_before);
+                self.roll_back();
                 Err(error)
             }
         }
@@ -379,8 +406,13 @@ impl Machine {
         }
         let mut out = Vec::new();
         let entry = self.last_entry;
-        let (fuel, output_bytes_max) = (self.config.fuel_per_query, self.config.output_bytes_max as usize);
-        self.with_reader(|reader| reader.call(Call::Query, query, entry, fuel, output_bytes_max, &mut out))?;
+        let (fuel, output_bytes_max) = (
+            self.config.fuel_per_query,
+            self.config.output_bytes_max as usize,
+        );
+        self.with_reader(|reader| {
+            reader.call(Call::Query, query, entry, fuel, output_bytes_max, &mut out)
+        })?;
         Ok(out)
     }
 
@@ -399,7 +431,10 @@ impl Machine {
     /// module's start function and `paxwasm_init` do not run.
     pub fn restore(&mut self, snapshot: &Snapshot) -> Result<(), RestoreError> {
         if snapshot.module_id != self.module_id() {
-            return Err(RestoreError::WrongModule { snapshot: snapshot.module_id, machine: self.module_id() });
+            return Err(RestoreError::WrongModule {
+                snapshot: snapshot.module_id,
+                machine: self.module_id(),
+            });
         }
         let bytes = snapshot.memory.len();
         if bytes % WASM_PAGE_BYTES as usize != 0
@@ -413,8 +448,14 @@ impl Machine {
             return Err(RestoreError::BadGlobals);
         }
         let memfd = new_memfd(&self.config);
-        memfd.write_at(0, &snapshot.memory).unwrap_or_else(|e| host_failure("writing memfd", e));
-        self.base = Base { memfd, globals: snapshot.globals.clone(), memory_bytes: bytes };
+        memfd
+            .write_at(0, &snapshot.memory)
+            .unwrap_or_else(|e| host_failure("writing memfd", e));
+        self.base = Base {
+            memfd,
+            globals: snapshot.globals.clone(),
+            memory_bytes: bytes,
+        };
         self.primary = instance_over_base(&self.loaded, &self.config, &self.creator, &self.base);
         self.reader = None;
         self.replay.clear();
@@ -429,7 +470,8 @@ impl Machine {
     pub fn state_hash(&mut self) -> [u8; 32] {
         self.checkpoint();
         let id = self.module_id();
-        self.hashes.root(id, &self.base.globals, self.primary.memory())
+        self.hashes
+            .root(id, &self.base.globals, self.primary.memory())
     }
 
     /// `sha256:<hex>` of [`Machine::state_hash`].
@@ -441,23 +483,35 @@ impl Machine {
     /// exported state is imported by the new one; if anything fails (missing
     /// export, trap, fuel, memory), the old module and state stay.
     pub fn upgrade(&mut self, new_module: &[u8], migration: Migration) -> Result<(), UpgradeError> {
-        let loaded = compile(&self.engine, &self.linker, new_module, &self.config).map_err(UpgradeError::Refused)?;
+        let loaded = compile(&self.engine, &self.linker, new_module, &self.config)
+            .map_err(UpgradeError::Refused)?;
         let entry = self.last_entry;
         let state = match migration {
             Migration::StartFresh => None,
             Migration::Migrate => {
                 if !loaded.checked.has_import_state {
-                    return Err(UpgradeError::Import(ApplyError::MissingExport(module::EXPORT_IMPORT_STATE)));
+                    return Err(UpgradeError::Import(ApplyError::MissingExport(
+                        module::EXPORT_IMPORT_STATE,
+                    )));
                 }
-                let (fuel, bytes_max) = (self.config.fuel_per_migration, self.config.migration_state_bytes_max as usize);
+                let (fuel, bytes_max) = (
+                    self.config.fuel_per_migration,
+                    self.config.migration_state_bytes_max as usize,
+                );
                 let state = self
                     .with_reader(|reader| reader.export_state(entry, fuel, bytes_max))
                     .map_err(UpgradeError::Export)?;
                 Some(state)
             }
         };
-        let (base, primary) =
-            install(&loaded, &self.config, &self.creator, entry, state.as_deref()).map_err(UpgradeError::Import)?;
+        let (base, primary) = install(
+            &loaded,
+            &self.config,
+            &self.creator,
+            entry,
+            state.as_deref(),
+        )
+        .map_err(UpgradeError::Import)?;
         self.loaded = loaded;
         self.base = base;
         self.primary = primary;
@@ -482,7 +536,10 @@ impl Machine {
             // SAFETY: `[start, end)` lies inside the primary's accessible
             // memory (scanned above) and no guest code runs during this call.
             let written = unsafe { std::slice::from_raw_parts(ptr.add(start), end - start) };
-            self.base.memfd.write_at(start, written).unwrap_or_else(|e| host_failure("writing memfd", e));
+            self.base
+                .memfd
+                .write_at(start, written)
+                .unwrap_or_else(|e| host_failure("writing memfd", e));
             // SAFETY: as above; the bytes are now in the memfd, so dropping the
             // private copies does not change what the memory reads.
             unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
@@ -496,18 +553,22 @@ impl Machine {
 
     /// Returns the primary to the state before the failed command: back to the
     /// base, then replay of the commands applied since.
-    fn roll_back(&mut self, memory_bytes_before: usize) {
-        let _ = memory_bytes_before;
+    fn roll_back(&mut self) {
         if self.primary.memory_bytes() == self.base.memory_bytes {
             // SAFETY: the primary's memory range; no guest code is running.
-            unsafe { memory::discard_private_pages(self.primary.memory_ptr(), self.base.memory_bytes) };
+            unsafe {
+                memory::discard_private_pages(self.primary.memory_ptr(), self.base.memory_bytes)
+            };
             self.primary.set_globals(&self.base.globals);
         } else {
             // Memory cannot shrink in place, and replay must see the size the
             // commands saw: rebuild the instance over the base.
-            self.primary = instance_over_base(&self.loaded, &self.config, &self.creator, &self.base);
+            self.primary =
+                instance_over_base(&self.loaded, &self.config, &self.creator, &self.base);
         }
         let replay = std::mem::take(&mut self.replay);
+        // The replayed commands logged once already.
+        let log = std::mem::replace(&mut self.primary.store.data_mut().log, GuestLog::Discard);
         let mut start = 0;
         for command in &replay.commands {
             self.scratch.clear();
@@ -527,6 +588,7 @@ impl Machine {
             );
             start = command.input_end;
         }
+        self.primary.store.data_mut().log = log;
         self.replay = replay;
         self.primary_changed = !self.replay.commands.is_empty();
         // Keep the next rollback short.
@@ -535,7 +597,10 @@ impl Machine {
 
     /// Runs `f` on the reader instance over the current committed state, then
     /// drops everything it wrote.
-    fn with_reader<T>(&mut self, f: impl FnOnce(&mut Instance) -> Result<T, ApplyError>) -> Result<T, ApplyError> {
+    fn with_reader<T>(
+        &mut self,
+        f: impl FnOnce(&mut Instance) -> Result<T, ApplyError>,
+    ) -> Result<T, ApplyError> {
         self.checkpoint();
         let mut reader = match self.reader.take() {
             Some(mut reader) if reader.memory_bytes() == self.base.memory_bytes => {
@@ -555,7 +620,8 @@ impl Machine {
 }
 
 fn new_memfd(config: &MachineConfig) -> Arc<Memfd> {
-    Memfd::new(config.memory_bytes_max as usize).unwrap_or_else(|e| host_failure("creating memfd", e))
+    Memfd::new(config.memory_bytes_max as usize)
+        .unwrap_or_else(|e| host_failure("creating memfd", e))
 }
 
 fn compile(
@@ -578,8 +644,14 @@ fn compile(
             config.memory_bytes_max
         )));
     }
-    let pre = linker.instantiate_pre(&module).map_err(|e| LoadError(format!("linking failed: {e}")))?;
-    Ok(Loaded { checked, pre, initial_memory_bytes })
+    let pre = linker
+        .instantiate_pre(&module)
+        .map_err(|e| LoadError(format!("linking failed: {e}")))?;
+    Ok(Loaded {
+        checked,
+        pre,
+        initial_memory_bytes,
+    })
 }
 
 fn host_state(config: &MachineConfig) -> HostState {
@@ -591,15 +663,26 @@ fn host_state(config: &MachineConfig) -> HostState {
     }
 }
 
-fn instantiate(loaded: &Loaded, config: &MachineConfig, creator: &MemfdCreator, memfd: &Arc<Memfd>) -> Instance {
+fn instantiate(
+    loaded: &Loaded,
+    config: &MachineConfig,
+    creator: &MemfdCreator,
+    memfd: &Arc<Memfd>,
+) -> Instance {
     creator.set_next(memfd.clone());
-    Instance::new(&loaded.pre, &loaded.checked, host_state(config)).unwrap_or_else(|e| host_failure("instantiation", e))
+    Instance::new(&loaded.pre, &loaded.checked, host_state(config))
+        .unwrap_or_else(|e| host_failure("instantiation", e))
 }
 
 /// A new instance whose memory and globals are exactly the base: data
 /// segments land in private pages and are dropped; the start function does not
 /// run.
-fn instance_over_base(loaded: &Loaded, config: &MachineConfig, creator: &MemfdCreator, base: &Base) -> Instance {
+fn instance_over_base(
+    loaded: &Loaded,
+    config: &MachineConfig,
+    creator: &MemfdCreator,
+    base: &Base,
+) -> Instance {
     let mut instance = instantiate(loaded, config, creator, &base.memfd);
     instance.grow_to(base.memory_bytes);
     // SAFETY: the new instance's memory range; no guest code has run.
@@ -624,6 +707,10 @@ fn install(
     if let Some(state) = state {
         instance.import_state(state, entry, config.fuel_per_migration)?;
     }
-    let base = Base { memfd, globals: instance.globals(), memory_bytes: 0 };
+    let base = Base {
+        memfd,
+        globals: instance.globals(),
+        memory_bytes: 0,
+    };
     Ok((base, instance))
 }

@@ -151,7 +151,12 @@ fn signature(params: &[ValType], results: &[ValType]) -> String {
     format!("({}) -> ({})", list(params), list(results))
 }
 
-fn expect_signature(what: &str, ty: &FuncType, params: &[ValType], results: &[ValType]) -> Result<(), LoadError> {
+fn expect_signature(
+    what: &str,
+    ty: &FuncType,
+    params: &[ValType],
+    results: &[ValType],
+) -> Result<(), LoadError> {
     if ty.params() == params && ty.results() == results {
         return Ok(());
     }
@@ -177,7 +182,9 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
     }
     let mut validator = Validator::new_with_features(allowed_features());
     if let Err(e) = validator.validate_all(bytes) {
-        return refuse(format!("invalid Wasm or a feature that is not allowed: {e}"));
+        return refuse(format!(
+            "invalid Wasm or a feature that is not allowed: {e}"
+        ));
     }
 
     let mut types: Vec<Option<FuncType>> = Vec::new();
@@ -214,7 +221,9 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
                         ));
                     }
                     let TypeRef::Func(type_index) = import.ty else {
-                        return refuse(format!("import `{name}` is not allowed: only functions may be imported"));
+                        return refuse(format!(
+                            "import `{name}` is not allowed: only functions may be imported"
+                        ));
                     };
                     let ty = func_type(&types, type_index)?;
                     match import.name {
@@ -270,11 +279,9 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
                         ValType::F32 => GlobalKind::F32,
                         ValType::F64 => GlobalKind::F64,
                         ValType::V128 => GlobalKind::V128,
-                        ValType::Ref(_) => {
-                            return refuse(format!(
-                                "mutable global {index} holds a reference, which cannot be snapshotted"
-                            ))
-                        }
+                        ValType::Ref(_) => return refuse(format!(
+                            "mutable global {index} holds a reference, which cannot be snapshotted"
+                        )),
                     };
                     global_kinds.push(kind);
                     global_indices.push(index);
@@ -294,7 +301,9 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
             }
             Payload::StartSection { func, .. } => start = Some(func),
             Payload::CodeSectionEntry(body) => {
-                let mut ops = body.get_operators_reader().map_err(|e| LoadError(e.to_string()))?;
+                let mut ops = body
+                    .get_operators_reader()
+                    .map_err(|e| LoadError(e.to_string()))?;
                 while !ops.eof() {
                     let op = ops.read().map_err(|e| LoadError(e.to_string()))?;
                     if let Some(name) = state_outside_memory(&op) {
@@ -309,7 +318,9 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
     }
 
     if memories != 1 {
-        return refuse(format!("module defines {memories} memories, exactly one is required"));
+        return refuse(format!(
+            "module defines {memories} memories, exactly one is required"
+        ));
     }
     let find = |name: &str| exports.iter().find(|(n, _, _)| n == name);
     match find(EXPORT_MEMORY) {
@@ -317,13 +328,22 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
         Some(_) => return refuse(format!("export `{EXPORT_MEMORY}` is not a memory")),
         None => return refuse(format!("the memory must be exported as `{EXPORT_MEMORY}`")),
     }
-    let export_func = |name: &str, required: bool, params: &[ValType], results: &[ValType]| -> Result<bool, LoadError> {
+    let export_func = |name: &str,
+                       required: bool,
+                       params: &[ValType],
+                       results: &[ValType]|
+     -> Result<bool, LoadError> {
         match find(name) {
             None if required => refuse(format!("required export `{name}` is missing")),
             None => Ok(false),
             Some((_, ExternalKind::Func, index)) => {
                 let type_index = func_types[*index as usize];
-                expect_signature(&format!("export `{name}`"), func_type(&types, type_index)?, params, results)?;
+                expect_signature(
+                    &format!("export `{name}`"),
+                    func_type(&types, type_index)?,
+                    params,
+                    results,
+                )?;
                 Ok(true)
             }
             Some(_) => refuse(format!("export `{name}` is not a function")),
@@ -398,7 +418,9 @@ fn instrument(
                 for export in reader.clone() {
                     let export = export.map_err(|e| LoadError(e.to_string()))?;
                     let kind = match export.kind {
-                        ExternalKind::Func | ExternalKind::FuncExact => wasm_encoder::ExportKind::Func,
+                        ExternalKind::Func | ExternalKind::FuncExact => {
+                            wasm_encoder::ExportKind::Func
+                        }
                         ExternalKind::Table => wasm_encoder::ExportKind::Table,
                         ExternalKind::Memory => wasm_encoder::ExportKind::Memory,
                         ExternalKind::Global => wasm_encoder::ExportKind::Global,
@@ -417,7 +439,10 @@ fn instrument(
             Payload::StartSection { .. } => {}
             other => {
                 if let Some((id, range)) = other.as_section() {
-                    module.section(&wasm_encoder::RawSection { id, data: &bytes[range] });
+                    module.section(&wasm_encoder::RawSection {
+                        id,
+                        data: &bytes[range],
+                    });
                 }
             }
         }

@@ -55,7 +55,8 @@ impl std::error::Error for SnapshotDecodeError {}
 
 impl Snapshot {
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 32 + 16 + 4 + self.globals.len() * 17 + 8 + self.memory.len());
+        let mut out =
+            Vec::with_capacity(8 + 32 + 16 + 4 + self.globals.len() * 17 + 8 + self.memory.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.module_id.0);
         out.extend_from_slice(&self.last_entry.time_ms.to_le_bytes());
@@ -93,7 +94,9 @@ impl Snapshot {
             globals.push(GlobalValue { kind, bits });
         }
         let memory_bytes = u64::from_le_bytes(reader.take(8)?.try_into().unwrap());
-        let memory = reader.take(usize::try_from(memory_bytes).map_err(|_| SnapshotDecodeError("memory too large"))?)?;
+        let memory = reader.take(
+            usize::try_from(memory_bytes).map_err(|_| SnapshotDecodeError("memory too large"))?,
+        )?;
         if !reader.bytes.is_empty() {
             return Err(SnapshotDecodeError("trailing bytes"));
         }
