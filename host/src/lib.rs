@@ -10,3 +10,4 @@ pub mod node;
 pub mod paxos;
 pub mod sim;
 pub mod storage;
+pub mod machine;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod sim;
+pub mod exec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,11 +23,14 @@ struct Cli {
 enum Command {
     /// Run the deterministic cluster simulator over many seeds.
     Sim(sim::SimArgs),
+    /// Run a guest module locally: apply commands, run queries, print the state hash.
+    Exec(exec::ExecArgs),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Exec(args) => exec::run(args),
     }
 }
