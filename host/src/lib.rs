@@ -5,9 +5,9 @@
 
 pub mod cli;
 pub mod examples;
+pub mod machine;
 pub mod net;
 pub mod node;
 pub mod paxos;
 pub mod sim;
 pub mod storage;
-pub mod machine;

@@ -1,12 +1,15 @@
 //! The `paxwasm` command line. Each subcommand lives in its own module and owns
 //! its arguments; this file only dispatches.
 
+pub mod dev;
+pub mod node;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub mod sim;
 pub mod exec;
+pub mod sim;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +28,10 @@ enum Command {
     Sim(sim::SimArgs),
     /// Run a guest module locally: apply commands, run queries, print the state hash.
     Exec(exec::ExecArgs),
+    /// Run one replica.
+    Node(node::NodeArgs),
+    /// Run a local cluster of replicas on loopback.
+    Dev(dev::DevArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -32,5 +39,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Sim(args) => sim::run(args),
         Command::Exec(args) => exec::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Dev(args) => dev::run(args),
     }
 }
