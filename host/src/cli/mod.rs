@@ -1,6 +1,9 @@
 //! The `paxwasm` command line. Each subcommand lives in its own module and owns
 //! its arguments; this file only dispatches.
 
+pub mod bench;
+pub mod client;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -17,9 +20,21 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    Deploy(client::DeployArgs),
+    Submit(client::SubmitArgs),
+    Query(client::QueryArgs),
+    Status(client::StatusArgs),
+    Bench(bench::BenchArgs),
+}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Deploy(args) => client::deploy(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Query(args) => client::query(args),
+        Command::Status(args) => client::status(args),
+        Command::Bench(args) => bench::bench(args),
+    }
 }
