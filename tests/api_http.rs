@@ -47,6 +47,7 @@ struct FakeState {
     queries: Vec<(Vec<u8>, Consistency)>,
     app: AppInfo,
     readiness: Readiness,
+    members: Vec<MemberView>,
 }
 
 impl FakeNode {
@@ -68,6 +69,20 @@ impl FakeNode {
                 ready: true,
                 reason: None,
             },
+            members: vec![
+                MemberView {
+                    id: 1,
+                    role: "voter".into(),
+                    peer: "127.0.0.1:7101".into(),
+                    http: "127.0.0.1:7001".into(),
+                },
+                MemberView {
+                    id: 4,
+                    role: "learner".into(),
+                    peer: "127.0.0.1:7104".into(),
+                    http: "127.0.0.1:7004".into(),
+                },
+            ],
         })))
     }
 
@@ -244,20 +259,7 @@ impl NodeApi for FakeNode {
 
     fn cluster(&self) -> ClusterView {
         ClusterView {
-            members: vec![
-                MemberView {
-                    id: 1,
-                    role: "voter".into(),
-                    peer: "127.0.0.1:7101".into(),
-                    http: "127.0.0.1:7001".into(),
-                },
-                MemberView {
-                    id: 4,
-                    role: "learner".into(),
-                    peer: "127.0.0.1:7104".into(),
-                    http: "127.0.0.1:7004".into(),
-                },
-            ],
+            members: self.state().members.clone(),
             leader: Some(1),
         }
     }
@@ -1043,5 +1045,258 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
         .await
         .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+/// Runs the `paxwasm` binary with `args` (and `stdin`), returning exit code, stdout and
+/// stderr.
+async fn paxwasm(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paxwasm"));
+    command
+        .args(args)
+        .env_remove("PAXWASM_ENDPOINT")
+        .env_remove("PAXWASM_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let stdin = stdin.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut child = command.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &stdin).unwrap();
+        let output = child.wait_with_output().unwrap();
+        (
+            output.status.code().unwrap(),
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn cli_submit_query_and_deploy() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let endpoint = server.endpoint();
+    let at = ["--endpoint", endpoint.as_str()];
+
+    let (code, out, err) =
+        paxwasm(&[&["submit", "put a 1", "-v"][..], &at].concat(), &[], b"").await;
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "OK put a 1\n", "index 1\n")
+    );
+    let (code, out, _) = paxwasm(&[&["submit"][..], &at].concat(), &[], b"put b 2").await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "OK put b 2\n"),
+        "command from stdin"
+    );
+    let (code, out, err) =
+        paxwasm(&["submit", "trap"], &[("PAXWASM_ENDPOINT", &endpoint)], b"").await;
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (
+            1,
+            "",
+            "error: 422 Unprocessable Entity: trap: unreachable\n"
+        )
+    );
+    let key = ["--idempotency-key", "k1"];
+    let first = paxwasm(&[&["submit", "put c 3"][..], &key, &at].concat(), &[], b"").await;
+    let again = paxwasm(
+        &[&["submit", "put c 3", "-v"][..], &key, &at].concat(),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!((first.0, again.0, again.2.as_str()), (0, 0, "index 4\n"));
+
+    let (code, out, err) = paxwasm(
+        &[&["query", "get a", "--consistency", "stale", "-v"][..], &at].concat(),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "node 1: get a\n", "applied index 4\n")
+    );
+    assert_eq!(node.state().queries.last().unwrap().1, Consistency::Stale);
+
+    let dir = std::env::temp_dir().join(format!("paxwasm-api-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("app.wasm");
+    std::fs::write(&module, b"\0asm\x01\0\0\0").unwrap();
+    let module = module.to_str().unwrap();
+    let (code, _, err) = paxwasm(&[&["deploy", module][..], &at].concat(), &[], b"").await;
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "error: 401 Unauthorized: this admin route requires the header Authorization: Bearer <token>\n")
+    );
+    let (code, out, _) = paxwasm(
+        &[&["deploy", module, "--migrate"][..], &at].concat(),
+        &[("PAXWASM_TOKEN", "s3cret")],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({ "module": fake_module_id(b"\0asm\x01\0\0\0"), "index": 5 })
+    );
+    assert!(node.state().app.history[0].migrated);
+    let (code, _, err) = paxwasm(&["deploy", "/nonexistent/app.wasm"], &[], b"").await;
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("error: cannot read /nonexistent/app.wasm: "),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cli_status_all_reads_every_member() {
+    let first = FakeNode::leader(1);
+    let server = Server::start(first.clone(), config()).await;
+    let second = FakeNode::new(2, false, None);
+    let second_server = Server::start(second.clone(), config()).await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let member = |id, http: String| MemberView {
+        id,
+        role: "voter".into(),
+        peer: format!("127.0.0.1:{}", 7100 + id),
+        http,
+    };
+    first.state().members = vec![
+        member(1, server.addr.to_string()),
+        member(2, second_server.addr.to_string()),
+        member(3, closed_addr.clone()),
+    ];
+    let endpoint = server.endpoint();
+    let at = ["--endpoint", endpoint.as_str()];
+
+    let (code, out, _) = paxwasm(&[&["status", "--all"][..], &at].concat(), &[], b"").await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 7, "{out}");
+    let row = |line: &str| -> Vec<String> {
+        line.split('|').map(|cell| cell.trim().to_owned()).collect()
+    };
+    assert_eq!(
+        row(lines[1])[1..11],
+        [
+            "ENDPOINT",
+            "ID",
+            "ROLE",
+            "LEADER",
+            "BALLOT",
+            "COMMIT INDEX",
+            "APPLIED INDEX",
+            "MODULE",
+            "STATE HASH",
+            "ERRORS"
+        ]
+    );
+    assert_eq!(
+        row(lines[3])[1..11],
+        [
+            endpoint.as_str(),
+            "1",
+            "leader",
+            "-",
+            "3.1",
+            "0",
+            "0",
+            "-",
+            "-",
+            ""
+        ]
+    );
+    assert_eq!(row(lines[4])[2..4], ["2", "follower"]);
+    let unreachable = row(lines[5]);
+    assert_eq!(unreachable[1], format!("http://{closed_addr}"));
+    assert!(unreachable[10].starts_with("cannot connect"), "{out}");
+
+    let (code, out, _) = paxwasm(
+        &[&["status", "--all", "--json"][..], &at].concat(),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 3);
+    assert_eq!(rows[0]["status"]["role"], json!("leader"));
+    assert_eq!(rows[1]["status"]["id"], json!(2));
+    assert_eq!(rows[2]["status"], Value::Null);
+    assert!(rows[2]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("cannot connect"));
+
+    let (code, out, _) = paxwasm(&[&["status", "--json"][..], &at].concat(), &[], b"").await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["id"], json!(1));
+    server.stop().await;
+    second_server.stop().await;
+}
+
+#[tokio::test]
+async fn cli_bench_sends_kv_puts_of_the_requested_size() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let endpoint = server.endpoint();
+    let (code, out, err) = paxwasm(
+        &[
+            "bench",
+            "--clients",
+            "3",
+            "--duration",
+            "1",
+            "--size",
+            "48",
+            "--endpoint",
+            &endpoint,
+        ],
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("bench: 3 clients, 1 s, 48-byte commands against {endpoint}")
+    );
+    assert!(
+        lines[1].starts_with("requests    ") && lines[1].contains(" ok, 0 errors in "),
+        "{out}"
+    );
+    assert!(lines[2].starts_with("throughput  "), "{out}");
+    assert!(lines[3].starts_with("latency     p50 "), "{out}");
+    assert_eq!(lines[4], "errors      none");
+    assert!(err.contains("ok"), "a progress line each second: {err}");
+    let applied = node.state().applied.clone();
+    assert!(!applied.is_empty());
+    assert!(applied
+        .iter()
+        .all(|command| command.len() == 48 && command.starts_with(b"put k")));
+    for client in 0..3 {
+        let first = format!("put k{client}-0 ");
+        assert!(
+            applied
+                .iter()
+                .any(|command| command.starts_with(first.as_bytes())),
+            "client {client}"
+        );
+    }
     server.stop().await;
 }
