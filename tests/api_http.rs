@@ -1300,3 +1300,63 @@ async fn cli_bench_sends_kv_puts_of_the_requested_size() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let config = ApiConfig {
+        header_read_timeout_ms: 200,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/commands HTTP/1.1\r\nhost: t\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "the server closes the connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer:?}"
+    );
+    let reply = call(&server, Method::GET, "/livez", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_above_connections_max_wait_for_a_free_slot() {
+    let config = ApiConfig {
+        connections_max: 1,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    let mut first = Connection::new(&server.endpoint(), 1 << 20).unwrap();
+    let reply = first
+        .request(Method::GET, "/livez", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let endpoint = server.endpoint();
+    let second = tokio::spawn(async move {
+        let mut second = Connection::new(&endpoint, 1 << 20).unwrap();
+        second
+            .request(Method::GET, "/livez", &[], Bytes::new())
+            .await
+            .unwrap()
+            .status
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "served only after the first closes");
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("served once the slot is free")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    server.stop().await;
+}

@@ -5,6 +5,9 @@
 
 pub mod api;
 pub mod cli;
+pub mod examples;
+pub mod net;
 pub mod node;
 pub mod paxos;
 pub mod sim;
+pub mod storage;

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod sim;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "paxwasm",
@@ -26,6 +28,8 @@ enum Command {
     Query(client::QueryArgs),
     Status(client::StatusArgs),
     Bench(bench::BenchArgs),
+    /// Run the deterministic cluster simulator over many seeds.
+    Sim(sim::SimArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -36,5 +40,6 @@ pub fn main() -> ExitCode {
         Command::Query(args) => client::query(args),
         Command::Status(args) => client::status(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Sim(args) => sim::run(args),
     }
 }

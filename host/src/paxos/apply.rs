@@ -64,7 +64,7 @@ impl<M: StateMachine> Applier<M> {
                     DedupCheck::Stale => STALE_RESULT.to_vec(),
                     DedupCheck::New => {
                         let result = self.machine.apply(&command.payload, &context);
-                        self.dedup.record(key, result.clone());
+                        self.dedup.record(key, slot, result.clone());
                         result
                     }
                 },

@@ -19,7 +19,7 @@ mod tests;
 
 pub use apply::{Applier, ApplyContext, StateMachine, STALE_RESULT};
 pub use config::Configuration;
-pub use dedup::{DedupCheck, DedupTable};
+pub use dedup::{DedupCheck, DedupTable, DEDUP_CLIENTS_MAX};
 pub use params::{Params, LEASE_SAFETY_MARGIN_TICKS};
 pub use replica::{Replica, Status};
 pub use rng::SplitMix64;

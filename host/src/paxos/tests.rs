@@ -911,3 +911,99 @@ fn quorum_is_a_strict_majority_of_voters() {
         "non-voters never count"
     );
 }
+
+#[test]
+fn dedup_forgets_the_client_applied_longest_ago_beyond_its_limit() {
+    let mut table = DedupTable::new(2);
+    let key = |client, seq| IdempotencyKey { client, seq };
+    table.record(key(1, 1), 10, b"a".to_vec());
+    table.record(key(2, 1), 11, b"b".to_vec());
+    table.record(key(1, 2), 12, b"c".to_vec());
+    table.record(key(3, 1), 13, b"d".to_vec());
+    assert_eq!(table.clients(), 2);
+    assert_eq!(
+        table.check(key(2, 1)),
+        DedupCheck::New,
+        "client 2 was forgotten"
+    );
+    assert_eq!(table.check(key(1, 2)), DedupCheck::Duplicate(b"c"));
+    assert_eq!(table.check(key(1, 1)), DedupCheck::Stale);
+    assert_eq!(table.check(key(3, 1)), DedupCheck::Duplicate(b"d"));
+}
+
+#[test]
+fn catch_up_sends_chosen_entries_in_bounded_chunks() {
+    let params = Params {
+        catchup_entries_max: 2,
+        ..Params::default()
+    };
+    let mut leader = Replica::new(1, three(), params, SEED);
+    let mut pending = elect(&mut leader);
+    for request in 0..3 {
+        pending.extend(leader.step(Event::Propose {
+            request,
+            command: command(b"c", 0, 0),
+        }));
+    }
+    ack_from_2(&mut leader, &pending);
+    assert_eq!(
+        leader.status().chosen_index,
+        4,
+        "the no-op and three batches"
+    );
+    let b = ballot(1, 1);
+    let lagging = Message::HeartbeatAck {
+        ballot: b,
+        seq: 1,
+        chosen_index: 0,
+    };
+    let values: Vec<Value> = (1..=4)
+        .map(|slot| leader.entry(slot).expect("chosen").value.clone())
+        .collect();
+    assert_eq!(
+        leader.step(message(3, lagging)),
+        vec![Action::Send {
+            to: 3,
+            msg: Message::Chosen {
+                ballot: b,
+                entries: vec![(1, values[0].clone()), (2, values[1].clone())],
+                chosen_index: 4
+            }
+        }]
+    );
+    // The follower's reply drives the next chunk; a repeated heartbeat ack while the
+    // stream is under way does not start a second one.
+    let repeated = Message::HeartbeatAck {
+        ballot: b,
+        seq: 1,
+        chosen_index: 0,
+    };
+    assert_eq!(leader.step(message(3, repeated)), vec![]);
+    assert_eq!(
+        leader.step(message(
+            3,
+            Message::Learned {
+                ballot: b,
+                chosen_index: 2
+            }
+        )),
+        vec![Action::Send {
+            to: 3,
+            msg: Message::Chosen {
+                ballot: b,
+                entries: vec![(3, values[2].clone()), (4, values[3].clone())],
+                chosen_index: 4
+            }
+        }]
+    );
+    assert_eq!(
+        leader.step(message(
+            3,
+            Message::Learned {
+                ballot: b,
+                chosen_index: 4
+            }
+        )),
+        vec![]
+    );
+}

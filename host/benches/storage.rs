@@ -1,0 +1,183 @@
+//! Group commit benchmark: syncs/s vs writes/s for 1, 16 and 256 concurrent writers of
+//! 128-byte accepted entries, each writer in a closed loop (submit, wait until durable,
+//! repeat).
+//!
+//! Baseline, measured in the same run: the same writers calling fjall directly, one
+//! `insert` + `persist(SyncData)` per write, which is what fjall gives without a group
+//! commit of our own.
+//!
+//! Run: `cargo bench -p paxwasm --bench storage` (`PAXWASM_BENCH_SECS` sets the seconds per
+//! case, default 3).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+use paxwasm::storage::{Store, WriteBatch};
+
+const WRITERS: [u64; 3] = [1, 16, 256];
+const ENTRY_BYTES: usize = 128;
+const SECS_DEFAULT: u64 = 3;
+
+struct Outcome {
+    writes: u64,
+    syncs: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+}
+
+impl Outcome {
+    fn print(&self, name: &str, writers: u64) {
+        let secs = self.elapsed.as_secs_f64();
+        let mut latencies = self.latencies_us.clone();
+        latencies.sort_unstable();
+        let percentile = |p: f64| {
+            let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+            latencies.get(index).copied().unwrap_or(0)
+        };
+        println!(
+            "{name:<12} {writers:>7} {:>10.0} {:>9.0} {:>12.1} {:>9} {:>9}",
+            self.writes as f64 / secs,
+            self.syncs as f64 / secs,
+            self.writes as f64 / self.syncs.max(1) as f64,
+            percentile(0.50),
+            percentile(0.99),
+        );
+    }
+}
+
+/// Runs `writers` threads calling `write(writer, i)` in a closed loop for `duration`.
+fn closed_loop(
+    writers: u64,
+    duration: Duration,
+    write: &(dyn Fn(u64, u64) + Sync),
+) -> (u64, Duration, Vec<u64>) {
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let latencies: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|writer| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let mut latencies = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let begun = Instant::now();
+                        write(writer, i);
+                        latencies.push(begun.elapsed().as_micros() as u64);
+                        i += 1;
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed();
+    let latencies: Vec<u64> = latencies.into_iter().flatten().collect();
+    (latencies.len() as u64, elapsed, latencies)
+}
+
+fn slot(writers: u64, writer: u64, i: u64) -> u64 {
+    i * writers + writer
+}
+
+fn bench_store(writers: u64, duration: Duration) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), "bench", 1).unwrap();
+    let entry = vec![0xAB; ENTRY_BYTES];
+    let before = store.metrics();
+    let (writes, elapsed, latencies_us) = closed_loop(writers, duration, &|writer, i| {
+        let batch = WriteBatch {
+            accepted: vec![(slot(writers, writer, i), entry.clone())],
+            ..WriteBatch::default()
+        };
+        store.write_blocking(batch).unwrap();
+    });
+    let after = store.metrics();
+    assert_eq!(after.batches - before.batches, writes);
+    Outcome {
+        writes,
+        syncs: after.syncs - before.syncs,
+        elapsed,
+        latencies_us,
+    }
+}
+
+fn bench_fjall_direct(writers: u64, duration: Duration) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::builder(dir.path())
+        .manual_journal_persist(true)
+        .open()
+        .unwrap();
+    let entries = db
+        .keyspace("entries", || {
+            KeyspaceCreateOptions::default().manual_journal_persist(true)
+        })
+        .unwrap();
+    let entry = vec![0xAB; ENTRY_BYTES];
+    let (writes, elapsed, latencies_us) = closed_loop(writers, duration, &|writer, i| {
+        entries
+            .insert(slot(writers, writer, i).to_be_bytes(), entry.as_slice())
+            .unwrap();
+        db.persist(PersistMode::SyncData).unwrap();
+    });
+    Outcome {
+        writes,
+        // One persist (one fdatasync) per write.
+        syncs: writes,
+        elapsed,
+        latencies_us,
+    }
+}
+
+fn first_line_with(path: &str, prefix: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn main() {
+    let secs = std::env::var("PAXWASM_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SECS_DEFAULT);
+    let duration = Duration::from_secs(secs);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("storage group commit benchmark: {ENTRY_BYTES}-byte entries, {secs} s per case");
+    println!(
+        "machine: {cpus} CPUs, {}, load average at start: {}",
+        first_line_with("/proc/cpuinfo", "model name"),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "{:<12} {:>7} {:>10} {:>9} {:>12} {:>9} {:>9}",
+        "store", "writers", "writes/s", "syncs/s", "writes/sync", "p50 us", "p99 us"
+    );
+    for writers in WRITERS {
+        let direct = bench_fjall_direct(writers, duration);
+        direct.print("fjall-direct", writers);
+        let grouped = bench_store(writers, duration);
+        grouped.print("group-commit", writers);
+        let direct_rate = direct.writes as f64 / direct.elapsed.as_secs_f64();
+        let grouped_rate = grouped.writes as f64 / grouped.elapsed.as_secs_f64();
+        println!(
+            "{:<12} {writers:>7} {:>9.1}x",
+            "ratio",
+            grouped_rate / direct_rate
+        );
+    }
+    println!(
+        "load average at end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+}

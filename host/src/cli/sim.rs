@@ -1,0 +1,98 @@
+//! `paxwasm sim`: runs the deterministic cluster simulator over many seeds and
+//! prints one summary line. Each failing seed prints its replay command.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::sim::cluster::{run_seeds, FaultCounts, FaultRates, SimOptions};
+
+/// Client operations per seed when `--ops` is not given.
+pub const OPS_PER_SEED_DEFAULT: usize = 100;
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Number of seeds to run.
+    #[arg(long, default_value_t = 100)]
+    pub seeds: u64,
+    /// First seed; seeds S, S+1, ... S+N-1 are run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replicas per cluster (3 or 5); by default even seeds use 3 and odd seeds 5.
+    #[arg(long, value_parser = parse_replicas)]
+    pub replicas: Option<usize>,
+    /// Client operations per seed.
+    #[arg(long, default_value_t = OPS_PER_SEED_DEFAULT)]
+    pub ops: usize,
+    /// Worker threads (each seed is single-threaded); default: available cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Fault profile: `default` or `harsh` (more drops, crashes, partitions, slower
+    /// persists).
+    #[arg(long, default_value = "default", value_parser = ["default", "harsh"])]
+    pub faults: String,
+    /// Plant the known protocol bug (a new leader ignores Phase 1 values); for
+    /// replaying the planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_bug: bool,
+}
+
+fn parse_replicas(text: &str) -> Result<usize, String> {
+    match text {
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!("replicas must be 3 or 5, not {text:?}")),
+    }
+}
+
+pub fn run(args: SimArgs) -> ExitCode {
+    let seeds: Vec<u64> = (args.seed..args.seed + args.seeds).collect();
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options_for = |seed| {
+        let mut options = SimOptions::for_seed(seed, args.replicas, args.ops);
+        if args.faults == "harsh" {
+            options.faults = FaultRates::harsh();
+        }
+        options.params.bug_ignore_phase1_values = args.planted_bug;
+        options
+    };
+    let outcomes = run_seeds(&seeds, threads, &options_for);
+    let mut committed = 0;
+    let mut violations = 0;
+    let mut too_complex = 0;
+    let mut faults = FaultCounts::default();
+    for outcome in &outcomes {
+        faults.dropped += outcome.faults.dropped;
+        faults.duplicated += outcome.faults.duplicated;
+        faults.partitions += outcome.faults.partitions;
+        faults.crashes += outcome.faults.crashes;
+        faults.max_round += outcome.faults.max_round;
+        faults.unknown_outcomes += outcome.faults.unknown_outcomes;
+        committed += outcome.committed;
+        too_complex += usize::from(outcome.too_complex);
+        if let Some(violation) = &outcome.violation {
+            violations += 1;
+            let replay = options_for(outcome.seed).replay_command();
+            eprintln!("seed {} FAILED: {violation}", outcome.seed);
+            eprintln!("replay: {replay}");
+        }
+    }
+    eprintln!(
+        "sim: faults over all seeds: {} dropped, {} duplicated, {} partitions, {} crashes, {} ballot rounds, {} unknown outcomes",
+        faults.dropped, faults.duplicated, faults.partitions, faults.crashes, faults.max_round, faults.unknown_outcomes
+    );
+    if too_complex > 0 {
+        eprintln!("sim: {too_complex} seeds were too complex for the linearizability search");
+    }
+    println!(
+        "sim: seeds={} ops={} committed={committed} violations={violations}",
+        args.seeds, args.ops
+    );
+    if violations > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

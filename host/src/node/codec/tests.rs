@@ -1,0 +1,211 @@
+use super::*;
+use crate::paxos::SplitMix64;
+
+fn ballot(round: u64, node: u64) -> Ballot {
+    Ballot { round, node }
+}
+
+fn batch() -> Value {
+    Value::Batch(Batch {
+        commands: vec![
+            Command {
+                payload: b"put a 1".to_vec(),
+                idempotency_key: Some(IdempotencyKey { client: 7, seq: 9 }),
+                origin: Origin {
+                    node: 2,
+                    request: 41,
+                },
+            },
+            Command {
+                payload: vec![0, 255, 3],
+                idempotency_key: None,
+                origin: Origin {
+                    node: 3,
+                    request: u64::MAX,
+                },
+            },
+        ],
+        timestamp_ms: 1_700_000_000_000,
+        seed: 0xDEAD_BEEF,
+    })
+}
+
+fn entry(chosen: bool) -> LogEntry {
+    LogEntry {
+        ballot: ballot(4, 1),
+        value: batch(),
+        chosen,
+    }
+}
+
+/// One of every message, with non-trivial field values.
+fn every_message() -> Vec<WireMessage> {
+    let msgs = vec![
+        Message::PreVote { round: 3 },
+        Message::PreVoteReply {
+            round: 3,
+            granted: true,
+            promised: ballot(2, 3),
+        },
+        Message::Prepare {
+            ballot: ballot(5, 2),
+            first_slot: 17,
+        },
+        Message::Promise {
+            ballot: ballot(5, 2),
+            first_slot: 17,
+            entries: vec![
+                (17, entry(true)),
+                (
+                    18,
+                    LogEntry {
+                        ballot: ballot(1, 1),
+                        value: Value::Noop,
+                        chosen: false,
+                    },
+                ),
+            ],
+        },
+        Message::Reject {
+            promised: ballot(9, 3),
+        },
+        Message::Accept {
+            ballot: ballot(5, 2),
+            slot: 19,
+            value: batch(),
+            chosen_index: 18,
+        },
+        Message::Accepted {
+            ballot: ballot(5, 2),
+            slot: 19,
+        },
+        Message::Heartbeat {
+            ballot: ballot(5, 2),
+            seq: 100,
+            chosen_index: 19,
+        },
+        Message::HeartbeatAck {
+            ballot: ballot(5, 2),
+            seq: 100,
+            chosen_index: 12,
+        },
+        Message::Chosen {
+            ballot: ballot(5, 2),
+            entries: vec![(13, Value::Noop), (14, batch())],
+            chosen_index: 19,
+        },
+        Message::Learned {
+            ballot: ballot(5, 2),
+            chosen_index: 14,
+        },
+        Message::Forward {
+            command: Command {
+                payload: vec![1; 300],
+                idempotency_key: None,
+                origin: Origin {
+                    node: 3,
+                    request: 5,
+                },
+            },
+        },
+    ];
+    let mut all: Vec<WireMessage> = msgs.into_iter().map(WireMessage::Paxos).collect();
+    all.push(WireMessage::Info(PeerInfo {
+        http: "127.0.0.1:7001".into(),
+        chosen_index: 44,
+        applied_index: 43,
+    }));
+    all
+}
+
+#[test]
+fn every_message_round_trips() {
+    for message in every_message() {
+        let bytes = encode_wire(&message);
+        assert_eq!(bytes[0], WIRE_VERSION);
+        assert_eq!(decode_wire(&bytes), Ok(message));
+    }
+}
+
+#[test]
+fn entries_round_trip() {
+    for chosen in [false, true] {
+        let bytes = encode_entry(&entry(chosen));
+        assert_eq!(decode_entry(&bytes), Ok(entry(chosen)));
+    }
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    for message in every_message() {
+        let bytes = encode_wire(&message);
+        for len in 0..bytes.len() {
+            assert!(
+                decode_wire(&bytes[..len]).is_err(),
+                "prefix {len} of {message:?} decoded"
+            );
+        }
+    }
+    let bytes = encode_entry(&entry(true));
+    for len in 0..bytes.len() {
+        assert!(decode_entry(&bytes[..len]).is_err());
+    }
+}
+
+#[test]
+fn trailing_bytes_unknown_versions_and_tags_are_errors() {
+    let mut bytes = encode_wire(&WireMessage::Paxos(Message::PreVote { round: 1 }));
+    bytes.push(0);
+    assert_eq!(decode_wire(&bytes), Err(DecodeError::TrailingBytes(1)));
+    assert_eq!(decode_wire(&[2, 0]), Err(DecodeError::UnknownVersion(2)));
+    assert_eq!(
+        decode_wire(&[1, 7]),
+        Err(DecodeError::UnknownTag {
+            field: "kind",
+            tag: 7
+        })
+    );
+    assert_eq!(
+        decode_wire(&[1, 0, 200]),
+        Err(DecodeError::UnknownTag {
+            field: "message",
+            tag: 200
+        })
+    );
+    assert_eq!(decode_entry(&[9]), Err(DecodeError::UnknownVersion(9)));
+}
+
+#[test]
+fn huge_counts_are_refused_before_allocating() {
+    // A Chosen message claiming 4 billion entries in a 30-byte payload.
+    let mut bytes = vec![WIRE_VERSION, 0, 9];
+    bytes.extend_from_slice(&[0; 16]);
+    bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(
+        decode_wire(&bytes),
+        Err(DecodeError::BadLength {
+            field: "chosen entries",
+            length: u32::MAX as u64
+        })
+    );
+}
+
+#[test]
+fn garbage_and_bit_flips_never_panic() {
+    let mut rng = SplitMix64::new(42);
+    for _ in 0..20_000 {
+        let len = rng.range(0, 200) as usize;
+        let garbage: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let _ = decode_wire(&garbage);
+        let _ = decode_entry(&garbage);
+    }
+    for message in every_message() {
+        let bytes = encode_wire(&message);
+        for _ in 0..500 {
+            let mut flipped = bytes.clone();
+            let at = rng.range(0, flipped.len() as u64) as usize;
+            flipped[at] ^= 1 << rng.range(0, 8);
+            let _ = decode_wire(&flipped);
+        }
+    }
+}

@@ -1,0 +1,964 @@
+//! The deterministic cluster simulator: one thread, one seeded PRNG, 3 or 5 real
+//! `paxos::Replica`s, a network that delays, drops, duplicates, reorders and
+//! partitions (symmetric and asymmetric), crashes that lose unpersisted state, and
+//! clients running get/put/cas against the key-value machine with retries and
+//! idempotency keys. Invariants are checked as the run goes; the client history is
+//! checked for linearizability at the end.
+//!
+//! A run is a pure function of its `SimOptions`: the same seed replays the same run.
+//! It never reads a clock or spawns a thread.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use super::kv::{decode_output, encode_input, KvMachine};
+use super::linearizability::{check, CheckResult, KvInput, KvOutput, Operation};
+use crate::paxos::{
+    Action, Applier, Ballot, Command, Configuration, DurableState, Event, IdempotencyKey, Message,
+    NodeId, Origin, Outcome, Params, PersistRecord, ReadMode, Replica, RequestId, Slot, SplitMix64,
+    Value,
+};
+
+/// Wall-clock milliseconds one simulated tick stands for (batch timestamps only).
+pub const TICK_MS: u64 = 10;
+
+/// Fault rates of the fault phase. Probabilities are per million, unit last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultRates {
+    /// Per message sent.
+    pub drop_per_million: u64,
+    pub duplicate_per_million: u64,
+    /// Each message (and each duplicate) gets its own delay in this range, so
+    /// messages are reordered whenever their delays differ.
+    pub delay_ticks_min: u64,
+    pub delay_ticks_max: u64,
+    /// Per tick while the network is whole: a partition starts.
+    pub partition_per_million: u64,
+    pub partition_ticks_min: u64,
+    pub partition_ticks_max: u64,
+    /// Per tick: one live replica crashes (never more than a minority at a time);
+    /// half of the crashes pick the leader, the other half any live replica.
+    pub crash_per_million: u64,
+    pub down_ticks_min: u64,
+    pub down_ticks_max: u64,
+    /// Time for a persist to become durable; a crash before that loses it.
+    pub persist_ticks_min: u64,
+    pub persist_ticks_max: u64,
+}
+
+impl Default for FaultRates {
+    fn default() -> FaultRates {
+        FaultRates {
+            drop_per_million: 50_000,
+            duplicate_per_million: 20_000,
+            delay_ticks_min: 1,
+            delay_ticks_max: 4,
+            partition_per_million: 15_000,
+            partition_ticks_min: 10,
+            partition_ticks_max: 80,
+            crash_per_million: 15_000,
+            down_ticks_min: 5,
+            down_ticks_max: 60,
+            persist_ticks_min: 0,
+            persist_ticks_max: 2,
+        }
+    }
+}
+
+impl FaultRates {
+    /// Many more faults, longer persists and more reordering; still within the
+    /// timings the core is configured for (a round trip stays below the election
+    /// timeout), so the liveness phase can still demand progress.
+    pub fn harsh() -> FaultRates {
+        FaultRates {
+            drop_per_million: 150_000,
+            duplicate_per_million: 100_000,
+            delay_ticks_min: 1,
+            delay_ticks_max: 6,
+            partition_per_million: 30_000,
+            partition_ticks_min: 5,
+            partition_ticks_max: 120,
+            crash_per_million: 30_000,
+            down_ticks_min: 1,
+            down_ticks_max: 80,
+            persist_ticks_min: 0,
+            persist_ticks_max: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub replicas: usize,
+    /// Client operations per run, over all clients.
+    pub ops: usize,
+    pub clients: usize,
+    pub keys: usize,
+    pub faults: FaultRates,
+    pub params: Params,
+    /// The fault phase ends after this many ticks or once 3/4 of `ops` were issued.
+    pub fault_phase_ticks_max: u64,
+    /// After healing, every client operation must complete (and all replicas agree
+    /// on the applied index) within this many ticks.
+    pub liveness_ticks_max: u64,
+    pub client_timeout_ticks: u64,
+    /// During the fault phase a client gives up after this many attempts (the
+    /// outcome stays unknown); after healing it retries until done.
+    pub client_attempts_max: u32,
+    /// A client waits up to this many ticks between operations.
+    pub client_think_ticks_max: u64,
+}
+
+impl SimOptions {
+    /// The standard run for `seed`: 3 replicas on even seeds, 5 on odd ones.
+    pub fn for_seed(seed: u64, replicas: Option<usize>, ops: usize) -> SimOptions {
+        SimOptions {
+            seed,
+            replicas: replicas.unwrap_or(if seed.is_multiple_of(2) { 3 } else { 5 }),
+            ops,
+            clients: 4,
+            keys: 3,
+            faults: FaultRates::default(),
+            params: Params::default(),
+            fault_phase_ticks_max: 2_000,
+            liveness_ticks_max: 1_500,
+            client_timeout_ticks: 60,
+            client_attempts_max: 3,
+            client_think_ticks_max: 30,
+        }
+    }
+
+    /// The one-line command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut command = format!(
+            "cargo run --release -p paxwasm -- sim --seeds 1 --seed {} --replicas {} --ops {}",
+            self.seed, self.replicas, self.ops
+        );
+        if self.faults == FaultRates::harsh() {
+            command.push_str(" --faults harsh");
+        }
+        if self.params.bug_ignore_phase1_values {
+            command.push_str(" --planted-bug");
+        }
+        command
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedOutcome {
+    pub seed: u64,
+    pub replicas: usize,
+    /// Operations issued and operations acknowledged to clients.
+    pub ops: usize,
+    pub committed: usize,
+    /// The first invariant, liveness or linearizability violation, if any.
+    pub violation: Option<String>,
+    /// The linearizability search gave up (counts as no verdict, not a violation).
+    pub too_complex: bool,
+    pub ticks: u64,
+    pub faults: FaultCounts,
+}
+
+/// What the fault phase actually did, to show the faults are real.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub partitions: u64,
+    pub crashes: u64,
+    /// Highest ballot round any replica promised: a rough count of elections.
+    pub max_round: u64,
+    /// Client operations whose outcome stayed unknown (the client gave up).
+    pub unknown_outcomes: u64,
+}
+
+/// Runs one seed. A panic inside the core or the simulator (a broken assertion) is
+/// reported as a violation of this seed, not a crash of the caller.
+pub fn run_seed(options: &SimOptions) -> SeedOutcome {
+    let result = catch_unwind(AssertUnwindSafe(|| Sim::new(options.clone()).run()));
+    match result {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_else(|| "non-string panic".to_string());
+            SeedOutcome {
+                seed: options.seed,
+                replicas: options.replicas,
+                ops: 0,
+                committed: 0,
+                violation: Some(format!("panic: {message}")),
+                too_complex: false,
+                ticks: 0,
+                faults: FaultCounts::default(),
+            }
+        }
+    }
+}
+
+struct Node {
+    replica: Option<Replica>,
+    applier: Applier<KvMachine>,
+    durable: DurableState,
+    /// Outstanding persists, completing in order: (done tick, token, record).
+    persists: VecDeque<(u64, u64, PersistRecord)>,
+    restart_at: u64,
+    restarts: u64,
+    /// In-memory promise seen at the last check; must never decrease while up.
+    last_promised: Ballot,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Read(ReadMode),
+    /// Through the log (writes, and some gets).
+    Log,
+}
+
+struct PendingOp {
+    history_index: usize,
+    path: Path,
+    payload: Vec<u8>,
+    key: IdempotencyKey,
+    attempts: u32,
+    /// Current attempt's request id, when it is outstanding.
+    request: Option<RequestId>,
+    deadline: u64,
+    retry_at: u64,
+}
+
+struct Client {
+    id: u64,
+    seq: u64,
+    target: NodeId,
+    op: Option<PendingOp>,
+    /// The next operation is issued no earlier than this tick.
+    next_issue: u64,
+}
+
+struct Sim {
+    options: SimOptions,
+    rng: SplitMix64,
+    tick: u64,
+    config: Configuration,
+    nodes: Vec<Node>,
+    network: BTreeMap<(u64, u64), (NodeId, NodeId, Message)>,
+    network_seq: u64,
+    blocked: BTreeSet<(NodeId, NodeId)>,
+    partition_until: u64,
+    faults_on: bool,
+    clients: Vec<Client>,
+    history: Vec<Operation>,
+    requests: HashMap<RequestId, (usize, usize)>,
+    next_request: RequestId,
+    issued: usize,
+    committed: usize,
+    /// Ground truth: per (slot, ballot), the value and the replicas that durably
+    /// accepted it. A quorum makes it chosen.
+    accepted: HashMap<(Slot, Ballot), (Value, BTreeSet<NodeId>)>,
+    chosen: BTreeMap<Slot, Value>,
+    /// What replicas applied, slot by slot; every replica must apply the same.
+    applied: Vec<Value>,
+    acknowledged_writes: Vec<IdempotencyKey>,
+    violation: Option<String>,
+    counts: FaultCounts,
+    scratch: Vec<Action>,
+    replies: Vec<(RequestId, Vec<u8>)>,
+}
+
+impl Sim {
+    fn new(options: SimOptions) -> Sim {
+        assert!(options.replicas >= 1);
+        let ids: Vec<NodeId> = (1..=options.replicas as NodeId).collect();
+        let config = Configuration::new(ids.iter().copied());
+        let mut rng = SplitMix64::new(options.seed ^ 0x5EED_0F5A_u64);
+        let nodes = ids
+            .iter()
+            .map(|&id| Node {
+                replica: Some(Replica::new(
+                    id,
+                    config.clone(),
+                    options.params.clone(),
+                    options.seed,
+                )),
+                applier: Applier::new(id, KvMachine::default()),
+                durable: DurableState::default(),
+                persists: VecDeque::new(),
+                restart_at: 0,
+                restarts: 0,
+                last_promised: Ballot::ZERO,
+            })
+            .collect();
+        let clients = (0..options.clients as u64)
+            .map(|id| Client {
+                id: id + 1,
+                seq: 0,
+                target: rng.range(1, ids.len() as u64 + 1),
+                op: None,
+                next_issue: 0,
+            })
+            .collect();
+        Sim {
+            options,
+            rng,
+            tick: 0,
+            config,
+            nodes,
+            network: BTreeMap::new(),
+            network_seq: 0,
+            blocked: BTreeSet::new(),
+            partition_until: 0,
+            faults_on: true,
+            clients,
+            history: Vec::new(),
+            requests: HashMap::new(),
+            next_request: 1,
+            issued: 0,
+            committed: 0,
+            accepted: HashMap::new(),
+            chosen: BTreeMap::new(),
+            applied: Vec::new(),
+            acknowledged_writes: Vec::new(),
+            violation: None,
+            counts: FaultCounts::default(),
+            scratch: Vec::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        if self.violation.is_none() {
+            self.violation = Some(format!("tick {}: {message}", self.tick));
+        }
+    }
+
+    fn run(mut self) -> SeedOutcome {
+        let fault_ops = self.options.ops * 3 / 4;
+        while self.tick < self.options.fault_phase_ticks_max && self.issued < fault_ops {
+            self.step(fault_ops);
+            if self.violation.is_some() {
+                return self.outcome(false);
+            }
+        }
+        self.heal();
+        let deadline = self.tick + self.options.liveness_ticks_max;
+        loop {
+            let done =
+                self.issued == self.options.ops && self.clients.iter().all(|c| c.op.is_none());
+            let converged = {
+                let applied: BTreeSet<Slot> = self
+                    .nodes
+                    .iter()
+                    .map(|node| node.applier.applied_index)
+                    .collect();
+                applied.len() == 1
+            };
+            if done && converged {
+                break;
+            }
+            if self.tick >= deadline {
+                let pending = self.clients.iter().filter(|c| c.op.is_some()).count();
+                let applied: Vec<Slot> = self
+                    .nodes
+                    .iter()
+                    .map(|node| node.applier.applied_index)
+                    .collect();
+                self.fail(format!(
+                    "liveness: {} ticks after healing, {pending} clients still wait and applied indexes are {applied:?}",
+                    self.options.liveness_ticks_max
+                ));
+                return self.outcome(false);
+            }
+            self.step(self.options.ops);
+            if self.violation.is_some() {
+                return self.outcome(false);
+            }
+        }
+        self.check_acknowledged_writes();
+        let mut too_complex = false;
+        if self.violation.is_none() {
+            match check(&self.history) {
+                CheckResult::Linearizable => {}
+                CheckResult::Violation { key, detail } => {
+                    self.fail(format!("not linearizable on key {key:?}:\n{detail}"));
+                }
+                CheckResult::TooComplex { .. } => too_complex = true,
+            }
+        }
+        self.outcome(too_complex)
+    }
+
+    fn outcome(&self, too_complex: bool) -> SeedOutcome {
+        SeedOutcome {
+            seed: self.options.seed,
+            replicas: self.options.replicas,
+            ops: self.issued,
+            committed: self.committed,
+            violation: self.violation.clone(),
+            too_complex,
+            ticks: self.tick,
+            faults: FaultCounts {
+                max_round: self
+                    .nodes
+                    .iter()
+                    .map(|node| node.durable.promised.round)
+                    .max()
+                    .unwrap_or(0),
+                unknown_outcomes: self.history.iter().filter(|op| op.ret.is_none()).count() as u64,
+                ..self.counts
+            },
+        }
+    }
+
+    /// One tick: faults, message deliveries, persist completions, replica ticks,
+    /// clients, then the per-step invariants.
+    fn step(&mut self, issue_limit: usize) {
+        self.tick += 1;
+        if self.faults_on {
+            self.inject_faults();
+        }
+        self.restart_due();
+        while let Some(entry) = self.network.first_entry() {
+            if entry.key().0 > self.tick {
+                break;
+            }
+            let (from, to, msg) = entry.remove();
+            self.step_replica(to, Event::Message { from, msg });
+        }
+        for index in 0..self.nodes.len() {
+            while self.nodes[index]
+                .persists
+                .front()
+                .is_some_and(|(done, _, _)| *done <= self.tick)
+            {
+                let (_, token, record) = self.nodes[index].persists.pop_front().expect("checked");
+                let id = index as NodeId + 1;
+                self.record_durable(id, &record);
+                self.nodes[index].durable.apply(&record);
+                self.step_replica(id, Event::Persisted { token });
+            }
+        }
+        let now_ms = self.tick * TICK_MS;
+        for id in 1..=self.nodes.len() as NodeId {
+            self.step_replica(id, Event::Tick { now_ms });
+        }
+        self.run_clients(issue_limit);
+        self.check_promises();
+    }
+
+    fn heal(&mut self) {
+        self.faults_on = false;
+        self.blocked.clear();
+        for node in &mut self.nodes {
+            if node.replica.is_none() {
+                node.restart_at = self.tick;
+            }
+        }
+    }
+
+    // ---- faults ----------------------------------------------------------------------
+
+    fn inject_faults(&mut self) {
+        let faults = self.options.faults.clone();
+        let n = self.nodes.len() as u64;
+        if !self.blocked.is_empty() && self.tick >= self.partition_until {
+            self.blocked.clear();
+        }
+        if self.blocked.is_empty() && n > 1 && self.rng.chance(faults.partition_per_million) {
+            match self.rng.range(0, 3) {
+                0 => {
+                    // Symmetric split into two random sides.
+                    let side: Vec<bool> = (0..n).map(|_| self.rng.chance(500_000)).collect();
+                    for a in 0..n {
+                        for b in 0..n {
+                            if side[a as usize] != side[b as usize] {
+                                self.blocked.insert((a + 1, b + 1));
+                            }
+                        }
+                    }
+                }
+                1 => {
+                    // One replica isolated both ways.
+                    let lonely = self.rng.range(1, n + 1);
+                    for other in (1..=n).filter(|other| *other != lonely) {
+                        self.blocked.insert((lonely, other));
+                        self.blocked.insert((other, lonely));
+                    }
+                }
+                _ => {
+                    // Asymmetric: some links fail in one direction only.
+                    for _ in 0..self.rng.range(1, n + 1) {
+                        let from = self.rng.range(1, n + 1);
+                        let to = self.rng.range(1, n + 1);
+                        if from != to {
+                            self.blocked.insert((from, to));
+                        }
+                    }
+                }
+            }
+            self.counts.partitions += 1;
+            self.partition_until = self.tick
+                + self
+                    .rng
+                    .range(faults.partition_ticks_min, faults.partition_ticks_max + 1);
+        }
+        let down = self
+            .nodes
+            .iter()
+            .filter(|node| node.replica.is_none())
+            .count();
+        let minority = (self.nodes.len() - 1) / 2;
+        if down < minority && self.rng.chance(faults.crash_per_million) {
+            let live: Vec<usize> = (0..self.nodes.len())
+                .filter(|i| self.nodes[*i].replica.is_some())
+                .collect();
+            let leader = live.iter().copied().find(|i| {
+                self.nodes[*i]
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.status().leading.is_some())
+            });
+            let victim = match leader {
+                Some(leader) if self.rng.chance(500_000) => leader,
+                _ => live[self.rng.range(0, live.len() as u64) as usize],
+            };
+            let down_ticks = self
+                .rng
+                .range(faults.down_ticks_min, faults.down_ticks_max + 1);
+            self.counts.crashes += 1;
+            let node = &mut self.nodes[victim];
+            node.replica = None;
+            node.persists.clear();
+            node.restart_at = self.tick + down_ticks;
+        }
+    }
+
+    fn restart_due(&mut self) {
+        for index in 0..self.nodes.len() {
+            let node = &mut self.nodes[index];
+            if node.replica.is_some() || node.restart_at > self.tick {
+                continue;
+            }
+            node.restarts += 1;
+            let id = index as NodeId + 1;
+            let seed = self.options.seed ^ node.restarts.wrapping_mul(0x9E37_79B9);
+            let replica = Replica::restart(
+                id,
+                self.config.clone(),
+                self.options.params.clone(),
+                seed,
+                node.durable.clone(),
+            );
+            node.last_promised = replica.status().promised;
+            node.replica = Some(replica);
+            node.applier = Applier::new(id, KvMachine::default());
+        }
+    }
+
+    // ---- replicas --------------------------------------------------------------------
+
+    fn step_replica(&mut self, id: NodeId, event: Event) {
+        let index = (id - 1) as usize;
+        let Some(replica) = self.nodes[index].replica.as_mut() else {
+            return;
+        };
+        let mut actions = std::mem::take(&mut self.scratch);
+        replica.handle(event, &mut actions);
+        for action in actions.drain(..) {
+            self.perform(id, action);
+        }
+        self.scratch = actions;
+    }
+
+    fn perform(&mut self, id: NodeId, action: Action) {
+        let index = (id - 1) as usize;
+        match action {
+            Action::Persist { token, record } => {
+                let faults = &self.options.faults;
+                let delay = self
+                    .rng
+                    .range(faults.persist_ticks_min, faults.persist_ticks_max + 1);
+                let last = self.nodes[index]
+                    .persists
+                    .back()
+                    .map_or(0, |(done, _, _)| *done);
+                let done = last.max(self.tick + delay);
+                self.nodes[index].persists.push_back((done, token, record));
+            }
+            Action::Send { to, msg } => {
+                if let Message::Promise { ballot, .. } | Message::Accepted { ballot, .. } = &msg {
+                    let durable = self.nodes[index].durable.promised;
+                    if durable < *ballot {
+                        self.fail(format!("replica {id} replied in {ballot:?} before persisting it (durable {durable:?})"));
+                    }
+                }
+                self.transmit(id, to, msg);
+            }
+            Action::Apply { slot, value } => {
+                self.check_applied(id, slot, &value);
+                let mut replies = std::mem::take(&mut self.replies);
+                self.nodes[index].applier.apply(slot, &value, &mut replies);
+                for (request, result) in replies.drain(..) {
+                    self.complete_logged(request, &result);
+                }
+                self.replies = replies;
+            }
+            Action::Reply { request, outcome } => self.on_reply(id, request, outcome),
+            Action::SendSnapshot { to, slot } => {
+                self.fail(format!("replica {id} asked to send a snapshot to {to} at slot {slot}, but logs are never compacted"));
+            }
+        }
+    }
+
+    fn transmit(&mut self, from: NodeId, to: NodeId, msg: Message) {
+        if self.faults_on {
+            if self.blocked.contains(&(from, to))
+                || self.rng.chance(self.options.faults.drop_per_million)
+            {
+                self.counts.dropped += 1;
+                return;
+            }
+            if self.rng.chance(self.options.faults.duplicate_per_million) {
+                self.counts.duplicated += 1;
+                self.enqueue(from, to, msg.clone());
+            }
+        }
+        self.enqueue(from, to, msg);
+    }
+
+    fn enqueue(&mut self, from: NodeId, to: NodeId, msg: Message) {
+        let faults = &self.options.faults;
+        let at = self.tick
+            + self
+                .rng
+                .range(faults.delay_ticks_min, faults.delay_ticks_max + 1);
+        self.network_seq += 1;
+        self.network.insert((at, self.network_seq), (from, to, msg));
+    }
+
+    // ---- invariants ------------------------------------------------------------------
+
+    /// Ground truth of "chosen": a quorum durably accepted the same (slot, ballot).
+    /// At most one value may ever be chosen per slot.
+    fn record_durable(&mut self, id: NodeId, record: &PersistRecord) {
+        for (slot, entry) in &record.entries {
+            if entry.chosen {
+                continue;
+            }
+            let (value, acceptors) = self
+                .accepted
+                .entry((*slot, entry.ballot))
+                .or_insert_with(|| (entry.value.clone(), BTreeSet::new()));
+            if *value != entry.value {
+                let message = format!(
+                    "two values accepted in slot {slot} ballot {:?}",
+                    entry.ballot
+                );
+                self.fail(message);
+                return;
+            }
+            acceptors.insert(id);
+            if !self.config.is_quorum(|node| acceptors.contains(&node)) {
+                continue;
+            }
+            let value = value.clone();
+            match self.chosen.get(slot) {
+                Some(chosen) if *chosen != value => {
+                    self.fail(format!("two different values chosen for slot {slot}"));
+                }
+                Some(_) => {}
+                None => {
+                    self.chosen.insert(*slot, value);
+                }
+            }
+        }
+    }
+
+    /// Every replica applies the same value at every slot, and it is the value a
+    /// quorum chose (when the simulator saw it chosen).
+    fn check_applied(&mut self, id: NodeId, slot: Slot, value: &Value) {
+        let position = (slot - 1) as usize;
+        if position < self.applied.len() {
+            if self.applied[position] != *value {
+                self.fail(format!(
+                    "replica {id} applied a different value at slot {slot}"
+                ));
+            }
+        } else if position == self.applied.len() {
+            self.applied.push(value.clone());
+        } else {
+            self.fail(format!(
+                "replica {id} applied slot {slot} past the known prefix"
+            ));
+        }
+        if let Some(chosen) = self.chosen.get(&slot) {
+            if chosen != value {
+                self.fail(format!(
+                    "replica {id} applied at slot {slot} a value that was not chosen there"
+                ));
+            }
+        }
+    }
+
+    fn check_promises(&mut self) {
+        for index in 0..self.nodes.len() {
+            let node = &mut self.nodes[index];
+            let Some(replica) = &node.replica else {
+                continue;
+            };
+            let promised = replica.status().promised;
+            if promised < node.last_promised {
+                let message = format!(
+                    "replica {} promise went back from {:?} to {promised:?}",
+                    index + 1,
+                    node.last_promised
+                );
+                self.fail(message);
+                return;
+            }
+            node.last_promised = promised;
+        }
+    }
+
+    /// No acknowledged write is lost: each one is in the applied (= chosen) log.
+    fn check_acknowledged_writes(&mut self) {
+        let mut in_log = BTreeSet::new();
+        for value in &self.applied {
+            if let Value::Batch(batch) = value {
+                in_log.extend(
+                    batch
+                        .commands
+                        .iter()
+                        .filter_map(|command| command.idempotency_key),
+                );
+            }
+        }
+        let lost: Vec<IdempotencyKey> = self
+            .acknowledged_writes
+            .iter()
+            .filter(|key| !in_log.contains(key))
+            .copied()
+            .collect();
+        if let Some(key) = lost.first() {
+            self.fail(format!(
+                "acknowledged write {key:?} is not in the chosen log ({} lost)",
+                lost.len()
+            ));
+        }
+    }
+
+    // ---- clients ---------------------------------------------------------------------
+
+    fn run_clients(&mut self, issue_limit: usize) {
+        for index in 0..self.clients.len() {
+            let idle =
+                self.clients[index].op.is_none() && self.tick >= self.clients[index].next_issue;
+            if idle && self.issued < issue_limit {
+                self.issue(index);
+            }
+            let Some(op) = &self.clients[index].op else {
+                continue;
+            };
+            if op.request.is_some() && self.tick >= op.deadline {
+                let attempts = op.attempts;
+                if self.faults_on && attempts >= self.options.client_attempts_max {
+                    self.clients[index].op = None;
+                    self.think(index);
+                    continue;
+                }
+                // Timed out: try another replica.
+                let n = self.nodes.len() as u64;
+                self.clients[index].target = self.rng.range(1, n + 1);
+                self.send_attempt(index);
+            } else if op.request.is_none() && self.tick >= op.retry_at {
+                self.send_attempt(index);
+            }
+        }
+    }
+
+    fn issue(&mut self, index: usize) {
+        let key = format!("k{}", self.rng.range(0, self.options.keys as u64));
+        let client = &mut self.clients[index];
+        client.seq += 1;
+        let mine = format!("c{}-{}", client.id, client.seq);
+        let (input, path) = match self.rng.range(0, 10) {
+            0 => (KvInput::Get { key }, Path::Read(ReadMode::Lease)),
+            1 => (KvInput::Get { key }, Path::Read(ReadMode::ReadIndex)),
+            2 => (KvInput::Get { key }, Path::Log),
+            3..=6 => (KvInput::Put { key, value: mine }, Path::Log),
+            _ => {
+                // Compare against a value some client may have written, or absence.
+                let expected = match self.rng.range(0, 3) {
+                    0 => None,
+                    _ => {
+                        let writer = self.rng.range(1, self.options.clients as u64 + 1);
+                        let seq = self.rng.range(1, client.seq + 1);
+                        Some(format!("c{writer}-{seq}"))
+                    }
+                };
+                (
+                    KvInput::Cas {
+                        key,
+                        expected,
+                        new: mine,
+                    },
+                    Path::Log,
+                )
+            }
+        };
+        let key = IdempotencyKey {
+            client: client.id,
+            seq: client.seq,
+        };
+        self.history.push(Operation {
+            client: client.id,
+            input: input.clone(),
+            call: self.tick,
+            ret: None,
+        });
+        client.op = Some(PendingOp {
+            history_index: self.history.len() - 1,
+            path,
+            payload: encode_input(&input),
+            key,
+            attempts: 0,
+            request: None,
+            deadline: 0,
+            retry_at: self.tick,
+        });
+        self.issued += 1;
+        self.send_attempt(index);
+    }
+
+    fn send_attempt(&mut self, index: usize) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let deadline = self.tick + self.options.client_timeout_ticks;
+        let client = &mut self.clients[index];
+        let target = client.target;
+        let op = client.op.as_mut().expect("attempt without an operation");
+        op.attempts += 1;
+        op.request = Some(request);
+        op.deadline = deadline;
+        self.requests.insert(request, (index, op.history_index));
+        let event = match op.path {
+            Path::Read(mode) => Event::Read { request, mode },
+            Path::Log => {
+                let origin = Origin {
+                    node: target,
+                    request,
+                };
+                let command = Command {
+                    payload: op.payload.clone(),
+                    idempotency_key: Some(op.key),
+                    origin,
+                };
+                Event::Propose { request, command }
+            }
+        };
+        self.step_replica(target, event);
+    }
+
+    /// The current operation of the client behind `request`, if the request is still
+    /// about it.
+    fn client_for(&self, request: RequestId) -> Option<usize> {
+        let (index, history_index) = *self.requests.get(&request)?;
+        let op = self.clients[index].op.as_ref()?;
+        (op.history_index == history_index).then_some(index)
+    }
+
+    fn complete(&mut self, index: usize, output: KvOutput) {
+        let op = self.clients[index]
+            .op
+            .take()
+            .expect("completing a pending operation");
+        let writes = !matches!(self.history[op.history_index].input, KvInput::Get { .. });
+        if writes {
+            self.acknowledged_writes.push(op.key);
+        }
+        self.history[op.history_index].ret = Some((self.tick, output));
+        self.committed += 1;
+        self.think(index);
+    }
+
+    fn think(&mut self, index: usize) {
+        let think_ticks = self.rng.range(0, self.options.client_think_ticks_max + 1);
+        self.clients[index].next_issue = self.tick + think_ticks;
+    }
+
+    fn complete_logged(&mut self, request: RequestId, result: &[u8]) {
+        let Some(index) = self.client_for(request) else {
+            return;
+        };
+        let output = decode_output(result);
+        self.complete(index, output);
+    }
+
+    fn on_reply(&mut self, id: NodeId, request: RequestId, outcome: Outcome) {
+        let Some(index) = self.client_for(request) else {
+            return;
+        };
+        match outcome {
+            Outcome::ReadReady => {
+                let op = self.clients[index].op.as_ref().expect("client_for checked");
+                let input = self.history[op.history_index].input.clone();
+                let KvInput::Get { key } = &input else {
+                    unreachable!()
+                };
+                let current = self.nodes[(id - 1) as usize]
+                    .applier
+                    .machine
+                    .map
+                    .get(key)
+                    .cloned();
+                let output = KvOutput::Value(current);
+                self.complete(index, output);
+            }
+            Outcome::NotLeader { leader_hint } => {
+                let n = self.nodes.len() as u64;
+                let client = &mut self.clients[index];
+                client.target = leader_hint.unwrap_or_else(|| self.rng.range(1, n + 1));
+                let op = client.op.as_mut().expect("client_for checked");
+                op.request = None;
+                op.retry_at = self.tick + 1;
+            }
+            Outcome::Busy => {
+                let op = self.clients[index].op.as_mut().expect("client_for checked");
+                op.request = None;
+                op.retry_at = self.tick + 5;
+            }
+        }
+    }
+}
+
+/// Runs every seed in `seeds` on `threads` threads (each seed is still one
+/// deterministic single-threaded run) and returns the outcomes in seed order.
+pub fn run_seeds(
+    seeds: &[u64],
+    threads: usize,
+    options_for: &(dyn Fn(u64) -> SimOptions + Sync),
+) -> Vec<SeedOutcome> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::with_capacity(seeds.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| loop {
+                let position = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&seed) = seeds.get(position) else {
+                    break;
+                };
+                let outcome = run_seed(&options_for(seed));
+                results
+                    .lock()
+                    .expect("no panics while holding the lock")
+                    .push((position, outcome));
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("threads joined");
+    results.sort_by_key(|(position, _)| *position);
+    results.into_iter().map(|(_, outcome)| outcome).collect()
+}
