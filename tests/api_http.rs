@@ -773,6 +773,17 @@ async fn deploy_requires_the_admin_token_and_maps_outcomes() {
     assert_error(&reply, StatusCode::FORBIDDEN, "the bearer token is wrong");
     assert!(node.state().app.history.is_empty());
 
+    let reply = call(
+        &server,
+        Method::PUT,
+        "/v1/app",
+        &[("authorization", "bearer S3CRET")],
+        module,
+    )
+    .await;
+    assert_error(&reply, StatusCode::FORBIDDEN, "the bearer token is wrong");
+    assert!(node.state().app.history.is_empty());
+
     let token = [("authorization", "Bearer s3cret")];
     let reply = call(&server, Method::PUT, "/v1/app", &token, module).await;
     assert_eq!(reply.status, StatusCode::OK);

@@ -453,7 +453,10 @@ fn authorize(headers: &HeaderMap, config: &ApiConfig) -> Result<(), Response<Bod
     let presented = headers
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+        .and_then(|value| value.split_once(' '))
+        // The scheme name is case-insensitive (RFC 9110 §11.1); the token is not.
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     match presented {
         None => {
             let mut response = error(
