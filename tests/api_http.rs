@@ -989,6 +989,21 @@ async fn unknown_routes_and_wrong_methods() {
         );
         assert_eq!(reply.header("allow"), Some(allow));
     }
+    for path in [
+        "/v1/app",
+        "/v1/status",
+        "/v1/cluster",
+        "/livez",
+        "/readyz",
+        "/metrics",
+    ] {
+        let reply = call(&server, Method::GET, &format!("{path}?verbose=1"), &[], b"").await;
+        assert_error(
+            &reply,
+            StatusCode::BAD_REQUEST,
+            "unknown query parameter \"verbose\"; this route takes none",
+        );
+    }
     server.stop().await;
 }
 

@@ -165,6 +165,12 @@ async fn dispatch<N: NodeApi>(
     request: Request<Incoming>,
 ) -> Handled {
     let method = request.method().clone();
+    // No GET route takes parameters; checked here so that no handler can forget it.
+    let is_get_route =
+        method == Method::GET && route != Route::Unmatched && route.allow().contains("GET");
+    if is_get_route {
+        no_query_string(&request)?;
+    }
     match (route, method) {
         (Route::Unmatched, _) => Err(error(
             StatusCode::NOT_FOUND,
@@ -173,27 +179,18 @@ async fn dispatch<N: NodeApi>(
         (Route::Commands, Method::POST) => commands(shared, request).await,
         (Route::Queries, Method::POST) => queries(shared, request).await,
         (Route::App, Method::PUT) => deploy(shared, request).await,
-        (Route::App, Method::GET) => {
-            no_query_string(&request)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json::app(&shared.node.app()),
-            ))
-        }
-        (Route::Status, Method::GET) => {
-            no_query_string(&request)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json::status(&shared.node.status()),
-            ))
-        }
-        (Route::Cluster, Method::GET) => {
-            no_query_string(&request)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json::cluster(&shared.node.cluster()),
-            ))
-        }
+        (Route::App, Method::GET) => Ok(json_response(
+            StatusCode::OK,
+            &json::app(&shared.node.app()),
+        )),
+        (Route::Status, Method::GET) => Ok(json_response(
+            StatusCode::OK,
+            &json::status(&shared.node.status()),
+        )),
+        (Route::Cluster, Method::GET) => Ok(json_response(
+            StatusCode::OK,
+            &json::cluster(&shared.node.cluster()),
+        )),
         (Route::Livez, Method::GET) => Ok(text_response(StatusCode::OK, "ok\n")),
         (Route::Readyz, Method::GET) => {
             let readiness = shared.node.readiness();
