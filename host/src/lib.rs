@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the map of the code.
 
+pub mod api;
 pub mod cli;
 pub mod examples;
 pub mod machine;

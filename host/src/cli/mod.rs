@@ -3,6 +3,8 @@
 
 pub mod dev;
 pub mod node;
+pub mod bench;
+pub mod client;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Deploy(client::DeployArgs),
+    Submit(client::SubmitArgs),
+    Query(client::QueryArgs),
+    Status(client::StatusArgs),
+    Bench(bench::BenchArgs),
     /// Run the deterministic cluster simulator over many seeds.
     Sim(sim::SimArgs),
     /// Run a guest module locally: apply commands, run queries, print the state hash.
@@ -37,6 +44,11 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Deploy(args) => client::deploy(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Query(args) => client::query(args),
+        Command::Status(args) => client::status(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Sim(args) => sim::run(args),
         Command::Exec(args) => exec::run(args),
         Command::Node(args) => node::run(args),

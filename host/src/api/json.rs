@@ -1,0 +1,69 @@
+//! The JSON shapes of the API, built explicitly from the plain `node::handle` types so
+//! that no serialization format leaks into the runtime. `docs/notes/api.md` documents
+//! each shape; changing one here is changing the public contract.
+
+use serde_json::{json, Value};
+
+use crate::node::handle::{AppInfo, ClusterView, DeployOk, ModuleEvent, PeerView, StatusView};
+
+pub fn error(message: &str) -> Value {
+    json!({ "error": message })
+}
+
+pub fn deploy_ok(ok: &DeployOk) -> Value {
+    json!({ "module": ok.module, "index": ok.index })
+}
+
+fn module_event(event: &ModuleEvent) -> Value {
+    json!({
+        "module": event.module,
+        "index": event.index,
+        "migrated": event.migrated,
+        "failed": event.failed,
+    })
+}
+
+pub fn app(info: &AppInfo) -> Value {
+    json!({
+        "module": info.module,
+        "index": info.index,
+        "history": info.history.iter().map(module_event).collect::<Vec<_>>(),
+    })
+}
+
+fn peer(peer: &PeerView) -> Value {
+    json!({
+        "id": peer.id,
+        "peer": peer.peer,
+        "http": peer.http,
+        "connected": peer.connected,
+        "chosen_index": peer.chosen_index,
+    })
+}
+
+pub fn status(status: &StatusView) -> Value {
+    let (round, node) = status.ballot;
+    json!({
+        "id": status.id,
+        "role": status.role,
+        "leader": status.leader,
+        "ballot": { "round": round, "node": node },
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+        "module": status.module,
+        "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
+        "peers": status.peers.iter().map(peer).collect::<Vec<_>>(),
+    })
+}
+
+pub fn cluster(cluster: &ClusterView) -> Value {
+    json!({
+        "members": cluster.members.iter().map(|member| json!({
+            "id": member.id,
+            "role": member.role,
+            "peer": member.peer,
+            "http": member.http,
+        })).collect::<Vec<_>>(),
+        "leader": cluster.leader,
+    })
+}

@@ -1,0 +1,681 @@
+//! Routing and the mapping between HTTP and the [`NodeApi`] contract: each handler
+//! checks the request (method, token, query string, headers, body limit), calls the
+//! node once, and maps its plain result onto a status code, headers and a body.
+
+// Checks return the finished error response as their `Err`, so handlers can use `?`;
+// it is moved at most once per request, where boxing would only add an allocation.
+#![allow(clippy::result_large_err)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE,
+    RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::client::Pool;
+use super::metrics::HttpMetrics;
+use super::{
+    json, ApiConfig, HEADER_APPLIED_INDEX, HEADER_FORWARDED_BY, HEADER_FORWARDED_TO,
+    HEADER_IDEMPOTENCY_KEY, HEADER_INDEX,
+};
+use crate::node::handle::{
+    CommandError, CommandRequest, Consistency, DeployError, LeaderHint, NodeApi, QueryError,
+};
+
+/// `Retry-After` when no module is deployed yet: a deploy takes a round trip or two.
+const NO_MODULE_RETRY_AFTER_SECS: u64 = 1;
+/// `Retry-After` when a query cannot be forwarded (no leader known, leader unreachable,
+/// or the request was already forwarded once): about one election.
+const NO_LEADER_RETRY_AFTER_SECS: u64 = 1;
+
+const CONTENT_TYPE_JSON: &str = "application/json";
+const CONTENT_TYPE_BYTES: &str = "application/octet-stream";
+const CONTENT_TYPE_TEXT: &str = "text/plain; charset=utf-8";
+const CONTENT_TYPE_PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+type Body = Full<Bytes>;
+
+/// What every connection of one server shares.
+pub struct Shared<N> {
+    node: N,
+    config: ApiConfig,
+    metrics: HttpMetrics,
+    forward_pool: Pool,
+}
+
+impl<N: NodeApi> Shared<N> {
+    pub fn new(node: N, config: ApiConfig) -> Self {
+        let forward_pool = Pool::new(
+            config.forward_idle_connections_max,
+            config.forward_response_bytes_max,
+        );
+        Self {
+            node,
+            config,
+            metrics: HttpMetrics::new(),
+            forward_pool,
+        }
+    }
+}
+
+/// The routes of the API; also the bounded `route` label of the HTTP metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Commands,
+    Queries,
+    App,
+    Status,
+    Cluster,
+    Livez,
+    Readyz,
+    Metrics,
+    Unmatched,
+}
+
+impl Route {
+    pub const ALL: [Route; 9] = [
+        Route::Commands,
+        Route::Queries,
+        Route::App,
+        Route::Status,
+        Route::Cluster,
+        Route::Livez,
+        Route::Readyz,
+        Route::Metrics,
+        Route::Unmatched,
+    ];
+
+    fn of(path: &str) -> Route {
+        match path {
+            "/v1/commands" => Route::Commands,
+            "/v1/queries" => Route::Queries,
+            "/v1/app" => Route::App,
+            "/v1/status" => Route::Status,
+            "/v1/cluster" => Route::Cluster,
+            "/livez" => Route::Livez,
+            "/readyz" => Route::Readyz,
+            "/metrics" => Route::Metrics,
+            _ => Route::Unmatched,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Route::ALL
+            .iter()
+            .position(|route| *route == self)
+            .expect("ALL lists every route")
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Commands => "/v1/commands",
+            Route::Queries => "/v1/queries",
+            Route::App => "/v1/app",
+            Route::Status => "/v1/status",
+            Route::Cluster => "/v1/cluster",
+            Route::Livez => "/livez",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Unmatched => "unmatched",
+        }
+    }
+
+    /// The `Allow` header of a 405 on this route.
+    fn allow(self) -> &'static str {
+        match self {
+            Route::Commands | Route::Queries => "POST",
+            Route::App => "GET, PUT",
+            Route::Status | Route::Cluster | Route::Livez | Route::Readyz | Route::Metrics => "GET",
+            Route::Unmatched => unreachable!("an unmatched path answers 404, never 405"),
+        }
+    }
+}
+
+/// The service function of every connection. Never fails: every problem becomes a
+/// response.
+pub async fn handle<N: NodeApi>(
+    shared: Arc<Shared<N>>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let route = Route::of(request.uri().path());
+    let method = request.method().clone();
+    let response = match dispatch(&shared, route, request).await {
+        Ok(response) | Err(response) => response,
+    };
+    shared
+        .metrics
+        .observe(route, &method, response.status(), started.elapsed());
+    Ok(response)
+}
+
+/// `Err` carries an error response, so that checks can use `?`.
+type Handled = Result<Response<Body>, Response<Body>>;
+
+async fn dispatch<N: NodeApi>(
+    shared: &Shared<N>,
+    route: Route,
+    request: Request<Incoming>,
+) -> Handled {
+    let method = request.method().clone();
+    // No GET route takes parameters; checked here so that no handler can forget it.
+    let is_get_route =
+        method == Method::GET && route != Route::Unmatched && route.allow().contains("GET");
+    if is_get_route {
+        no_query_string(&request)?;
+    }
+    match (route, method) {
+        (Route::Unmatched, _) => Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {}", request.uri().path()),
+        )),
+        (Route::Commands, Method::POST) => commands(shared, request).await,
+        (Route::Queries, Method::POST) => queries(shared, request).await,
+        (Route::App, Method::PUT) => deploy(shared, request).await,
+        (Route::App, Method::GET) => Ok(json_response(
+            StatusCode::OK,
+            &json::app(&shared.node.app()),
+        )),
+        (Route::Status, Method::GET) => Ok(json_response(
+            StatusCode::OK,
+            &json::status(&shared.node.status()),
+        )),
+        (Route::Cluster, Method::GET) => Ok(json_response(
+            StatusCode::OK,
+            &json::cluster(&shared.node.cluster()),
+        )),
+        (Route::Livez, Method::GET) => Ok(text_response(StatusCode::OK, "ok\n")),
+        (Route::Readyz, Method::GET) => {
+            let readiness = shared.node.readiness();
+            if readiness.ready {
+                Ok(text_response(StatusCode::OK, "ready\n"))
+            } else {
+                let reason = readiness.reason.as_deref().unwrap_or("reason unknown");
+                Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: {reason}"),
+                ))
+            }
+        }
+        (Route::Metrics, Method::GET) => {
+            let mut text = shared.node.metrics();
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            shared.metrics.render(&mut text);
+            Ok(response(
+                StatusCode::OK,
+                CONTENT_TYPE_PROMETHEUS,
+                text.into(),
+            ))
+        }
+        (route, method) => {
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!(
+                    "method {method} is not allowed on {}; allowed: {}",
+                    route.label(),
+                    route.allow()
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(route.allow()));
+            Err(response)
+        }
+    }
+}
+
+async fn commands<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
+    no_query_string(&request)?;
+    let idempotency_key = idempotency_key(request.headers(), &shared.config)?;
+    let payload = read_body(request, shared.config.body_bytes_max, "body_bytes_max").await?;
+    if payload.is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "the command body is empty"));
+    }
+    let submitted = shared.node.submit(CommandRequest {
+        payload: payload.to_vec(),
+        idempotency_key,
+    });
+    let outcome = tokio::time::timeout(request_timeout(&shared.config), submitted)
+        .await
+        .map_err(|_| timeout_unknown(&shared.config, "the command"))?;
+    match outcome {
+        Ok(ok) => {
+            let mut response = response(StatusCode::OK, CONTENT_TYPE_BYTES, ok.output.into());
+            set_index(&mut response, HEADER_INDEX, ok.index);
+            Ok(response)
+        }
+        Err(CommandError::Rejected {
+            index,
+            error: reason,
+        }) => {
+            let mut response = error(StatusCode::UNPROCESSABLE_ENTITY, &reason);
+            set_index(&mut response, HEADER_INDEX, index);
+            Err(response)
+        }
+        Err(CommandError::Unavailable {
+            reason,
+            retry_after_ms,
+        }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
+        Err(CommandError::Unknown { reason }) => Err(outcome_unknown("the command", &reason)),
+        Err(CommandError::TooLarge { limit_bytes }) => Err(too_large_for_node(limit_bytes)),
+        Err(CommandError::NoModule) => Err(no_module()),
+    }
+}
+
+async fn queries<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
+    let mut consistency = Consistency::Linearizable;
+    for (name, value) in query_pairs(&request)? {
+        match (name, value) {
+            ("consistency", "linearizable") => consistency = Consistency::Linearizable,
+            ("consistency", "lease") => consistency = Consistency::Lease,
+            ("consistency", "stale") => consistency = Consistency::Stale,
+            ("consistency", other) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("consistency must be linearizable, lease or stale, not {other:?}"),
+                ))
+            }
+            (other, _) => return Err(unknown_parameter(other, "consistency")),
+        }
+    }
+    let forwarded_by = request
+        .headers()
+        .get(HEADER_FORWARDED_BY)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let raw_query = request.uri().query().map(str::to_owned);
+    let payload = read_body(request, shared.config.body_bytes_max, "body_bytes_max").await?;
+
+    let queried = shared.node.query(payload.to_vec(), consistency);
+    let outcome = tokio::time::timeout(request_timeout(&shared.config), queried)
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "the query had no answer within request_timeout_ms ({} ms)",
+                    shared.config.request_timeout_ms
+                ),
+            )
+        })?;
+    match outcome {
+        Ok(ok) => {
+            let mut response = response(StatusCode::OK, CONTENT_TYPE_BYTES, ok.output.into());
+            set_index(&mut response, HEADER_APPLIED_INDEX, ok.applied_index);
+            Ok(response)
+        }
+        Err(QueryError::NotLeader { leader }) => match (forwarded_by, leader) {
+            (Some(by), _) => Err(unavailable(
+                &format!(
+                    "this replica is not the leader and the query was already forwarded once (by node {by}); retry"
+                ),
+                NO_LEADER_RETRY_AFTER_SECS,
+            )),
+            (None, None) => Err(unavailable(
+                "this replica is not the leader and knows no leader; retry",
+                NO_LEADER_RETRY_AFTER_SECS,
+            )),
+            (None, Some(leader)) => forward_query(shared, &leader, raw_query, payload).await,
+        },
+        Err(QueryError::Rejected { error: reason }) => {
+            Err(error(StatusCode::UNPROCESSABLE_ENTITY, &reason))
+        }
+        Err(QueryError::Unavailable {
+            reason,
+            retry_after_ms,
+        }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
+        Err(QueryError::NoModule) => Err(no_module()),
+    }
+}
+
+/// Forwards a query to the leader (one hop: the request carries the loop guard header)
+/// and relays its answer: status, body and the API's own headers.
+async fn forward_query<N: NodeApi>(
+    shared: &Shared<N>,
+    leader: &LeaderHint,
+    raw_query: Option<String>,
+    payload: Bytes,
+) -> Handled {
+    let path = match raw_query {
+        Some(query) => format!("/v1/queries?{query}"),
+        None => "/v1/queries".to_owned(),
+    };
+    let this_node = shared.node.status().id;
+    let headers = [(
+        HeaderName::from_static(HEADER_FORWARDED_BY),
+        HeaderValue::from(this_node),
+    )];
+    let forwarded =
+        shared
+            .forward_pool
+            .request(&leader.http, Method::POST, &path, &headers, payload);
+    let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
+    let reply = match tokio::time::timeout(timeout, forwarded).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(failure)) => {
+            return Err(unavailable(
+                &format!(
+                    "cannot forward the query to the leader (node {} at {}): {failure}",
+                    leader.id, leader.http
+                ),
+                NO_LEADER_RETRY_AFTER_SECS,
+            ))
+        }
+        Err(_) => {
+            return Err(unavailable(
+                &format!(
+                    "the leader (node {} at {}) did not answer the forwarded query within forward_timeout_ms ({} ms)",
+                    leader.id, leader.http, shared.config.forward_timeout_ms
+                ),
+                NO_LEADER_RETRY_AFTER_SECS,
+            ))
+        }
+    };
+    let mut response = Response::new(Full::new(reply.body));
+    *response.status_mut() = reply.status;
+    for name in [CONTENT_TYPE, RETRY_AFTER]
+        .into_iter()
+        .chain([HeaderName::from_static(HEADER_APPLIED_INDEX)])
+    {
+        if let Some(value) = reply.headers.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response.headers_mut().insert(
+        HeaderName::from_static(HEADER_FORWARDED_TO),
+        HeaderValue::from(leader.id),
+    );
+    Ok(response)
+}
+
+async fn deploy<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
+    authorize(request.headers(), &shared.config)?;
+    let mut migrate = false;
+    for (name, value) in query_pairs(&request)? {
+        match (name, value) {
+            ("migrate", "true") => migrate = true,
+            ("migrate", "false") => migrate = false,
+            ("migrate", other) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("migrate must be true or false, not {other:?}"),
+                ))
+            }
+            (other, _) => return Err(unknown_parameter(other, "migrate")),
+        }
+    }
+    let module = read_body(request, shared.config.module_bytes_max, "module_bytes_max").await?;
+    let deployed = shared.node.deploy(module.to_vec(), migrate);
+    let outcome = tokio::time::timeout(request_timeout(&shared.config), deployed)
+        .await
+        .map_err(|_| timeout_unknown(&shared.config, "the deploy"))?;
+    match outcome {
+        Ok(ok) => Ok(json_response(StatusCode::OK, &json::deploy_ok(&ok))),
+        Err(DeployError::Invalid { reason }) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid module: {reason}"),
+        )),
+        Err(DeployError::MigrationFailed { index, reason }) => {
+            let mut response = error(
+                StatusCode::CONFLICT,
+                &format!(
+                    "migration failed at index {index}, the previous module is kept: {reason}"
+                ),
+            );
+            set_index(&mut response, HEADER_INDEX, index);
+            Err(response)
+        }
+        Err(DeployError::Unavailable {
+            reason,
+            retry_after_ms,
+        }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
+        Err(DeployError::Unknown { reason }) => Err(outcome_unknown("the deploy", &reason)),
+        Err(DeployError::TooLarge { limit_bytes }) => Err(too_large_for_node(limit_bytes)),
+    }
+}
+
+/// Admin routes: 401 without a bearer token, 403 with a wrong one (when one is set).
+fn authorize(headers: &HeaderMap, config: &ApiConfig) -> Result<(), Response<Body>> {
+    let Some(expected) = config.admin_token.as_deref() else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        // The scheme name is case-insensitive (RFC 9110 §11.1); the token is not.
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
+    match presented {
+        None => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "this admin route requires the header Authorization: Bearer <token>",
+            );
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"paxwasm\""),
+            );
+            Err(response)
+        }
+        Some(token) if equal_in_constant_time(token.trim().as_bytes(), expected.as_bytes()) => {
+            Ok(())
+        }
+        Some(_) => Err(error(StatusCode::FORBIDDEN, "the bearer token is wrong")),
+    }
+}
+
+/// Compares without an early exit on the first differing byte, so the time taken does
+/// not tell how much of a guessed token was right (the length may still show).
+fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn idempotency_key(
+    headers: &HeaderMap,
+    config: &ApiConfig,
+) -> Result<Option<String>, Response<Body>> {
+    let mut values = headers.get_all(HEADER_IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "more than one Idempotency-Key header",
+        ));
+    }
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|key| key.bytes().all(|byte| byte.is_ascii_graphic()))
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key must be visible ASCII without spaces",
+            )
+        })?;
+    if key.is_empty() || key.len() > config.idempotency_key_bytes_max {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "Idempotency-Key must be 1 to {} bytes long",
+                config.idempotency_key_bytes_max
+            ),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Reads the whole body, refusing (413) a declared or actual length above `limit_bytes`
+/// before buffering more than the limit.
+async fn read_body(
+    request: Request<Incoming>,
+    limit_bytes: usize,
+    limit_name: &str,
+) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is larger than {limit_name} ({limit_bytes} bytes)"),
+        )
+    };
+    if let Some(length) = request.headers().get(CONTENT_LENGTH) {
+        // hyper has already refused a malformed Content-Length; this only compares.
+        let length = length
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .ok_or_else(|| error(StatusCode::BAD_REQUEST, "malformed Content-Length"))?;
+        if length > limit_bytes as u64 {
+            return Err(too_large());
+        }
+    }
+    match Limited::new(request.into_body(), limit_bytes)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(failure) => match failure.downcast::<hyper::Error>() {
+            Ok(failure) => Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {failure}"),
+            )),
+            Err(_) => Err(too_large()),
+        },
+    }
+}
+
+/// `name=value` pairs of the query string; a pair without `=` or a repeated name is 400.
+/// Values are compared verbatim (the API's values never need percent-encoding).
+fn query_pairs<B>(request: &Request<B>) -> Result<Vec<(&str, &str)>, Response<Body>> {
+    let Some(query) = request.uri().query() else {
+        return Ok(Vec::new());
+    };
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("query parameter {pair:?} has no value (expected name=value)"),
+            )
+        })?;
+        if pairs.iter().any(|(seen, _)| *seen == name) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("query parameter {name:?} is given more than once"),
+            ));
+        }
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+fn no_query_string<B>(request: &Request<B>) -> Result<(), Response<Body>> {
+    match query_pairs(request)?.first() {
+        None => Ok(()),
+        Some((name, _)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown query parameter {name:?}; this route takes none"),
+        )),
+    }
+}
+
+fn unknown_parameter(name: &str, known: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        &format!("unknown query parameter {name:?}; this route takes only {known:?}"),
+    )
+}
+
+fn request_timeout(config: &ApiConfig) -> Duration {
+    Duration::from_millis(config.request_timeout_ms)
+}
+
+/// Whole seconds for `Retry-After`, rounded up and at least one.
+fn retry_after_secs(retry_after_ms: u64) -> u64 {
+    retry_after_ms.div_ceil(1000).max(1)
+}
+
+fn unavailable(reason: &str, retry_after_secs: u64) -> Response<Body> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, reason);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+fn no_module() -> Response<Body> {
+    unavailable(
+        "no module is deployed yet: deploy one with PUT /v1/app",
+        NO_MODULE_RETRY_AFTER_SECS,
+    )
+}
+
+fn outcome_unknown(what: &str, reason: &str) -> Response<Body> {
+    error(
+        StatusCode::GATEWAY_TIMEOUT,
+        &format!(
+            "outcome unknown: {what} may or may not be applied ({reason}); retry with the same Idempotency-Key"
+        ),
+    )
+}
+
+fn timeout_unknown(config: &ApiConfig, what: &str) -> Response<Body> {
+    outcome_unknown(
+        what,
+        &format!(
+            "no answer within request_timeout_ms ({} ms)",
+            config.request_timeout_ms
+        ),
+    )
+}
+
+fn too_large_for_node(limit_bytes: usize) -> Response<Body> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body is larger than the node accepts ({limit_bytes} bytes)"),
+    )
+}
+
+fn set_index(response: &mut Response<Body>, header: &'static str, index: u64) {
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static(header), HeaderValue::from(index));
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    response(
+        status,
+        CONTENT_TYPE_TEXT,
+        Bytes::from_static(text.as_bytes()),
+    )
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut body = serde_json::to_vec(value).expect("a serde_json::Value always serializes");
+    body.push(b'\n');
+    response(status, CONTENT_TYPE_JSON, body.into())
+}
+
+/// The one error shape of the API: `{"error":"<sentence>"}` on one line.
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, &json::error(message))
+}

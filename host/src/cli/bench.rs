@@ -1,0 +1,262 @@
+//! `paxwasm bench`: closed-loop write load against a running cluster.
+//!
+//! Each client owns one keep-alive connection and sends its next command as soon as the
+//! previous one is answered. Commands are valid for the kv example:
+//! `put k<client>-<n> <value>`, with the value padded so the whole command is `--size`
+//! bytes. A progress line goes to stderr each second; the summary goes to stdout.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use hyper::{Method, StatusCode};
+
+use super::client::EndpointArgs;
+use crate::api::client::Connection;
+
+/// Pause of a client after a failed request, so an unavailable cluster is not spun on.
+const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Closed-loop write load (kv `put` commands); prints throughput, latency and errors.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Concurrent clients, one keep-alive connection each.
+    #[arg(long, default_value_t = 1)]
+    pub clients: u32,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Size of each command in bytes (the value is padded to reach it).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Distinct keys per client: command n writes key `k<client>-<n mod keys>`, so the
+    /// replicated state stays bounded over long runs.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
+}
+
+/// The command of client `client`'s `n`-th request, padded to `size` bytes when the
+/// key leaves room (never shorter than a one-byte value).
+pub fn command(client: u32, n: u64, size: usize) -> Vec<u8> {
+    let mut command = format!("put k{client}-{n} ").into_bytes();
+    let value_bytes = size.saturating_sub(command.len()).max(1);
+    // Vary the value with n so consecutive writes are not byte-identical.
+    let fill = b'a' + (n % 26) as u8;
+    command.resize(command.len() + value_bytes, fill);
+    command
+}
+
+#[derive(Default)]
+struct Counters {
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What one client measured.
+#[derive(Default)]
+struct ClientReport {
+    latencies_us: Vec<u32>,
+    /// `"503 Service Unavailable"`, `"connection: …"` → count.
+    errors: BTreeMap<String, u64>,
+}
+
+pub fn bench(args: BenchArgs) -> ExitCode {
+    if args.clients == 0 || args.duration == 0 || args.keys == 0 {
+        eprintln!("error: --clients, --duration and --keys must be positive");
+        return ExitCode::from(2);
+    }
+    if let Err(error) = args.endpoint.connect() {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    runtime.block_on(run(args))
+}
+
+async fn run(args: BenchArgs) -> ExitCode {
+    let duration = Duration::from_secs(args.duration);
+    println!(
+        "bench: {} clients, {} s, {}-byte commands against {}",
+        args.clients, args.duration, args.size, args.endpoint.endpoint
+    );
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let clients: Vec<_> = (0..args.clients)
+        .map(|client| {
+            let connection = args.endpoint.connect().expect("checked in bench()");
+            tokio::spawn(client_loop(
+                client,
+                connection,
+                args.size,
+                args.keys,
+                counters.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + PROGRESS_INTERVAL,
+        PROGRESS_INTERVAL,
+    );
+    let (mut ok_before, mut errors_before) = (0, 0);
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        let ok = counters.ok.load(Ordering::Relaxed);
+        let errors = counters.errors.load(Ordering::Relaxed);
+        eprintln!(
+            "[{:>4.0}s] {:>9} ok {:>9.0}/s  {:>6} errors (+{})",
+            started.elapsed().as_secs_f64(),
+            ok,
+            (ok - ok_before) as f64 / PROGRESS_INTERVAL.as_secs_f64(),
+            errors,
+            errors - errors_before
+        );
+        (ok_before, errors_before) = (ok, errors);
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let mut latencies_us = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for client in clients {
+        let report = client.await.expect("a bench client does not panic");
+        latencies_us.extend(report.latencies_us);
+        for (kind, count) in report.errors {
+            *errors.entry(kind).or_insert(0) += count;
+        }
+    }
+    let elapsed = started.elapsed();
+    print!("{}", summary(&mut latencies_us, &errors, elapsed));
+    if latencies_us.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn client_loop(
+    client: u32,
+    mut connection: Connection,
+    size: usize,
+    keys: u64,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) -> ClientReport {
+    let mut report = ClientReport::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let body = Bytes::from(command(client, n % keys, size));
+        n += 1;
+        let sent = Instant::now();
+        let failure = match connection
+            .request(Method::POST, "/v1/commands", &[], body)
+            .await
+        {
+            Ok(reply) if reply.status == StatusCode::OK => {
+                let micros = sent.elapsed().as_micros();
+                report
+                    .latencies_us
+                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                counters.ok.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(reply) => reply.status.to_string(),
+            Err(error) => error.to_string(),
+        };
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+        *report.errors.entry(failure).or_insert(0) += 1;
+        tokio::time::sleep(ERROR_BACKOFF).await;
+    }
+    report
+}
+
+/// The value at quantile `q` of sorted samples (nearest rank).
+fn quantile(sorted: &[u32], q: f64) -> u32 {
+    assert!(!sorted.is_empty() && (0.0..=1.0).contains(&q));
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn summary(latencies_us: &mut [u32], errors: &BTreeMap<String, u64>, elapsed: Duration) -> String {
+    latencies_us.sort_unstable();
+    let ok = latencies_us.len();
+    let error_count: u64 = errors.values().sum();
+    let mut text = format!(
+        "requests    {ok} ok, {error_count} errors in {:.2} s\n",
+        elapsed.as_secs_f64()
+    );
+    text += &format!(
+        "throughput  {:.0} commands/s\n",
+        ok as f64 / elapsed.as_secs_f64()
+    );
+    if ok > 0 {
+        let ms = |us: u32| f64::from(us) / 1000.0;
+        text += &format!(
+            "latency     p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms\n",
+            ms(quantile(latencies_us, 0.50)),
+            ms(quantile(latencies_us, 0.99)),
+            ms(quantile(latencies_us, 0.999)),
+            ms(latencies_us[ok - 1]),
+        );
+    }
+    if errors.is_empty() {
+        text += "errors      none\n";
+    } else {
+        for (kind, count) in errors {
+            text += &format!("errors      {count} × {kind}\n");
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_kv_puts_of_the_requested_size() {
+        let command = command(7, 42, 128);
+        assert_eq!(command.len(), 128);
+        let text = String::from_utf8(command).unwrap();
+        let words: Vec<&str> = text.split(' ').collect();
+        assert_eq!(words[..2], ["put", "k7-42"]);
+        assert_eq!(words.len(), 3);
+        assert!(words[2].bytes().all(|byte| byte == b'a' + 42 % 26));
+        // A size smaller than the key still gives a valid command.
+        assert_eq!(super::command(7, 42, 4), b"put k7-42 q".to_vec());
+    }
+
+    #[test]
+    fn quantiles_use_nearest_rank() {
+        let samples: Vec<u32> = (1..=1000).collect();
+        assert_eq!(quantile(&samples, 0.5), 500);
+        assert_eq!(quantile(&samples, 0.99), 990);
+        assert_eq!(quantile(&samples, 0.999), 999);
+        assert_eq!(quantile(&[5], 0.999), 5);
+    }
+
+    #[test]
+    fn summary_lists_errors_by_kind() {
+        let mut latencies: Vec<u32> = vec![2000, 1000, 3000];
+        let errors = BTreeMap::from([("503 Service Unavailable".to_owned(), 2)]);
+        let text = summary(&mut latencies, &errors, Duration::from_secs(1));
+        assert_eq!(
+            text,
+            "requests    3 ok, 2 errors in 1.00 s\n\
+             throughput  3 commands/s\n\
+             latency     p50 2.000 ms  p99 3.000 ms  p99.9 3.000 ms  max 3.000 ms\n\
+             errors      2 × 503 Service Unavailable\n"
+        );
+    }
+}
