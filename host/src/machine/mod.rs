@@ -56,6 +56,9 @@ pub struct MachineConfig {
     pub memory_initial_pages_max: u64,
     /// Cap on linear memory; `memory.grow` beyond it returns -1.
     pub memory_bytes_max: u64,
+    /// Elements of the module's table (for indirect calls), fixed at
+    /// instantiation.
+    pub table_elements_max: u64,
     /// Fuel for `paxwasm_alloc` + `paxwasm_apply` of one command.
     pub fuel_per_command: u64,
     /// Fuel for `paxwasm_alloc` + `paxwasm_query` of one query.
@@ -86,6 +89,7 @@ impl Default for MachineConfig {
             functions_max: 100_000,
             memory_initial_pages_max: 1024,
             memory_bytes_max: 256 << 20,
+            table_elements_max: 100_000,
             fuel_per_command: 50_000_000,
             fuel_per_query: 50_000_000,
             fuel_per_migration: 2_000_000_000,
@@ -437,7 +441,7 @@ impl Machine {
             });
         }
         let bytes = snapshot.memory.len();
-        if bytes % WASM_PAGE_BYTES as usize != 0
+        if !bytes.is_multiple_of(WASM_PAGE_BYTES as usize)
             || bytes < self.loaded.initial_memory_bytes
             || bytes as u64 > self.config.memory_bytes_max
         {
@@ -658,6 +662,7 @@ fn host_state(config: &MachineConfig) -> HostState {
     HostState {
         entry: EntryContext::default(),
         memory_bytes_max: config.memory_bytes_max as usize,
+        table_elements_max: config.table_elements_max as usize,
         memory_refused: false,
         log: config.guest_log,
     }

@@ -279,9 +279,11 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
                         ValType::F32 => GlobalKind::F32,
                         ValType::F64 => GlobalKind::F64,
                         ValType::V128 => GlobalKind::V128,
-                        ValType::Ref(_) => return refuse(format!(
+                        ValType::Ref(_) => {
+                            return refuse(format!(
                             "mutable global {index} holds a reference, which cannot be snapshotted"
-                        )),
+                        ))
+                        }
                     };
                     global_kinds.push(kind);
                     global_indices.push(index);
