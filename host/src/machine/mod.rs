@@ -614,9 +614,18 @@ impl Machine {
             _ => instance_over_base(&self.loaded, &self.config, &self.creator, &self.base),
         };
         let result = f(&mut reader);
-        // SAFETY: the reader's memory range; its call has returned.
-        unsafe { memory::discard_private_pages(reader.memory_ptr(), reader.memory_bytes()) };
         if reader.memory_bytes() == self.base.memory_bytes {
+            // Drop only the pages the call wrote (private copies): pages it
+            // only read stay mapped to the memfd's page cache, which is the
+            // base, so the next call does not fault them in again.
+            let ptr = reader.memory_ptr();
+            self.scanner
+                .written_runs(ptr, reader.memory_bytes(), &mut self.runs);
+            for &(start, end) in &self.runs {
+                // SAFETY: a range inside the reader's memory; its call has
+                // returned.
+                unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
+            }
             self.reader = Some(reader);
         }
         result
