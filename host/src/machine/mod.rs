@@ -607,6 +607,9 @@ impl Machine {
     ) -> Result<T, ApplyError> {
         self.checkpoint();
         let mut reader = match self.reader.take() {
+            // A reader whose memory size differs from the base (an earlier
+            // call grew it, or the base grew) is rebuilt: a query must see
+            // exactly the committed memory size.
             Some(mut reader) if reader.memory_bytes() == self.base.memory_bytes => {
                 reader.set_globals(&self.base.globals);
                 reader
@@ -614,18 +617,18 @@ impl Machine {
             _ => instance_over_base(&self.loaded, &self.config, &self.creator, &self.base),
         };
         let result = f(&mut reader);
+        // Drop only the pages the call wrote (private copies): pages it only
+        // read stay mapped to the memfd's page cache, which is the base, so
+        // the next call does not fault them in again.
+        let ptr = reader.memory_ptr();
+        self.scanner
+            .written_runs(ptr, reader.memory_bytes(), &mut self.runs);
+        for &(start, end) in &self.runs {
+            // SAFETY: a range inside the reader's memory; its call has
+            // returned.
+            unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
+        }
         if reader.memory_bytes() == self.base.memory_bytes {
-            // Drop only the pages the call wrote (private copies): pages it
-            // only read stay mapped to the memfd's page cache, which is the
-            // base, so the next call does not fault them in again.
-            let ptr = reader.memory_ptr();
-            self.scanner
-                .written_runs(ptr, reader.memory_bytes(), &mut self.runs);
-            for &(start, end) in &self.runs {
-                // SAFETY: a range inside the reader's memory; its call has
-                // returned.
-                unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
-            }
             self.reader = Some(reader);
         }
         result
