@@ -221,8 +221,8 @@ fn upgrade_without_migration_starts_fresh() {
     machine
         .upgrade(&module("kv_v2"), Migration::StartFresh)
         .unwrap();
-    assert_eq!(apply(&mut machine, "get a"), "NOT_FOUND");
     assert_eq!(machine.state_hash(), load("kv_v2").state_hash());
+    assert_eq!(apply(&mut machine, "get a"), "NOT_FOUND");
 }
 
 #[test]
@@ -240,4 +240,31 @@ fn a_failed_command_between_successful_ones_is_invisible() {
         Err(ApplyError::FuelExhausted)
     );
     assert_eq!(machine.state_hash(), before);
+}
+
+#[test]
+fn a_trapping_or_looping_state_import_keeps_the_old_module_and_state() {
+    let mut machine = load("kv");
+    apply(&mut machine, "put a 1");
+    let (id, hash) = (machine.module_id(), machine.state_hash());
+    for (body, expected) in [
+        ("(unreachable)", ApplyError::Trap("unreachable")),
+        ("(loop (br 0))", ApplyError::FuelExhausted),
+    ] {
+        let successor = wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i64) (i64.const 0))
+                 (func (export "paxwasm_import_state") (param i32 i32) (i32.store (i32.const 0) (i32.const 1)) {body}))"#
+        ))
+        .unwrap();
+        let error = machine.upgrade(&successor, Migration::Migrate).unwrap_err();
+        assert!(
+            matches!(&error, UpgradeError::Import(e) if *e == expected),
+            "{error}"
+        );
+        assert_eq!(machine.module_id(), id);
+        assert_eq!(machine.state_hash(), hash);
+    }
+    assert_eq!(apply(&mut machine, "get a"), "1");
 }

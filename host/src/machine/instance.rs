@@ -20,6 +20,7 @@ const INSTANTIATION_FUEL: u64 = 1_000_000;
 pub struct HostState {
     pub entry: EntryContext,
     pub memory_bytes_max: usize,
+    pub table_elements_max: usize,
     /// Set when a `memory.grow` was refused by the cap during the current call.
     pub memory_refused: bool,
     pub log: GuestLog,
@@ -42,11 +43,12 @@ impl ResourceLimiter for HostState {
     fn table_growing(
         &mut self,
         _current: usize,
-        _desired: usize,
+        desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // Tables are fixed after instantiation (`table.grow` is refused at load).
-        Ok(false)
+        // Only instantiation creates table elements (`table.grow` is refused
+        // at load).
+        Ok(desired <= self.table_elements_max)
     }
 }
 
@@ -205,7 +207,7 @@ impl Instance {
     /// was reached before under the same cap.
     pub fn grow_to(&mut self, bytes: usize) {
         let current = self.memory_bytes();
-        assert!(bytes >= current && bytes % super::module::WASM_PAGE_BYTES as usize == 0);
+        assert!(bytes >= current && bytes.is_multiple_of(super::module::WASM_PAGE_BYTES as usize));
         let pages = ((bytes - current) as u64) / super::module::WASM_PAGE_BYTES;
         if pages > 0 {
             self.memory

@@ -56,6 +56,9 @@ pub struct MachineConfig {
     pub memory_initial_pages_max: u64,
     /// Cap on linear memory; `memory.grow` beyond it returns -1.
     pub memory_bytes_max: u64,
+    /// Elements of the module's table (for indirect calls), fixed at
+    /// instantiation.
+    pub table_elements_max: u64,
     /// Fuel for `paxwasm_alloc` + `paxwasm_apply` of one command.
     pub fuel_per_command: u64,
     /// Fuel for `paxwasm_alloc` + `paxwasm_query` of one query.
@@ -86,6 +89,7 @@ impl Default for MachineConfig {
             functions_max: 100_000,
             memory_initial_pages_max: 1024,
             memory_bytes_max: 256 << 20,
+            table_elements_max: 100_000,
             fuel_per_command: 50_000_000,
             fuel_per_query: 50_000_000,
             fuel_per_migration: 2_000_000_000,
@@ -437,7 +441,7 @@ impl Machine {
             });
         }
         let bytes = snapshot.memory.len();
-        if bytes % WASM_PAGE_BYTES as usize != 0
+        if !bytes.is_multiple_of(WASM_PAGE_BYTES as usize)
             || bytes < self.loaded.initial_memory_bytes
             || bytes as u64 > self.config.memory_bytes_max
         {
@@ -603,6 +607,9 @@ impl Machine {
     ) -> Result<T, ApplyError> {
         self.checkpoint();
         let mut reader = match self.reader.take() {
+            // A reader whose memory size differs from the base (an earlier
+            // call grew it, or the base grew) is rebuilt: a query must see
+            // exactly the committed memory size.
             Some(mut reader) if reader.memory_bytes() == self.base.memory_bytes => {
                 reader.set_globals(&self.base.globals);
                 reader
@@ -610,8 +617,17 @@ impl Machine {
             _ => instance_over_base(&self.loaded, &self.config, &self.creator, &self.base),
         };
         let result = f(&mut reader);
-        // SAFETY: the reader's memory range; its call has returned.
-        unsafe { memory::discard_private_pages(reader.memory_ptr(), reader.memory_bytes()) };
+        // Drop only the pages the call wrote (private copies): pages it only
+        // read stay mapped to the memfd's page cache, which is the base, so
+        // the next call does not fault them in again.
+        let ptr = reader.memory_ptr();
+        self.scanner
+            .written_runs(ptr, reader.memory_bytes(), &mut self.runs);
+        for &(start, end) in &self.runs {
+            // SAFETY: a range inside the reader's memory; its call has
+            // returned.
+            unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
+        }
         if reader.memory_bytes() == self.base.memory_bytes {
             self.reader = Some(reader);
         }
@@ -658,6 +674,7 @@ fn host_state(config: &MachineConfig) -> HostState {
     HostState {
         entry: EntryContext::default(),
         memory_bytes_max: config.memory_bytes_max as usize,
+        table_elements_max: config.table_elements_max as usize,
         memory_refused: false,
         log: config.guest_log,
     }

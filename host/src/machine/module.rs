@@ -451,3 +451,58 @@ fn instrument(
     }
     Ok(module.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instrumentation_exports_mutable_globals_and_removes_the_start_section() {
+        let bytes = wat::parse_str(
+            r#"(module
+                 (global $a (mut i32) (i32.const 1))
+                 (global $b i64 (i64.const 2))
+                 (global $c (mut f64) (f64.const 3))
+                 (memory (export "memory") 1)
+                 (func $start)
+                 (start $start)
+                 (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i64) (i64.const 0)))"#,
+        )
+        .unwrap();
+        let checked = check(&bytes, &MachineConfig::default()).unwrap();
+        assert_eq!(checked.id, ModuleId::of(&bytes));
+        assert_eq!(checked.global_kinds, [GlobalKind::I32, GlobalKind::F64]);
+        assert_eq!(
+            checked.global_exports,
+            ["paxwasm.global.0", "paxwasm.global.2"]
+        );
+        assert!(checked.has_start && !checked.has_query && !checked.has_init);
+        let mut exports = Vec::new();
+        for payload in Parser::new(0).parse_all(&checked.instrumented) {
+            match payload.unwrap() {
+                Payload::StartSection { .. } => panic!("start section kept"),
+                Payload::ExportSection(reader) => {
+                    for export in reader {
+                        let export = export.unwrap();
+                        exports.push((export.name.to_string(), export.index));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let names: Vec<(&str, u32)> = exports.iter().map(|(n, i)| (n.as_str(), *i)).collect();
+        assert_eq!(
+            names,
+            [
+                ("memory", 0),
+                ("paxwasm_alloc", 1),
+                ("paxwasm_apply", 2),
+                ("paxwasm.global.0", 0),
+                ("paxwasm.global.2", 2),
+                ("paxwasm.start", 0)
+            ]
+        );
+        wasmparser::validate(&checked.instrumented).unwrap();
+    }
+}
