@@ -4,10 +4,11 @@
 //!
 //! Buffer discipline (ABI.md, "Buffers"): `paxwasm_alloc` hands out one reusable
 //! input buffer, grown to the largest input seen (up to
-//! [`INPUT_RETAINED_BYTES_MAX`]), so the apply path allocates nothing but the
-//! app's own result. A call's result stays in [`Guest::output`] until the next
-//! call that produces one, which is what lets the host copy it out after the
-//! call returns.
+//! [`INPUT_RETAINED_BYTES_MAX`]), and one result buffer, which the app writes
+//! into through `App::apply_into` / `App::query_into`, so an app that
+//! overrides those allocates nothing per command. A call's result stays in
+//! [`Guest::output`] until the next call that produces one, which is what
+//! lets the host copy it out after the call returns.
 
 use crate::{App, Migrate};
 
@@ -15,6 +16,10 @@ use crate::{App, Migrate};
 /// being kept for the next one, so one huge command or imported state does not
 /// pin its buffer in linear memory, and so in every snapshot, forever.
 pub const INPUT_RETAINED_BYTES_MAX: usize = 64 * 1024;
+
+/// The result buffer is reused across calls (see `App::apply_into`) unless a
+/// result made it larger than this; then it is freed before the next call.
+pub const OUTPUT_RETAINED_BYTES_MAX: usize = 64 * 1024;
 
 /// Compile-time check used by `export_app!(T)`.
 pub fn assert_app<A: App>() {}
@@ -75,18 +80,24 @@ impl<A: App> Guest<A> {
     /// `paxwasm_apply`: `addr` and `len` must name the buffer from the last
     /// `alloc` (or `len` is 0).
     pub fn apply(&mut self, addr: usize, len: usize) -> &[u8] {
-        let input = checked_input(&self.input, addr, len);
+        // The app first: building it installs the panic hook that reports
+        // an ABI violation.
         let app = self.app.get_or_insert_with(new_app);
-        self.output = app.apply(input);
+        let input = checked_input(&self.input, addr, len);
+        reuse(&mut self.output);
+        app.apply_into(input, &mut self.output);
         self.release_large_input();
         &self.output
     }
 
     /// `paxwasm_query`.
     pub fn query(&mut self, addr: usize, len: usize) -> &[u8] {
-        let input = checked_input(&self.input, addr, len);
+        // The app first: building it installs the panic hook that reports
+        // an ABI violation.
         let app = self.app.get_or_insert_with(new_app);
-        self.output = app.query(input);
+        let input = checked_input(&self.input, addr, len);
+        reuse(&mut self.output);
+        app.query_into(input, &mut self.output);
         self.release_large_input();
         &self.output
     }
@@ -115,14 +126,24 @@ impl<A: Migrate> Guest<A> {
     /// `A::default()`, whatever ran before. A refused state panics, which traps
     /// on wasm32, so the host aborts the upgrade.
     pub fn import_state(&mut self, addr: usize, len: usize) {
-        let input = checked_input(&self.input, addr, len);
         let mut app: A = new_app();
+        let input = checked_input(&self.input, addr, len);
         if let Err(reason) = app.import_state(input) {
             panic!("import_state refused the state: {reason}");
         }
         self.app = Some(app);
         // A whole state is rarely followed by an input of the same size.
         self.input = Vec::new();
+    }
+}
+
+/// Empties the result buffer for the next call, keeping its allocation
+/// unless a large result grew it.
+fn reuse(output: &mut Vec<u8>) {
+    if output.capacity() > OUTPUT_RETAINED_BYTES_MAX {
+        *output = Vec::new();
+    } else {
+        output.clear();
     }
 }
 
