@@ -284,6 +284,53 @@ mod tests {
         }
     }
 
+    /// Writes its result into the SDK's buffer: `n` bytes for a command `n`.
+    #[derive(Default)]
+    struct Filler;
+
+    impl App for Filler {
+        fn apply(&mut self, cmd: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            self.apply_into(cmd, &mut out);
+            out
+        }
+
+        fn apply_into(&mut self, cmd: &[u8], out: &mut Vec<u8>) {
+            assert!(out.is_empty(), "the SDK hands over an empty buffer");
+            let n: usize = std::str::from_utf8(cmd).unwrap().parse().unwrap();
+            out.resize(n, b'x');
+        }
+
+        fn query(&self, _query: &[u8]) -> Vec<u8> {
+            Vec::new()
+        }
+    }
+
+    fn apply_filler(guest: &mut Guest<Filler>, n: usize) -> (usize, usize, usize) {
+        let cmd = n.to_string();
+        let buf = guest.alloc(cmd.len());
+        buf.copy_from_slice(cmd.as_bytes());
+        let addr = buf.as_ptr() as usize;
+        let out = guest.apply(addr, cmd.len());
+        (out.as_ptr() as usize, out.len(), guest.output.capacity())
+    }
+
+    #[test]
+    fn apply_into_reuses_the_result_buffer_until_a_large_result() {
+        let mut guest = Guest::<Filler>::new();
+        let (first, len, _) = apply_filler(&mut guest, 100);
+        assert_eq!(len, 100);
+        let (second, len, _) = apply_filler(&mut guest, 50);
+        assert_eq!((second, len), (first, 50));
+        // A large result is returned whole, then not kept for the next call.
+        let (_, len, capacity) = apply_filler(&mut guest, OUTPUT_RETAINED_BYTES_MAX + 1);
+        assert_eq!(len, OUTPUT_RETAINED_BYTES_MAX + 1);
+        assert!(capacity > OUTPUT_RETAINED_BYTES_MAX);
+        let (_, len, capacity) = apply_filler(&mut guest, 3);
+        assert_eq!(len, 3);
+        assert!(capacity <= OUTPUT_RETAINED_BYTES_MAX, "{capacity}");
+    }
+
     /// What the host does: alloc, write, then call with the returned address.
     fn write_input(guest: &mut Guest<Echo>, bytes: &[u8]) -> usize {
         let buf = guest.alloc(bytes.len());
