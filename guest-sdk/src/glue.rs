@@ -4,10 +4,11 @@
 //!
 //! Buffer discipline (ABI.md, "Buffers"): `paxwasm_alloc` hands out one reusable
 //! input buffer, grown to the largest input seen (up to
-//! [`INPUT_RETAINED_BYTES_MAX`]), so the apply path allocates nothing but the
-//! app's own result. A call's result stays in [`Guest::output`] until the next
-//! call that produces one, which is what lets the host copy it out after the
-//! call returns.
+//! [`INPUT_RETAINED_BYTES_MAX`]), and one result buffer, which the app writes
+//! into through `App::apply_into` / `App::query_into`, so an app that
+//! overrides those allocates nothing per command. A call's result stays in
+//! [`Guest::output`] until the next call that produces one, which is what
+//! lets the host copy it out after the call returns.
 
 use crate::{App, Migrate};
 
@@ -15,6 +16,10 @@ use crate::{App, Migrate};
 /// being kept for the next one, so one huge command or imported state does not
 /// pin its buffer in linear memory, and so in every snapshot, forever.
 pub const INPUT_RETAINED_BYTES_MAX: usize = 64 * 1024;
+
+/// The result buffer is reused across calls (see `App::apply_into`) unless a
+/// result made it larger than this; then it is freed before the next call.
+pub const OUTPUT_RETAINED_BYTES_MAX: usize = 64 * 1024;
 
 /// Compile-time check used by `export_app!(T)`.
 pub fn assert_app<A: App>() {}
@@ -75,18 +80,24 @@ impl<A: App> Guest<A> {
     /// `paxwasm_apply`: `addr` and `len` must name the buffer from the last
     /// `alloc` (or `len` is 0).
     pub fn apply(&mut self, addr: usize, len: usize) -> &[u8] {
-        let input = checked_input(&self.input, addr, len);
+        // The app first: building it installs the panic hook that reports
+        // an ABI violation.
         let app = self.app.get_or_insert_with(new_app);
-        self.output = app.apply(input);
+        let input = checked_input(&self.input, addr, len);
+        reuse(&mut self.output);
+        app.apply_into(input, &mut self.output);
         self.release_large_input();
         &self.output
     }
 
     /// `paxwasm_query`.
     pub fn query(&mut self, addr: usize, len: usize) -> &[u8] {
-        let input = checked_input(&self.input, addr, len);
+        // The app first: building it installs the panic hook that reports
+        // an ABI violation.
         let app = self.app.get_or_insert_with(new_app);
-        self.output = app.query(input);
+        let input = checked_input(&self.input, addr, len);
+        reuse(&mut self.output);
+        app.query_into(input, &mut self.output);
         self.release_large_input();
         &self.output
     }
@@ -115,14 +126,24 @@ impl<A: Migrate> Guest<A> {
     /// `A::default()`, whatever ran before. A refused state panics, which traps
     /// on wasm32, so the host aborts the upgrade.
     pub fn import_state(&mut self, addr: usize, len: usize) {
-        let input = checked_input(&self.input, addr, len);
         let mut app: A = new_app();
+        let input = checked_input(&self.input, addr, len);
         if let Err(reason) = app.import_state(input) {
             panic!("import_state refused the state: {reason}");
         }
         self.app = Some(app);
         // A whole state is rarely followed by an input of the same size.
         self.input = Vec::new();
+    }
+}
+
+/// Empties the result buffer for the next call, keeping its allocation
+/// unless a large result grew it.
+fn reuse(output: &mut Vec<u8>) {
+    if output.capacity() > OUTPUT_RETAINED_BYTES_MAX {
+        *output = Vec::new();
+    } else {
+        output.clear();
     }
 }
 
@@ -261,6 +282,53 @@ mod tests {
             self.applied = bytes.split(|&b| b == b'|').map(<[u8]>::to_vec).collect();
             Ok(())
         }
+    }
+
+    /// Writes its result into the SDK's buffer: `n` bytes for a command `n`.
+    #[derive(Default)]
+    struct Filler;
+
+    impl App for Filler {
+        fn apply(&mut self, cmd: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            self.apply_into(cmd, &mut out);
+            out
+        }
+
+        fn apply_into(&mut self, cmd: &[u8], out: &mut Vec<u8>) {
+            assert!(out.is_empty(), "the SDK hands over an empty buffer");
+            let n: usize = std::str::from_utf8(cmd).unwrap().parse().unwrap();
+            out.resize(n, b'x');
+        }
+
+        fn query(&self, _query: &[u8]) -> Vec<u8> {
+            Vec::new()
+        }
+    }
+
+    fn apply_filler(guest: &mut Guest<Filler>, n: usize) -> (usize, usize, usize) {
+        let cmd = n.to_string();
+        let buf = guest.alloc(cmd.len());
+        buf.copy_from_slice(cmd.as_bytes());
+        let addr = buf.as_ptr() as usize;
+        let out = guest.apply(addr, cmd.len());
+        (out.as_ptr() as usize, out.len(), guest.output.capacity())
+    }
+
+    #[test]
+    fn apply_into_reuses_the_result_buffer_until_a_large_result() {
+        let mut guest = Guest::<Filler>::new();
+        let (first, len, _) = apply_filler(&mut guest, 100);
+        assert_eq!(len, 100);
+        let (second, len, _) = apply_filler(&mut guest, 50);
+        assert_eq!((second, len), (first, 50));
+        // A large result is returned whole, then not kept for the next call.
+        let (_, len, capacity) = apply_filler(&mut guest, OUTPUT_RETAINED_BYTES_MAX + 1);
+        assert_eq!(len, OUTPUT_RETAINED_BYTES_MAX + 1);
+        assert!(capacity > OUTPUT_RETAINED_BYTES_MAX);
+        let (_, len, capacity) = apply_filler(&mut guest, 3);
+        assert_eq!(len, 3);
+        assert!(capacity <= OUTPUT_RETAINED_BYTES_MAX, "{capacity}");
     }
 
     /// What the host does: alloc, write, then call with the returned address.

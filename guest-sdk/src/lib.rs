@@ -48,6 +48,12 @@ pub mod text;
 pub use host::native;
 pub use host::{entry_seed, entry_time_ms, log};
 
+/// Compiles the Rust examples in ABI.md as doctests, so the contract's sample
+/// guest keeps building against this SDK.
+#[doc = include_str!("../ABI.md")]
+#[cfg(doctest)]
+pub struct AbiDoc;
+
 /// A replicated application: a deterministic state machine over byte commands.
 ///
 /// The state starts as `Self::default()`, built on the first call into the
@@ -69,6 +75,20 @@ pub trait App: Default + 'static {
     /// Answers a read-only query. The host discards anything a query writes to
     /// memory, so caching inside `query` is useless, not harmful.
     fn query(&self, query: &[u8]) -> Vec<u8>;
+
+    /// What the exports call: `apply`, with the result written into `out`
+    /// (empty on entry). The default calls [`App::apply`]. Override it (and
+    /// write `apply` on top of it) to reuse the SDK's result buffer instead of
+    /// allocating one per command: on a trivial app the allocator is most of
+    /// the guest's cost.
+    fn apply_into(&mut self, cmd: &[u8], out: &mut Vec<u8>) {
+        *out = self.apply(cmd);
+    }
+
+    /// [`App::query`] into a reused buffer, as [`App::apply_into`].
+    fn query_into(&self, query: &[u8], out: &mut Vec<u8>) {
+        *out = self.query(query);
+    }
 }
 
 /// State handover during an upgrade: the old module's `export_state` output

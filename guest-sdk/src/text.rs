@@ -45,6 +45,12 @@ pub fn err(reason: &str) -> Vec<u8> {
     [b"ERR ", reason.as_bytes()].concat()
 }
 
+/// Appends `ERR <reason>`, as [`err`] without allocating a new buffer.
+pub fn push_err(out: &mut Vec<u8>, reason: &str) {
+    out.extend_from_slice(b"ERR ");
+    out.extend_from_slice(reason.as_bytes());
+}
+
 /// Up to `N` space-separated words of a command, borrowed from it, so that a
 /// command can be matched as a slice pattern without allocating:
 /// `match words.as_slice() { ["add", n] => ..., _ => ... }`.
@@ -119,5 +125,8 @@ mod tests {
     #[test]
     fn err_prefixes_the_reason() {
         assert_eq!(err("usage: add N"), b"ERR usage: add N");
+        let mut out = b"kept ".to_vec();
+        push_err(&mut out, "overflow");
+        assert_eq!(out, b"kept ERR overflow");
     }
 }

@@ -5,7 +5,7 @@
 //! Malformed input → `ERR <reason>` and no change (guest-sdk/ABI.md, "Examples").
 #![forbid(unsafe_code)]
 
-use paxwasm_guest::text::{err, i64_bytes, words};
+use paxwasm_guest::text::{err, i64_bytes, push_err, push_i64, words};
 use paxwasm_guest::{export_app, App};
 
 #[derive(Debug, Default)]
@@ -21,25 +21,41 @@ impl Counter {
 
 impl App for Counter {
     fn apply(&mut self, cmd: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.apply_into(cmd, &mut out);
+        out
+    }
+
+    /// The real `apply`: writes into the SDK's reused buffer, so a command
+    /// allocates nothing.
+    fn apply_into(&mut self, cmd: &[u8], out: &mut Vec<u8>) {
+        // Fast path for the common exact form `add N`; anything else (extra
+        // spaces, errors) takes the general path below, with the same result.
+        if let Some(n) = cmd.strip_prefix(b"add ").and_then(parse_i64) {
+            if let Some(value) = self.value.checked_add(n) {
+                self.value = value;
+                return push_i64(out, value);
+            }
+        }
         let words = match words::<3>(cmd) {
             Ok(words) => words,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *out = refusal,
         };
         match words.as_slice() {
             ["add", n] => {
                 let Ok(n) = n.parse::<i64>() else {
-                    return err("usage: add N");
+                    return push_err(out, "usage: add N");
                 };
                 let Some(value) = self.value.checked_add(n) else {
-                    return err("overflow");
+                    return push_err(out, "overflow");
                 };
                 self.value = value;
-                i64_bytes(value)
+                push_i64(out, value);
             }
-            ["get"] => i64_bytes(self.value),
-            ["add", ..] => err("usage: add N"),
-            ["get", ..] => err("usage: get"),
-            _ => err("unknown command"),
+            ["get"] => push_i64(out, self.value),
+            ["add", ..] => push_err(out, "usage: add N"),
+            ["get", ..] => push_err(out, "usage: get"),
+            _ => push_err(out, "unknown command"),
         }
     }
 
@@ -54,6 +70,11 @@ impl App for Counter {
             _ => err("unknown query"),
         }
     }
+}
+
+/// A signed decimal, as `i64::from_str` reads it (optional `+`/`-`).
+fn parse_i64(digits: &[u8]) -> Option<i64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 export_app!(Counter);

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use paxwasm_guest::text::{err, words};
+use paxwasm_guest::text::{err, push_err, words};
 use paxwasm_guest::{export_app, App, Migrate};
 
 /// The first bytes of an exported v1 state.
@@ -46,19 +46,28 @@ impl Kv {
         self.entries.is_empty()
     }
 
-    fn get_result(&self, key: &str) -> Vec<u8> {
+    /// The value of `key`, or `NOT_FOUND`.
+    fn get_result(&self, key: &str) -> &[u8] {
         match self.entries.get(key) {
-            Some(value) => value.as_bytes().to_vec(),
-            None => NOT_FOUND.to_vec(),
+            Some(value) => value.as_bytes(),
+            None => NOT_FOUND,
         }
     }
 }
 
 impl App for Kv {
     fn apply(&mut self, cmd: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.apply_into(cmd, &mut out);
+        out
+    }
+
+    /// The real `apply`: writes into the SDK's reused buffer, so a command
+    /// allocates only what the map itself needs.
+    fn apply_into(&mut self, cmd: &[u8], out: &mut Vec<u8>) {
         let words = match words::<5>(cmd) {
             Ok(words) => words,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *out = refusal,
         };
         match *words.as_slice() {
             ["put", key, value] => {
@@ -70,20 +79,23 @@ impl App for Kv {
                         self.entries.insert(key.to_owned(), value.to_owned());
                     }
                 }
-                OK.to_vec()
+                out.extend_from_slice(OK);
             }
-            ["get", key] => self.get_result(key),
+            ["get", key] => out.extend_from_slice(self.get_result(key)),
             ["del", key] => match self.entries.remove(key) {
-                Some(_) => OK.to_vec(),
-                None => NOT_FOUND.to_vec(),
+                Some(_) => out.extend_from_slice(OK),
+                None => out.extend_from_slice(NOT_FOUND),
             },
             ["cas", key, expected, new] => match self.entries.get_mut(key) {
-                None => NOT_FOUND.to_vec(),
+                None => out.extend_from_slice(NOT_FOUND),
                 Some(current) if current == expected => {
                     new.clone_into(current);
-                    OK.to_vec()
+                    out.extend_from_slice(OK);
                 }
-                Some(current) => [b"MISMATCH ", current.as_bytes()].concat(),
+                Some(current) => {
+                    out.extend_from_slice(b"MISMATCH ");
+                    out.extend_from_slice(current.as_bytes());
+                }
             },
             ["append", key, value] => {
                 match self.entries.get_mut(key) {
@@ -95,14 +107,14 @@ impl App for Kv {
                         self.entries.insert(key.to_owned(), value.to_owned());
                     }
                 }
-                OK.to_vec()
+                out.extend_from_slice(OK);
             }
-            ["put", ..] => err("usage: put K V"),
-            ["get", ..] => err("usage: get K"),
-            ["del", ..] => err("usage: del K"),
-            ["cas", ..] => err("usage: cas K EXPECTED NEW"),
-            ["append", ..] => err("usage: append K V"),
-            _ => err("unknown command"),
+            ["put", ..] => push_err(out, "usage: put K V"),
+            ["get", ..] => push_err(out, "usage: get K"),
+            ["del", ..] => push_err(out, "usage: del K"),
+            ["cas", ..] => push_err(out, "usage: cas K EXPECTED NEW"),
+            ["append", ..] => push_err(out, "usage: append K V"),
+            _ => push_err(out, "unknown command"),
         }
     }
 
@@ -112,7 +124,7 @@ impl App for Kv {
             Err(refusal) => return refusal,
         };
         match *words.as_slice() {
-            ["get", key] => self.get_result(key),
+            ["get", key] => self.get_result(key).to_vec(),
             ["get", ..] => err("usage: get K"),
             _ => err("unknown query"),
         }
