@@ -472,3 +472,47 @@ fn a_promise_that_goes_backwards_stops_the_store() {
     assert_eq!(store.write_blocking(promise(4)), Err(StorageError::Stopped));
     assert_eq!(store.write_blocking(promise(6)), Err(StorageError::Stopped));
 }
+
+/// Rewrites one key of the `node` keyspace behind the store's back, as an older or newer
+/// build (or a half-created store) would have left it.
+fn tamper_identity(dir: &Path, key: &str, value: Option<&[u8]>) {
+    let db = fjall::Database::builder(dir.join(paxwasm::storage::STORE_DIR_NAME))
+        .open()
+        .unwrap();
+    let node = db
+        .keyspace("node", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    match value {
+        Some(value) => node.insert(key, value).unwrap(),
+        None => node.remove(key).unwrap(),
+    }
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
+#[test]
+fn another_format_version_or_a_store_without_identity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path());
+        store.write_blocking(accept(1, b"one")).unwrap();
+    }
+    tamper_identity(dir.path(), "format_version", Some(&2u32.to_be_bytes()));
+    assert_eq!(
+        Store::open(dir.path(), CLUSTER, NODE).err().unwrap(),
+        StorageError::UnsupportedFormat {
+            dir: dir.path().to_path_buf(),
+            found: 2,
+            supported: paxwasm::storage::FORMAT_VERSION,
+        }
+    );
+    tamper_identity(dir.path(), "format_version", None);
+    let error = Store::open(dir.path(), CLUSTER, NODE).err().unwrap();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot open data directory {}: the store has acceptor data but no complete node \
+             identity; refusing to adopt it",
+            dir.path().display()
+        )
+    );
+}
