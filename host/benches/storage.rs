@@ -2,6 +2,10 @@
 //! 128-byte accepted entries, each writer in a closed loop (submit, wait until durable,
 //! repeat).
 //!
+//! Two ways to drive the store: one OS thread per writer (`group-threads`) and one tokio
+//! task per writer on a single runtime thread (`group-tasks`, how the node calls it). The
+//! `in sync` column is the share of wall time the committer spent inside fdatasync.
+//!
 //! Baseline, measured in the same run: the same writers calling fjall directly, one
 //! `insert` + `persist(SyncData)` per write, which is what fjall gives without a group
 //! commit of our own.
@@ -10,6 +14,7 @@
 //! case, default 3).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
@@ -22,6 +27,8 @@ const SECS_DEFAULT: u64 = 3;
 struct Outcome {
     writes: u64,
     syncs: u64,
+    /// Time inside fdatasync, when known.
+    sync_time: Option<Duration>,
     elapsed: Duration,
     latencies_us: Vec<u64>,
 }
@@ -36,12 +43,16 @@ impl Outcome {
             latencies.get(index).copied().unwrap_or(0)
         };
         println!(
-            "{name:<12} {writers:>7} {:>10.0} {:>9.0} {:>12.1} {:>9} {:>9}",
+            "{name:<13} {writers:>7} {:>10.0} {:>9.0} {:>12.1} {:>9} {:>9} {:>10}",
             self.writes as f64 / secs,
             self.syncs as f64 / secs,
             self.writes as f64 / self.syncs.max(1) as f64,
             percentile(0.50),
             percentile(0.99),
+            self.sync_time.map_or("-".to_string(), |t| format!(
+                "{:.0}%",
+                100.0 * t.as_secs_f64() / secs
+            )),
         );
     }
 }
@@ -101,6 +112,72 @@ fn bench_store(writers: u64, duration: Duration) -> Outcome {
     Outcome {
         writes,
         syncs: after.syncs - before.syncs,
+        sync_time: Some(Duration::from_micros(
+            after.sync_time_us - before.sync_time_us,
+        )),
+        elapsed,
+        latencies_us,
+    }
+}
+
+/// The same closed loop with writers as tasks on one tokio thread, as the node runtime
+/// will call the store (no OS thread per writer to wake).
+fn bench_store_tasks(writers: u64, duration: Duration) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), "bench", 1).unwrap();
+    let store = Arc::new(store);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let before = store.metrics();
+    let started = Instant::now();
+    let timer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            std::thread::sleep(duration);
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let latencies_us: Vec<u64> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..writers)
+            .map(|writer| {
+                let store = Arc::clone(&store);
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let begun = Instant::now();
+                        let batch = WriteBatch {
+                            accepted: vec![(slot(writers, writer, i), vec![0xAB; ENTRY_BYTES])],
+                            ..WriteBatch::default()
+                        };
+                        store.write(batch).await.unwrap();
+                        latencies.push(begun.elapsed().as_micros() as u64);
+                        i += 1;
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    let elapsed = started.elapsed();
+    timer.join().unwrap();
+    let after = store.metrics();
+    let writes = latencies_us.len() as u64;
+    assert_eq!(after.batches - before.batches, writes);
+    Outcome {
+        writes,
+        syncs: after.syncs - before.syncs,
+        sync_time: Some(Duration::from_micros(
+            after.sync_time_us - before.sync_time_us,
+        )),
         elapsed,
         latencies_us,
     }
@@ -128,6 +205,29 @@ fn bench_fjall_direct(writers: u64, duration: Duration) -> Outcome {
         writes,
         // One persist (one fdatasync) per write.
         syncs: writes,
+        sync_time: None,
+        elapsed,
+        latencies_us,
+    }
+}
+
+/// The disk itself at the time of the run: append 4 KiB and fdatasync, in a loop.
+fn raw_fdatasync(duration: Duration) -> Outcome {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = std::fs::File::create(dir.path().join("probe")).unwrap();
+    let block = vec![0x5A; 4096];
+    let (writes, elapsed, latencies_us) = closed_loop(1, duration, &|_, _| {
+        // Only one writer, so the closure is never entered concurrently.
+        let mut file = &file;
+        file.write_all(&block).unwrap();
+        file.sync_data().unwrap();
+    });
+    file.flush().unwrap();
+    Outcome {
+        writes,
+        syncs: writes,
+        sync_time: Some(elapsed),
         elapsed,
         latencies_us,
     }
@@ -158,20 +258,23 @@ fn main() {
             .trim()
     );
     println!(
-        "{:<12} {:>7} {:>10} {:>9} {:>12} {:>9} {:>9}",
-        "store", "writers", "writes/s", "syncs/s", "writes/sync", "p50 us", "p99 us"
+        "{:<13} {:>7} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10}",
+        "store", "writers", "writes/s", "syncs/s", "writes/sync", "p50 us", "p99 us", "in sync"
     );
+    raw_fdatasync(duration).print("raw-4KiB-sync", 1);
     for writers in WRITERS {
         let direct = bench_fjall_direct(writers, duration);
         direct.print("fjall-direct", writers);
         let grouped = bench_store(writers, duration);
-        grouped.print("group-commit", writers);
-        let direct_rate = direct.writes as f64 / direct.elapsed.as_secs_f64();
-        let grouped_rate = grouped.writes as f64 / grouped.elapsed.as_secs_f64();
+        grouped.print("group-threads", writers);
+        let tasks = bench_store_tasks(writers, duration);
+        tasks.print("group-tasks", writers);
+        let rate = |o: &Outcome| o.writes as f64 / o.elapsed.as_secs_f64();
         println!(
-            "{:<12} {writers:>7} {:>9.1}x",
+            "{:<13} {writers:>7} {:>9.1}x {:>8.1}x  (writes/s vs fjall-direct: threads, tasks)",
             "ratio",
-            grouped_rate / direct_rate
+            rate(&grouped) / rate(&direct),
+            rate(&tasks) / rate(&direct),
         );
     }
     println!(
