@@ -4,7 +4,9 @@
 //!
 //! Two ways to drive the store: one OS thread per writer (`group-threads`) and one tokio
 //! task per writer on a single runtime thread (`group-tasks`, how the node calls it). The
-//! `in sync` column is the share of wall time the committer spent inside fdatasync.
+//! `in sync` column is the share of wall time the committer spent inside fdatasync;
+//! `cpu us/write` is the CPU time of the whole process (all threads, fjall's included) per
+//! acknowledged write.
 //!
 //! Baseline, measured in the same run: the same writers calling fjall directly, one
 //! `insert` + `persist(SyncData)` per write, which is what fjall gives without a group
@@ -33,8 +35,34 @@ struct Outcome {
     latencies_us: Vec<u64>,
 }
 
+/// Linux reports process CPU time in /proc in USER_HZ ticks, fixed at 100 by the ABI.
+const USER_HZ: u64 = 100;
+
+/// User + system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces);
+    // utime and stime are fields 14 and 15 of the whole line.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after_name
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / USER_HZ)
+}
+
+/// Runs one case and prints its line, with the CPU time the whole process used.
+fn run(name: &str, writers: u64, case: impl FnOnce() -> Outcome) -> Outcome {
+    let cpu_before = process_cpu();
+    let outcome = case();
+    let cpu = process_cpu() - cpu_before;
+    outcome.print(name, writers, cpu);
+    outcome
+}
+
 impl Outcome {
-    fn print(&self, name: &str, writers: u64) {
+    fn print(&self, name: &str, writers: u64, cpu: Duration) {
         let secs = self.elapsed.as_secs_f64();
         let mut latencies = self.latencies_us.clone();
         latencies.sort_unstable();
@@ -43,7 +71,7 @@ impl Outcome {
             latencies.get(index).copied().unwrap_or(0)
         };
         println!(
-            "{name:<13} {writers:>7} {:>10.0} {:>9.0} {:>12.1} {:>9} {:>9} {:>10}",
+            "{name:<13} {writers:>7} {:>10.0} {:>9.0} {:>12.1} {:>9} {:>9} {:>8} {:>11.1}",
             self.writes as f64 / secs,
             self.syncs as f64 / secs,
             self.writes as f64 / self.syncs.max(1) as f64,
@@ -53,6 +81,7 @@ impl Outcome {
                 "{:.0}%",
                 100.0 * t.as_secs_f64() / secs
             )),
+            cpu.as_secs_f64() * 1e6 / self.writes.max(1) as f64,
         );
     }
 }
@@ -258,17 +287,26 @@ fn main() {
             .trim()
     );
     println!(
-        "{:<13} {:>7} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10}",
-        "store", "writers", "writes/s", "syncs/s", "writes/sync", "p50 us", "p99 us", "in sync"
+        "{:<13} {:>7} {:>10} {:>9} {:>12} {:>9} {:>9} {:>8} {:>11}",
+        "store",
+        "writers",
+        "writes/s",
+        "syncs/s",
+        "writes/sync",
+        "p50 us",
+        "p99 us",
+        "in sync",
+        "cpu us/write"
     );
-    raw_fdatasync(duration).print("raw-4KiB-sync", 1);
+    run("raw-4KiB-sync", 1, || raw_fdatasync(duration));
     for writers in WRITERS {
-        let direct = bench_fjall_direct(writers, duration);
-        direct.print("fjall-direct", writers);
-        let grouped = bench_store(writers, duration);
-        grouped.print("group-threads", writers);
-        let tasks = bench_store_tasks(writers, duration);
-        tasks.print("group-tasks", writers);
+        let direct = run("fjall-direct", writers, || {
+            bench_fjall_direct(writers, duration)
+        });
+        let grouped = run("group-threads", writers, || bench_store(writers, duration));
+        let tasks = run("group-tasks", writers, || {
+            bench_store_tasks(writers, duration)
+        });
         let rate = |o: &Outcome| o.writes as f64 / o.elapsed.as_secs_f64();
         println!(
             "{:<13} {writers:>7} {:>9.1}x {:>8.1}x  (writes/s vs fjall-direct: threads, tasks)",
