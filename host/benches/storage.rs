@@ -13,7 +13,7 @@
 //! commit of our own.
 //!
 //! Run: `cargo bench -p paxwasm --bench storage` (`PAXWASM_BENCH_SECS` sets the seconds per
-//! case, default 3).
+//! case, default 3; `PAXWASM_BENCH_CASES=group-tasks,group-threads` runs only those).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,13 +52,19 @@ fn process_cpu() -> Duration {
     Duration::from_millis(ticks * 1000 / USER_HZ)
 }
 
-/// Runs one case and prints its line, with the CPU time the whole process used.
-fn run(name: &str, writers: u64, case: impl FnOnce() -> Outcome) -> Outcome {
+/// Runs one case and prints its line, with the CPU time the whole process used; `None`
+/// when `PAXWASM_BENCH_CASES` (a comma-separated list of case names) leaves it out.
+fn run(name: &str, writers: u64, case: impl FnOnce() -> Outcome) -> Option<Outcome> {
+    if let Ok(cases) = std::env::var("PAXWASM_BENCH_CASES") {
+        if !cases.split(',').any(|c| c == name) {
+            return None;
+        }
+    }
     let cpu_before = process_cpu();
     let outcome = case();
     let cpu = process_cpu() - cpu_before;
     outcome.print(name, writers, cpu);
-    outcome
+    Some(outcome)
 }
 
 impl Outcome {
@@ -308,12 +314,14 @@ fn main() {
             bench_store_tasks(writers, duration)
         });
         let rate = |o: &Outcome| o.writes as f64 / o.elapsed.as_secs_f64();
-        println!(
-            "{:<13} {writers:>7} {:>9.1}x {:>8.1}x  (writes/s vs fjall-direct: threads, tasks)",
-            "ratio",
-            rate(&grouped) / rate(&direct),
-            rate(&tasks) / rate(&direct),
-        );
+        if let (Some(direct), Some(grouped), Some(tasks)) = (direct, grouped, tasks) {
+            println!(
+                "{:<13} {writers:>7} {:>9.1}x {:>8.1}x  (writes/s vs fjall-direct: threads, tasks)",
+                "ratio",
+                rate(&grouped) / rate(&direct),
+                rate(&tasks) / rate(&direct),
+            );
+        }
     }
     println!(
         "load average at end: {}",
