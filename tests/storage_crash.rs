@@ -42,6 +42,16 @@ fn spawn_child(test_name: &str, dir: &Path, stderr: Stdio) -> std::process::Chil
         .unwrap()
 }
 
+/// Kills the child if the parent test fails before it does, so no writer outlives the test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A small xorshift generator: the kill moment is random, and the seed is printed so a
 /// failing run can be replayed.
 struct Rng(u64);
@@ -133,12 +143,12 @@ fn kill_9_loses_no_acknowledged_write() {
     let mut all_acked: BTreeMap<u64, ()> = BTreeMap::new();
 
     for round in 0..KILL_ROUNDS {
-        let mut child = spawn_child(
+        let mut child = KillOnDrop(spawn_child(
             "kill_9_loses_no_acknowledged_write",
             dir.path(),
             Stdio::inherit(),
-        );
-        let stdout = child.stdout.take().unwrap();
+        ));
+        let stdout = child.0.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::<String>::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = {
@@ -163,8 +173,8 @@ fn kill_9_loses_no_acknowledged_write() {
             .expect("the child did not open the store");
         let delay_ms = 50 + rng.next() % 500;
         std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
+        child.0.kill().unwrap();
+        let status = child.0.wait().unwrap();
         assert_eq!(
             status.signal(),
             Some(SIGKILL),

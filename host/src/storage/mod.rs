@@ -157,8 +157,8 @@ pub type FaultHook = Arc<dyn Fn(FaultPoint) -> std::io::Result<()> + Send + Sync
 /// logged. After a failed `fdatasync` the kernel may have dropped the dirty pages, so the
 /// state on disk is unknown: the only safe move is to stop and recover from disk on
 /// restart. The production handler ([`AbortProcess`]) never returns. A test handler may
-/// return; the store then fails every waiting and every later write and never touches the
-/// disk again.
+/// return; the store then fails every waiting and every later write and issues no further
+/// writes of its own.
 pub trait FailStop: Send + Sync + 'static {
     fn fail_stop(&self, error: &StorageError);
 }
