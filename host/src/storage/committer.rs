@@ -23,7 +23,9 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use super::layout::{self, Keyspaces};
-use super::{Ballot, FaultPoint, Recovered, Request, Shared, StorageConfig, StorageError};
+use super::{
+    is_disk_full, Ballot, FaultPoint, Recovered, Request, Shared, StorageConfig, StorageError,
+};
 
 pub(super) struct Committer {
     config: StorageConfig,
@@ -301,17 +303,11 @@ impl Committer {
 /// A full disk gets its own error (and log line): it is the one failure an operator can
 /// fix by freeing space.
 fn classify(shared: &Shared, error: &fjall::Error) -> StorageError {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = cause {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::StorageFull {
-                return StorageError::DiskFull {
-                    dir: shared.dir.clone(),
-                    reason: io.to_string(),
-                };
-            }
-        }
-        cause = current.source();
+    if is_disk_full(error) {
+        return StorageError::DiskFull {
+            dir: shared.dir.clone(),
+            reason: error.to_string(),
+        };
     }
     StorageError::WriteFailed {
         dir: shared.dir.clone(),

@@ -267,6 +267,20 @@ impl fmt::Display for StorageError {
 
 impl std::error::Error for StorageError {}
 
+/// True when `error` or one of its causes is ENOSPC.
+fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull {
+                return true;
+            }
+        }
+        cause = current.source();
+    }
+    false
+}
+
 /// Counters for /metrics. Monotonic except `queue_depth`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StorageMetrics {
