@@ -410,6 +410,14 @@ fn delete_below_forgets_entries_and_deletes_them_in_steps() {
 }
 
 fn fail_stop_at(point: FaultPoint, error_kind: std::io::ErrorKind) -> StorageError {
+    fail_stop_with(point, error_kind, StorageConfig::default())
+}
+
+fn fail_stop_with(
+    point: FaultPoint,
+    error_kind: std::io::ErrorKind,
+    config: StorageConfig,
+) -> StorageError {
     let dir = tempfile::tempdir().unwrap();
     let handler = Arc::new(RecordFailStop::default());
     let hook: FaultHook = Arc::new(move |at| {
@@ -422,7 +430,7 @@ fn fail_stop_at(point: FaultPoint, error_kind: std::io::ErrorKind) -> StorageErr
     let config = StorageConfig {
         fail_stop: handler.clone(),
         fault_hook: Some(hook),
-        ..StorageConfig::default()
+        ..config
     };
     let (store, _) = Store::open_with(config, dir.path(), CLUSTER, NODE).unwrap();
     let error = store.write_blocking(accept(1, b"lost")).unwrap_err();
@@ -455,6 +463,25 @@ fn a_full_disk_is_fail_stop_saying_the_disk_is_full() {
     assert!(
         error.to_string().starts_with("the disk is full (ENOSPC)"),
         "{error}"
+    );
+}
+
+#[test]
+fn a_failure_with_little_free_space_is_reported_as_a_full_disk() {
+    // fjall reports ENOSPC met by its background flush only as `Poisoned`; the free space
+    // left decides. Every filesystem has less than u64::MAX bytes free.
+    let config = StorageConfig {
+        disk_full_free_bytes_max: u64::MAX,
+        ..StorageConfig::default()
+    };
+    let error = fail_stop_with(FaultPoint::Sync, std::io::ErrorKind::Other, config);
+    let StorageError::DiskFull { reason, .. } = &error else {
+        panic!("expected DiskFull, got {error:?}");
+    };
+    assert!(reason.contains("injected"), "{reason}");
+    assert!(
+        reason.ends_with("bytes free on that filesystem)"),
+        "{reason}"
     );
 }
 
