@@ -410,6 +410,14 @@ fn delete_below_forgets_entries_and_deletes_them_in_steps() {
 }
 
 fn fail_stop_at(point: FaultPoint, error_kind: std::io::ErrorKind) -> StorageError {
+    fail_stop_with(point, error_kind, StorageConfig::default())
+}
+
+fn fail_stop_with(
+    point: FaultPoint,
+    error_kind: std::io::ErrorKind,
+    config: StorageConfig,
+) -> StorageError {
     let dir = tempfile::tempdir().unwrap();
     let handler = Arc::new(RecordFailStop::default());
     let hook: FaultHook = Arc::new(move |at| {
@@ -422,7 +430,7 @@ fn fail_stop_at(point: FaultPoint, error_kind: std::io::ErrorKind) -> StorageErr
     let config = StorageConfig {
         fail_stop: handler.clone(),
         fault_hook: Some(hook),
-        ..StorageConfig::default()
+        ..config
     };
     let (store, _) = Store::open_with(config, dir.path(), CLUSTER, NODE).unwrap();
     let error = store.write_blocking(accept(1, b"lost")).unwrap_err();
@@ -459,6 +467,25 @@ fn a_full_disk_is_fail_stop_saying_the_disk_is_full() {
 }
 
 #[test]
+fn a_failure_with_little_free_space_is_reported_as_a_full_disk() {
+    // fjall reports ENOSPC met by its background flush only as `Poisoned`; the free space
+    // left decides. Every filesystem has less than u64::MAX bytes free.
+    let config = StorageConfig {
+        disk_full_free_bytes_max: u64::MAX,
+        ..StorageConfig::default()
+    };
+    let error = fail_stop_with(FaultPoint::Sync, std::io::ErrorKind::Other, config);
+    let StorageError::DiskFull { reason, .. } = &error else {
+        panic!("expected DiskFull, got {error:?}");
+    };
+    assert!(reason.contains("injected"), "{reason}");
+    assert!(
+        reason.ends_with("bytes free on that filesystem)"),
+        "{reason}"
+    );
+}
+
+#[test]
 fn a_promise_that_goes_backwards_stops_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());
@@ -471,4 +498,48 @@ fn a_promise_that_goes_backwards_stops_the_store() {
     // A programmer error in the caller: the committer panics and never writes it.
     assert_eq!(store.write_blocking(promise(4)), Err(StorageError::Stopped));
     assert_eq!(store.write_blocking(promise(6)), Err(StorageError::Stopped));
+}
+
+/// Rewrites one key of the `node` keyspace behind the store's back, as an older or newer
+/// build (or a half-created store) would have left it.
+fn tamper_identity(dir: &Path, key: &str, value: Option<&[u8]>) {
+    let db = fjall::Database::builder(dir.join(paxwasm::storage::STORE_DIR_NAME))
+        .open()
+        .unwrap();
+    let node = db
+        .keyspace("node", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    match value {
+        Some(value) => node.insert(key, value).unwrap(),
+        None => node.remove(key).unwrap(),
+    }
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
+#[test]
+fn another_format_version_or_a_store_without_identity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path());
+        store.write_blocking(accept(1, b"one")).unwrap();
+    }
+    tamper_identity(dir.path(), "format_version", Some(&2u32.to_be_bytes()));
+    assert_eq!(
+        Store::open(dir.path(), CLUSTER, NODE).err().unwrap(),
+        StorageError::UnsupportedFormat {
+            dir: dir.path().to_path_buf(),
+            found: 2,
+            supported: paxwasm::storage::FORMAT_VERSION,
+        }
+    );
+    tamper_identity(dir.path(), "format_version", None);
+    let error = Store::open(dir.path(), CLUSTER, NODE).err().unwrap();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot open data directory {}: the store has acceptor data but no complete node \
+             identity; refusing to adopt it",
+            dir.path().display()
+        )
+    );
 }

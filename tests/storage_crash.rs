@@ -21,6 +21,8 @@ const CHILD_DIR_ENV: &str = "PAXWASM_STORAGE_CHILD_DIR";
 const WRITERS: u64 = 8;
 const ENTRY_BYTES: usize = 128;
 const KILL_ROUNDS: usize = 5;
+/// The kill comes a random 0..this many milliseconds after the first acknowledgement.
+const KILL_DELAY_MS_MAX: u64 = 550;
 const SIGABRT: i32 = 6;
 const SIGKILL: i32 = 9;
 
@@ -40,6 +42,16 @@ fn spawn_child(test_name: &str, dir: &Path, stderr: Stdio) -> std::process::Chil
         .stderr(stderr)
         .spawn()
         .unwrap()
+}
+
+/// Kills the child if the parent test fails before it does, so no writer outlives the test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A small xorshift generator: the kill moment is random, and the seed is printed so a
@@ -133,14 +145,14 @@ fn kill_9_loses_no_acknowledged_write() {
     let mut all_acked: BTreeMap<u64, ()> = BTreeMap::new();
 
     for round in 0..KILL_ROUNDS {
-        let mut child = spawn_child(
+        let mut child = KillOnDrop(spawn_child(
             "kill_9_loses_no_acknowledged_write",
             dir.path(),
             Stdio::inherit(),
-        );
-        let stdout = child.stdout.take().unwrap();
+        ));
+        let stdout = child.0.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (first_ack_tx, first_ack_rx) = std::sync::mpsc::channel();
         let reader = {
             let lines = Arc::clone(&lines);
             std::thread::spawn(move || {
@@ -149,8 +161,9 @@ fn kill_9_loses_no_acknowledged_write() {
                 while stdout.read_line(&mut line).unwrap() > 0 {
                     // A line cut short by the kill (no newline) acknowledges nothing.
                     if let Some(whole) = line.strip_suffix('\n') {
-                        if whole == "ready" {
-                            ready_tx.send(()).unwrap();
+                        if whole.starts_with("acked ") {
+                            // Only the first send matters; later ones find no receiver.
+                            let _ = first_ack_tx.send(());
                         }
                         lines.lock().unwrap().push(whole.to_string());
                     }
@@ -158,13 +171,15 @@ fn kill_9_loses_no_acknowledged_write() {
                 }
             })
         };
-        ready_rx
+        // The random delay starts at the first acknowledgement, so a slow first sync on a
+        // busy disk cannot make a round acknowledge nothing.
+        first_ack_rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("the child did not open the store");
-        let delay_ms = 50 + rng.next() % 500;
+            .expect("the child acknowledged no write within 60 s");
+        let delay_ms = rng.next() % KILL_DELAY_MS_MAX;
         std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
+        child.0.kill().unwrap();
+        let status = child.0.wait().unwrap();
         assert_eq!(
             status.signal(),
             Some(SIGKILL),
@@ -175,7 +190,7 @@ fn kill_9_loses_no_acknowledged_write() {
         let acked = parse_acknowledged(&lines.lock().unwrap());
         assert!(
             !acked.slots.is_empty(),
-            "round {round}: the child acknowledged nothing in {delay_ms} ms"
+            "round {round}: no acknowledgement parsed"
         );
         let (_store, recovered) = Store::open(dir.path(), CLUSTER, NODE).unwrap();
         for slot in &acked.slots {

@@ -23,7 +23,9 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use super::layout::{self, Keyspaces};
-use super::{Ballot, FaultPoint, Recovered, Request, Shared, StorageConfig, StorageError};
+use super::{
+    is_disk_full, Ballot, FaultPoint, Recovered, Request, Shared, StorageConfig, StorageError,
+};
 
 pub(super) struct Committer {
     config: StorageConfig,
@@ -281,7 +283,7 @@ impl Committer {
     /// fail-stop handler (which aborts the process in production), and if that returns,
     /// fails every waiting and later request.
     fn fail_stop(mut self, error: &fjall::Error, requests: Vec<Request>) {
-        let error = classify(&self.shared, error);
+        let error = classify(&self.shared, &self.config, error);
         tracing::error!(
             "storage fail-stop: {error}; stopping now, because after a failed write or sync \
              the disk may not hold what was acknowledged"
@@ -299,23 +301,29 @@ impl Committer {
 }
 
 /// A full disk gets its own error (and log line): it is the one failure an operator can
-/// fix by freeing space.
-fn classify(shared: &Shared, error: &fjall::Error) -> StorageError {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = cause {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::StorageFull {
-                return StorageError::DiskFull {
-                    dir: shared.dir.clone(),
-                    reason: io.to_string(),
-                };
-            }
+/// fix by freeing space. fjall does not always say so: when a background flush hits ENOSPC
+/// it poisons the database, and the committer's next write or sync only sees
+/// `Poisoned`. So a failure on a filesystem with less than `disk_full_free_bytes_max` free
+/// counts as a full disk too, and every message says how much was free.
+fn classify(shared: &Shared, config: &StorageConfig, error: &fjall::Error) -> StorageError {
+    let free_bytes = rustix::fs::statvfs(&shared.dir)
+        .ok()
+        .map(|stat| stat.f_bavail.saturating_mul(stat.f_frsize));
+    let reason = match free_bytes {
+        Some(free) => format!("{error} ({free} bytes free on that filesystem)"),
+        None => error.to_string(),
+    };
+    let nearly_full = free_bytes.is_some_and(|free| free < config.disk_full_free_bytes_max);
+    if is_disk_full(error) || nearly_full {
+        StorageError::DiskFull {
+            dir: shared.dir.clone(),
+            reason,
         }
-        cause = current.source();
-    }
-    StorageError::WriteFailed {
-        dir: shared.dir.clone(),
-        reason: error.to_string(),
+    } else {
+        StorageError::WriteFailed {
+            dir: shared.dir.clone(),
+            reason,
+        }
     }
 }
 

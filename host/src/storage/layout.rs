@@ -20,7 +20,7 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{Ballot, Recovered, StorageConfig, StorageError, STORE_DIR_NAME};
+use super::{is_disk_full, Ballot, Recovered, StorageConfig, StorageError, STORE_DIR_NAME};
 
 /// Version of the layout above; bump it when the layout changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
@@ -91,6 +91,17 @@ fn open_error(dir: &Path, reason: impl std::fmt::Display) -> StorageError {
     }
 }
 
+/// An I/O failure while opening: a full disk says so, anything else is an open error.
+fn io_error(dir: &Path, error: &(dyn std::error::Error + 'static)) -> StorageError {
+    if is_disk_full(error) {
+        return StorageError::DiskFull {
+            dir: dir.to_path_buf(),
+            reason: error.to_string(),
+        };
+    }
+    open_error(dir, error)
+}
+
 fn read_error(dir: &Path, error: fjall::Error) -> StorageError {
     StorageError::ReadFailed {
         dir: dir.to_path_buf(),
@@ -103,7 +114,7 @@ pub(super) fn open_database(
     config: &StorageConfig,
     dir: &Path,
 ) -> Result<(Database, Keyspaces), StorageError> {
-    std::fs::create_dir_all(dir).map_err(|e| open_error(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
     let db = Database::builder(dir.join(STORE_DIR_NAME))
         .cache_size(config.cache_bytes)
         // The committer syncs explicitly once per group; nothing else should write through.
@@ -113,13 +124,13 @@ pub(super) fn open_database(
             fjall::Error::Locked => StorageError::Locked {
                 dir: dir.to_path_buf(),
             },
-            e => open_error(dir, e),
+            e => io_error(dir, &e),
         })?;
     let keyspace = |name: &str| {
         db.keyspace(name, || {
             KeyspaceCreateOptions::default().manual_journal_persist(true)
         })
-        .map_err(|e| open_error(dir, e))
+        .map_err(|e| io_error(dir, &e))
     };
     let keyspaces = Keyspaces {
         node: keyspace(KEYSPACE_NODE)?,
@@ -138,7 +149,7 @@ pub(super) fn check_or_create_identity(
     cluster_id: &str,
     node_id: u64,
 ) -> Result<(), StorageError> {
-    let get = |key: &[u8]| keyspaces.node.get(key).map_err(|e| open_error(dir, e));
+    let get = |key: &[u8]| keyspaces.node.get(key).map_err(|e| io_error(dir, &e));
     let (Some(found_cluster), Some(found_node), Some(found_version)) = (
         get(KEY_CLUSTER_ID)?,
         get(KEY_NODE_ID)?,
@@ -185,7 +196,7 @@ fn create_identity(
         &keyspaces.entries,
         &keyspaces.meta,
     ] {
-        if !keyspace.is_empty().map_err(|e| open_error(dir, e))? {
+        if !keyspace.is_empty().map_err(|e| io_error(dir, &e))? {
             return Err(open_error(
                 dir,
                 "the store has acceptor data but no complete node identity; refusing to adopt it",
@@ -200,9 +211,9 @@ fn create_identity(
         KEY_FORMAT_VERSION,
         FORMAT_VERSION.to_be_bytes(),
     );
-    batch.commit().map_err(|e| open_error(dir, e))?;
+    batch.commit().map_err(|e| io_error(dir, &e))?;
     db.persist(PersistMode::SyncAll)
-        .map_err(|e| open_error(dir, e))?;
+        .map_err(|e| io_error(dir, &e))?;
     tracing::info!(dir = %dir.display(), cluster_id, node_id, "created a new acceptor store");
     Ok(())
 }
@@ -210,7 +221,7 @@ fn create_identity(
 /// Reads the whole acceptor state.
 pub(super) fn recover(keyspaces: &Keyspaces, dir: &Path) -> Result<Recovered, StorageError> {
     let corrupt = |e: String| open_error(dir, e);
-    let get = |key: &[u8]| keyspaces.acceptor.get(key).map_err(|e| open_error(dir, e));
+    let get = |key: &[u8]| keyspaces.acceptor.get(key).map_err(|e| io_error(dir, &e));
     let promised = get(KEY_PROMISED)?
         .map(|bytes| decode_ballot(&bytes))
         .transpose()
@@ -227,13 +238,13 @@ pub(super) fn recover(keyspaces: &Keyspaces, dir: &Path) -> Result<Recovered, St
 
     let mut accepted = BTreeMap::new();
     for guard in keyspaces.entries.range(slot_key(log_start)..) {
-        let (key, value) = guard.into_inner().map_err(|e| open_error(dir, e))?;
+        let (key, value) = guard.into_inner().map_err(|e| io_error(dir, &e))?;
         let slot = decode_u64(&key, "an entry key").map_err(corrupt)?;
         accepted.insert(slot, value.to_vec());
     }
     let mut meta = BTreeMap::new();
     for guard in keyspaces.meta.iter() {
-        let (key, value) = guard.into_inner().map_err(|e| open_error(dir, e))?;
+        let (key, value) = guard.into_inner().map_err(|e| io_error(dir, &e))?;
         let key = String::from_utf8(key.to_vec())
             .map_err(|_| open_error(dir, "a metadata key is not UTF-8"))?;
         meta.insert(key, value.to_vec());

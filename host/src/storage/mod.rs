@@ -106,6 +106,12 @@ pub struct StorageConfig {
     pub delete_keys_per_step_max: usize,
     /// fjall block cache size.
     pub cache_bytes: u64,
+    /// A failed write on a filesystem with less free space than this is reported as a full
+    /// disk even when fjall's error does not say ENOSPC (fjall reports a full disk met by its
+    /// background flush only as `Poisoned`). Default 64 MiB: about the largest single
+    /// allocation fjall makes (journal preallocation), so less than that free at a failure
+    /// means the disk filled up.
+    pub disk_full_free_bytes_max: u64,
     /// What to do when a write or sync fails; the default aborts the process.
     pub fail_stop: Arc<dyn FailStop>,
     /// Test hook: runs before every fjall write and every sync of the committer and can
@@ -121,6 +127,7 @@ impl Default for StorageConfig {
             group_bytes_max: 16 * 1024 * 1024,
             delete_keys_per_step_max: 1024,
             cache_bytes: 32 * 1024 * 1024,
+            disk_full_free_bytes_max: 64 * 1024 * 1024,
             fail_stop: Arc::new(AbortProcess),
             fault_hook: None,
         }
@@ -135,6 +142,7 @@ impl fmt::Debug for StorageConfig {
             .field("group_bytes_max", &self.group_bytes_max)
             .field("delete_keys_per_step_max", &self.delete_keys_per_step_max)
             .field("cache_bytes", &self.cache_bytes)
+            .field("disk_full_free_bytes_max", &self.disk_full_free_bytes_max)
             .field("fault_hook", &self.fault_hook.is_some())
             .finish_non_exhaustive()
     }
@@ -157,8 +165,8 @@ pub type FaultHook = Arc<dyn Fn(FaultPoint) -> std::io::Result<()> + Send + Sync
 /// logged. After a failed `fdatasync` the kernel may have dropped the dirty pages, so the
 /// state on disk is unknown: the only safe move is to stop and recover from disk on
 /// restart. The production handler ([`AbortProcess`]) never returns. A test handler may
-/// return; the store then fails every waiting and every later write and never touches the
-/// disk again.
+/// return; the store then fails every waiting and every later write and issues no further
+/// writes of its own.
 pub trait FailStop: Send + Sync + 'static {
     fn fail_stop(&self, error: &StorageError);
 }
@@ -266,6 +274,20 @@ impl fmt::Display for StorageError {
 }
 
 impl std::error::Error for StorageError {}
+
+/// True when `error` or one of its causes is ENOSPC.
+fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull {
+                return true;
+            }
+        }
+        cause = current.source();
+    }
+    false
+}
 
 /// Counters for /metrics. Monotonic except `queue_depth`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
