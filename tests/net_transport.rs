@@ -10,10 +10,9 @@ use paxwasm::net::frame::{
     encode_frame, FrameDecoder, FrameKind, Hello, HEADER_BYTES, HELLO_BYTES, MAGIC,
     PROTOCOL_VERSION,
 };
-use paxwasm::net::{Inbound, NodeId, SendError, Transport, TransportConfig};
+use paxwasm::net::{Inbound, InboundReceiver, NodeId, SendError, Transport, TransportConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 const CLUSTER: u64 = 0x5eed;
 /// Upper bound for anything the tests wait on; a healthy run needs milliseconds.
@@ -27,7 +26,7 @@ fn config(node_id: NodeId) -> TransportConfig {
     }
 }
 
-async fn start(config: TransportConfig) -> (Transport, mpsc::Receiver<Inbound>) {
+async fn start(config: TransportConfig) -> (Transport, InboundReceiver) {
     // Shows the transport's log lines in failing tests (and with --nocapture).
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
@@ -37,7 +36,7 @@ async fn start(config: TransportConfig) -> (Transport, mpsc::Receiver<Inbound>) 
 }
 
 /// Starts transports 1..=n, then points each at all the others.
-async fn cluster(n: u64) -> Vec<(Transport, mpsc::Receiver<Inbound>)> {
+async fn cluster(n: u64) -> Vec<(Transport, InboundReceiver)> {
     let mut nodes = Vec::new();
     for id in 1..=n {
         nodes.push(start(config(id)).await);
@@ -60,7 +59,7 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-async fn recv(inbound: &mut mpsc::Receiver<Inbound>) -> Inbound {
+async fn recv(inbound: &mut InboundReceiver) -> Inbound {
     within("a message", inbound.recv())
         .await
         .expect("inbound channel open")
@@ -435,10 +434,7 @@ async fn bad_frames_after_the_handshake_close_only_that_connection() {
     assert_good_peer_still_delivers(&transport, &mut inbound).await;
 }
 
-async fn assert_good_peer_still_delivers(
-    transport: &Transport,
-    inbound: &mut mpsc::Receiver<Inbound>,
-) {
+async fn assert_good_peer_still_delivers(transport: &Transport, inbound: &mut InboundReceiver) {
     let (good, _) = start(TransportConfig {
         peers: BTreeMap::from([(transport.node_id(), transport.local_addr())]),
         ..config(9)
@@ -500,8 +496,13 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
     const PAYLOAD_BYTES: usize = 1024;
     const QUEUE_FRAMES_MAX: usize = 64;
     const QUEUE_BYTES_MAX: usize = 48 * 1024;
+    const INBOUND_FRAMES_MAX: usize = 16;
+    // The byte budget binds first: 8 payloads of 1 KiB.
+    const INBOUND_BYTES_MAX: usize = 8 * PAYLOAD_BYTES;
     let (receiver, mut inbound) = start(TransportConfig {
-        inbound_frames_max: 16,
+        frame_bytes_max: PAYLOAD_BYTES as u32,
+        inbound_frames_max: INBOUND_FRAMES_MAX,
+        inbound_bytes_max: INBOUND_BYTES_MAX,
         ..config(2)
     })
     .await;
@@ -527,6 +528,9 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
             let peer = &sender.metrics().peers[&2];
             assert!(peer.queue_frames <= QUEUE_FRAMES_MAX as u64, "{peer:?}");
             assert!(peer.queue_bytes <= QUEUE_BYTES_MAX as u64, "{peer:?}");
+            let held = receiver.metrics();
+            assert!(held.inbound_queue_bytes <= INBOUND_BYTES_MAX as u64);
+            assert!(held.inbound_queue_frames <= INBOUND_FRAMES_MAX as u64);
             tokio::task::yield_now().await;
         }
     }
@@ -540,6 +544,12 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
         peer.queue_frames > 0,
         "the queue is full while the consumer sleeps: {peer:?}"
     );
+
+    eventually("the inbound budget to fill", || {
+        let held = receiver.metrics();
+        (held.inbound_queue_frames, held.inbound_queue_bytes) == (8, INBOUND_BYTES_MAX as u64)
+    })
+    .await;
 
     // Now the consumer catches up: everything accepted arrives, in order, with
     // gaps exactly where drops were counted.
@@ -567,7 +577,15 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
         (peer.frames_dropped, peer.queue_frames, peer.queue_bytes),
         (refused, 0, 0)
     );
-    assert_eq!(receiver.metrics().frames_received, accepted);
+    let held = receiver.metrics();
+    assert_eq!(
+        (
+            held.frames_received,
+            held.inbound_queue_frames,
+            held.inbound_queue_bytes
+        ),
+        (accepted, 0, 0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -646,6 +664,10 @@ async fn invalid_configuration_is_an_error() {
         },
         TransportConfig {
             queue_frames_max: 0,
+            ..config(1)
+        },
+        TransportConfig {
+            inbound_bytes_max: 1024,
             ..config(1)
         },
         TransportConfig {

@@ -14,13 +14,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::frame::{encode_frame, FrameKind, Hello, PROTOCOL_VERSION};
 use super::metrics::{add, InboundCounters};
 use super::reader::{FrameReader, ReadError};
-use super::{Inbound, Limits};
+use super::{InboundQueue, Limits};
 
 /// Pause after a failed `accept` (such as running out of file descriptors), so
 /// the loop does not spin while the condition lasts.
@@ -30,7 +30,7 @@ pub(super) async fn accept_loop(
     listener: TcpListener,
     limits: Limits,
     inbound_connections_max: usize,
-    inbound_tx: mpsc::Sender<Inbound>,
+    queue: InboundQueue,
     counters: Arc<InboundCounters>,
 ) {
     let slots = Arc::new(Semaphore::new(inbound_connections_max));
@@ -46,7 +46,7 @@ pub(super) async fn accept_loop(
                         continue;
                     };
                     add(&counters.connections_accepted, 1);
-                    let connection = Connection { remote, limits, inbound_tx: inbound_tx.clone(), counters: Arc::clone(&counters) };
+                    let connection = Connection { remote, limits, queue: queue.clone(), counters: Arc::clone(&counters) };
                     connections.spawn(connection.serve(stream, slot));
                 }
                 Err(error) => {
@@ -69,7 +69,7 @@ pub(super) async fn accept_loop(
 struct Connection {
     remote: SocketAddr,
     limits: Limits,
-    inbound_tx: mpsc::Sender<Inbound>,
+    queue: InboundQueue,
     counters: Arc<InboundCounters>,
 }
 
@@ -179,7 +179,22 @@ impl Connection {
                 &self.counters.bytes_received,
                 (super::frame::HEADER_BYTES + frame.payload.len()) as u64,
             );
-            if self.inbound_tx.send((peer, frame.payload)).await.is_err() {
+            let payload_bytes =
+                u32::try_from(frame.payload.len()).expect("payload within frame_bytes_max");
+            // Waiting here, for budget or for room in the channel, is the backpressure.
+            let Ok(budget) = Arc::clone(&self.queue.budget)
+                .acquire_many_owned(payload_bytes)
+                .await
+            else {
+                unreachable!("the inbound budget semaphore is never closed");
+            };
+            if self
+                .queue
+                .deliveries
+                .send((peer, frame.payload, budget))
+                .await
+                .is_err()
+            {
                 // The receiver is gone: the node is shutting down.
                 return;
             }

@@ -208,6 +208,7 @@ async fn pump(
         }
         add(&counters.frames_sent, frames);
         add(&counters.bytes_sent, out.len() as u64);
+        add(&counters.writes, 1);
         out.clear();
         // One huge frame must not pin a huge buffer for the life of the connection.
         if out.capacity() > 2 * limits.write_coalesce_bytes_max {
