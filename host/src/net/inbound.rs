@@ -57,8 +57,11 @@ pub(super) async fn accept_loop(
             Some(finished) = connections.join_next(), if !connections.is_empty() => {
                 if let Err(error) = finished {
                     if error.is_panic() {
-                        // A bug, not bad input: bad input ends a connection with a log line.
-                        std::panic::resume_unwind(error.into_panic());
+                        // A bug, not bad input (bad input ends a connection with a
+                        // log line). Crash: a replica with a half-dead transport
+                        // would look alive but stop hearing its peers.
+                        tracing::error!("peer connection task panicked; aborting");
+                        std::process::abort();
                     }
                 }
             }

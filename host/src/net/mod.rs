@@ -348,6 +348,12 @@ impl Transport {
         let Some(peer) = peers.get(&to) else {
             return Err(SendError::UnknownPeer(to));
         };
+        // The task ends only when its peer is removed, so a finished task here
+        // means it panicked: a bug, and this replica could no longer reach `to`.
+        assert!(
+            !peer.task.is_finished(),
+            "connection task of peer {to} died"
+        );
         let payload_bytes = payload.len() as u64;
         // Reserve the bytes before queueing so the task's release always comes after.
         let queued_bytes = peer
