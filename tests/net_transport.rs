@@ -434,6 +434,56 @@ async fn bad_frames_after_the_handshake_close_only_that_connection() {
     assert_good_peer_still_delivers(&transport, &mut inbound).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connections_beyond_the_limit_are_closed_at_accept() {
+    let (transport, mut inbound) = start(TransportConfig {
+        inbound_connections_max: 1,
+        ..config(2)
+    })
+    .await;
+    let addr = transport.local_addr();
+    let mut first = RawPeer::handshake(addr, 7).await;
+    RawPeer::connect(addr)
+        .await
+        .assert_closed("second connection")
+        .await;
+    first.send_raw(&message_frame(b"first still works")).await;
+    assert_eq!(
+        recv(&mut inbound).await,
+        (7, Bytes::from_static(b"first still works"))
+    );
+    drop(first);
+    // The slot is free again once the first connection's task has ended.
+    eventually("a free slot", || {
+        transport.metrics().connections_accepted == 1
+    })
+    .await;
+    let metrics = transport.metrics();
+    assert_eq!(
+        (metrics.connections_accepted, metrics.connections_refused),
+        (1, 1)
+    );
+    within("the slot to be free", async {
+        loop {
+            let mut peer = RawPeer::connect(addr).await;
+            peer.send_hello(
+                PROTOCOL_VERSION,
+                Hello {
+                    cluster_id: CLUSTER,
+                    node_id: 8,
+                },
+            )
+            .await;
+            let mut answer = [0u8; HEADER_BYTES + HELLO_BYTES];
+            if peer.stream.read_exact(&mut answer).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 async fn assert_good_peer_still_delivers(transport: &Transport, inbound: &mut InboundReceiver) {
     let (good, _) = start(TransportConfig {
         peers: BTreeMap::from([(transport.node_id(), transport.local_addr())]),
@@ -492,7 +542,9 @@ async fn the_dialer_refuses_a_peer_of_another_cluster_or_the_wrong_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
-    const ATTEMPTS: u64 = 50_000;
+    /// Enough to fill any loopback socket buffers many times over (200 MB).
+    const ATTEMPTS_MAX: u64 = 200_000;
+    const STALLED_ROUNDS: u64 = 20;
     const PAYLOAD_BYTES: usize = 1024;
     const QUEUE_FRAMES_MAX: usize = 64;
     const QUEUE_BYTES_MAX: usize = 48 * 1024;
@@ -516,33 +568,53 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
     .await;
     eventually("the connection", || sender.metrics().peers[&2].connected).await;
 
-    // 50 MB at a peer that reads nothing: far more than socket buffers hold.
+    // Offer payloads in rounds of 64 with a pause between, a pace the writer
+    // keeps up with, until the path to the consumer is full: the sent counter
+    // stops moving for STALLED_ROUNDS rounds while payloads keep being offered.
+    let mut attempts = 0u64;
     let mut refused = 0u64;
-    for n in 0..ATTEMPTS {
-        match sender.send(2, numbered(n, PAYLOAD_BYTES)) {
-            Ok(()) => {}
-            Err(SendError::QueueFull(2)) => refused += 1,
-            Err(other) => panic!("unexpected {other}"),
+    let mut stalled_rounds = 0;
+    let mut sent_before = 0;
+    while stalled_rounds < STALLED_ROUNDS {
+        assert!(
+            attempts < ATTEMPTS_MAX,
+            "the path never filled: {:?}",
+            sender.metrics()
+        );
+        for _ in 0..64 {
+            match sender.send(2, numbered(attempts, PAYLOAD_BYTES)) {
+                Ok(()) => {}
+                Err(SendError::QueueFull(2)) => refused += 1,
+                Err(other) => panic!("unexpected {other}"),
+            }
+            attempts += 1;
         }
-        if n % 256 == 0 {
-            let peer = &sender.metrics().peers[&2];
-            assert!(peer.queue_frames <= QUEUE_FRAMES_MAX as u64, "{peer:?}");
-            assert!(peer.queue_bytes <= QUEUE_BYTES_MAX as u64, "{peer:?}");
-            let held = receiver.metrics();
-            assert!(held.inbound_queue_bytes <= INBOUND_BYTES_MAX as u64);
-            assert!(held.inbound_queue_frames <= INBOUND_FRAMES_MAX as u64);
-            tokio::task::yield_now().await;
-        }
+        let peer = &sender.metrics().peers[&2];
+        assert!(peer.queue_frames <= QUEUE_FRAMES_MAX as u64, "{peer:?}");
+        assert!(peer.queue_bytes <= QUEUE_BYTES_MAX as u64, "{peer:?}");
+        let held = receiver.metrics();
+        assert!(held.inbound_queue_bytes <= INBOUND_BYTES_MAX as u64);
+        assert!(held.inbound_queue_frames <= INBOUND_FRAMES_MAX as u64);
+        stalled_rounds = if peer.frames_sent == sent_before {
+            stalled_rounds + 1
+        } else {
+            0
+        };
+        sent_before = peer.frames_sent;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let peer = &sender.metrics().peers[&2];
+    // Every round while stalled dropped what the full queue could not take.
     assert!(
-        refused > ATTEMPTS / 2,
-        "only {refused} of {ATTEMPTS} dropped"
+        refused >= STALLED_ROUNDS * 16,
+        "only {refused} of {attempts} dropped"
     );
     assert_eq!(peer.frames_dropped, refused, "every drop is counted once");
+    // The rest wait in the queue or in the write that the stalled peer blocks.
+    let accepted = attempts - refused;
     assert!(
-        peer.queue_frames > 0,
-        "the queue is full while the consumer sleeps: {peer:?}"
+        peer.frames_sent < accepted,
+        "accepted frames still wait while the consumer sleeps: {peer:?}"
     );
 
     eventually("the inbound budget to fill", || {
@@ -553,7 +625,6 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
 
     // Now the consumer catches up: everything accepted arrives, in order, with
     // gaps exactly where drops were counted.
-    let accepted = ATTEMPTS - refused;
     let mut last = None;
     for _ in 0..accepted {
         let (from, payload) = recv(&mut inbound).await;

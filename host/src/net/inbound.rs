@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::frame::{encode_frame, FrameKind, Hello, PROTOCOL_VERSION};
+use super::frame::{encode_frame, FrameKind, Hello, HELLO_BYTES, PROTOCOL_VERSION};
 use super::metrics::{add, InboundCounters};
 use super::reader::{FrameReader, ReadError};
 use super::{InboundQueue, Limits};
@@ -83,7 +83,7 @@ impl Connection {
             tracing::debug!(%remote, %error, "could not set TCP_NODELAY");
         }
         let (read_half, mut write_half) = stream.into_split();
-        let mut reader = FrameReader::new(read_half, self.limits.frame_bytes_max);
+        let mut reader = FrameReader::new(read_half, HELLO_BYTES as u32);
         let peer = match tokio::time::timeout(
             self.limits.handshake_timeout,
             self.handshake(&mut reader),
@@ -120,6 +120,7 @@ impl Connection {
             return;
         }
         tracing::info!(%remote, peer, "inbound peer connection established");
+        reader.set_frame_bytes_max(self.limits.frame_bytes_max);
         // `write_half` stays alive until the end: dropping it would half-close
         // the socket, which the peer takes for a lost connection.
         self.receive(peer, reader).await;

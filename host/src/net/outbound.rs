@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use super::frame::{encode_frame, FrameKind, Hello, HEADER_BYTES, PROTOCOL_VERSION};
+use super::frame::{encode_frame, FrameKind, Hello, HEADER_BYTES, HELLO_BYTES, PROTOCOL_VERSION};
 use super::metrics::{add, sub, PeerCounters};
 use super::reader::FrameReader;
 use super::{Limits, NodeId};
@@ -113,7 +113,7 @@ async fn dial(peer: NodeId, target: SocketAddr, limits: &Limits) -> anyhow::Resu
             &ours.encode(),
         );
         stream.write_all(&hello).await.context("sending hello")?;
-        let mut reader = FrameReader::new(&mut stream, limits.frame_bytes_max);
+        let mut reader = FrameReader::new(&mut stream, HELLO_BYTES as u32);
         let frame = reader
             .next()
             .await
