@@ -10,7 +10,9 @@ use paxwasm::net::frame::{
     encode_frame, FrameDecoder, FrameKind, Hello, HEADER_BYTES, HELLO_BYTES, MAGIC,
     PROTOCOL_VERSION,
 };
-use paxwasm::net::{Inbound, InboundReceiver, NodeId, SendError, Transport, TransportConfig};
+use paxwasm::net::{
+    Codec, Inbound, InboundReceiver, NodeId, SendError, Transport, TransportConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -696,6 +698,31 @@ async fn membership_changes_move_and_remove_peers() {
     );
     assert!(sender.metrics().peers.is_empty());
     assert!(!sender.remove_peer(2));
+}
+
+/// A typed codec as the node wiring will plug in: here, u64 counters.
+struct Counter;
+
+impl Codec for Counter {
+    type Message = u64;
+    type Error = String;
+    fn encode(&self, message: &u64) -> Bytes {
+        Bytes::copy_from_slice(&message.to_be_bytes())
+    }
+    fn decode(&self, payload: Bytes) -> Result<u64, String> {
+        let bytes: [u8; 8] = payload[..]
+            .try_into()
+            .map_err(|_| format!("{} bytes", payload.len()))?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_messages_travel_through_a_codec() {
+    let mut nodes = cluster(2).await;
+    nodes[0].0.send_message(&Counter, 2, &42).unwrap();
+    let (from, payload) = recv(&mut nodes[1].1).await;
+    assert_eq!((from, Counter.decode(payload)), (1, Ok(42)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
@@ -56,10 +56,15 @@ pub(super) async fn run_peer(
             Ok(stream) => {
                 add(&counters.connects, 1);
                 counters.connected.store(true, Ordering::Relaxed);
-                backoff.reset();
                 tracing::info!(peer, addr = %target, "outbound peer connection established");
+                let connected_at = Instant::now();
                 let end = pump(stream, &mut queue, &mut addr, &limits, &counters).await;
                 counters.connected.store(false, Ordering::Relaxed);
+                // Only a connection that lasted counts as recovery: a peer that
+                // accepts and drops at once keeps backing off (and logging less).
+                if connected_at.elapsed() >= Duration::from_millis(limits.backoff_max_ms) {
+                    backoff.reset();
+                }
                 end
             }
             Err(error) => {
