@@ -383,6 +383,8 @@ impl Transport {
 
     /// Replaces the peer set: peers not in `peers` are disconnected and their
     /// queues freed, new ones are connected, moved ones redial their new address.
+    /// Panics if `peers` contains this node's own id: membership is the
+    /// caller's to get right.
     pub fn set_peers(&self, peers: BTreeMap<NodeId, SocketAddr>) {
         assert!(
             !peers.contains_key(&self.limits.node_id),
@@ -397,7 +399,7 @@ impl Transport {
     }
 
     /// Adds peer `id` at `addr`, or points an existing peer at a new address
-    /// (its queue is kept and flushed to the new address).
+    /// (its queue is kept and flushed to the new address). Panics on this node's own id.
     pub fn update_peer(&self, id: NodeId, addr: SocketAddr) {
         assert_ne!(id, self.limits.node_id, "a node is not its own peer");
         let mut table = self.peers.lock().expect("peer table lock poisoned");
