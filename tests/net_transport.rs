@@ -681,6 +681,12 @@ async fn membership_changes_move_and_remove_peers() {
     // Node 2 moves to another host; the same address again changes nothing.
     sender.update_peer(2, second.local_addr());
     sender.update_peer(2, second.local_addr());
+    // Membership changes may come from a thread outside the runtime.
+    std::thread::scope(|scope| {
+        scope.spawn(|| sender.update_peer(3, first.local_addr()));
+    });
+    assert_eq!(sender.peers().len(), 2);
+    sender.remove_peer(3);
     sender
         .send(2, Bytes::from_static(b"to the second address"))
         .unwrap();

@@ -272,6 +272,9 @@ pub struct Transport {
     inbound_queue: InboundQueue,
     /// `None` only after `shutdown` took it.
     listener_task: Option<JoinHandle<()>>,
+    /// The runtime `start` ran on: peer tasks spawned later (by `set_peers`
+    /// from any thread) run there too.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Transport {
@@ -320,6 +323,7 @@ impl Transport {
             inbound,
             inbound_queue,
             listener_task: Some(listener_task),
+            runtime: tokio::runtime::Handle::current(),
         };
         transport.set_peers(config.peers);
         Ok((transport, InboundReceiver { deliveries }))
@@ -428,7 +432,7 @@ impl Transport {
         let (queue_tx, queue_rx) = mpsc::channel(self.queue_frames_max);
         let (addr_tx, addr_rx) = watch::channel(addr);
         let counters = Arc::new(PeerCounters::default());
-        let task = tokio::spawn(outbound::run_peer(
+        let task = self.runtime.spawn(outbound::run_peer(
             id,
             self.limits,
             queue_rx,
