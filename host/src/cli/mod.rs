@@ -6,11 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "paxwasm",
-    version,
-    about = "Replicated WebAssembly applications over Multi-Paxos"
-)]
+#[command(name = "paxwasm", version, about = "Replicated WebAssembly applications over Multi-Paxos")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
