@@ -10,10 +10,11 @@ use paxwasm::net::frame::{
     encode_frame, FrameDecoder, FrameKind, Hello, HEADER_BYTES, HELLO_BYTES, MAGIC,
     PROTOCOL_VERSION,
 };
-use paxwasm::net::{Inbound, NodeId, SendError, Transport, TransportConfig};
+use paxwasm::net::{
+    Codec, Inbound, InboundReceiver, NodeId, SendError, Transport, TransportConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 const CLUSTER: u64 = 0x5eed;
 /// Upper bound for anything the tests wait on; a healthy run needs milliseconds.
@@ -27,7 +28,7 @@ fn config(node_id: NodeId) -> TransportConfig {
     }
 }
 
-async fn start(config: TransportConfig) -> (Transport, mpsc::Receiver<Inbound>) {
+async fn start(config: TransportConfig) -> (Transport, InboundReceiver) {
     // Shows the transport's log lines in failing tests (and with --nocapture).
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
@@ -37,7 +38,7 @@ async fn start(config: TransportConfig) -> (Transport, mpsc::Receiver<Inbound>) 
 }
 
 /// Starts transports 1..=n, then points each at all the others.
-async fn cluster(n: u64) -> Vec<(Transport, mpsc::Receiver<Inbound>)> {
+async fn cluster(n: u64) -> Vec<(Transport, InboundReceiver)> {
     let mut nodes = Vec::new();
     for id in 1..=n {
         nodes.push(start(config(id)).await);
@@ -60,7 +61,7 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-async fn recv(inbound: &mut mpsc::Receiver<Inbound>) -> Inbound {
+async fn recv(inbound: &mut InboundReceiver) -> Inbound {
     within("a message", inbound.recv())
         .await
         .expect("inbound channel open")
@@ -435,10 +436,57 @@ async fn bad_frames_after_the_handshake_close_only_that_connection() {
     assert_good_peer_still_delivers(&transport, &mut inbound).await;
 }
 
-async fn assert_good_peer_still_delivers(
-    transport: &Transport,
-    inbound: &mut mpsc::Receiver<Inbound>,
-) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connections_beyond_the_limit_are_closed_at_accept() {
+    let (transport, mut inbound) = start(TransportConfig {
+        inbound_connections_max: 1,
+        ..config(2)
+    })
+    .await;
+    let addr = transport.local_addr();
+    let mut first = RawPeer::handshake(addr, 7).await;
+    RawPeer::connect(addr)
+        .await
+        .assert_closed("second connection")
+        .await;
+    first.send_raw(&message_frame(b"first still works")).await;
+    assert_eq!(
+        recv(&mut inbound).await,
+        (7, Bytes::from_static(b"first still works"))
+    );
+    drop(first);
+    // The slot is free again once the first connection's task has ended.
+    eventually("a free slot", || {
+        transport.metrics().connections_accepted == 1
+    })
+    .await;
+    let metrics = transport.metrics();
+    assert_eq!(
+        (metrics.connections_accepted, metrics.connections_refused),
+        (1, 1)
+    );
+    within("the slot to be free", async {
+        loop {
+            let mut peer = RawPeer::connect(addr).await;
+            peer.send_hello(
+                PROTOCOL_VERSION,
+                Hello {
+                    cluster_id: CLUSTER,
+                    node_id: 8,
+                },
+            )
+            .await;
+            let mut answer = [0u8; HEADER_BYTES + HELLO_BYTES];
+            if peer.stream.read_exact(&mut answer).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+async fn assert_good_peer_still_delivers(transport: &Transport, inbound: &mut InboundReceiver) {
     let (good, _) = start(TransportConfig {
         peers: BTreeMap::from([(transport.node_id(), transport.local_addr())]),
         ..config(9)
@@ -496,12 +544,19 @@ async fn the_dialer_refuses_a_peer_of_another_cluster_or_the_wrong_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
-    const ATTEMPTS: u64 = 50_000;
+    /// Enough to fill any loopback socket buffers many times over (200 MB).
+    const ATTEMPTS_MAX: u64 = 200_000;
+    const STALLED_ROUNDS: u64 = 20;
     const PAYLOAD_BYTES: usize = 1024;
     const QUEUE_FRAMES_MAX: usize = 64;
     const QUEUE_BYTES_MAX: usize = 48 * 1024;
+    const INBOUND_FRAMES_MAX: usize = 16;
+    // The byte budget binds first: 8 payloads of 1 KiB.
+    const INBOUND_BYTES_MAX: usize = 8 * PAYLOAD_BYTES;
     let (receiver, mut inbound) = start(TransportConfig {
-        inbound_frames_max: 16,
+        frame_bytes_max: PAYLOAD_BYTES as u32,
+        inbound_frames_max: INBOUND_FRAMES_MAX,
+        inbound_bytes_max: INBOUND_BYTES_MAX,
         ..config(2)
     })
     .await;
@@ -515,35 +570,63 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
     .await;
     eventually("the connection", || sender.metrics().peers[&2].connected).await;
 
-    // 50 MB at a peer that reads nothing: far more than socket buffers hold.
+    // Offer payloads in rounds of 64 with a pause between, a pace the writer
+    // keeps up with, until the path to the consumer is full: the sent counter
+    // stops moving for STALLED_ROUNDS rounds while payloads keep being offered.
+    let mut attempts = 0u64;
     let mut refused = 0u64;
-    for n in 0..ATTEMPTS {
-        match sender.send(2, numbered(n, PAYLOAD_BYTES)) {
-            Ok(()) => {}
-            Err(SendError::QueueFull(2)) => refused += 1,
-            Err(other) => panic!("unexpected {other}"),
+    let mut stalled_rounds = 0;
+    let mut sent_before = 0;
+    while stalled_rounds < STALLED_ROUNDS {
+        assert!(
+            attempts < ATTEMPTS_MAX,
+            "the path never filled: {:?}",
+            sender.metrics()
+        );
+        for _ in 0..64 {
+            match sender.send(2, numbered(attempts, PAYLOAD_BYTES)) {
+                Ok(()) => {}
+                Err(SendError::QueueFull(2)) => refused += 1,
+                Err(other) => panic!("unexpected {other}"),
+            }
+            attempts += 1;
         }
-        if n % 256 == 0 {
-            let peer = &sender.metrics().peers[&2];
-            assert!(peer.queue_frames <= QUEUE_FRAMES_MAX as u64, "{peer:?}");
-            assert!(peer.queue_bytes <= QUEUE_BYTES_MAX as u64, "{peer:?}");
-            tokio::task::yield_now().await;
-        }
+        let peer = &sender.metrics().peers[&2];
+        assert!(peer.queue_frames <= QUEUE_FRAMES_MAX as u64, "{peer:?}");
+        assert!(peer.queue_bytes <= QUEUE_BYTES_MAX as u64, "{peer:?}");
+        let held = receiver.metrics();
+        assert!(held.inbound_queue_bytes <= INBOUND_BYTES_MAX as u64);
+        assert!(held.inbound_queue_frames <= INBOUND_FRAMES_MAX as u64);
+        stalled_rounds = if peer.frames_sent == sent_before {
+            stalled_rounds + 1
+        } else {
+            0
+        };
+        sent_before = peer.frames_sent;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let peer = &sender.metrics().peers[&2];
+    // Every round while stalled dropped what the full queue could not take.
     assert!(
-        refused > ATTEMPTS / 2,
-        "only {refused} of {ATTEMPTS} dropped"
+        refused >= STALLED_ROUNDS * 16,
+        "only {refused} of {attempts} dropped"
     );
     assert_eq!(peer.frames_dropped, refused, "every drop is counted once");
+    // The rest wait in the queue or in the write that the stalled peer blocks.
+    let accepted = attempts - refused;
     assert!(
-        peer.queue_frames > 0,
-        "the queue is full while the consumer sleeps: {peer:?}"
+        peer.frames_sent < accepted,
+        "accepted frames still wait while the consumer sleeps: {peer:?}"
     );
+
+    eventually("the inbound budget to fill", || {
+        let held = receiver.metrics();
+        (held.inbound_queue_frames, held.inbound_queue_bytes) == (8, INBOUND_BYTES_MAX as u64)
+    })
+    .await;
 
     // Now the consumer catches up: everything accepted arrives, in order, with
     // gaps exactly where drops were counted.
-    let accepted = ATTEMPTS - refused;
     let mut last = None;
     for _ in 0..accepted {
         let (from, payload) = recv(&mut inbound).await;
@@ -567,7 +650,15 @@ async fn a_slow_consumer_bounds_the_queue_and_counts_drops() {
         (peer.frames_dropped, peer.queue_frames, peer.queue_bytes),
         (refused, 0, 0)
     );
-    assert_eq!(receiver.metrics().frames_received, accepted);
+    let held = receiver.metrics();
+    assert_eq!(
+        (
+            held.frames_received,
+            held.inbound_queue_frames,
+            held.inbound_queue_bytes
+        ),
+        (accepted, 0, 0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -590,6 +681,12 @@ async fn membership_changes_move_and_remove_peers() {
     // Node 2 moves to another host; the same address again changes nothing.
     sender.update_peer(2, second.local_addr());
     sender.update_peer(2, second.local_addr());
+    // Membership changes may come from a thread outside the runtime.
+    std::thread::scope(|scope| {
+        scope.spawn(|| sender.update_peer(3, first.local_addr()));
+    });
+    assert_eq!(sender.peers().len(), 2);
+    sender.remove_peer(3);
     sender
         .send(2, Bytes::from_static(b"to the second address"))
         .unwrap();
@@ -607,6 +704,31 @@ async fn membership_changes_move_and_remove_peers() {
     );
     assert!(sender.metrics().peers.is_empty());
     assert!(!sender.remove_peer(2));
+}
+
+/// A typed codec as the node wiring will plug in: here, u64 counters.
+struct Counter;
+
+impl Codec for Counter {
+    type Message = u64;
+    type Error = String;
+    fn encode(&self, message: &u64) -> Bytes {
+        Bytes::copy_from_slice(&message.to_be_bytes())
+    }
+    fn decode(&self, payload: Bytes) -> Result<u64, String> {
+        let bytes: [u8; 8] = payload[..]
+            .try_into()
+            .map_err(|_| format!("{} bytes", payload.len()))?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_messages_travel_through_a_codec() {
+    let mut nodes = cluster(2).await;
+    nodes[0].0.send_message(&Counter, 2, &42).unwrap();
+    let (from, payload) = recv(&mut nodes[1].1).await;
+    assert_eq!((from, Counter.decode(payload)), (1, Ok(42)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -646,6 +768,10 @@ async fn invalid_configuration_is_an_error() {
         },
         TransportConfig {
             queue_frames_max: 0,
+            ..config(1)
+        },
+        TransportConfig {
+            inbound_bytes_max: 1024,
             ..config(1)
         },
         TransportConfig {

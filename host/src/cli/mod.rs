@@ -14,11 +14,7 @@ pub mod exec;
 pub mod sim;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "paxwasm",
-    version,
-    about = "Replicated WebAssembly applications over Multi-Paxos"
-)]
+#[command(name = "paxwasm", version, about = "Replicated WebAssembly applications over Multi-Paxos")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -14,13 +14,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::frame::{encode_frame, FrameKind, Hello, PROTOCOL_VERSION};
+use super::frame::{encode_frame, FrameKind, Hello, HELLO_BYTES, PROTOCOL_VERSION};
 use super::metrics::{add, InboundCounters};
 use super::reader::{FrameReader, ReadError};
-use super::{Inbound, Limits};
+use super::{InboundQueue, Limits};
 
 /// Pause after a failed `accept` (such as running out of file descriptors), so
 /// the loop does not spin while the condition lasts.
@@ -30,7 +30,7 @@ pub(super) async fn accept_loop(
     listener: TcpListener,
     limits: Limits,
     inbound_connections_max: usize,
-    inbound_tx: mpsc::Sender<Inbound>,
+    queue: InboundQueue,
     counters: Arc<InboundCounters>,
 ) {
     let slots = Arc::new(Semaphore::new(inbound_connections_max));
@@ -46,7 +46,7 @@ pub(super) async fn accept_loop(
                         continue;
                     };
                     add(&counters.connections_accepted, 1);
-                    let connection = Connection { remote, limits, inbound_tx: inbound_tx.clone(), counters: Arc::clone(&counters) };
+                    let connection = Connection { remote, limits, queue: queue.clone(), counters: Arc::clone(&counters) };
                     connections.spawn(connection.serve(stream, slot));
                 }
                 Err(error) => {
@@ -57,8 +57,11 @@ pub(super) async fn accept_loop(
             Some(finished) = connections.join_next(), if !connections.is_empty() => {
                 if let Err(error) = finished {
                     if error.is_panic() {
-                        // A bug, not bad input: bad input ends a connection with a log line.
-                        std::panic::resume_unwind(error.into_panic());
+                        // A bug, not bad input (bad input ends a connection with a
+                        // log line). Crash: a replica with a half-dead transport
+                        // would look alive but stop hearing its peers.
+                        tracing::error!("peer connection task panicked; aborting");
+                        std::process::abort();
                     }
                 }
             }
@@ -69,7 +72,7 @@ pub(super) async fn accept_loop(
 struct Connection {
     remote: SocketAddr,
     limits: Limits,
-    inbound_tx: mpsc::Sender<Inbound>,
+    queue: InboundQueue,
     counters: Arc<InboundCounters>,
 }
 
@@ -80,7 +83,7 @@ impl Connection {
             tracing::debug!(%remote, %error, "could not set TCP_NODELAY");
         }
         let (read_half, mut write_half) = stream.into_split();
-        let mut reader = FrameReader::new(read_half, self.limits.frame_bytes_max);
+        let mut reader = FrameReader::new(read_half, HELLO_BYTES as u32);
         let peer = match tokio::time::timeout(
             self.limits.handshake_timeout,
             self.handshake(&mut reader),
@@ -117,6 +120,7 @@ impl Connection {
             return;
         }
         tracing::info!(%remote, peer, "inbound peer connection established");
+        reader.set_frame_bytes_max(self.limits.frame_bytes_max);
         // `write_half` stays alive until the end: dropping it would half-close
         // the socket, which the peer takes for a lost connection.
         self.receive(peer, reader).await;
@@ -179,7 +183,22 @@ impl Connection {
                 &self.counters.bytes_received,
                 (super::frame::HEADER_BYTES + frame.payload.len()) as u64,
             );
-            if self.inbound_tx.send((peer, frame.payload)).await.is_err() {
+            let payload_bytes =
+                u32::try_from(frame.payload.len()).expect("payload within frame_bytes_max");
+            // Waiting here, for budget or for room in the channel, is the backpressure.
+            let Ok(budget) = Arc::clone(&self.queue.budget)
+                .acquire_many_owned(payload_bytes)
+                .await
+            else {
+                unreachable!("the inbound budget semaphore is never closed");
+            };
+            if self
+                .queue
+                .deliveries
+                .send((peer, frame.payload, budget))
+                .await
+                .is_err()
+            {
                 // The receiver is gone: the node is shutting down.
                 return;
             }

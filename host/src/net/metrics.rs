@@ -15,6 +15,7 @@ use super::NodeId;
 pub(crate) struct PeerCounters {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    pub writes: AtomicU64,
     pub frames_dropped: AtomicU64,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
@@ -54,6 +55,9 @@ pub struct PeerMetrics {
     /// Frames written to the socket (bytes include headers).
     pub frames_sent: u64,
     pub bytes_sent: u64,
+    /// Write calls that carried those frames: frames_sent / writes is how well
+    /// pipelined messages are coalesced.
+    pub writes: u64,
     /// Payloads given to `send` that never reached the socket: the queue was
     /// full, or the connection failed while they were being written.
     pub frames_dropped: u64,
@@ -86,6 +90,9 @@ pub struct TransportMetrics {
     /// Inbound connections closed after the handshake for a malformed,
     /// oversized or corrupt frame.
     pub connections_invalid: u64,
+    /// Current depth of the inbound channel (received, not yet taken).
+    pub inbound_queue_frames: u64,
+    pub inbound_queue_bytes: u64,
     pub peers: BTreeMap<NodeId, PeerMetrics>,
 }
 
@@ -114,6 +121,7 @@ impl PeerCounters {
             connected: self.connected.load(Ordering::Relaxed),
             frames_sent: get(&self.frames_sent),
             bytes_sent: get(&self.bytes_sent),
+            writes: get(&self.writes),
             frames_dropped: get(&self.frames_dropped),
             connects: get(&self.connects),
             connect_failures: get(&self.connect_failures),
@@ -124,13 +132,20 @@ impl PeerCounters {
 }
 
 impl InboundCounters {
-    pub(crate) fn snapshot(&self, peers: BTreeMap<NodeId, PeerMetrics>) -> TransportMetrics {
+    pub(crate) fn snapshot(
+        &self,
+        peers: BTreeMap<NodeId, PeerMetrics>,
+        inbound_queue_frames: u64,
+        inbound_queue_bytes: u64,
+    ) -> TransportMetrics {
         TransportMetrics {
             frames_received: get(&self.frames_received),
             bytes_received: get(&self.bytes_received),
             connections_accepted: get(&self.connections_accepted),
             connections_refused: get(&self.connections_refused),
             connections_invalid: get(&self.connections_invalid),
+            inbound_queue_frames,
+            inbound_queue_bytes,
             peers,
         }
     }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 pub use metrics::{PeerMetrics, TransportMetrics};
@@ -56,9 +56,11 @@ pub struct TransportConfig {
     pub queue_frames_max: usize,
     /// Outbound queue limit per peer, in payload bytes; `send` drops beyond it.
     pub queue_bytes_max: usize,
-    /// Capacity of the inbound channel. When it is full, connections stop being
-    /// read and TCP pushes back on the senders.
+    /// Capacity of the inbound channel in frames, and the payload bytes it may
+    /// hold. When either is reached, connections stop being read and TCP
+    /// pushes back on the senders.
     pub inbound_frames_max: usize,
+    pub inbound_bytes_max: usize,
     /// Simultaneous inbound connections; more are closed at accept.
     pub inbound_connections_max: usize,
     /// First reconnect delay; it doubles per failed attempt up to the max.
@@ -84,6 +86,7 @@ impl TransportConfig {
             queue_frames_max: 4096,
             queue_bytes_max: 64 * 1024 * 1024,
             inbound_frames_max: 4096,
+            inbound_bytes_max: 64 * 1024 * 1024,
             inbound_connections_max: 64,
             backoff_min_ms: 20,
             backoff_max_ms: 2_000,
@@ -113,6 +116,14 @@ impl TransportConfig {
         anyhow::ensure!(
             self.inbound_frames_max > 0,
             "inbound_frames_max must be positive"
+        );
+        anyhow::ensure!(
+            self.frame_bytes_max as usize <= self.inbound_bytes_max
+                && self.inbound_bytes_max <= Semaphore::MAX_PERMITS,
+            "inbound_bytes_max ({}) must hold one frame of frame_bytes_max ({}) and be at most {}",
+            self.inbound_bytes_max,
+            self.frame_bytes_max,
+            Semaphore::MAX_PERMITS
         );
         anyhow::ensure!(
             self.inbound_connections_max > 0,
@@ -188,6 +199,38 @@ pub trait Codec {
 /// What the inbound channel yields: the sender's node id and its payload.
 pub type Inbound = (NodeId, Bytes);
 
+/// A payload in the inbound channel with its share of `inbound_bytes_max`,
+/// given back when the receiver hands the payload out.
+type Delivery = (NodeId, Bytes, OwnedSemaphorePermit);
+
+/// The sending end of the inbound channel, shared by inbound connections.
+#[derive(Clone)]
+struct InboundQueue {
+    deliveries: mpsc::Sender<Delivery>,
+    /// One permit per payload byte, `inbound_bytes_max` in all.
+    budget: Arc<Semaphore>,
+    bytes_max: usize,
+}
+
+/// The receiving end of the bounded inbound channel.
+pub struct InboundReceiver {
+    deliveries: mpsc::Receiver<Delivery>,
+}
+
+impl InboundReceiver {
+    /// The next payload; `None` once the transport is gone.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        let (from, payload, _budget) = self.deliveries.recv().await?;
+        Some((from, payload))
+    }
+
+    /// The next payload if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Inbound, mpsc::error::TryRecvError> {
+        let (from, payload, _budget) = self.deliveries.try_recv()?;
+        Ok((from, payload))
+    }
+}
+
 /// The settings every connection task reads; fixed at start.
 #[derive(Clone, Copy, Debug)]
 struct Limits {
@@ -225,17 +268,20 @@ pub struct Transport {
     local_addr: SocketAddr,
     peers: Mutex<BTreeMap<NodeId, Peer>>,
     inbound: Arc<InboundCounters>,
+    /// Kept to read the inbound queue's depth; connection tasks hold clones.
+    inbound_queue: InboundQueue,
     /// `None` only after `shutdown` took it.
     listener_task: Option<JoinHandle<()>>,
+    /// The runtime `start` ran on: peer tasks spawned later (by `set_peers`
+    /// from any thread) run there too.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Transport {
     /// Binds the listener, starts a connection task per peer and returns the
     /// transport with the receiving end of its bounded inbound channel. Must be
     /// called inside a tokio runtime.
-    pub async fn start(
-        config: TransportConfig,
-    ) -> anyhow::Result<(Transport, mpsc::Receiver<Inbound>)> {
+    pub async fn start(config: TransportConfig) -> anyhow::Result<(Transport, InboundReceiver)> {
         config.validate()?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -254,13 +300,18 @@ impl Transport {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             write_coalesce_bytes_max: config.write_coalesce_bytes_max,
         };
-        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_frames_max);
+        let (deliveries_tx, deliveries) = mpsc::channel(config.inbound_frames_max);
+        let inbound_queue = InboundQueue {
+            deliveries: deliveries_tx,
+            budget: Arc::new(Semaphore::new(config.inbound_bytes_max)),
+            bytes_max: config.inbound_bytes_max,
+        };
         let inbound = Arc::new(InboundCounters::default());
         let listener_task = tokio::spawn(inbound::accept_loop(
             listener,
             limits,
             config.inbound_connections_max,
-            inbound_tx,
+            inbound_queue.clone(),
             Arc::clone(&inbound),
         ));
         tracing::info!(node_id = config.node_id, cluster_id = config.cluster_id, %local_addr, "peer transport listening");
@@ -270,10 +321,12 @@ impl Transport {
             local_addr,
             peers: Mutex::new(BTreeMap::new()),
             inbound,
+            inbound_queue,
             listener_task: Some(listener_task),
+            runtime: tokio::runtime::Handle::current(),
         };
         transport.set_peers(config.peers);
-        Ok((transport, inbound_rx))
+        Ok((transport, InboundReceiver { deliveries }))
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -299,6 +352,12 @@ impl Transport {
         let Some(peer) = peers.get(&to) else {
             return Err(SendError::UnknownPeer(to));
         };
+        // The task ends only when its peer is removed, so a finished task here
+        // means it panicked: a bug, and this replica could no longer reach `to`.
+        assert!(
+            !peer.task.is_finished(),
+            "connection task of peer {to} died"
+        );
         let payload_bytes = payload.len() as u64;
         // Reserve the bytes before queueing so the task's release always comes after.
         let queued_bytes = peer
@@ -328,6 +387,8 @@ impl Transport {
 
     /// Replaces the peer set: peers not in `peers` are disconnected and their
     /// queues freed, new ones are connected, moved ones redial their new address.
+    /// Panics if `peers` contains this node's own id: membership is the
+    /// caller's to get right.
     pub fn set_peers(&self, peers: BTreeMap<NodeId, SocketAddr>) {
         assert!(
             !peers.contains_key(&self.limits.node_id),
@@ -342,7 +403,7 @@ impl Transport {
     }
 
     /// Adds peer `id` at `addr`, or points an existing peer at a new address
-    /// (its queue is kept and flushed to the new address).
+    /// (its queue is kept and flushed to the new address). Panics on this node's own id.
     pub fn update_peer(&self, id: NodeId, addr: SocketAddr) {
         assert_ne!(id, self.limits.node_id, "a node is not its own peer");
         let mut table = self.peers.lock().expect("peer table lock poisoned");
@@ -371,7 +432,7 @@ impl Transport {
         let (queue_tx, queue_rx) = mpsc::channel(self.queue_frames_max);
         let (addr_tx, addr_rx) = watch::channel(addr);
         let counters = Arc::new(PeerCounters::default());
-        let task = tokio::spawn(outbound::run_peer(
+        let task = self.runtime.spawn(outbound::run_peer(
             id,
             self.limits,
             queue_rx,
@@ -411,7 +472,15 @@ impl Transport {
                 )
             })
             .collect();
-        self.inbound.snapshot(peers)
+        let inbound_queue_frames =
+            self.inbound_queue.deliveries.max_capacity() - self.inbound_queue.deliveries.capacity();
+        let inbound_queue_bytes =
+            self.inbound_queue.bytes_max - self.inbound_queue.budget.available_permits();
+        self.inbound.snapshot(
+            peers,
+            inbound_queue_frames as u64,
+            inbound_queue_bytes as u64,
+        )
     }
 
     /// Stops every task and waits until the listener's socket is closed, so the

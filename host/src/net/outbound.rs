@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use super::frame::{encode_frame, FrameKind, Hello, HEADER_BYTES, PROTOCOL_VERSION};
+use super::frame::{encode_frame, FrameKind, Hello, HEADER_BYTES, HELLO_BYTES, PROTOCOL_VERSION};
 use super::metrics::{add, sub, PeerCounters};
 use super::reader::FrameReader;
 use super::{Limits, NodeId};
@@ -56,10 +56,15 @@ pub(super) async fn run_peer(
             Ok(stream) => {
                 add(&counters.connects, 1);
                 counters.connected.store(true, Ordering::Relaxed);
-                backoff.reset();
                 tracing::info!(peer, addr = %target, "outbound peer connection established");
+                let connected_at = Instant::now();
                 let end = pump(stream, &mut queue, &mut addr, &limits, &counters).await;
                 counters.connected.store(false, Ordering::Relaxed);
+                // Only a connection that lasted counts as recovery: a peer that
+                // accepts and drops at once keeps backing off (and logging less).
+                if connected_at.elapsed() >= Duration::from_millis(limits.backoff_max_ms) {
+                    backoff.reset();
+                }
                 end
             }
             Err(error) => {
@@ -113,7 +118,7 @@ async fn dial(peer: NodeId, target: SocketAddr, limits: &Limits) -> anyhow::Resu
             &ours.encode(),
         );
         stream.write_all(&hello).await.context("sending hello")?;
-        let mut reader = FrameReader::new(&mut stream, limits.frame_bytes_max);
+        let mut reader = FrameReader::new(&mut stream, HELLO_BYTES as u32);
         let frame = reader
             .next()
             .await
@@ -208,6 +213,7 @@ async fn pump(
         }
         add(&counters.frames_sent, frames);
         add(&counters.bytes_sent, out.len() as u64);
+        add(&counters.writes, 1);
         out.clear();
         // One huge frame must not pin a huge buffer for the life of the connection.
         if out.capacity() > 2 * limits.write_coalesce_bytes_max {

@@ -83,6 +83,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Changes the largest payload accepted from now on: the handshake reads
+    /// with the hello's size as the limit, so an unauthenticated connection
+    /// cannot make this node buffer a `frame_bytes_max` frame.
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
+        self.decoder = FrameDecoder::new(frame_bytes_max);
+    }
+
     /// Bytes read but not yet returned as frames.
     pub fn buffered_bytes(&self) -> usize {
         self.buffer.len()
