@@ -2,12 +2,14 @@
 //! the planted-bug test that shows the checkers have teeth.
 
 use paxwasm::paxos::Params;
-use paxwasm::sim::cluster::{run_seeds, SeedOutcome, SimOptions};
+use paxwasm::sim::cluster::{run_seeds, FaultRates, SeedOutcome, SimOptions};
 
 /// Operations per seed in the default test run (the CLI default is larger).
 const OPS_PER_SEED: usize = 60;
 /// Seeds of the sweep; with 3 and 5 replicas alternating.
 const SWEEP_SEEDS: u64 = 520;
+/// Seeds run with the harsh fault profile, on top of the sweep.
+const HARSH_SEEDS: u64 = 120;
 /// The planted bug must be found within this many seeds.
 const PLANTED_BUG_SEEDS_MAX: u64 = 200;
 /// Worker threads: the machine has 2 cores.
@@ -63,6 +65,20 @@ fn sweep_of_seeds_with_faults_finds_no_violation() {
     );
     let committed = sum(|o| o.committed as u64);
     assert!(committed > SWEEP_SEEDS * OPS_PER_SEED as u64 * 9 / 10);
+}
+
+#[test]
+fn harsh_faults_find_no_violation() {
+    let seeds: Vec<u64> = (1_000_000..1_000_000 + HARSH_SEEDS).collect();
+    let options_for = |seed| {
+        let mut options = SimOptions::for_seed(seed, None, OPS_PER_SEED);
+        options.faults = FaultRates::harsh();
+        options
+    };
+    let outcomes = run_seeds(&seeds, THREADS, &options_for);
+    assert_clean(&outcomes, &options_for);
+    let crashes: u64 = outcomes.iter().map(|o| o.faults.crashes).sum();
+    assert!(crashes > 5 * HARSH_SEEDS, "harsh means many crashes, got {crashes}");
 }
 
 #[test]
