@@ -35,6 +35,10 @@ pub struct SimArgs {
     /// replaying the planted-bug test's seeds.
     #[arg(long, hide = true)]
     pub planted_bug: bool,
+    /// Plant the read-path bug (a new leader serves reads before its first entry is
+    /// applied); for replaying the read planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_read_bug: bool,
 }
 
 fn parse_replicas(text: &str) -> Result<usize, String> {
@@ -56,6 +60,7 @@ pub fn run(args: SimArgs) -> ExitCode {
             options.faults = FaultRates::harsh();
         }
         options.params.bug_ignore_phase1_values = args.planted_bug;
+        options.params.bug_reads_before_ready = args.planted_read_bug;
         options
     };
     let outcomes = run_seeds(&seeds, threads, &options_for);

@@ -1157,7 +1157,7 @@ impl Replica {
     }
 
     fn leader_lease_valid(&self, leader: &LeaderState) -> bool {
-        let ready = self.applied_index >= leader.ready_slot;
+        let ready = self.params.bug_reads_before_ready || self.applied_index >= leader.ready_slot;
         let within = leader
             .quorum_sent_tick
             .is_some_and(|sent| self.tick < sent + self.params.lease_ticks);
@@ -1182,7 +1182,10 @@ impl Replica {
             });
             return;
         }
-        let read_index = self.chosen_index.max(leader.ready_slot);
+        let read_index = match self.params.bug_reads_before_ready {
+            true => self.chosen_index,
+            false => self.chosen_index.max(leader.ready_slot),
+        };
         let Role::Leader(leader) = &mut self.role else {
             unreachable!()
         };

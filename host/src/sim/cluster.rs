@@ -141,6 +141,9 @@ impl SimOptions {
         if self.params.bug_ignore_phase1_values {
             command.push_str(" --planted-bug");
         }
+        if self.params.bug_reads_before_ready {
+            command.push_str(" --planted-read-bug");
+        }
         command
     }
 }
