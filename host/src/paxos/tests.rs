@@ -1007,3 +1007,122 @@ fn catch_up_sends_chosen_entries_in_bounded_chunks() {
         vec![]
     );
 }
+
+#[test]
+fn election_starts_with_a_pre_vote_that_changes_no_state() {
+    let mut replica = Replica::new(1, three(), Params::default(), SEED);
+    let mut actions = Vec::new();
+    let mut ticks = 0;
+    while actions.is_empty() {
+        actions = tick(&mut replica);
+        ticks += 1;
+    }
+    let params = Params::default();
+    assert!((params.election_ticks_min..params.election_ticks_max).contains(&ticks));
+    // Our own pre-vote is answered in-process; peers are asked.
+    assert_eq!(
+        actions,
+        vec![
+            Action::Send {
+                to: 2,
+                msg: Message::PreVote { round: 1 }
+            },
+            Action::Send {
+                to: 3,
+                msg: Message::PreVote { round: 1 }
+            },
+        ]
+    );
+    assert_eq!(
+        replica.status().promised,
+        Ballot::ZERO,
+        "a pre-vote promises nothing"
+    );
+    // A denial changes nothing; a grant completes the quorum and starts Phase 1 with a
+    // round above everything seen, including the granting peer's promise.
+    let deny = Message::PreVoteReply {
+        round: 1,
+        granted: false,
+        promised: ballot(4, 3),
+    };
+    assert_eq!(replica.step(message(3, deny)), vec![]);
+    let grant = Message::PreVoteReply {
+        round: 1,
+        granted: true,
+        promised: Ballot::ZERO,
+    };
+    let prepare = Message::Prepare {
+        ballot: ballot(5, 1),
+        first_slot: 1,
+    };
+    assert_eq!(
+        replica.step(message(2, grant)),
+        vec![
+            Action::Send {
+                to: 2,
+                msg: prepare.clone()
+            },
+            Action::Send {
+                to: 3,
+                msg: prepare
+            },
+            Action::Persist {
+                token: 1,
+                record: PersistRecord {
+                    promised: Some(ballot(5, 1)),
+                    ..Default::default()
+                }
+            },
+        ]
+    );
+}
+
+#[test]
+fn leader_steps_down_on_a_higher_ballot_and_answers_queued_proposals() {
+    let params = Params {
+        slots_in_flight_max: 1,
+        ..Params::default()
+    };
+    let mut leader = Replica::new(1, three(), params, SEED);
+    elect(&mut leader);
+    // The window (1 slot) is taken by the ready no-op: this proposal stays queued.
+    assert_eq!(
+        leader.step(Event::Propose {
+            request: 7,
+            command: command(b"q", 0, 0)
+        }),
+        vec![]
+    );
+    assert_eq!(
+        leader.step(message(
+            2,
+            Message::Reject {
+                promised: ballot(3, 2)
+            }
+        )),
+        vec![Action::Reply {
+            request: 7,
+            outcome: Outcome::NotLeader { leader_hint: None }
+        }]
+    );
+    assert_eq!(leader.status().leading, None);
+}
+
+#[test]
+fn restarted_replica_refuses_other_candidates_for_an_election_timeout() {
+    let params = Params::default();
+    let mut replica = Replica::restart(2, three(), params.clone(), SEED, DurableState::default());
+    let prepare = Message::Prepare {
+        ballot: ballot(1, 3),
+        first_slot: 1,
+    };
+    assert_eq!(replica.step(message(3, prepare.clone())), vec![]);
+    for _ in 0..params.election_ticks_min {
+        tick(&mut replica);
+    }
+    let actions = replica.step(message(3, prepare));
+    assert!(
+        matches!(actions.as_slice(), [Action::Persist { .. }]),
+        "{actions:?}"
+    );
+}

@@ -44,6 +44,9 @@ pub struct FaultRates {
     /// Time for a persist to become durable; a crash before that loses it.
     pub persist_ticks_min: u64,
     pub persist_ticks_max: u64,
+    /// Per replica per tick: the replica misses this tick (its clock runs slow), so
+    /// tick rates drift apart, as the lease safety margin must tolerate.
+    pub tick_skip_per_million: u64,
 }
 
 impl Default for FaultRates {
@@ -61,6 +64,7 @@ impl Default for FaultRates {
             down_ticks_max: 60,
             persist_ticks_min: 0,
             persist_ticks_max: 2,
+            tick_skip_per_million: 20_000,
         }
     }
 }
@@ -83,6 +87,7 @@ impl FaultRates {
             down_ticks_max: 80,
             persist_ticks_min: 0,
             persist_ticks_max: 8,
+            tick_skip_per_million: 50_000,
         }
     }
 }
@@ -446,6 +451,9 @@ impl Sim {
         }
         let now_ms = self.tick * TICK_MS;
         for id in 1..=self.nodes.len() as NodeId {
+            if self.faults_on && self.rng.chance(self.options.faults.tick_skip_per_million) {
+                continue;
+            }
             self.step_replica(id, Event::Tick { now_ms });
         }
         self.run_clients(issue_limit);
