@@ -13,6 +13,7 @@
 //!   persist-before-reply path as every other.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use super::config::Configuration;
 use super::params::Params;
@@ -985,11 +986,11 @@ impl Replica {
             let seed = self.rng.next_u64();
             self.propose_slot(
                 slot,
-                Value::Batch(Batch {
+                Value::Batch(Arc::new(Batch {
                     commands,
                     timestamp_ms,
                     seed,
-                }),
+                })),
                 actions,
             );
         }

@@ -1,5 +1,7 @@
 //! Unit tests of the core: exact actions for the key protocol steps.
 
+use std::sync::Arc;
+
 use super::*;
 
 const SEED: u64 = 7;
@@ -13,11 +15,11 @@ fn ballot(round: u64, node: NodeId) -> Ballot {
 }
 
 fn batch(payload: &[u8], request: RequestId) -> Value {
-    Value::Batch(Batch {
+    Value::Batch(Arc::new(Batch {
         commands: vec![command(payload, 9, request)],
         timestamp_ms: 0,
         seed: 0,
-    })
+    }))
 }
 
 fn command(payload: &[u8], node: NodeId, request: RequestId) -> Command {
@@ -871,11 +873,11 @@ fn dedup_applies_a_keyed_command_once_and_returns_the_first_result() {
         idempotency_key: Some(IdempotencyKey { client: 42, seq }),
         origin: Origin { node: 1, request },
     };
-    let value = Value::Batch(Batch {
+    let value = Value::Batch(Arc::new(Batch {
         commands: vec![keyed(1, 10), keyed(1, 11)],
         timestamp_ms: 5,
         seed: 6,
-    });
+    }));
     let mut replies = Vec::new();
     applier.apply(1, &value, &mut replies);
     let first = [b"inc".as_slice(), &1u64.to_le_bytes()].concat();
@@ -883,11 +885,11 @@ fn dedup_applies_a_keyed_command_once_and_returns_the_first_result() {
     assert_eq!(applier.machine.applied, 1);
     // The same key decided again in a later slot (a retry after a leader change).
     replies.clear();
-    let value = Value::Batch(Batch {
+    let value = Value::Batch(Arc::new(Batch {
         commands: vec![keyed(1, 12), keyed(2, 13), keyed(1, 14)],
         timestamp_ms: 5,
         seed: 6,
-    });
+    }));
     applier.apply(2, &value, &mut replies);
     let second = [b"inc".as_slice(), &2u64.to_le_bytes()].concat();
     assert_eq!(
