@@ -1,4 +1,4 @@
 //! Deterministic cluster simulation: the seeded simulator and the checkers it runs.
-pub mod linearizability;
 pub mod cluster;
 pub mod kv;
+pub mod linearizability;
