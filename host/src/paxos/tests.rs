@@ -1128,3 +1128,12 @@ fn restarted_replica_refuses_other_candidates_for_an_election_timeout() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn replica_and_applier_can_move_to_another_thread() {
+    // The replica process runs the core inside an async task.
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<Replica>();
+    assert_send::<Applier<Counter>>();
+    assert_send::<Action>();
+}
