@@ -1137,3 +1137,42 @@ fn replica_and_applier_can_move_to_another_thread() {
     assert_send::<Applier<Counter>>();
     assert_send::<Action>();
 }
+
+#[test]
+fn lease_counts_from_when_the_round_was_sent_not_when_acks_arrived() {
+    let params = Params::default();
+    let mut leader = Replica::new(1, three(), params.clone(), SEED);
+    let actions = elect(&mut leader);
+    persist_all(&mut leader, &actions);
+    // The no-op is chosen (ready), but round 1 (sent at election) is not acked yet.
+    leader.step(message(
+        2,
+        Message::Accepted {
+            ballot: ballot(1, 1),
+            slot: 1,
+        },
+    ));
+    assert!(!leader.lease_valid());
+    let late_ticks = 6;
+    for _ in 0..late_ticks {
+        tick(&mut leader);
+    }
+    // The ack of round 1 arrives late: the lease still ends lease_ticks after round 1
+    // was sent, so only lease_ticks - late_ticks of it remain.
+    let ack = Message::HeartbeatAck {
+        ballot: ballot(1, 1),
+        seq: 1,
+        chosen_index: 1,
+    };
+    leader.step(message(2, ack));
+    assert!(leader.lease_valid());
+    for _ in 0..params.lease_ticks - late_ticks - 1 {
+        tick(&mut leader);
+        assert!(leader.lease_valid());
+    }
+    tick(&mut leader);
+    assert!(
+        !leader.lease_valid(),
+        "a lease measured from ack arrival would still hold"
+    );
+}
