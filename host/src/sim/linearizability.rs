@@ -120,6 +120,27 @@ pub fn check(history: &[Operation]) -> CheckResult {
 /// violation on any key wins over a budget exhausted on another, because a
 /// violation is a definite answer.
 pub fn check_with_budget(history: &[Operation], search_steps_per_key_max: u64) -> CheckResult {
+    check_with_stats(history, search_steps_per_key_max).0
+}
+
+/// What a check cost, for reports and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckStats {
+    /// Keys searched (the search stops at the first key with a violation).
+    pub keys: usize,
+    /// Operations that entered the search, after dropping those that cannot
+    /// matter (see the module doc).
+    pub ops_searched: usize,
+    pub steps_total: u64,
+    /// The most steps one key needed: compare with the budget.
+    pub steps_key_max: u64,
+}
+
+/// [`check_with_budget`], also reporting what the search cost.
+pub fn check_with_stats(
+    history: &[Operation],
+    search_steps_per_key_max: u64,
+) -> (CheckResult, CheckStats) {
     for (index, operation) in history.iter().enumerate() {
         validate(index, operation);
     }
@@ -135,26 +156,37 @@ pub fn check_with_budget(history: &[Operation], search_steps_per_key_max: u64) -
             .or_default()
             .push(index);
     }
+    let mut stats = CheckStats::default();
     let mut too_complex = None;
     for (key, indices) in indices_by_key {
         let mut key_history = KeyHistory::new(history, indices);
-        match key_history.search(search_steps_per_key_max) {
+        let (outcome, steps) = key_history.search(search_steps_per_key_max);
+        stats.keys += 1;
+        stats.ops_searched += key_history.indices.len();
+        stats.steps_total += steps;
+        stats.steps_key_max = stats.steps_key_max.max(steps);
+        match outcome {
             SearchOutcome::Linearizable => {}
             SearchOutcome::Violation(dead_end) => {
-                return CheckResult::Violation {
-                    key: key.to_string(),
-                    detail: key_history.describe(key, &dead_end),
-                };
+                let detail = key_history.describe(key, &dead_end);
+                return (
+                    CheckResult::Violation {
+                        key: key.to_string(),
+                        detail,
+                    },
+                    stats,
+                );
             }
             SearchOutcome::TooComplex => {
                 too_complex.get_or_insert_with(|| key.to_string());
             }
         }
     }
-    match too_complex {
+    let result = match too_complex {
         Some(key) => CheckResult::TooComplex { key },
         None => CheckResult::Linearizable,
-    }
+    };
+    (result, stats)
 }
 
 fn validate(index: usize, operation: &Operation) {
@@ -447,7 +479,8 @@ impl<'h> KeyHistory<'h> {
     /// value) must be new); at a return of an operation not yet linearized, the
     /// current prefix cannot be extended, so undo the last linearization and try
     /// the next call after it.
-    fn search(&mut self, steps_max: u64) -> SearchOutcome {
+    /// Returns the outcome and the steps taken.
+    fn search(&mut self, steps_max: u64) -> (SearchOutcome, u64) {
         let ops_total = self.indices.len();
         let completed_total = self
             .indices
@@ -467,12 +500,12 @@ impl<'h> KeyHistory<'h> {
             // Unknown-outcome operations not yet linearized can all go after
             // everything else (any output is accepted there) or never happen.
             if completed_linearized == completed_total {
-                return SearchOutcome::Linearizable;
+                return (SearchOutcome::Linearizable, steps);
+            }
+            if steps == steps_max {
+                return (SearchOutcome::TooComplex, steps);
             }
             steps += 1;
-            if steps > steps_max {
-                return SearchOutcome::TooComplex;
-            }
             // A completed operation is still unlinearized, so its return entry is
             // still in the list and the walk stops there before the end.
             assert!(
@@ -484,7 +517,7 @@ impl<'h> KeyHistory<'h> {
             } = self.entries[entry];
             if !is_call {
                 let Some((call, value_before)) = stack.pop() else {
-                    return SearchOutcome::Violation(dead_end);
+                    return (SearchOutcome::Violation(dead_end), steps);
                 };
                 let undone = self.entries[call].op;
                 linearized.clear(undone);
@@ -625,6 +658,8 @@ impl Bitset {
         self.0[bit / 64] &= !(1 << (bit % 64));
     }
 }
+
+pub mod generated;
 
 #[cfg(test)]
 mod tests;
