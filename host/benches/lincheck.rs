@@ -62,9 +62,10 @@ fn measure(scenario: &Scenario) -> Measured {
         }
         best = best.min(started.elapsed());
     }
-    let expected_slot = usize::from(scenario.stale_read);
+    // Running out of budget is a figure to report; a wrong verdict is a bug.
+    let wrong_slot = usize::from(!scenario.stale_read);
     assert_eq!(
-        results[expected_slot], SEEDS as usize,
+        results[wrong_slot], 0,
         "{}: results {results:?}",
         scenario.name
     );
@@ -154,7 +155,7 @@ fn main() {
         let per_check_us = measured.per_check.as_secs_f64() * 1e6;
         let baseline_us = *baseline.get_or_insert(per_check_us);
         println!(
-            "{:<42} {:>10.0} us/check  x{:<7.1} steps/check {:>9}  max steps/key {:>8}  results {:?}",
+            "{:<42} {:>10.0} us/check  x{:<7.1} steps/check {:>9}  max steps/key {:>8}  [linearizable, violation, too complex] {:?}",
             scenario.name,
             per_check_us,
             per_check_us / baseline_us,

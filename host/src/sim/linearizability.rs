@@ -30,8 +30,9 @@
 //!
 //! See docs/notes/lincheck.md for the algorithm, its invariants and its limits.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Default search budget: loop iterations of the search for one key before the
 /// checker gives up with [`CheckResult::TooComplex`]. Simulator histories with a
@@ -146,11 +147,6 @@ pub fn check_with_stats(
     }
     let mut indices_by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, operation) in history.iter().enumerate() {
-        let unknown_read =
-            operation.ret.is_none() && matches!(operation.input, KvInput::Get { .. });
-        if unknown_read {
-            continue;
-        }
         indices_by_key
             .entry(operation.input.key())
             .or_default()
@@ -159,6 +155,7 @@ pub fn check_with_stats(
     let mut stats = CheckStats::default();
     let mut too_complex = None;
     for (key, indices) in indices_by_key {
+        let indices = operations_that_matter(history, indices);
         let mut key_history = KeyHistory::new(history, indices);
         let (outcome, steps) = key_history.search(search_steps_per_key_max);
         stats.keys += 1;
@@ -187,6 +184,56 @@ pub fn check_with_stats(
         None => CheckResult::Linearizable,
     };
     (result, stats)
+}
+
+/// Drops the operations of one key that cannot change the verdict, because
+/// they are unknown-outcome operations that may always be placed after every
+/// other one (where any output is accepted and nobody observes their effect):
+///
+/// - unknown-outcome reads: they change nothing;
+/// - unknown-outcome writes (put, or cas by its new value) of a value no
+///   operation observes (no read returns it, no cas expects it or reports it as
+///   current). Wherever such a write runs, the operations after it until the next
+///   put can only be unknown-outcome cases that fail (anything else would observe
+///   the value), and those may move to the end too; the put overwrites the value
+///   either way. So a linearization with the write becomes one without it.
+///
+/// Simulator clients write unique values and most lost writes are never read,
+/// so this removes most unknown-outcome operations, which are the ones that
+/// blow up the search (each may sit anywhere after its call).
+fn operations_that_matter(history: &[Operation], indices: Vec<usize>) -> Vec<usize> {
+    let mut observed: HashSet<&str> = HashSet::new();
+    for &index in &indices {
+        let operation = &history[index];
+        if let KvInput::Cas {
+            expected: Some(expected),
+            ..
+        } = &operation.input
+        {
+            observed.insert(expected);
+        }
+        match &operation.ret {
+            Some((_, KvOutput::Value(Some(seen)) | KvOutput::Mismatch(Some(seen)))) => {
+                observed.insert(seen);
+            }
+            Some((_, KvOutput::Value(None) | KvOutput::Mismatch(None) | KvOutput::Ok)) | None => {}
+        }
+    }
+    indices
+        .into_iter()
+        .filter(|&index| {
+            let operation = &history[index];
+            if operation.ret.is_some() {
+                return true;
+            }
+            match &operation.input {
+                KvInput::Get { .. } => false,
+                KvInput::Put { value: written, .. } | KvInput::Cas { new: written, .. } => {
+                    observed.contains(written.as_str())
+                }
+            }
+        })
+        .collect()
 }
 
 fn validate(index: usize, operation: &Operation) {
@@ -261,6 +308,20 @@ enum CasSeen {
 }
 
 impl ModelOp {
+    /// True for operations that never change the value: completed reads, and
+    /// cases that reported a mismatch. (An unknown-outcome cas may or may not
+    /// write, depending on where it runs.)
+    fn is_read_only(self) -> bool {
+        matches!(
+            self,
+            ModelOp::Get { .. }
+                | ModelOp::Cas {
+                    seen: CasSeen::Mismatch(_),
+                    ..
+                }
+        )
+    }
+
     /// The key's value after this operation runs on `value`, or `None` if the
     /// output the client saw is impossible from `value`.
     fn apply(self, value: ValueId) -> Option<ValueId> {
@@ -318,6 +379,16 @@ struct KeyHistory<'h> {
     ret_position: Vec<usize>,
 }
 
+/// One linearized operation on the search stack.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    call: EntryId,
+    value_before: ValueId,
+    /// Linearized by [`KeyHistory::fitting_read_only`]: there is no alternative
+    /// to try in its place, so backtracking goes past it.
+    forced: bool,
+}
+
 /// Where the search got furthest before failing: the linearized operations (local
 /// indices, in order) and the key's value after them.
 #[derive(Debug, Clone, Default)]
@@ -335,18 +406,15 @@ enum SearchOutcome {
 impl<'h> KeyHistory<'h> {
     fn new(history: &'h [Operation], indices: Vec<usize>) -> Self {
         let mut values: Vec<&'h str> = Vec::new();
+        let mut ids: HashMap<&'h str, ValueId> = HashMap::new();
         let mut intern = |value: Option<&'h String>| -> ValueId {
             let Some(value) = value else {
                 return ABSENT;
             };
-            let position = match values.iter().position(|known| *known == value.as_str()) {
-                Some(position) => position,
-                None => {
-                    values.push(value.as_str());
-                    values.len() - 1
-                }
-            };
-            ValueId::try_from(position + 1).expect("fewer than 2^32 distinct values per key")
+            *ids.entry(value.as_str()).or_insert_with(|| {
+                values.push(value.as_str());
+                ValueId::try_from(values.len()).expect("fewer than 2^32 distinct values per key")
+            })
         };
         let model_ops: Vec<ModelOp> = indices
             .iter()
@@ -478,8 +546,12 @@ impl<'h> KeyHistory<'h> {
     /// output must fit the current value, and the resulting (linearized set,
     /// value) must be new); at a return of an operation not yet linearized, the
     /// current prefix cannot be extended, so undo the last linearization and try
-    /// the next call after it.
-    /// Returns the outcome and the steps taken.
+    /// the next call after it. Each time the prefix grows, a read-only operation
+    /// that fits is linearized first, without an alternative to backtrack to
+    /// (see [`KeyHistory::fitting_read_only`]).
+    ///
+    /// Returns the outcome and the steps taken (one step per loop iteration: one
+    /// operation tried, or one backtrack).
     fn search(&mut self, steps_max: u64) -> (SearchOutcome, u64) {
         let ops_total = self.indices.len();
         let completed_total = self
@@ -490,11 +562,18 @@ impl<'h> KeyHistory<'h> {
         let mut linearized = Bitset::new(ops_total);
         let mut value = ABSENT;
         let mut completed_linearized = 0;
-        // (call entry, value before it) per linearized operation, in order.
-        let mut stack: Vec<(EntryId, ValueId)> = Vec::with_capacity(ops_total);
-        let mut memo: HashSet<(Bitset, ValueId)> = HashSet::new();
+        let mut stack: Vec<Frame> = Vec::with_capacity(ops_total);
+        // Every (linearized set, value) ever reached. A state is entered once; if
+        // the search comes back to it by another order, it failed the first time
+        // (or the search would have returned).
+        let mut memo = Memo::default();
         let mut dead_end = DeadEnd::default();
+        // `dead_end.prefix[..dead_end_shared]` is the operations of
+        // `stack[..dead_end_shared]`, so recording a longer prefix copies only
+        // the part that changed.
+        let mut dead_end_shared = 0;
         let mut entry = self.entries[HEAD].next;
+        let mut extended = true;
         let mut steps: u64 = 0;
         loop {
             // Unknown-outcome operations not yet linearized can all go after
@@ -506,52 +585,101 @@ impl<'h> KeyHistory<'h> {
                 return (SearchOutcome::TooComplex, steps);
             }
             steps += 1;
+            let read_only = if extended {
+                extended = false;
+                self.fitting_read_only(value)
+            } else {
+                None
+            };
             // A completed operation is still unlinearized, so its return entry is
             // still in the list and the walk stops there before the end.
             assert!(
                 entry != NONE,
                 "walked past every return with operations left"
             );
-            let Entry {
-                op, is_call, next, ..
-            } = self.entries[entry];
-            if !is_call {
-                let Some((call, value_before)) = stack.pop() else {
-                    return (SearchOutcome::Violation(dead_end), steps);
-                };
-                let undone = self.entries[call].op;
-                linearized.clear(undone);
-                value = value_before;
-                if self.entries[call].ret != NONE {
-                    completed_linearized -= 1;
+            let attempt = match read_only {
+                Some(call) => Some((call, true)),
+                None if self.entries[entry].is_call => Some((entry, false)),
+                None => None,
+            };
+            if let Some((call, forced)) = attempt {
+                let op = self.entries[call].op;
+                if let Some(value_after) = self.model_ops[op].apply(value) {
+                    linearized.set(op);
+                    if memo.insert((linearized.clone(), value_after)) {
+                        stack.push(Frame {
+                            call,
+                            value_before: value,
+                            forced,
+                        });
+                        value = value_after;
+                        if self.entries[call].ret != NONE {
+                            completed_linearized += 1;
+                        }
+                        self.lift(call);
+                        if stack.len() > dead_end.prefix.len() {
+                            dead_end.prefix.truncate(dead_end_shared);
+                            let entries = &self.entries;
+                            let added = stack[dead_end_shared..]
+                                .iter()
+                                .map(|frame| entries[frame.call].op);
+                            dead_end.prefix.extend(added);
+                            dead_end_shared = stack.len();
+                            dead_end.value = value;
+                        }
+                        entry = self.entries[HEAD].next;
+                        extended = true;
+                        continue;
+                    }
+                    linearized.clear(op);
                 }
-                self.unlift(call);
-                entry = self.entries[call].next;
-                continue;
-            }
-            if let Some(value_after) = self.model_ops[op].apply(value) {
-                linearized.set(op);
-                if memo.insert((linearized.clone(), value_after)) {
-                    stack.push((entry, value));
-                    value = value_after;
-                    if self.entries[entry].ret != NONE {
-                        completed_linearized += 1;
-                    }
-                    self.lift(entry);
-                    if stack.len() > dead_end.prefix.len() {
-                        dead_end.prefix = stack
-                            .iter()
-                            .map(|&(call, _)| self.entries[call].op)
-                            .collect();
-                        dead_end.value = value;
-                    }
-                    entry = self.entries[HEAD].next;
+                if !forced {
+                    entry = self.entries[call].next;
                     continue;
                 }
-                linearized.clear(op);
+                // A read that fits now but leads to an explored state: every
+                // extension of the prefix fails, so fall through and backtrack.
             }
-            entry = next;
+            // Undo linearizations back to the last one that had alternatives.
+            loop {
+                let Some(frame) = stack.pop() else {
+                    return (SearchOutcome::Violation(dead_end), steps);
+                };
+                linearized.clear(self.entries[frame.call].op);
+                value = frame.value_before;
+                if self.entries[frame.call].ret != NONE {
+                    completed_linearized -= 1;
+                }
+                self.unlift(frame.call);
+                dead_end_shared = dead_end_shared.min(stack.len());
+                if !frame.forced {
+                    entry = self.entries[frame.call].next;
+                    break;
+                }
+            }
         }
+    }
+
+    /// The call entry of a completed read-only operation (a read, or a cas that
+    /// reported a mismatch) that may be linearized next and fits `value`.
+    ///
+    /// Linearizing it right away loses nothing: take any way to finish the
+    /// current prefix and move the operation to the front of the rest. It still
+    /// sees `value` (it is first), every operation that returned before its call
+    /// is already in the prefix (its call comes before the first return left in
+    /// the list), and the others see the same values as before, because the
+    /// operation changes nothing. So if no linearization starts with prefix + it,
+    /// none starts with the prefix, and the search backtracks past both.
+    fn fitting_read_only(&self, value: ValueId) -> Option<EntryId> {
+        let mut entry = self.entries[HEAD].next;
+        while entry != NONE && self.entries[entry].is_call {
+            let model_op = self.model_ops[self.entries[entry].op];
+            if model_op.is_read_only() && model_op.apply(value).is_some() {
+                return Some(entry);
+            }
+            entry = self.entries[entry].next;
+        }
+        None
     }
 
     fn value_text(&self, value: ValueId) -> String {
@@ -660,6 +788,61 @@ impl Bitset {
 }
 
 pub mod generated;
+
+type Memo = HashSet<(Bitset, ValueId), BuildHasherDefault<MemoHasher>>;
+
+/// A multiply-rotate hasher (as in FxHash) with a final mix, for memo keys.
+/// The keys are bitsets and value ids this module builds, not input an
+/// adversary chooses, so SipHash's defence against collision floods buys
+/// nothing here and costs most of the search time.
+#[derive(Default)]
+struct MemoHasher(u64);
+
+impl MemoHasher {
+    fn add(&mut self, word: u64) {
+        const MULTIPLIER: u64 = 0x517c_c1b7_2722_0a95;
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(MULTIPLIER);
+    }
+}
+
+impl Hasher for MemoHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.add(u64::from_le_bytes(
+                word.try_into().expect("chunks of 8 bytes"),
+            ));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut word = [0; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    /// The multiply only carries upwards, so a bit set high in a word would
+    /// never reach the low bits the table indexes by: fold them down
+    /// (splitmix64's finalizer).
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
 
 #[cfg(test)]
 mod tests;
