@@ -1,13 +1,15 @@
 //! Linearizability checker benchmark: checks generated histories (linearizable by
 //! construction, see `paxwasm::sim::linearizability::generated`) of growing
 //! concurrency and prints the time per check as a ratio to a baseline without
-//! any concurrency measured in the same run.
+//! any concurrency, measured in the same run.
 //!
 //! Run: `cargo bench -p paxwasm --bench lincheck`
 
 use std::time::{Duration, Instant};
 
-use paxwasm::sim::linearizability::generated::{generate, make_stale_read, GeneratorConfig, Rng};
+use paxwasm::sim::linearizability::generated::{
+    generate, generate_clients, make_stale_read, ClientsConfig, GeneratorConfig, Rng,
+};
 use paxwasm::sim::linearizability::{
     check_with_stats, CheckResult, CheckStats, Operation, SEARCH_STEPS_PER_KEY_MAX,
 };
@@ -15,25 +17,42 @@ use paxwasm::sim::linearizability::{
 /// Histories per scenario; each is checked once per repetition.
 const SEEDS: u64 = 20;
 /// Repetitions per scenario; the fastest is reported, to shed scheduler noise.
-const REPETITIONS: usize = 5;
+const REPETITIONS: usize = 3;
 
 struct Scenario {
     name: &'static str,
-    config: GeneratorConfig,
+    generate: Box<dyn Fn(u64) -> Vec<Operation>>,
     /// Plant a stale read in every history (the result must be a violation).
     stale_read: bool,
+}
+
+fn windows(name: &'static str, config: GeneratorConfig) -> Scenario {
+    Scenario {
+        name,
+        generate: Box::new(move |seed| generate(seed, &config)),
+        stale_read: false,
+    }
+}
+
+fn clients(name: &'static str, config: ClientsConfig, stale_read: bool) -> Scenario {
+    Scenario {
+        name,
+        generate: Box::new(move |seed| generate_clients(seed, &config)),
+        stale_read,
+    }
 }
 
 struct Measured {
     per_check: Duration,
     stats: CheckStats,
-    results: [usize; 3],
+    /// Histories found [linearizable, violating, too complex].
+    results: [u64; 3],
 }
 
 fn measure(scenario: &Scenario) -> Measured {
     let histories: Vec<Vec<Operation>> = (0..SEEDS)
         .map(|seed| {
-            let mut history = generate(seed, &scenario.config);
+            let mut history = (scenario.generate)(seed);
             if scenario.stale_read {
                 make_stale_read(&mut history, &mut Rng(seed)).expect("history offers a stale read");
             }
@@ -77,85 +96,72 @@ fn measure(scenario: &Scenario) -> Measured {
 }
 
 fn main() {
-    let scenario = |name, ops, keys, spacing_ticks, window_ticks, unknown_percent, stale_read| {
-        let config = GeneratorConfig {
-            ops,
-            keys,
-            spacing_ticks,
-            window_ticks,
-            unknown_percent,
-        };
-        Scenario {
-            name,
-            config,
-            stale_read,
-        }
+    let window = |ops, keys, spacing_ticks, window_ticks, unknown_percent| GeneratorConfig {
+        ops,
+        keys,
+        spacing_ticks,
+        window_ticks,
+        unknown_percent,
+    };
+    let client = |clients, ops, keys, unknown_percent| ClientsConfig {
+        clients,
+        ops,
+        keys,
+        latency_ticks_max: 10,
+        unknown_percent,
+        timeout_ticks: 30,
     };
     let scenarios = [
-        scenario(
-            "sequential 1000 ops / 5 keys (baseline)",
-            1000,
-            5,
-            10,
-            0,
-            0,
+        windows(
+            "1000 ops, 5 keys, no overlap (baseline)",
+            window(1000, 5, 10, 0, 0),
+        ),
+        clients(
+            "5 clients, 1000 ops, 5 keys, 10% unknown",
+            client(5, 1000, 5, 10),
             false,
         ),
-        scenario(
-            "overlap 1000 ops / 5 keys, window 10",
-            1000,
-            5,
-            1,
-            10,
-            0,
+        clients(
+            "5 clients, 1000 ops, 1 key, 10% unknown",
+            client(5, 1000, 1, 10),
             false,
         ),
-        scenario(
-            "overlap 1000 ops / 5 keys, window 30",
-            1000,
-            5,
-            1,
-            30,
-            0,
+        clients(
+            "20 clients, 1000 ops, 1 key, 10% unknown",
+            client(20, 1000, 1, 10),
             false,
         ),
-        scenario(
-            "overlap + 10% unknown, window 30",
-            1000,
-            5,
-            1,
-            30,
-            10,
-            false,
+        clients(
+            "20 clients, 1000 ops, 1 key, stale read",
+            client(20, 1000, 1, 10),
+            true,
         ),
-        scenario(
-            "overlap + 30% unknown, window 10",
-            1000,
-            5,
-            1,
-            10,
-            30,
-            false,
+        windows("windows 10, 1000 ops, 5 keys", window(1000, 5, 1, 10, 0)),
+        windows("windows 30, 1000 ops, 5 keys", window(1000, 5, 1, 30, 0)),
+        windows(
+            "windows 30, 1000 ops, 5 keys, 10% unknown",
+            window(1000, 5, 1, 30, 10),
         ),
-        scenario(
-            "hot key 400 ops / 1 key, window 20",
-            400,
-            1,
-            1,
-            20,
-            10,
-            false,
+        windows(
+            "windows 20, 400 ops, 1 key, 10% unknown",
+            window(400, 1, 1, 20, 10),
         ),
-        scenario("stale read planted, window 30", 1000, 5, 1, 30, 10, true),
     ];
-    let mut baseline = None;
-    println!("lincheck bench: {SEEDS} histories per scenario, best of {REPETITIONS} runs");
+    println!(
+        "lincheck bench: {SEEDS} histories per scenario, best of {REPETITIONS} runs, \
+         budget {SEARCH_STEPS_PER_KEY_MAX} steps/key"
+    );
+    println!(
+        "{:<44} {:>10} {:>9} {:>11} {:>13}  [linearizable, violation, too complex]",
+        "scenario", "us/check", "ratio", "steps/check", "max steps/key"
+    );
+    let mut baseline_us = None;
     for scenario in &scenarios {
         let measured = measure(scenario);
         let per_check_us = measured.per_check.as_secs_f64() * 1e6;
-        let baseline_us = *baseline.get_or_insert(per_check_us);
+        let baseline_us = *baseline_us.get_or_insert(per_check_us);
         println!(
-            "{:<42} {:>10.0} us/check  x{:<7.1} steps/check {:>9}  max steps/key {:>8}  [linearizable, violation, too complex] {:?}",
+            "{:<44} {:>10.0} {:>8.1}x {:>11} {:>13}  {:?}",
             scenario.name,
             per_check_us,
             per_check_us / baseline_us,

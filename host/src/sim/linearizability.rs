@@ -155,8 +155,9 @@ pub fn check_with_stats(
     let mut stats = CheckStats::default();
     let mut too_complex = None;
     for (key, indices) in indices_by_key {
-        let indices = operations_that_matter(history, indices);
-        let mut key_history = KeyHistory::new(history, indices);
+        let observed = observed_values(history, &indices);
+        let indices = operations_that_matter(history, indices, &observed);
+        let mut key_history = KeyHistory::new(history, indices, &observed);
         let (outcome, steps) = key_history.search(search_steps_per_key_max);
         stats.keys += 1;
         stats.ops_searched += key_history.indices.len();
@@ -201,24 +202,11 @@ pub fn check_with_stats(
 /// Simulator clients write unique values and most lost writes are never read,
 /// so this removes most unknown-outcome operations, which are the ones that
 /// blow up the search (each may sit anywhere after its call).
-fn operations_that_matter(history: &[Operation], indices: Vec<usize>) -> Vec<usize> {
-    let mut observed: HashSet<&str> = HashSet::new();
-    for &index in &indices {
-        let operation = &history[index];
-        if let KvInput::Cas {
-            expected: Some(expected),
-            ..
-        } = &operation.input
-        {
-            observed.insert(expected);
-        }
-        match &operation.ret {
-            Some((_, KvOutput::Value(Some(seen)) | KvOutput::Mismatch(Some(seen)))) => {
-                observed.insert(seen);
-            }
-            Some((_, KvOutput::Value(None) | KvOutput::Mismatch(None) | KvOutput::Ok)) | None => {}
-        }
-    }
+fn operations_that_matter(
+    history: &[Operation],
+    indices: Vec<usize>,
+    observed: &HashSet<&str>,
+) -> Vec<usize> {
     indices
         .into_iter()
         .filter(|&index| {
@@ -234,6 +222,29 @@ fn operations_that_matter(history: &[Operation], indices: Vec<usize>) -> Vec<usi
             }
         })
         .collect()
+}
+
+/// The values some operation of `indices` observes: a read returns it, a cas
+/// expects it or reports it as current.
+fn observed_values<'h>(history: &'h [Operation], indices: &[usize]) -> HashSet<&'h str> {
+    let mut observed: HashSet<&str> = HashSet::new();
+    for &index in indices {
+        let operation = &history[index];
+        if let KvInput::Cas {
+            expected: Some(expected),
+            ..
+        } = &operation.input
+        {
+            observed.insert(expected);
+        }
+        match &operation.ret {
+            Some((_, KvOutput::Value(Some(seen)) | KvOutput::Mismatch(Some(seen)))) => {
+                observed.insert(seen);
+            }
+            Some((_, KvOutput::Value(None) | KvOutput::Mismatch(None) | KvOutput::Ok)) | None => {}
+        }
+    }
+    observed
 }
 
 fn validate(index: usize, operation: &Operation) {
@@ -281,10 +292,17 @@ impl fmt::Display for Operation {
     }
 }
 
-/// An interned value of the key: 0 is "absent", `n > 0` is `values[n - 1]`.
+/// An interned value of the key: [`ABSENT`], [`UNOBSERVED`], or one id from
+/// [`FIRST_OBSERVED`] on per observed string.
 /// Interning keeps the memo table's entries small and their hashing cheap.
 type ValueId = u32;
 const ABSENT: ValueId = 0;
+/// Every value that no operation observes (see [`observed_values`]). No
+/// operation can tell two such values apart (a read of either fails, a cas
+/// fails or mismatches on both alike), so they are one model value, and search
+/// states that differ only in which of them the key holds are one memo entry.
+const UNOBSERVED: ValueId = 1;
+const FIRST_OBSERVED: ValueId = 2;
 
 /// An operation on one key, in the model's terms, with the output the client saw.
 #[derive(Debug, Clone, Copy)]
@@ -371,7 +389,6 @@ struct KeyHistory<'h> {
     /// Indices into `history`; an operation's position here is its local index.
     indices: Vec<usize>,
     model_ops: Vec<ModelOp>,
-    values: Vec<&'h str>,
     entries: Vec<Entry>,
     /// Entry position of each operation's call and return in event order, for
     /// the violation report (`usize::MAX` for an unknown return).
@@ -404,16 +421,21 @@ enum SearchOutcome {
 }
 
 impl<'h> KeyHistory<'h> {
-    fn new(history: &'h [Operation], indices: Vec<usize>) -> Self {
-        let mut values: Vec<&'h str> = Vec::new();
+    fn new(history: &'h [Operation], mut indices: Vec<usize>, observed: &HashSet<&str>) -> Self {
+        // Local indices in call order: the operations linearized at any point are
+        // then mostly a run of low indices, which `Bitset::memo_key` compresses.
+        indices.sort_by_key(|&index| (history[index].call, index));
         let mut ids: HashMap<&'h str, ValueId> = HashMap::new();
         let mut intern = |value: Option<&'h String>| -> ValueId {
             let Some(value) = value else {
                 return ABSENT;
             };
+            if !observed.contains(value.as_str()) {
+                return UNOBSERVED;
+            }
+            let next_id = ids.len() + FIRST_OBSERVED as usize;
             *ids.entry(value.as_str()).or_insert_with(|| {
-                values.push(value.as_str());
-                ValueId::try_from(values.len()).expect("fewer than 2^32 distinct values per key")
+                ValueId::try_from(next_id).expect("fewer than 2^32 distinct values per key")
             })
         };
         let model_ops: Vec<ModelOp> = indices
@@ -500,7 +522,6 @@ impl<'h> KeyHistory<'h> {
             history,
             indices,
             model_ops,
-            values,
             entries,
             call_position,
             ret_position,
@@ -606,7 +627,7 @@ impl<'h> KeyHistory<'h> {
                 let op = self.entries[call].op;
                 if let Some(value_after) = self.model_ops[op].apply(value) {
                     linearized.set(op);
-                    if memo.insert((linearized.clone(), value_after)) {
+                    if memo.insert(linearized.memo_key(value_after)) {
                         stack.push(Frame {
                             call,
                             value_before: value,
@@ -682,10 +703,15 @@ impl<'h> KeyHistory<'h> {
         None
     }
 
-    fn value_text(&self, value: ValueId) -> String {
-        match value {
-            ABSENT => "absent".to_string(),
-            id => format!("{:?}", self.values[id as usize - 1]),
+    /// The key's value after `op` runs on `value`, in the history's own
+    /// strings: the search works on interned values, where every unobserved
+    /// value is one, so the report replays the prefix to name the real ones.
+    fn concrete_value_after(&self, op: usize, value: Option<&'h str>) -> Option<&'h str> {
+        match &self.history[self.indices[op]].input {
+            KvInput::Get { .. } => value,
+            KvInput::Put { value: new, .. } => Some(new),
+            KvInput::Cas { expected, new, .. } if expected.as_deref() == value => Some(new),
+            KvInput::Cas { .. } => value,
         }
     }
 
@@ -712,11 +738,14 @@ impl<'h> KeyHistory<'h> {
              ({unknown_total} with unknown outcome; unknown-outcome reads are not counted)"
         );
         let prefix = &dead_end.prefix;
+        let value = prefix
+            .iter()
+            .fold(None, |value, &op| self.concrete_value_after(op, value));
         let _ = writeln!(
             text,
             "longest linearizable prefix: {} operations, value after it: {}",
             prefix.len(),
-            self.value_text(dead_end.value)
+            value_text(value)
         );
         let omitted = prefix.len().saturating_sub(DETAIL_PREFIX_OPS_MAX);
         if omitted > 0 {
@@ -750,9 +779,9 @@ impl<'h> KeyHistory<'h> {
         for &op in candidates.iter().take(DETAIL_CANDIDATE_OPS_MAX) {
             let reason = match self.model_ops[op].apply(dead_end.value) {
                 None => "output impossible from that value".to_string(),
-                Some(after) => format!(
+                Some(_) => format!(
                     "fits, value after: {}, but no continuation does",
-                    self.value_text(after)
+                    value_text(self.concrete_value_after(op, value))
                 ),
             };
             let _ = writeln!(text, "  {} ({reason})", self.operation_text(op));
@@ -768,9 +797,16 @@ impl<'h> KeyHistory<'h> {
     }
 }
 
+fn value_text(value: Option<&str>) -> String {
+    match value {
+        None => "absent".to_string(),
+        Some(value) => format!("{value:?}"),
+    }
+}
+
 /// A fixed-size set of local operation indices: the memo key's "which
 /// operations are linearized".
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Bitset(Box<[u64]>);
 
 impl Bitset {
@@ -785,11 +821,35 @@ impl Bitset {
     fn clear(&mut self, bit: usize) {
         self.0[bit / 64] &= !(1 << (bit % 64));
     }
+
+    fn memo_key(&self, value: ValueId) -> MemoKey {
+        let full_words = self.0.iter().take_while(|&&word| word == u64::MAX).count();
+        let used_words = self.0.len() - self.0.iter().rev().take_while(|&&word| word == 0).count();
+        let rest = self.0[full_words..used_words.max(full_words)].into();
+        let full_words = u32::try_from(full_words).expect("fewer than 2^38 operations per key");
+        MemoKey {
+            full_words,
+            rest,
+            value,
+        }
+    }
 }
 
 pub mod generated;
 
-type Memo = HashSet<(Bitset, ValueId), BuildHasherDefault<MemoHasher>>;
+type Memo = HashSet<MemoKey, BuildHasherDefault<MemoHasher>>;
+
+/// A search state in canonical compressed form: the linearized set is
+/// `full_words` words of ones, then `rest` (which never starts with a word of
+/// ones nor ends with a word of zeros), then zeros; and the key's value. With
+/// operations numbered in call order, `rest` spans only the operations in
+/// flight, so entries stay small however long the history is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MemoKey {
+    full_words: u32,
+    rest: Box<[u64]>,
+    value: ValueId,
+}
 
 /// A multiply-rotate hasher (as in FxHash) with a final mix, for memo keys.
 /// The keys are bitsets and value ids this module builds, not input an

@@ -45,66 +45,148 @@ pub struct GeneratorConfig {
 /// A history from a real sequential execution: operation `i` takes effect at
 /// tick `10 + i * spacing_ticks` and its call and return are stretched randomly
 /// around that point, so the history is linearizable by construction. Every
-/// write writes a value no other operation writes. Unknown-outcome operations
-/// took effect or not, by a coin flip.
+/// operation has its own client. Every write writes a value no other operation
+/// writes. Unknown-outcome operations took effect or not, by a coin flip.
 pub fn generate(seed: u64, config: &GeneratorConfig) -> Vec<Operation> {
     let mut rng = Rng(seed);
-    let mut state: BTreeMap<String, String> = BTreeMap::new();
+    let mut map = SequentialMap::default();
     let mut history = Vec::new();
     for i in 0..config.ops {
-        let key = format!("k{}", rng.below(config.keys));
-        let current = state.get(&key).cloned();
-        let new = format!("v{i}");
-        let input = match rng.below(10) {
-            0..4 => KvInput::Get { key: key.clone() },
-            4..7 => KvInput::Put {
-                key: key.clone(),
-                value: new,
-            },
-            _ => {
-                let expected = match rng.below(3) {
-                    0 => None,
-                    1 => Some(format!("v{}", rng.below(i + 1))),
-                    _ => current.clone(),
-                };
-                KvInput::Cas {
-                    key: key.clone(),
-                    expected,
-                    new,
-                }
-            }
-        };
-        let output = match &input {
-            KvInput::Get { .. } => KvOutput::Value(current.clone()),
-            KvInput::Put { .. } => KvOutput::Ok,
-            KvInput::Cas { expected, .. } if *expected == current => KvOutput::Ok,
-            KvInput::Cas { .. } => KvOutput::Mismatch(current.clone()),
-        };
+        let input = map.random_input(&mut rng, i, config.keys);
         let unknown_outcome = rng.percent(config.unknown_percent);
         let took_effect = !unknown_outcome || rng.percent(50);
-        if took_effect {
-            match &input {
-                KvInput::Put { value, .. } => {
-                    state.insert(key.clone(), value.clone());
-                }
-                KvInput::Cas { new, .. } if output == KvOutput::Ok => {
-                    state.insert(key.clone(), new.clone());
-                }
-                _ => {}
-            }
-        }
+        let output = map.run(&input, took_effect);
         let point = 10 + i * config.spacing_ticks;
         let call = point.saturating_sub(rng.below(config.window_ticks + 1));
         let ret = point + rng.below(config.window_ticks + 1);
-        let client = i;
         history.push(Operation {
-            client,
+            client: i,
             input,
             call,
             ret: (!unknown_outcome).then_some((ret, output)),
         });
     }
     history
+}
+
+/// Clients as the simulator has them: each runs one operation at a time.
+#[derive(Debug, Clone)]
+pub struct ClientsConfig {
+    pub clients: u64,
+    pub ops: u64,
+    /// Keys are named `k0`, `k1`, ...
+    pub keys: u64,
+    /// An operation takes effect 1 to this many ticks after its call and
+    /// returns 0 to this many ticks after taking effect.
+    pub latency_ticks_max: u64,
+    /// Chance that the client times out and never learns the outcome.
+    pub unknown_percent: u64,
+    /// A client that times out moves on this many ticks after its call.
+    pub timeout_ticks: u64,
+}
+
+/// A history of `clients` sequential clients against one map: the timing of
+/// each client's operations is drawn first, then the operations run on the map
+/// in the order of their (distinct) linearization points, which gives the
+/// outputs. Linearizable by construction; every write's value is unique.
+pub fn generate_clients(seed: u64, config: &ClientsConfig) -> Vec<Operation> {
+    assert!(
+        config.clients > 0 && config.latency_ticks_max > 0,
+        "degenerate config: {config:?}"
+    );
+    let mut rng = Rng(seed);
+    // (point, client, call, ret or None, took effect) per operation.
+    let mut timings: Vec<(u64, u64, u64, Option<u64>, bool)> = Vec::new();
+    let mut client_free_tick = vec![0; config.clients as usize];
+    for _ in 0..config.ops {
+        let client = (0..config.clients)
+            .min_by_key(|&client| (client_free_tick[client as usize], client))
+            .expect("at least one client");
+        let call = client_free_tick[client as usize] + rng.below(3);
+        // Points are made distinct (ties would still be valid, but distinct
+        // points make the sequential order the generator used unambiguous).
+        let point =
+            (call + 1 + rng.below(config.latency_ticks_max)) * config.ops + timings.len() as u64;
+        let ret = point / config.ops + rng.below(config.latency_ticks_max + 1);
+        let unknown_outcome = rng.percent(config.unknown_percent);
+        let took_effect = !unknown_outcome || rng.percent(50);
+        let free_tick = if unknown_outcome {
+            call + config.timeout_ticks.max(ret - call)
+        } else {
+            ret
+        };
+        client_free_tick[client as usize] = free_tick + 1;
+        timings.push((
+            point,
+            client,
+            call,
+            (!unknown_outcome).then_some(ret),
+            took_effect,
+        ));
+    }
+    timings.sort_unstable();
+    let mut map = SequentialMap::default();
+    let mut history: Vec<Operation> = timings
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, client, call, ret, took_effect))| {
+            let input = map.random_input(&mut rng, i as u64, config.keys);
+            let output = map.run(&input, took_effect);
+            Operation {
+                client,
+                input,
+                call,
+                ret: ret.map(|ret| (ret, output)),
+            }
+        })
+        .collect();
+    // The simulator records operations as they are called.
+    history.sort_by_key(|operation| operation.call);
+    history
+}
+
+/// The sequential key-value map the generators execute operations on.
+#[derive(Debug, Default)]
+struct SequentialMap {
+    values: BTreeMap<String, String>,
+}
+
+impl SequentialMap {
+    /// A random operation: 40% get, 30% put, 30% cas expecting the current
+    /// value, absence, or some value that may or may not be current. Operation
+    /// `i` writes the value `v{i}`.
+    fn random_input(&self, rng: &mut Rng, i: u64, keys: u64) -> KvInput {
+        let key = format!("k{}", rng.below(keys));
+        let new = format!("v{i}");
+        match rng.below(10) {
+            0..4 => KvInput::Get { key },
+            4..7 => KvInput::Put { key, value: new },
+            _ => {
+                let expected = match rng.below(3) {
+                    0 => None,
+                    1 => Some(format!("v{}", rng.below(i + 1))),
+                    _ => self.values.get(&key).cloned(),
+                };
+                KvInput::Cas { key, expected, new }
+            }
+        }
+    }
+
+    /// The output of `input` on the current map; the map changes only if the
+    /// operation `took_effect`.
+    fn run(&mut self, input: &KvInput, took_effect: bool) -> KvOutput {
+        let current = self.values.get(input.key()).cloned();
+        let (output, written) = match input {
+            KvInput::Get { .. } => (KvOutput::Value(current), None),
+            KvInput::Put { value, .. } => (KvOutput::Ok, Some(value)),
+            KvInput::Cas { expected, new, .. } if *expected == current => (KvOutput::Ok, Some(new)),
+            KvInput::Cas { .. } => (KvOutput::Mismatch(current), None),
+        };
+        if let (Some(written), true) = (written, took_effect) {
+            self.values.insert(input.key().to_string(), written.clone());
+        }
+        output
+    }
 }
 
 /// Turns a completed read into a stale one, if the history allows it: a read
@@ -114,44 +196,64 @@ pub fn generate(seed: u64, config: &GeneratorConfig) -> Vec<Operation> {
 /// respects real time the key no longer holds `p`'s value when `g` runs: the
 /// mutated history is not linearizable. Returns the read's key.
 pub fn make_stale_read(history: &mut [Operation], rng: &mut Rng) -> Option<String> {
-    let completed = |op: &Operation| op.ret.as_ref().map(|(tick, _)| *tick);
-    let mut choices = Vec::new();
-    for (g, read) in history.iter().enumerate() {
-        let (KvInput::Get { key }, Some(_)) = (&read.input, &read.ret) else {
+    // Completed writes (p candidates) and completed puts (w candidates):
+    // (index, key, return tick).
+    let mut writes = Vec::new();
+    let mut puts = Vec::new();
+    for (index, operation) in history.iter().enumerate() {
+        let Some((ret_tick, output)) = &operation.ret else {
             continue;
         };
-        for (w, overwrite) in history.iter().enumerate() {
-            let KvInput::Put { key: w_key, .. } = &overwrite.input else {
-                continue;
-            };
-            let Some(w_ret) = completed(overwrite) else {
-                continue;
-            };
-            if w_key != key || w_ret >= read.call {
-                continue;
+        match (&operation.input, output) {
+            (KvInput::Put { key, .. }, _) => {
+                writes.push((index, key, *ret_tick));
+                puts.push((index, key, *ret_tick));
             }
-            for (p, write) in history.iter().enumerate() {
-                let written = match (&write.input, &write.ret) {
-                    (KvInput::Put { key: p_key, value }, Some(_)) if p_key == key => value,
-                    (
-                        KvInput::Cas {
-                            key: p_key, new, ..
-                        },
-                        Some((_, KvOutput::Ok)),
-                    ) if p_key == key => new,
-                    _ => continue,
-                };
-                if completed(write).expect("matched a completed write") < overwrite.call {
-                    choices.push((g, w, p, written.clone()));
-                }
-            }
+            (KvInput::Cas { key, .. }, KvOutput::Ok) => writes.push((index, key, *ret_tick)),
+            _ => {}
         }
     }
-    if choices.is_empty() {
+    // For each put `w`, the writes `p` that returned before it was called.
+    let overwritten: Vec<Vec<usize>> = puts
+        .iter()
+        .map(|&(w, w_key, _)| {
+            let w_call = history[w].call;
+            let before = writes
+                .iter()
+                .filter(|&&(_, p_key, p_ret)| p_key == w_key && p_ret < w_call);
+            before.map(|&(p, _, _)| p).collect()
+        })
+        .collect();
+    // Reads `g` with the puts `w` (that overwrote something) returned before their call.
+    let reads: Vec<(usize, Vec<usize>)> = history
+        .iter()
+        .enumerate()
+        .filter_map(|(g, read)| {
+            let (KvInput::Get { key }, Some(_)) = (&read.input, &read.ret) else {
+                return None;
+            };
+            let earlier_puts: Vec<usize> = (0..puts.len())
+                .filter(|&w| {
+                    let (_, w_key, w_ret) = puts[w];
+                    w_key == key && w_ret < read.call && !overwritten[w].is_empty()
+                })
+                .collect();
+            (!earlier_puts.is_empty()).then_some((g, earlier_puts))
+        })
+        .collect();
+    if reads.is_empty() {
         return None;
     }
-    let (g, _, _, stale) = choices[rng.below(choices.len() as u64) as usize].clone();
-    let read = &mut history[g];
+    let pick = |rng: &mut Rng, len: usize| rng.below(len as u64) as usize;
+    let (g, earlier_puts) = &reads[pick(rng, reads.len())];
+    let w = earlier_puts[pick(rng, earlier_puts.len())];
+    let p = overwritten[w][pick(rng, overwritten[w].len())];
+    let stale = match &history[p].input {
+        KvInput::Put { value, .. } => value.clone(),
+        KvInput::Cas { new, .. } => new.clone(),
+        KvInput::Get { .. } => unreachable!("p is a write"),
+    };
+    let read = &mut history[*g];
     read.ret.as_mut().expect("chose a completed read").1 = KvOutput::Value(Some(stale));
     Some(read.input.key().to_string())
 }

@@ -1,6 +1,8 @@
 //! Tests of the checker at its boundary: histories in, verdicts out.
 
-use super::generated::{generate, make_stale_read, GeneratorConfig, Rng};
+use super::generated::{
+    generate, generate_clients, make_stale_read, ClientsConfig, GeneratorConfig, Rng,
+};
 use super::*;
 
 // ---- History builders -------------------------------------------------------
@@ -503,4 +505,72 @@ fn two_hundred_concurrent_operations_on_five_keys_complete() {
             "seed {seed}"
         );
     }
+}
+
+#[test]
+fn generated_client_histories_are_linearizable_and_stale_reads_are_caught() {
+    let config = ClientsConfig {
+        clients: 5,
+        ops: 200,
+        keys: 3,
+        latency_ticks_max: 8,
+        unknown_percent: 10,
+        timeout_ticks: 20,
+    };
+    for seed in 0..100 {
+        let mut history = generate_clients(seed, &config);
+        assert_eq!(check(&history), CheckResult::Linearizable, "seed {seed}");
+        let key = make_stale_read(&mut history, &mut Rng(seed))
+            .expect("200 operations offer a stale read");
+        assert!(
+            matches!(check(&history), CheckResult::Violation { key: found, .. } if found == key),
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn memo_key_is_canonical() {
+    let mut bits = Bitset::new(200);
+    for bit in 0..130 {
+        bits.set(bit);
+    }
+    bits.set(150);
+    assert_eq!(
+        bits.memo_key(7),
+        MemoKey {
+            full_words: 2,
+            rest: vec![0b11 | 1 << 22].into(),
+            value: 7
+        }
+    );
+    bits.clear(150);
+    bits.set(129);
+    assert_eq!(
+        bits.memo_key(7),
+        MemoKey {
+            full_words: 2,
+            rest: vec![0b11].into(),
+            value: 7
+        }
+    );
+    for bit in 130..192 {
+        bits.set(bit);
+    }
+    assert_eq!(
+        bits.memo_key(7),
+        MemoKey {
+            full_words: 3,
+            rest: vec![].into(),
+            value: 7
+        }
+    );
+    assert_eq!(
+        Bitset::new(200).memo_key(0),
+        MemoKey {
+            full_words: 0,
+            rest: vec![].into(),
+            value: 0
+        }
+    );
 }
