@@ -129,8 +129,8 @@ pub fn check_with_budget(history: &[Operation], search_steps_per_key_max: u64) -
 pub struct CheckStats {
     /// Keys searched (the search stops at the first key with a violation).
     pub keys: usize,
-    /// Operations that entered the search, after dropping those that cannot
-    /// matter (see the module doc).
+    /// Operations checked, after dropping those that cannot matter (see
+    /// `operations_that_matter`).
     pub ops_searched: usize,
     pub steps_total: u64,
     /// The most steps one key needed: compare with the budget.
@@ -142,6 +142,23 @@ pub fn check_with_stats(
     history: &[Operation],
     search_steps_per_key_max: u64,
 ) -> (CheckResult, CheckStats) {
+    let options = CheckOptions {
+        search_steps_per_key_max,
+        stale_pass: true,
+    };
+    check_with_options(history, &options)
+}
+
+/// How a check runs; the public functions use the stale pass, tests also check
+/// the search alone.
+#[derive(Debug, Clone)]
+struct CheckOptions {
+    search_steps_per_key_max: u64,
+    /// Look for stale observations ([`stale`]) before searching a key.
+    stale_pass: bool,
+}
+
+fn check_with_options(history: &[Operation], options: &CheckOptions) -> (CheckResult, CheckStats) {
     for (index, operation) in history.iter().enumerate() {
         validate(index, operation);
     }
@@ -157,10 +174,16 @@ pub fn check_with_stats(
     for (key, indices) in indices_by_key {
         let observed = observed_values(history, &indices);
         let indices = operations_that_matter(history, indices, &observed);
-        let mut key_history = KeyHistory::new(history, indices, &observed);
-        let (outcome, steps) = key_history.search(search_steps_per_key_max);
         stats.keys += 1;
-        stats.ops_searched += key_history.indices.len();
+        stats.ops_searched += indices.len();
+        if options.stale_pass {
+            if let Some(detail) = stale::find_stale_observation(history, key, &indices) {
+                let key = key.to_string();
+                return (CheckResult::Violation { key, detail }, stats);
+            }
+        }
+        let mut key_history = KeyHistory::new(history, indices, &observed);
+        let (outcome, steps) = key_history.search(options.search_steps_per_key_max);
         stats.steps_total += steps;
         stats.steps_key_max = stats.steps_key_max.max(steps);
         match outcome {
@@ -836,6 +859,7 @@ impl Bitset {
 }
 
 pub mod generated;
+mod stale;
 
 type Memo = HashSet<MemoKey, BuildHasherDefault<MemoHasher>>;
 

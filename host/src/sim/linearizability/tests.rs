@@ -57,12 +57,34 @@ fn unknown(client: u64, input: KvInput, call: u64) -> Operation {
 }
 
 fn assert_linearizable(history: &[Operation]) {
-    let result = check(history);
-    assert_eq!(result, CheckResult::Linearizable, "history: {history:#?}");
+    assert_eq!(
+        check(history),
+        CheckResult::Linearizable,
+        "history: {history:#?}"
+    );
+    assert_eq!(
+        check_by_search(history),
+        CheckResult::Linearizable,
+        "search alone"
+    );
 }
 
-/// Asserts a violation on `key` and returns its detail.
+/// The search alone, without the stale-observation pass.
+fn check_by_search(history: &[Operation]) -> CheckResult {
+    let options = CheckOptions {
+        search_steps_per_key_max: SEARCH_STEPS_PER_KEY_MAX,
+        stale_pass: false,
+    };
+    check_with_options(history, &options).0
+}
+
+/// Asserts a violation on `key`, found both by `check` and by the search
+/// alone, and returns the detail of `check`.
 fn assert_violation(history: &[Operation], key: &str) -> String {
+    match check_by_search(history) {
+        CheckResult::Violation { key: found, .. } => assert_eq!(found, key),
+        other => panic!("search alone: expected a violation on {key:?}, got {other:?}"),
+    }
     match check(history) {
         CheckResult::Violation { key: found, detail } => {
             assert_eq!(found, key, "violation on the wrong key; detail:\n{detail}");
@@ -96,6 +118,16 @@ fn stale_read_after_acknowledged_write_is_a_violation() {
         done(2, get("x"), 4, 5, value(Some("a"))),
     ];
     let detail = assert_violation(&history, "x");
+    assert_eq!(
+        detail,
+        "stale observation on key \"x\": #2 client 2: get(\"x\") -> Value(Some(\"a\")) \
+         [call 4, ret 5] observes \"a\", but every write of it was overwritten before that call:\n  \
+         #0 client 1: put(\"x\", \"a\") -> Ok [call 0, ret 1]\n    \
+         overwritten by #1 client 1: put(\"x\", \"b\") -> Ok [call 2, ret 3]\n"
+    );
+    let CheckResult::Violation { detail, .. } = check_by_search(&history) else {
+        panic!("the search alone finds the violation too");
+    };
     assert_eq!(
         detail,
         "no linearization of the 3 operations on key \"x\" (0 with unknown outcome; \
@@ -209,6 +241,75 @@ fn read_of_a_value_never_written_is_a_violation() {
         done(2, get("x"), 0, 3, value(Some("ghost"))),
     ];
     assert_violation(&history, "x");
+}
+
+#[test]
+fn overwrite_by_successful_cas_makes_a_read_stale() {
+    let history = [
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        done(1, cas("x", Some("a"), "b"), 2, 3, KvOutput::Ok),
+        done(2, get("x"), 4, 5, value(Some("a"))),
+    ];
+    let detail = assert_violation(&history, "x");
+    assert!(
+        detail.contains("overwritten by #1 client 1: cas("),
+        "{detail}"
+    );
+}
+
+#[test]
+fn cas_succeeding_on_an_overwritten_value_is_a_violation() {
+    let history = [
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        done(1, put("x", "b"), 2, 3, KvOutput::Ok),
+        done(2, cas("x", Some("a"), "c"), 4, 5, KvOutput::Ok),
+    ];
+    assert_violation(&history, "x");
+}
+
+#[test]
+fn cas_on_absent_key_after_a_write_is_a_violation() {
+    let history = [
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        done(2, cas("x", None, "b"), 2, 3, KvOutput::Ok),
+    ];
+    let detail = assert_violation(&history, "x");
+    assert!(detail.contains("observes the key absent"), "{detail}");
+}
+
+#[test]
+fn cas_reporting_a_value_never_written_is_a_violation() {
+    let history = [done(
+        1,
+        cas("x", Some("a"), "b"),
+        0,
+        1,
+        mismatch(Some("ghost")),
+    )];
+    let detail = assert_violation(&history, "x");
+    assert!(detail.contains("which no operation writes"), "{detail}");
+}
+
+#[test]
+fn second_unknown_writer_of_the_same_value_explains_a_late_read() {
+    // "a" is written twice; the second write's outcome is unknown, so it may
+    // land after the overwrite by "b".
+    assert_linearizable(&[
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        unknown(2, put("x", "a"), 2),
+        done(1, put("x", "b"), 3, 4, KvOutput::Ok),
+        done(3, get("x"), 5, 6, value(Some("a"))),
+    ]);
+}
+
+#[test]
+fn overwrite_concurrent_with_the_old_write_does_not_make_a_read_stale() {
+    // "b" may be linearized before "a", so reading "a" later is fine.
+    assert_linearizable(&[
+        done(1, put("x", "a"), 0, 3, KvOutput::Ok),
+        done(2, put("x", "b"), 2, 4, KvOutput::Ok),
+        done(3, get("x"), 5, 6, value(Some("a"))),
+    ]);
 }
 
 // ---- Unknown outcomes ------------------------------------------------------
@@ -356,6 +457,10 @@ fn keys_are_independent() {
         done(2, get("x"), 2, 3, value(Some("a"))),
     ];
     let detail = assert_violation(&history, "x");
+    assert!(detail.contains("on key \"x\""), "{detail}");
+    let CheckResult::Violation { detail, .. } = check_by_search(&history) else {
+        panic!("the search alone finds the violation too");
+    };
     assert!(
         detail.starts_with("no linearization of the 2 operations on key \"x\""),
         "{detail}"
@@ -437,9 +542,18 @@ fn generated_histories_are_linearizable_and_stale_reads_are_caught() {
         let mut rng = Rng(seed ^ 0xDEAD_BEEF);
         if let Some(key) = make_stale_read(&mut history, &mut rng) {
             mutated += 1;
-            match check(&history) {
-                CheckResult::Violation { key: found, .. } => assert_eq!(found, key, "seed {seed}"),
-                other => panic!("seed {seed}: stale read not caught: {other:?}\n{history:#?}"),
+            for (checker, result) in [
+                ("check", check(&history)),
+                ("search alone", check_by_search(&history)),
+            ] {
+                match result {
+                    CheckResult::Violation { key: found, .. } => {
+                        assert_eq!(found, key, "seed {seed}")
+                    }
+                    other => panic!(
+                        "seed {seed}, {checker}: stale read not caught: {other:?}\n{history:#?}"
+                    ),
+                }
             }
         }
     }
@@ -572,5 +686,60 @@ fn memo_key_is_canonical() {
             rest: vec![].into(),
             value: 0
         }
+    );
+}
+
+/// Same verdict kind, ignoring details.
+fn verdict(result: &CheckResult) -> (&'static str, Option<&str>) {
+    match result {
+        CheckResult::Linearizable => ("linearizable", None),
+        CheckResult::Violation { key, .. } => ("violation", Some(key)),
+        CheckResult::TooComplex { key } => ("too complex", Some(key)),
+    }
+}
+
+#[test]
+fn stale_pass_and_search_agree_on_randomly_corrupted_reads() {
+    // Each history gets a few reads (and cas reports) replaced by a random value
+    // that was written at some point, or absence: some of these are
+    // violations, some are not. The stale pass is a shortcut; it must never
+    // change the verdict.
+    let config = ClientsConfig {
+        clients: 4,
+        ops: 60,
+        keys: 2,
+        latency_ticks_max: 6,
+        unknown_percent: 15,
+        timeout_ticks: 15,
+    };
+    let mut violations = 0;
+    for seed in 0..300 {
+        let mut history = generate_clients(seed, &config);
+        let mut rng = Rng(seed);
+        for _ in 0..1 + rng.below(3) {
+            let target = rng.below(history.len() as u64) as usize;
+            let replacement = match rng.below(4) {
+                0 => None,
+                _ => Some(format!("v{}", rng.below(history.len() as u64))),
+            };
+            if let Some((_, output)) = &mut history[target].ret {
+                match output {
+                    KvOutput::Value(seen) | KvOutput::Mismatch(seen) => *seen = replacement,
+                    KvOutput::Ok => {}
+                }
+            }
+        }
+        let with_pass = check(&history);
+        assert_eq!(
+            verdict(&with_pass),
+            verdict(&check_by_search(&history)),
+            "seed {seed}: {history:#?}"
+        );
+        violations += usize::from(matches!(with_pass, CheckResult::Violation { .. }));
+    }
+    // Both kinds of verdict must occur, or the comparison proves little.
+    assert!(
+        (50..=250).contains(&violations),
+        "{violations} violations of 300"
     );
 }
