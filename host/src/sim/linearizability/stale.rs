@@ -159,22 +159,27 @@ pub(super) fn find_stale_observation(
         let Some(observed) = observation(observer) else {
             continue;
         };
-        let observer_text = format!("#{g} {observer}");
+        // Formatted only for a report: formatting every observation would
+        // cost more than the pass itself.
+        let observer_text = || format!("#{g} {observer}");
         let Some(value) = observed else {
             let overwrite = overwrites.earliest_after(None, None)?;
             if overwrite.ret_tick < observer.call {
                 return Some(format!(
-                    "stale observation on key {key:?}: {observer_text} observes the key absent, \
+                    "stale observation on key {key:?}: {} observes the key absent, \
                      but it was written before that call by #{} {}\n",
-                    overwrite.index, history[overwrite.index]
+                    observer_text(),
+                    overwrite.index,
+                    history[overwrite.index]
                 ));
             }
             continue;
         };
         let Some(value_writers) = writers.get(value) else {
             return Some(format!(
-                "stale observation on key {key:?}: {observer_text} observes {value:?}, \
-                 which no operation writes\n"
+                "stale observation on key {key:?}: {} observes {value:?}, \
+                 which no operation writes\n",
+                observer_text()
             ));
         };
         let mut explanations = Vec::with_capacity(value_writers.len());
@@ -191,8 +196,9 @@ pub(super) fn find_stale_observation(
         }
         if explanations.len() == value_writers.len() {
             let mut report = format!(
-                "stale observation on key {key:?}: {observer_text} observes {value:?}, \
-                 but every write of it was overwritten before that call:\n"
+                "stale observation on key {key:?}: {} observes {value:?}, \
+                 but every write of it was overwritten before that call:\n",
+                observer_text()
             );
             for (p, w) in explanations {
                 report.push_str(&format!(
