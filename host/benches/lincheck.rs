@@ -69,7 +69,7 @@ fn measure(scenario: &Scenario) -> Measured {
         for history in &histories {
             let (result, one) = check_with_stats(history, SEARCH_STEPS_PER_KEY_MAX);
             stats.keys += one.keys;
-            stats.ops_searched += one.ops_searched;
+            stats.ops_checked += one.ops_checked;
             stats.steps_total += one.steps_total;
             stats.steps_key_max = stats.steps_key_max.max(one.steps_key_max);
             let slot = match result {

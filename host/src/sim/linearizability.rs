@@ -22,6 +22,15 @@
 //!   operation", where nobody can observe it, so the search succeeds as soon as
 //!   every completed operation is linearized. Unknown-outcome reads change nothing
 //!   and constrain nothing, so they are dropped up front.
+//! - Before searching a key, a linear pass looks for a stale observation (a
+//!   value read after every write of it was definitely overwritten: a lost
+//!   write or a stale read), which needs no search (see the `stale` submodule). Proving a
+//!   violation is the search's expensive case, and this is the common one.
+//! - The search shrinks its space in ways that never change the verdict:
+//!   unknown-outcome writes of values nobody observes are dropped
+//!   (`operations_that_matter`), values nobody observes are one model value
+//!   (`UNOBSERVED`), and a read that fits is linearized at once without a
+//!   backtrack point (`KeyHistory::fitting_read_only`).
 //! - The search is bounded by a step budget per key and returns
 //!   [`CheckResult::TooComplex`] instead of hanging.
 //!
@@ -99,8 +108,11 @@ pub struct Operation {
 pub enum CheckResult {
     Linearizable,
     /// The operations on `key` have no linearization. `detail` is a multi-line
-    /// report: the longest linearizable prefix found and the operations that
-    /// could not follow it.
+    /// report, either of a stale observation (the operation, each write of the
+    /// value it saw, and the write that overwrote it before its call) or from
+    /// the search (the longest linearizable prefix found, the operation that
+    /// returned without fitting after it, and the operations that could have
+    /// come next). Operations are named `#index` in the checked history.
     Violation {
         key: String,
         detail: String,
@@ -127,11 +139,11 @@ pub fn check_with_budget(history: &[Operation], search_steps_per_key_max: u64) -
 /// What a check cost, for reports and benchmarks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckStats {
-    /// Keys searched (the search stops at the first key with a violation).
+    /// Keys checked (checking stops at the first key with a violation).
     pub keys: usize,
     /// Operations checked, after dropping those that cannot matter (see
     /// `operations_that_matter`).
-    pub ops_searched: usize,
+    pub ops_checked: usize,
     pub steps_total: u64,
     /// The most steps one key needed: compare with the budget.
     pub steps_key_max: u64,
@@ -175,7 +187,7 @@ fn check_with_options(history: &[Operation], options: &CheckOptions) -> (CheckRe
         let observed = observed_values(history, &indices);
         let indices = operations_that_matter(history, indices, &observed);
         stats.keys += 1;
-        stats.ops_searched += indices.len();
+        stats.ops_checked += indices.len();
         if options.stale_pass {
             if let Some(detail) = stale::find_stale_observation(history, key, &indices) {
                 let key = key.to_string();
