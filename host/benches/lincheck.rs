@@ -8,10 +8,11 @@
 use std::time::{Duration, Instant};
 
 use paxwasm::sim::linearizability::generated::{
-    generate, generate_clients, make_stale_read, ClientsConfig, GeneratorConfig, Rng,
+    generate, generate_clients, make_non_monotonic_read, make_stale_read, ClientsConfig,
+    GeneratorConfig, Rng,
 };
 use paxwasm::sim::linearizability::{
-    check_with_stats, CheckResult, CheckStats, Operation, SEARCH_STEPS_PER_KEY_MAX,
+    check_with_options, CheckOptions, CheckResult, CheckStats, Operation, SEARCH_STEPS_PER_KEY_MAX,
 };
 
 /// Histories per scenario; each is checked once per repetition.
@@ -22,23 +23,38 @@ const REPETITIONS: usize = 3;
 struct Scenario {
     name: &'static str,
     generate: Box<dyn Fn(u64) -> Vec<Operation>>,
-    /// Plant a stale read in every history (the result must be a violation).
-    stale_read: bool,
+    /// A violation planted in every history (the result must be a violation).
+    mutation: Option<Mutation>,
+    /// Without the stale pass: every verdict comes from the search.
+    search_alone: bool,
 }
+
+type Mutation = fn(&mut [Operation], &mut Rng) -> Option<String>;
 
 fn windows(name: &'static str, config: GeneratorConfig) -> Scenario {
     Scenario {
         name,
         generate: Box::new(move |seed| generate(seed, &config)),
-        stale_read: false,
+        mutation: None,
+        search_alone: false,
     }
 }
 
-fn clients(name: &'static str, config: ClientsConfig, stale_read: bool) -> Scenario {
+fn clients(name: &'static str, config: ClientsConfig, mutation: Option<Mutation>) -> Scenario {
     Scenario {
         name,
         generate: Box::new(move |seed| generate_clients(seed, &config)),
-        stale_read,
+        mutation,
+        search_alone: false,
+    }
+}
+
+fn search_alone(scenario: Scenario) -> Scenario {
+    let name = Box::leak(format!("{}, search alone", scenario.name).into_boxed_str());
+    Scenario {
+        name,
+        search_alone: true,
+        ..scenario
     }
 }
 
@@ -53,8 +69,8 @@ fn measure(scenario: &Scenario) -> Measured {
     let histories: Vec<Vec<Operation>> = (0..SEEDS)
         .map(|seed| {
             let mut history = (scenario.generate)(seed);
-            if scenario.stale_read {
-                make_stale_read(&mut history, &mut Rng(seed)).expect("history offers a stale read");
+            if let Some(mutation) = scenario.mutation {
+                mutation(&mut history, &mut Rng(seed)).expect("history offers the mutation");
             }
             history
         })
@@ -67,7 +83,11 @@ fn measure(scenario: &Scenario) -> Measured {
         results = [0; 3];
         let started = Instant::now();
         for history in &histories {
-            let (result, one) = check_with_stats(history, SEARCH_STEPS_PER_KEY_MAX);
+            let options = CheckOptions {
+                stale_pass: !scenario.search_alone,
+                ..CheckOptions::default()
+            };
+            let (result, one) = check_with_options(history, &options);
             stats.keys += one.keys;
             stats.ops_checked += one.ops_checked;
             stats.steps_total += one.steps_total;
@@ -82,7 +102,7 @@ fn measure(scenario: &Scenario) -> Measured {
         best = best.min(started.elapsed());
     }
     // Running out of budget is a figure to report; a wrong verdict is a bug.
-    let wrong_slot = usize::from(!scenario.stale_read);
+    let wrong_slot = usize::from(scenario.mutation.is_none());
     assert_eq!(
         results[wrong_slot], 0,
         "{}: results {results:?}",
@@ -119,23 +139,53 @@ fn main() {
         clients(
             "5 clients, 1000 ops, 5 keys, 10% unknown",
             client(5, 1000, 5, 10),
-            false,
+            None,
         ),
         clients(
             "5 clients, 1000 ops, 1 key, 10% unknown",
             client(5, 1000, 1, 10),
-            false,
+            None,
+        ),
+        clients(
+            "5 clients, 1 key, non-monotonic read",
+            client(5, 1000, 1, 10),
+            Some(make_non_monotonic_read),
         ),
         clients(
             "20 clients, 1000 ops, 1 key, 10% unknown",
             client(20, 1000, 1, 10),
-            false,
+            None,
         ),
         clients(
-            "20 clients, 1000 ops, 1 key, stale read",
+            "20 clients, 1 key, stale read",
             client(20, 1000, 1, 10),
-            true,
+            Some(make_stale_read),
         ),
+        clients(
+            "20 clients, 1 key, non-monotonic read",
+            client(20, 1000, 1, 10),
+            Some(make_non_monotonic_read),
+        ),
+        search_alone(clients(
+            "5 clients, 1 key, stale read",
+            client(5, 1000, 1, 10),
+            Some(make_stale_read),
+        )),
+        search_alone(clients(
+            "5 clients, 1 key, non-monotonic read",
+            client(5, 1000, 1, 10),
+            Some(make_non_monotonic_read),
+        )),
+        search_alone(clients(
+            "20 clients, 1 key, stale read",
+            client(20, 1000, 1, 10),
+            Some(make_stale_read),
+        )),
+        search_alone(clients(
+            "20 clients, 1 key, non-monotonic read",
+            client(20, 1000, 1, 10),
+            Some(make_non_monotonic_read),
+        )),
         windows("windows 10, 1000 ops, 5 keys", window(1000, 5, 1, 10, 0)),
         windows("windows 30, 1000 ops, 5 keys", window(1000, 5, 1, 30, 0)),
         windows(
@@ -152,7 +202,7 @@ fn main() {
          budget {SEARCH_STEPS_PER_KEY_MAX} steps/key"
     );
     println!(
-        "{:<44} {:>10} {:>9} {:>11} {:>13}  [linearizable, violation, too complex]",
+        "{:<58} {:>10} {:>9} {:>11} {:>13}  [linearizable, violation, too complex]",
         "scenario", "us/check", "ratio", "steps/check", "max steps/key"
     );
     let mut baseline_us = None;
@@ -161,7 +211,7 @@ fn main() {
         let per_check_us = measured.per_check.as_secs_f64() * 1e6;
         let baseline_us = *baseline_us.get_or_insert(per_check_us);
         println!(
-            "{:<44} {:>10.0} {:>8.1}x {:>11} {:>13}  {:?}",
+            "{:<58} {:>10.0} {:>8.1}x {:>11} {:>13}  {:?}",
             scenario.name,
             per_check_us,
             per_check_us / baseline_us,

@@ -161,16 +161,31 @@ pub fn check_with_stats(
     check_with_options(history, &options)
 }
 
-/// How a check runs; the public functions use the stale pass, tests also check
-/// the search alone.
-#[derive(Debug, Clone)]
-struct CheckOptions {
-    search_steps_per_key_max: u64,
-    /// Look for stale observations ([`stale`]) before searching a key.
-    stale_pass: bool,
+/// How a check runs. [`check`] and friends use the stale pass; turning it off
+/// leaves every verdict to the search, for cross-checking the shortcut and for
+/// measuring the search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOptions {
+    pub search_steps_per_key_max: u64,
+    /// Look for stale observations (a value seen after every write of it was
+    /// definitely overwritten) before searching a key.
+    pub stale_pass: bool,
 }
 
-fn check_with_options(history: &[Operation], options: &CheckOptions) -> (CheckResult, CheckStats) {
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            search_steps_per_key_max: SEARCH_STEPS_PER_KEY_MAX,
+            stale_pass: true,
+        }
+    }
+}
+
+/// The general form of [`check`], with its costs.
+pub fn check_with_options(
+    history: &[Operation],
+    options: &CheckOptions,
+) -> (CheckResult, CheckStats) {
     for (index, operation) in history.iter().enumerate() {
         validate(index, operation);
     }

@@ -257,3 +257,76 @@ pub fn make_stale_read(history: &mut [Operation], rng: &mut Rng) -> Option<Strin
     read.ret.as_mut().expect("chose a completed read").1 = KvOutput::Value(Some(stale));
     Some(read.input.key().to_string())
 }
+
+/// Makes a client-visible value go back in time, if the history allows it: a
+/// completed read `r1` saw `new` (written by `p_new`), and a completed read
+/// `r2` called after `r1` returned is changed to see `old`, written by a
+/// completed `p_old` that returned before `p_new` was called. With unique
+/// values, `p_new` must precede `r1`, so `p_old < p_new < r2` in every order
+/// and `r2` cannot see `old`: not linearizable. Unlike [`make_stale_read`],
+/// `p_new` may still be running (or its outcome unknown) when `r2` is called,
+/// so no single definite overwrite explains the violation; proving it takes a
+/// search. Returns the key.
+pub fn make_non_monotonic_read(history: &mut [Operation], rng: &mut Rng) -> Option<String> {
+    // Writer of each value (unique by construction), with the call tick.
+    let mut writer_of: BTreeMap<&str, usize> = BTreeMap::new();
+    for (index, operation) in history.iter().enumerate() {
+        let written = match (&operation.input, &operation.ret) {
+            (KvInput::Put { value, .. }, _) => value,
+            (KvInput::Cas { new, .. }, None | Some((_, KvOutput::Ok))) => new,
+            _ => continue,
+        };
+        let previous = writer_of.insert(written, index);
+        assert!(
+            previous.is_none(),
+            "generated values are unique: {written:?}"
+        );
+    }
+    // Candidates (r2, old value).
+    let mut choices: Vec<(usize, String)> = Vec::new();
+    for r1 in history.iter() {
+        let Some((key, r1_ret, Some(new))) = completed_read(r1) else {
+            continue;
+        };
+        let p_new = &history[writer_of[new]];
+        // Completed writers of the key that returned before p_new was called.
+        let olds: Vec<&str> = writer_of
+            .iter()
+            .filter(|&(_, &p)| {
+                let p_old = &history[p];
+                p_old.input.key() == key
+                    && matches!(p_old.ret, Some((ret_tick, _)) if ret_tick < p_new.call)
+            })
+            .map(|(&value, _)| value)
+            .collect();
+        if olds.is_empty() {
+            continue;
+        }
+        for (r2, read) in history.iter().enumerate() {
+            match completed_read(read) {
+                Some((r2_key, _, _)) if r2_key == key && read.call > r1_ret => {
+                    let old = olds[rng.below(olds.len() as u64) as usize];
+                    choices.push((r2, old.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if choices.is_empty() {
+        return None;
+    }
+    let (r2, old) = choices.swap_remove(rng.below(choices.len() as u64) as usize);
+    let read = &mut history[r2];
+    read.ret.as_mut().expect("chose a completed read").1 = KvOutput::Value(Some(old));
+    Some(read.input.key().to_string())
+}
+
+/// A completed read's key, return tick and result.
+fn completed_read(operation: &Operation) -> Option<(&str, u64, Option<&str>)> {
+    match (&operation.input, &operation.ret) {
+        (KvInput::Get { key }, Some((ret_tick, KvOutput::Value(seen)))) => {
+            Some((key, *ret_tick, seen.as_deref()))
+        }
+        _ => None,
+    }
+}

@@ -1,7 +1,8 @@
 //! Tests of the checker at its boundary: histories in, verdicts out.
 
 use super::generated::{
-    generate, generate_clients, make_stale_read, ClientsConfig, GeneratorConfig, Rng,
+    generate, generate_clients, make_non_monotonic_read, make_stale_read, ClientsConfig,
+    GeneratorConfig, Rng,
 };
 use super::*;
 
@@ -741,5 +742,40 @@ fn stale_pass_and_search_agree_on_randomly_corrupted_reads() {
     assert!(
         (50..=250).contains(&violations),
         "{violations} violations of 300"
+    );
+}
+
+#[test]
+fn generated_non_monotonic_reads_are_caught_by_the_search() {
+    // These violations have no single definite overwrite between the old write
+    // and the read, so the stale pass may miss them and the search must prove them.
+    let config = ClientsConfig {
+        clients: 5,
+        ops: 200,
+        keys: 2,
+        latency_ticks_max: 8,
+        unknown_percent: 10,
+        timeout_ticks: 20,
+    };
+    let mut mutated = 0;
+    for seed in 0..100 {
+        let mut history = generate_clients(seed, &config);
+        let Some(key) = make_non_monotonic_read(&mut history, &mut Rng(seed)) else {
+            continue;
+        };
+        mutated += 1;
+        for (checker, result) in [
+            ("check", check(&history)),
+            ("search alone", check_by_search(&history)),
+        ] {
+            match result {
+                CheckResult::Violation { key: found, .. } => assert_eq!(found, key, "seed {seed}"),
+                other => panic!("seed {seed}, {checker}: not caught: {other:?}"),
+            }
+        }
+    }
+    assert!(
+        mutated >= 90,
+        "only {mutated} of 100 histories could be mutated"
     );
 }
