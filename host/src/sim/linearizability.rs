@@ -330,6 +330,21 @@ impl fmt::Display for KvInput {
     }
 }
 
+impl fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckResult::Linearizable => write!(f, "linearizable"),
+            CheckResult::Violation { key, detail } => {
+                write!(f, "not linearizable on key {key:?}:\n{detail}")
+            }
+            CheckResult::TooComplex { key } => write!(
+                f,
+                "undecided on key {key:?}: the linearizability search ran out of budget"
+            ),
+        }
+    }
+}
+
 impl fmt::Display for Operation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "client {}: {} ", self.client, self.input)?;
@@ -785,7 +800,8 @@ impl<'h> KeyHistory<'h> {
         let _ = writeln!(
             text,
             "no linearization of the {ops_total} operations on key {key:?} \
-             ({unknown_total} with unknown outcome; unknown-outcome reads are not counted)"
+             ({unknown_total} with unknown outcome; unknown-outcome operations that cannot \
+             matter are left out)"
         );
         let prefix = &dead_end.prefix;
         let value = prefix

@@ -132,7 +132,7 @@ fn stale_read_after_acknowledged_write_is_a_violation() {
     assert_eq!(
         detail,
         "no linearization of the 3 operations on key \"x\" (0 with unknown outcome; \
-         unknown-outcome reads are not counted)\n\
+         unknown-outcome operations that cannot matter are left out)\n\
          longest linearizable prefix: 2 operations, value after it: \"b\"\n  \
          #0 client 1: put(\"x\", \"a\") -> Ok [call 0, ret 1]\n  \
          #1 client 1: put(\"x\", \"b\") -> Ok [call 2, ret 3]\n\
@@ -777,5 +777,65 @@ fn generated_non_monotonic_reads_are_caught_by_the_search() {
     assert!(
         mutated >= 90,
         "only {mutated} of 100 histories could be mutated"
+    );
+}
+
+#[test]
+fn long_prefix_and_many_candidates_are_shortened_in_the_report() {
+    // 60 sequential operations, then 25 concurrent reads of a value never
+    // written: the search's report shows the last 40 prefix operations and 20
+    // of the 25 candidates.
+    let mut history = sequential_history("k", 30);
+    for client in 0..25 {
+        history.push(done(10 + client, get("k"), 200, 300, value(Some("ghost"))));
+    }
+    let CheckResult::Violation { detail, .. } = check_by_search(&history) else {
+        panic!("a read of a value never written is a violation");
+    };
+    let lines: Vec<&str> = detail.lines().collect();
+    assert_eq!(
+        lines[1],
+        "longest linearizable prefix: 60 operations, value after it: \"v29\""
+    );
+    assert_eq!(lines[2], "  ... 20 earlier operations");
+    assert_eq!(
+        lines[3],
+        "  #20 client 1: put(\"k\", \"v10\") -> Ok [call 40, ret 41]"
+    );
+    assert_eq!(
+        lines[42],
+        "  #59 client 2: get(\"k\") -> Value(Some(\"v29\")) [call 118, ret 119]"
+    );
+    assert!(lines[43].starts_with("next to return, and not linearizable after that prefix: #60 "));
+    assert_eq!(
+        lines[44],
+        "operations that could come next (called before that return):"
+    );
+    assert!(
+        lines[45].ends_with("(output impossible from that value)"),
+        "{}",
+        lines[45]
+    );
+    assert_eq!(lines[65], "  ... 5 more");
+    assert_eq!(lines.len(), 66);
+}
+
+#[test]
+fn results_display_as_one_line_headers() {
+    assert_eq!(CheckResult::Linearizable.to_string(), "linearizable");
+    let violation = CheckResult::Violation {
+        key: "x".to_string(),
+        detail: "why\n".to_string(),
+    };
+    assert_eq!(
+        violation.to_string(),
+        "not linearizable on key \"x\":\nwhy\n"
+    );
+    let too_complex = CheckResult::TooComplex {
+        key: "x".to_string(),
+    };
+    assert_eq!(
+        too_complex.to_string(),
+        "undecided on key \"x\": the linearizability search ran out of budget"
     );
 }
