@@ -839,3 +839,169 @@ fn results_display_as_one_line_headers() {
         "undecided on key \"x\": the linearizability search ran out of budget"
     );
 }
+
+// ---- Reference: brute force over every order, for tiny histories ----------
+
+/// Linearizable by definition: some subset of the unknown-outcome operations
+/// plus every completed one, in some order that respects real time (`a` before
+/// `b` whenever `a` returns strictly before `b` is called), produces every
+/// completed output on a map that starts empty.
+fn brute_force_linearizable(history: &[Operation]) -> bool {
+    let unknown: Vec<usize> = (0..history.len())
+        .filter(|&i| history[i].ret.is_none())
+        .collect();
+    let completed: Vec<usize> = (0..history.len())
+        .filter(|&i| history[i].ret.is_some())
+        .collect();
+    (0..1u32 << unknown.len()).any(|subset| {
+        let mut chosen = completed.clone();
+        chosen.extend(
+            (0..unknown.len())
+                .filter(|bit| subset & (1 << bit) != 0)
+                .map(|bit| unknown[bit]),
+        );
+        some_order_works(history, &mut chosen, 0)
+    })
+}
+
+/// Heap-free permutation search: tries every order of `ops[fixed..]`.
+fn some_order_works(history: &[Operation], ops: &mut [usize], fixed: usize) -> bool {
+    if fixed == ops.len() {
+        return order_works(history, ops);
+    }
+    for i in fixed..ops.len() {
+        ops.swap(fixed, i);
+        if some_order_works(history, ops, fixed + 1) {
+            return true;
+        }
+        ops.swap(fixed, i);
+    }
+    false
+}
+
+fn order_works(history: &[Operation], order: &[usize]) -> bool {
+    for (position, &a) in order.iter().enumerate() {
+        for &b in &order[position + 1..] {
+            // b comes after a, so b must not have returned before a was called.
+            if matches!(history[b].ret, Some((ret_tick, _)) if ret_tick < history[a].call) {
+                return false;
+            }
+        }
+    }
+    let mut map: BTreeMap<&str, &str> = BTreeMap::new();
+    for &index in order {
+        let operation = &history[index];
+        let current = map.get(operation.input.key()).copied();
+        let (output, written) = match &operation.input {
+            KvInput::Get { .. } => (KvOutput::Value(current.map(str::to_string)), None),
+            KvInput::Put { value, .. } => (KvOutput::Ok, Some(value.as_str())),
+            KvInput::Cas { expected, new, .. } if expected.as_deref() == current => {
+                (KvOutput::Ok, Some(new.as_str()))
+            }
+            KvInput::Cas { .. } => (KvOutput::Mismatch(current.map(str::to_string)), None),
+        };
+        if matches!(&operation.ret, Some((_, seen)) if *seen != output) {
+            return false;
+        }
+        if let Some(written) = written {
+            map.insert(operation.input.key(), written);
+        }
+    }
+    true
+}
+
+/// A tiny random history: few ticks (so ties are common), three values (so
+/// values repeat), outputs from a real run or plain random, unknown outcomes.
+fn tiny_random_history(rng: &mut Rng) -> Vec<Operation> {
+    let ops = 1 + rng.below(6);
+    let keys = 1 + rng.below(2);
+    let real_outputs = rng.percent(60);
+    let pick_value = |rng: &mut Rng| ["a", "b", "c"][rng.below(3) as usize].to_string();
+    let mut map: BTreeMap<String, String> = BTreeMap::new();
+    let mut history = Vec::new();
+    for client in 0..ops {
+        let key = format!("k{}", rng.below(keys));
+        let input = match rng.below(3) {
+            0 => KvInput::Get { key: key.clone() },
+            1 => KvInput::Put {
+                key: key.clone(),
+                value: pick_value(rng),
+            },
+            _ => KvInput::Cas {
+                key: key.clone(),
+                expected: (!rng.percent(30)).then(|| pick_value(rng)),
+                new: pick_value(rng),
+            },
+        };
+        // With real outputs, operations run in creation order at strictly
+        // increasing points; windows stretch around them.
+        let point = 2 * client + 2;
+        let call = point - rng.below(3).min(point);
+        let ret = point + rng.below(3);
+        let current = map.get(&key).cloned();
+        let real = match &input {
+            KvInput::Get { .. } => KvOutput::Value(current),
+            KvInput::Put { value, .. } => {
+                map.insert(key.clone(), value.clone());
+                KvOutput::Ok
+            }
+            KvInput::Cas { expected, new, .. } if *expected == current => {
+                map.insert(key.clone(), new.clone());
+                KvOutput::Ok
+            }
+            KvInput::Cas { .. } => KvOutput::Mismatch(current),
+        };
+        let output = match (&input, real_outputs) {
+            (_, true) => real,
+            (KvInput::Get { .. }, false) => {
+                KvOutput::Value((!rng.percent(25)).then(|| pick_value(rng)))
+            }
+            (KvInput::Put { .. }, false) => KvOutput::Ok,
+            (KvInput::Cas { .. }, false) if rng.percent(50) => KvOutput::Ok,
+            (KvInput::Cas { .. }, false) => {
+                KvOutput::Mismatch((!rng.percent(25)).then(|| pick_value(rng)))
+            }
+        };
+        let (call, ret) = if real_outputs {
+            (call, ret)
+        } else {
+            let call = rng.below(8);
+            (call, call + rng.below(4))
+        };
+        let ret = (!rng.percent(20)).then_some((ret, output));
+        history.push(Operation {
+            client,
+            input,
+            call,
+            ret,
+        });
+    }
+    history
+}
+
+#[test]
+fn verdicts_match_brute_force_on_tiny_random_histories() {
+    let mut rng = Rng(7);
+    let mut linearizable = 0;
+    for case in 0..3000 {
+        let history = tiny_random_history(&mut rng);
+        let expected = brute_force_linearizable(&history);
+        linearizable += usize::from(expected);
+        for (checker, result) in [
+            ("check", check(&history)),
+            ("search alone", check_by_search(&history)),
+        ] {
+            let found = match result {
+                CheckResult::Linearizable => true,
+                CheckResult::Violation { .. } => false,
+                CheckResult::TooComplex { .. } => panic!("case {case}: tiny history too complex"),
+            };
+            assert_eq!(found, expected, "case {case}, {checker}: {history:#?}");
+        }
+    }
+    // Both verdicts must be well represented.
+    assert!(
+        (900..=2100).contains(&linearizable),
+        "{linearizable} of 3000 linearizable"
+    );
+}
