@@ -244,10 +244,11 @@ pub fn check_with_options(
 /// - unknown-outcome reads: they change nothing;
 /// - unknown-outcome writes (put, or cas by its new value) of a value no
 ///   operation observes (no read returns it, no cas expects it or reports it as
-///   current). Wherever such a write runs, the operations after it until the next
-///   put can only be unknown-outcome cases that fail (anything else would observe
-///   the value), and those may move to the end too; the put overwrites the value
-///   either way. So a linearization with the write becomes one without it.
+///   current). Wherever such a write runs, the operations after it until the
+///   next put can only be unknown-outcome cas operations that fail (anything
+///   else would observe the value), and those may move to the end too; the put
+///   overwrites the value either way. So a linearization with the write becomes
+///   one without it.
 ///
 /// Simulator clients write unique values and most lost writes are never read,
 /// so this removes most unknown-outcome operations, which are the ones that
@@ -392,8 +393,8 @@ enum CasSeen {
 
 impl ModelOp {
     /// True for operations that never change the value: completed reads, and
-    /// cases that reported a mismatch. (An unknown-outcome cas may or may not
-    /// write, depending on where it runs.)
+    /// cas operations that reported a mismatch. (An unknown-outcome cas may or
+    /// may not write, depending on where it runs.)
     fn is_read_only(self) -> bool {
         matches!(
             self,

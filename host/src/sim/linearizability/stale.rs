@@ -140,8 +140,8 @@ pub(super) fn find_stale_observation(
     indices: &[usize],
 ) -> Option<String> {
     let overwrites = Overwrites::new(history, indices);
-    // Every operation that may write each value: puts, and cases not seen to
-    // fail (unknown-outcome ones included).
+    // Every operation that may write each value: puts, and cas operations not
+    // seen to fail (unknown-outcome ones included).
     let mut writers: HashMap<&str, Vec<usize>> = HashMap::new();
     for &index in indices {
         let operation = &history[index];
