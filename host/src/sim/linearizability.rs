@@ -156,7 +156,7 @@ pub fn check_with_stats(
 ) -> (CheckResult, CheckStats) {
     let options = CheckOptions {
         search_steps_per_key_max,
-        stale_pass: true,
+        ..CheckOptions::default()
     };
     check_with_options(history, &options)
 }
@@ -170,6 +170,9 @@ pub struct CheckOptions {
     /// Look for stale observations (a value seen after every write of it was
     /// definitely overwritten) before searching a key.
     pub stale_pass: bool,
+    /// When the search over a key runs out of budget, search windows of its
+    /// history around where it got stuck, which can prove a violation.
+    pub window_pass: bool,
 }
 
 impl Default for CheckOptions {
@@ -177,6 +180,7 @@ impl Default for CheckOptions {
         CheckOptions {
             search_steps_per_key_max: SEARCH_STEPS_PER_KEY_MAX,
             stale_pass: true,
+            window_pass: true,
         }
     }
 }
@@ -209,7 +213,7 @@ pub fn check_with_options(
                 return (CheckResult::Violation { key, detail }, stats);
             }
         }
-        let mut key_history = KeyHistory::new(history, indices, &observed);
+        let mut key_history = KeyHistory::new(history, indices, &observed, None);
         let (outcome, steps) = key_history.search(options.search_steps_per_key_max);
         stats.steps_total += steps;
         stats.steps_key_max = stats.steps_key_max.max(steps);
@@ -225,7 +229,23 @@ pub fn check_with_options(
                     stats,
                 );
             }
-            SearchOutcome::TooComplex => {
+            SearchOutcome::TooComplex(dead_end) if options.window_pass => {
+                let blocking = key_history.indices[key_history.blocking_op(&dead_end)];
+                let (found, steps) = window::find_violating_window(
+                    history,
+                    key,
+                    &key_history.indices,
+                    &observed,
+                    blocking,
+                );
+                stats.steps_total += steps;
+                if let Some(detail) = found {
+                    let key = key.to_string();
+                    return (CheckResult::Violation { key, detail }, stats);
+                }
+                too_complex.get_or_insert_with(|| key.to_string());
+            }
+            SearchOutcome::TooComplex(_) => {
                 too_complex.get_or_insert_with(|| key.to_string());
             }
         }
@@ -358,8 +378,8 @@ impl fmt::Display for Operation {
     }
 }
 
-/// An interned value of the key: [`ABSENT`], [`UNOBSERVED`], or one id from
-/// [`FIRST_OBSERVED`] on per observed string.
+/// An interned value of the key: [`ABSENT`], [`UNOBSERVED`], [`FREE`], or one
+/// id from [`FIRST_OBSERVED`] on per observed string.
 /// Interning keeps the memo table's entries small and their hashing cheap.
 type ValueId = u32;
 const ABSENT: ValueId = 0;
@@ -368,7 +388,11 @@ const ABSENT: ValueId = 0;
 /// fails or mismatches on both alike), so they are one model value, and search
 /// states that differ only in which of them the key holds are one memo entry.
 const UNOBSERVED: ValueId = 1;
-const FIRST_OBSERVED: ValueId = 2;
+/// Any value at all: where a window of the history starts (see `window`). The
+/// first operation that observes the value pins it; an unknown-outcome cas
+/// leaves it free (it may or may not have written, and "any value" covers both).
+const FREE: ValueId = 2;
+const FIRST_OBSERVED: ValueId = 3;
 
 /// An operation on one key, in the model's terms, with the output the client saw.
 #[derive(Debug, Clone, Copy)]
@@ -409,6 +433,9 @@ impl ModelOp {
     /// The key's value after this operation runs on `value`, or `None` if the
     /// output the client saw is impossible from `value`.
     fn apply(self, value: ValueId) -> Option<ValueId> {
+        if value == FREE {
+            return self.apply_to_free();
+        }
         match self {
             ModelOp::Get { seen } => (seen == value).then_some(value),
             ModelOp::Put { value: new } => Some(new),
@@ -422,6 +449,26 @@ impl ModelOp {
                 CasSeen::Mismatch(current) => {
                     (value != expected && value == current).then_some(value)
                 }
+            },
+        }
+    }
+}
+
+impl ModelOp {
+    /// [`ModelOp::apply`] on [`FREE`]: the value becomes whatever the output
+    /// requires, if anything can produce that output.
+    fn apply_to_free(self) -> Option<ValueId> {
+        match self {
+            ModelOp::Get { seen } => Some(seen),
+            ModelOp::Put { value: new } => Some(new),
+            ModelOp::Cas {
+                expected,
+                new,
+                seen,
+            } => match seen {
+                CasSeen::Unknown => Some(FREE),
+                CasSeen::Ok => Some(new),
+                CasSeen::Mismatch(current) => (current != expected).then_some(current),
             },
         }
     }
@@ -460,6 +507,19 @@ struct KeyHistory<'h> {
     /// the violation report (`usize::MAX` for an unknown return).
     call_position: Vec<usize>,
     ret_position: Vec<usize>,
+    /// Set when this is a window of a key's history: the search starts from
+    /// [`FREE`] and reports name operations by their index in the full history.
+    window: Option<Window<'h>>,
+}
+
+/// What a window history needs to know about itself (see `window`).
+#[derive(Debug, Clone, Copy)]
+struct Window<'h> {
+    start_tick: u64,
+    end_tick: u64,
+    /// The full history, and the index there of each operation of the window.
+    full_history: &'h [Operation],
+    original_index: &'h [usize],
 }
 
 /// One linearized operation on the search stack.
@@ -483,11 +543,17 @@ struct DeadEnd {
 enum SearchOutcome {
     Linearizable,
     Violation(DeadEnd),
-    TooComplex,
+    /// Out of budget; the dead end says how far it got.
+    TooComplex(DeadEnd),
 }
 
 impl<'h> KeyHistory<'h> {
-    fn new(history: &'h [Operation], mut indices: Vec<usize>, observed: &HashSet<&str>) -> Self {
+    fn new(
+        history: &'h [Operation],
+        mut indices: Vec<usize>,
+        observed: &HashSet<&str>,
+        window: Option<Window<'h>>,
+    ) -> Self {
         // Local indices in call order: the operations linearized at any point are
         // then mostly a run of low indices, which `Bitset::memo_key` compresses.
         indices.sort_by_key(|&index| (history[index].call, index));
@@ -591,6 +657,7 @@ impl<'h> KeyHistory<'h> {
             entries,
             call_position,
             ret_position,
+            window,
         }
     }
 
@@ -647,7 +714,7 @@ impl<'h> KeyHistory<'h> {
             .filter(|&&index| self.history[index].ret.is_some())
             .count();
         let mut linearized = Bitset::new(ops_total);
-        let mut value = ABSENT;
+        let mut value = if self.window.is_some() { FREE } else { ABSENT };
         let mut completed_linearized = 0;
         let mut stack: Vec<Frame> = Vec::with_capacity(ops_total);
         // Every (linearized set, value) ever reached. A state is entered once; if
@@ -669,15 +736,17 @@ impl<'h> KeyHistory<'h> {
                 return (SearchOutcome::Linearizable, steps);
             }
             if steps == steps_max {
-                return (SearchOutcome::TooComplex, steps);
+                return (SearchOutcome::TooComplex(dead_end), steps);
             }
             steps += 1;
-            let read_only = if extended {
-                extended = false;
+            // A free value is not one value: a read would pin it, which is a
+            // choice, so reads are not forced then.
+            let read_only = if extended && value != FREE {
                 self.fitting_read_only(value)
             } else {
                 None
             };
+            extended = false;
             // A completed operation is still unlinearized, so its return entry is
             // still in the list and the walk stops there before the end.
             assert!(
@@ -772,18 +841,67 @@ impl<'h> KeyHistory<'h> {
     /// The key's value after `op` runs on `value`, in the history's own
     /// strings: the search works on interned values, where every unobserved
     /// value is one, so the report replays the prefix to name the real ones.
-    fn concrete_value_after(&self, op: usize, value: Option<&'h str>) -> Option<&'h str> {
-        match &self.history[self.indices[op]].input {
+    fn concrete_value_after(&self, op: usize, value: Concrete<'h>) -> Concrete<'h> {
+        let operation = &self.history[self.indices[op]];
+        let output = operation.ret.as_ref().map(|(_, output)| output);
+        let Concrete::Known(value) = value else {
+            // As `ModelOp::apply_to_free`.
+            return match (&operation.input, output) {
+                (KvInput::Get { .. }, Some(KvOutput::Value(seen))) => {
+                    Concrete::Known(seen.as_deref())
+                }
+                (KvInput::Put { value: new, .. }, _)
+                | (KvInput::Cas { new, .. }, Some(KvOutput::Ok)) => Concrete::Known(Some(new)),
+                (KvInput::Cas { .. }, Some(KvOutput::Mismatch(current))) => {
+                    Concrete::Known(current.as_deref())
+                }
+                _ => Concrete::Free,
+            };
+        };
+        Concrete::Known(match &operation.input {
             KvInput::Get { .. } => value,
             KvInput::Put { value: new, .. } => Some(new),
             KvInput::Cas { expected, new, .. } if expected.as_deref() == value => Some(new),
             KvInput::Cas { .. } => value,
+        })
+    }
+
+    /// The index the caller knows an operation by: in the full history.
+    fn original_index(&self, op: usize) -> usize {
+        let index = self.indices[op];
+        match self.window {
+            Some(window) => window.original_index[index],
+            None => index,
         }
     }
 
+    /// The operation as recorded, and how a window changed it.
     fn operation_text(&self, op: usize) -> String {
-        let index = self.indices[op];
-        format!("#{index} {}", self.history[index])
+        let index = self.original_index(op);
+        let Some(window) = self.window else {
+            return format!("#{index} {}", self.history[index]);
+        };
+        let original = &window.full_history[index];
+        let changed = *original != self.history[self.indices[op]];
+        let note = if changed {
+            " (across the window's edge: outcome unknown)"
+        } else {
+            ""
+        };
+        format!("#{index} {original}{note}")
+    }
+
+    /// The first operation the dead end's prefix could not get past: the
+    /// earliest-returning completed operation not in it.
+    fn blocking_op(&self, dead_end: &DeadEnd) -> usize {
+        let mut in_prefix = vec![false; self.indices.len()];
+        for &op in &dead_end.prefix {
+            in_prefix[op] = true;
+        }
+        (0..self.indices.len())
+            .filter(|&op| !in_prefix[op] && self.ret_position[op] != usize::MAX)
+            .min_by_key(|&op| self.ret_position[op])
+            .expect("a dead end leaves a completed operation unlinearized")
     }
 
     /// The violation report: the longest linearizable prefix, the operation that
@@ -798,16 +916,38 @@ impl<'h> KeyHistory<'h> {
             .filter(|&&index| self.history[index].ret.is_none())
             .count();
         let mut text = String::new();
-        let _ = writeln!(
-            text,
-            "no linearization of the {ops_total} operations on key {key:?} \
-             ({unknown_total} with unknown outcome; unknown-outcome operations that cannot \
-             matter are left out)"
-        );
+        match self.window {
+            None => {
+                let _ = writeln!(
+                    text,
+                    "no linearization of the {ops_total} operations on key {key:?} \
+                     ({unknown_total} with unknown outcome; unknown-outcome operations that \
+                     cannot matter are left out)"
+                );
+            }
+            Some(Window {
+                start_tick,
+                end_tick,
+                ..
+            }) => {
+                let _ = writeln!(
+                    text,
+                    "no linearization of the {ops_total} operations on key {key:?} in the window \
+                     of ticks {start_tick}..={end_tick}, so none of the whole history \
+                     ({unknown_total} with unknown outcome here: operations running across the \
+                     window's edges count as unknown; the value at its start is left free)"
+                );
+            }
+        }
         let prefix = &dead_end.prefix;
+        let start = if self.window.is_some() {
+            Concrete::Free
+        } else {
+            Concrete::Known(None)
+        };
         let value = prefix
             .iter()
-            .fold(None, |value, &op| self.concrete_value_after(op, value));
+            .fold(start, |value, &op| self.concrete_value_after(op, value));
         let _ = writeln!(
             text,
             "longest linearizable prefix: {} operations, value after it: {}",
@@ -826,10 +966,7 @@ impl<'h> KeyHistory<'h> {
         for &op in prefix {
             in_prefix[op] = true;
         }
-        let blocking = (0..ops_total)
-            .filter(|&op| !in_prefix[op] && self.ret_position[op] != usize::MAX)
-            .min_by_key(|&op| self.ret_position[op])
-            .expect("a violation leaves a completed operation unlinearized");
+        let blocking = self.blocking_op(dead_end);
         let _ = writeln!(
             text,
             "next to return, and not linearizable after that prefix: {}",
@@ -864,10 +1001,19 @@ impl<'h> KeyHistory<'h> {
     }
 }
 
-fn value_text(value: Option<&str>) -> String {
+/// A value as the report names it.
+#[derive(Debug, Clone, Copy)]
+enum Concrete<'h> {
+    /// Not known: a window's start, before anything pinned it.
+    Free,
+    Known(Option<&'h str>),
+}
+
+fn value_text(value: Concrete<'_>) -> String {
     match value {
-        None => "absent".to_string(),
-        Some(value) => format!("{value:?}"),
+        Concrete::Free => "not known (any value at the window's start)".to_string(),
+        Concrete::Known(None) => "absent".to_string(),
+        Concrete::Known(Some(value)) => format!("{value:?}"),
     }
 }
 
@@ -904,6 +1050,7 @@ impl Bitset {
 
 pub mod generated;
 mod stale;
+mod window;
 
 type Memo = HashSet<MemoKey, BuildHasherDefault<MemoHasher>>;
 
