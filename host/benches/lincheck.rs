@@ -25,8 +25,7 @@ struct Scenario {
     generate: Box<dyn Fn(u64) -> Vec<Operation>>,
     /// A violation planted in every history (the result must be a violation).
     mutation: Option<Mutation>,
-    /// Without the stale pass: every verdict comes from the search.
-    search_alone: bool,
+    options: CheckOptions,
 }
 
 type Mutation = fn(&mut [Operation], &mut Rng) -> Option<String>;
@@ -36,7 +35,7 @@ fn windows(name: &'static str, config: GeneratorConfig) -> Scenario {
         name,
         generate: Box::new(move |seed| generate(seed, &config)),
         mutation: None,
-        search_alone: false,
+        options: CheckOptions::default(),
     }
 }
 
@@ -45,15 +44,35 @@ fn clients(name: &'static str, config: ClientsConfig, mutation: Option<Mutation>
         name,
         generate: Box::new(move |seed| generate_clients(seed, &config)),
         mutation,
-        search_alone: false,
+        options: CheckOptions::default(),
     }
 }
 
+/// Without the stale pass and the window pass: every verdict comes from the
+/// search over whole keys.
 fn search_alone(scenario: Scenario) -> Scenario {
-    let name = Box::leak(format!("{}, search alone", scenario.name).into_boxed_str());
+    let options = CheckOptions {
+        stale_pass: false,
+        window_pass: false,
+        ..CheckOptions::default()
+    };
+    renamed(scenario, "search alone", options)
+}
+
+/// Without the stale pass: the search, then windows where it runs out of budget.
+fn search_and_windows(scenario: Scenario) -> Scenario {
+    let options = CheckOptions {
+        stale_pass: false,
+        ..CheckOptions::default()
+    };
+    renamed(scenario, "search + windows", options)
+}
+
+fn renamed(scenario: Scenario, suffix: &str, options: CheckOptions) -> Scenario {
+    let name = Box::leak(format!("{}, {suffix}", scenario.name).into_boxed_str());
     Scenario {
         name,
-        search_alone: true,
+        options,
         ..scenario
     }
 }
@@ -83,11 +102,7 @@ fn measure(scenario: &Scenario) -> Measured {
         results = [0; 3];
         let started = Instant::now();
         for history in &histories {
-            let options = CheckOptions {
-                stale_pass: !scenario.search_alone,
-                ..CheckOptions::default()
-            };
-            let (result, one) = check_with_options(history, &options);
+            let (result, one) = check_with_options(history, &scenario.options);
             stats.keys += one.keys;
             stats.ops_checked += one.ops_checked;
             stats.steps_total += one.steps_total;
@@ -182,6 +197,16 @@ fn main() {
             Some(make_stale_read),
         )),
         search_alone(clients(
+            "20 clients, 1 key, non-monotonic read",
+            client(20, 1000, 1, 10),
+            Some(make_non_monotonic_read),
+        )),
+        search_and_windows(clients(
+            "20 clients, 1 key, stale read",
+            client(20, 1000, 1, 10),
+            Some(make_stale_read),
+        )),
+        search_and_windows(clients(
             "20 clients, 1 key, non-monotonic read",
             client(20, 1000, 1, 10),
             Some(make_non_monotonic_read),

@@ -231,13 +231,8 @@ pub fn check_with_options(
             }
             SearchOutcome::TooComplex(dead_end) if options.window_pass => {
                 let blocking = key_history.indices[key_history.blocking_op(&dead_end)];
-                let (found, steps) = window::find_violating_window(
-                    history,
-                    key,
-                    &key_history.indices,
-                    &observed,
-                    blocking,
-                );
+                let (found, steps) =
+                    window::find_violating_window(history, key, &key_history.indices, blocking);
                 stats.steps_total += steps;
                 if let Some(detail) = found {
                     let key = key.to_string();

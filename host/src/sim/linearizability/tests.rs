@@ -1034,7 +1034,6 @@ fn window_violations_are_violations_of_the_whole_history() {
                         &history,
                         key,
                         &indices,
-                        &observed,
                         start_tick,
                         end_tick,
                         window::WINDOW_SEARCH_STEPS_MAX,

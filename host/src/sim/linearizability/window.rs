@@ -26,9 +26,9 @@
 //! operation it could not get past returns (`end`), and windows reaching
 //! further and further back from there.
 
-use std::collections::HashSet;
-
-use super::{KeyHistory, Operation, SearchOutcome, Window};
+use super::{
+    observed_values, operations_that_matter, KeyHistory, Operation, SearchOutcome, Window,
+};
 
 /// Windows tried, as how many operations (in call order) before the blocking
 /// one they reach back, smallest first: small windows are cheap to exhaust.
@@ -77,20 +77,24 @@ pub(super) fn search_window(
     history: &[Operation],
     key: &str,
     indices: &[usize],
-    observed: &HashSet<&str>,
     start_tick: u64,
     end_tick: u64,
     steps_max: u64,
 ) -> (Option<String>, u64) {
     let (operations, original_index) = window_history(history, indices, start_tick, end_tick);
+    // What the window's own operations observe: writes that ran across the
+    // start and whose value nobody in the window reads can go, exactly as in
+    // a whole history (see `operations_that_matter`).
+    let all: Vec<usize> = (0..operations.len()).collect();
+    let observed = observed_values(&operations, &all);
+    let local = operations_that_matter(&operations, all, &observed);
     let window = Window {
         start_tick,
         end_tick,
         full_history: history,
         original_index: &original_index,
     };
-    let local = (0..operations.len()).collect();
-    let mut key_history = KeyHistory::new(&operations, local, observed, Some(window));
+    let mut key_history = KeyHistory::new(&operations, local, &observed, Some(window));
     match key_history.search(steps_max) {
         (SearchOutcome::Violation(dead_end), steps) => {
             (Some(key_history.describe(key, &dead_end)), steps)
@@ -107,7 +111,6 @@ pub(super) fn find_violating_window(
     history: &[Operation],
     key: &str,
     indices: &[usize],
-    observed: &HashSet<&str>,
     blocking_index: usize,
 ) -> (Option<String>, u64) {
     let end_tick = history[blocking_index]
@@ -133,7 +136,6 @@ pub(super) fn find_violating_window(
             history,
             key,
             indices,
-            observed,
             start_tick,
             end_tick,
             WINDOW_SEARCH_STEPS_MAX,
