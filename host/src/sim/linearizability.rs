@@ -31,8 +31,10 @@
 //!   (`operations_that_matter`), values nobody observes are one model value
 //!   (`UNOBSERVED`), and a read that fits is linearized at once without a
 //!   backtrack point (`KeyHistory::fitting_read_only`).
-//! - The search is bounded by a step budget per key and returns
-//!   [`CheckResult::TooComplex`] instead of hanging.
+//! - The search is bounded by a step budget per key. When it runs out, windows
+//!   of the key's history around where it got stuck are searched (see the
+//!   `window` submodule): a window without a linearization proves a violation.
+//!   Otherwise the result is [`CheckResult::TooComplex`], never a hang.
 //!
 //! A malformed history (a return before its own call, an output that does not
 //! belong to its input kind) is a bug in whoever recorded it and panics.
@@ -110,9 +112,10 @@ pub enum CheckResult {
     /// The operations on `key` have no linearization. `detail` is a multi-line
     /// report, either of a stale observation (the operation, each write of the
     /// value it saw, and the write that overwrote it before its call) or from
-    /// the search (the longest linearizable prefix found, the operation that
-    /// returned without fitting after it, and the operations that could have
-    /// come next). Operations are named `#index` in the checked history.
+    /// the search over the key or a window of it (the longest linearizable
+    /// prefix found, the operation that returned without fitting after it, and
+    /// the operations that could have come next). Operations are named
+    /// `#index` in the checked history.
     Violation {
         key: String,
         detail: String,
