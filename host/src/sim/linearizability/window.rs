@@ -103,10 +103,10 @@ pub(super) fn search_window(
     }
 }
 
-/// After the search over a whole key ran out of budget at `blocking_ret_tick`
-/// (the return of the first operation its deepest prefix could not get past),
-/// tries windows ending there and reaching further back. Returns the first
-/// violation found, and the steps taken in all.
+/// After the search over a whole key ran out of budget, tries windows ending
+/// where `blocking_index` returns (the first operation the search's deepest
+/// prefix could not get past) and reaching further and further back. Returns
+/// the first violation found, and the steps taken in all.
 pub(super) fn find_violating_window(
     history: &[Operation],
     key: &str,
