@@ -84,13 +84,19 @@ const REGRESSION_SEEDS: &[Regression] = &[
 ];
 
 fn assert_clean(outcomes: &[SeedOutcome], options_for: &(dyn Fn(u64) -> SimOptions + Sync)) {
+    // A history the linearizability search could not decide is no verdict, and a
+    // test that passes without a verdict proves nothing: it fails too.
     let failures: Vec<String> = outcomes
         .iter()
         .filter_map(|outcome| {
-            let violation = outcome.violation.as_ref()?;
+            let verdict = match (&outcome.violation, outcome.too_complex) {
+                (Some(violation), _) => violation.clone(),
+                (None, true) => "too complex for the linearizability search (no verdict)".into(),
+                (None, false) => return None,
+            };
             let replay = options_for(outcome.seed).replay_command();
             Some(format!(
-                "seed {}: {violation}\nreplay: {replay}",
+                "seed {}: {verdict}\nreplay: {replay}",
                 outcome.seed
             ))
         })
@@ -114,6 +120,12 @@ fn regression_seeds_stay_fixed() {
             options
         };
         let outcome = run_seeds(&[regression.seed], 1, &options_for).remove(0);
+        assert!(
+            !outcome.too_complex,
+            "regression seed {} has no linearizability verdict (too complex)\nreplay: {}",
+            regression.seed,
+            options_for(regression.seed).replay_command()
+        );
         assert!(
             outcome.violation.is_none(),
             "regression seed {} (once failed with: {}) fails again: {}\nreplay: {}",
@@ -141,8 +153,19 @@ fn sweep_of_seeds_with_faults_finds_no_violation() {
         sum(|o| o.faults.max_round) > 2 * SWEEP_SEEDS,
         "leaders changed"
     );
+    assert!(sum(|o| o.faults.client_partitions) > SWEEP_SEEDS / 4);
+    assert!(
+        sum(|o| o.faults.stall_crashes) > 0,
+        "a disk stall ended in a crash"
+    );
+    assert!(
+        sum(|o| o.faults.double_crashes) > 0,
+        "two replicas crashed at once"
+    );
+    // Clients cut off from replicas give up more often than before client messages
+    // went through the network (about 84 % acknowledged then, 94 % before).
     let committed = sum(|o| o.committed as u64);
-    assert!(committed > SWEEP_SEEDS * OPS_PER_SEED as u64 * 9 / 10);
+    assert!(committed > SWEEP_SEEDS * OPS_PER_SEED as u64 * 3 / 4);
 }
 
 #[test]
