@@ -860,6 +860,12 @@ impl Replica {
     }
 
     fn propose_slot(&mut self, slot: Slot, value: Value, actions: &mut Vec<Action>) {
+        // Values re-proposed after Phase 1 precede every batch this leader forms, so
+        // their stamps bound later ones: the state machine never sees time go back,
+        // even when an earlier leader's clock ran ahead of ours.
+        if let Value::Batch(batch) = &value {
+            self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+        }
         let chosen_index = self.chosen_index;
         let Role::Leader(leader) = &mut self.role else {
             unreachable!("only a leader proposes")

@@ -1176,3 +1176,48 @@ fn lease_counts_from_when_the_round_was_sent_not_when_acks_arrived() {
         "a lease measured from ack arrival would still hold"
     );
 }
+
+#[test]
+fn new_leader_never_stamps_a_batch_earlier_than_a_batch_it_recovered() {
+    // A previous leader's clock ran ahead: it stamped slot 1 at 5 000 ms. The new
+    // leader's clock says 1 000 ms; its first batch goes after slot 1 in the log, and
+    // the state machine must never see time go backwards.
+    let mut leader = Replica::new(1, three(), Params::default(), SEED);
+    let actions = start_phase1(&mut leader);
+    persist_all(&mut leader, &actions);
+    let recovered = Value::Batch(Arc::new(Batch {
+        commands: vec![command(b"old", 2, 1)],
+        timestamp_ms: 5_000,
+        seed: 0,
+    }));
+    let entry = LogEntry {
+        ballot: ballot(0, 2),
+        value: recovered,
+        chosen: false,
+    };
+    leader.step(message(
+        2,
+        Message::Promise {
+            ballot: ballot(1, 1),
+            first_slot: 1,
+            entries: vec![(1, entry)],
+        },
+    ));
+    assert_eq!(leader.status().leading, Some(ballot(1, 1)));
+    let actions = leader.step(Event::Propose {
+        request: 7,
+        command: command(b"new", 0, 0),
+    });
+    let stamps: Vec<(Slot, u64)> = sends(&actions)
+        .into_iter()
+        .filter_map(|(_, msg)| match msg {
+            Message::Accept {
+                slot,
+                value: Value::Batch(batch),
+                ..
+            } => Some((slot, batch.timestamp_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stamps, vec![(3, 5_000), (3, 5_000)]);
+}
