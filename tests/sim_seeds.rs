@@ -28,10 +28,28 @@ struct Regression {
     failed_with: &'static str,
 }
 
-/// No seed has failed against the real core so far. These failed with a planted
-/// bug: they drive a leader change with recovered values (Phase 1) or stale-read
-/// windows, so the real core must keep passing them.
+/// The first two failed against the real core once replicas' clocks were skewed
+/// (`FaultRates::clock_offset_ms_max`). The others failed with a planted bug: they
+/// drive a leader change with recovered values (Phase 1) or stale-read windows, so
+/// the real core must keep passing them.
 const REGRESSION_SEEDS: &[Regression] = &[
+    Regression {
+        seed: 0,
+        replicas: 3,
+        ops: 100,
+        harsh: false,
+        failed_with: "slot 11 stamped 2674 ms after a slot stamped 2758 ms: a new leader \
+                      stamped below values it re-proposed after Phase 1",
+    },
+    Regression {
+        seed: 86,
+        replicas: 3,
+        ops: 100,
+        harsh: false,
+        failed_with: "slot 20 stamped 5658 ms after a slot stamped 6972 ms: a value a \
+                      deposed fast-clock leader stamped was recovered before a slower \
+                      leader's batch (the state machine clock now takes the maximum)",
+    },
     Regression {
         seed: 0,
         replicas: 3,

@@ -1221,3 +1221,48 @@ fn new_leader_never_stamps_a_batch_earlier_than_a_batch_it_recovered() {
         .collect();
     assert_eq!(stamps, vec![(3, 5_000), (3, 5_000)]);
 }
+
+/// Records the context of every command it applies.
+struct Clock {
+    seen: Vec<ApplyContext>,
+}
+
+impl StateMachine for Clock {
+    fn apply(&mut self, _payload: &[u8], context: &ApplyContext) -> Vec<u8> {
+        self.seen.push(*context);
+        Vec::new()
+    }
+}
+
+#[test]
+fn state_machine_clock_never_goes_back_when_log_stamps_do() {
+    // Slot 1 was formed by a deposed leader whose clock ran ahead (9 000 ms) and was
+    // recovered by Phase 1; slot 2 by a leader with a slower clock (4 000 ms). Both are
+    // legitimately chosen in that order; the machine sees 9 000 ms twice, then time
+    // moves on (slot 3 at 12 000 ms).
+    let mut applier = Applier::new(1, Clock { seen: Vec::new() });
+    let stamped = |timestamp_ms, seed| {
+        Value::Batch(Arc::new(Batch {
+            commands: vec![command(b"x", 9, 1)],
+            timestamp_ms,
+            seed,
+        }))
+    };
+    let mut replies = Vec::new();
+    applier.apply(1, &stamped(9_000, 1), &mut replies);
+    applier.apply(2, &stamped(4_000, 2), &mut replies);
+    applier.apply(3, &stamped(12_000, 3), &mut replies);
+    let context = |slot, timestamp_ms, seed| ApplyContext {
+        slot,
+        timestamp_ms,
+        seed,
+    };
+    assert_eq!(
+        applier.machine.seen,
+        vec![
+            context(1, 9_000, 1),
+            context(2, 9_000, 2),
+            context(3, 12_000, 3)
+        ]
+    );
+}

@@ -62,6 +62,9 @@ pub struct FaultRates {
     /// Per tick, with 5 or more replicas and none down: two replicas crash at once
     /// (one of them the leader, if there is one).
     pub double_crash_per_million: u64,
+    /// Each replica's wall clock is ahead of the simulation's by a fixed amount in
+    /// `0..clock_offset_ms_max` (batch timestamps come from the leader's clock).
+    pub clock_offset_ms_max: u64,
 }
 
 impl Default for FaultRates {
@@ -85,6 +88,7 @@ impl Default for FaultRates {
             disk_stall_ticks_min: 5,
             disk_stall_ticks_max: 40,
             double_crash_per_million: 4_000,
+            clock_offset_ms_max: 2_000,
         }
     }
 }
@@ -113,6 +117,7 @@ impl FaultRates {
             disk_stall_ticks_min: 5,
             disk_stall_ticks_max: 60,
             double_crash_per_million: 8_000,
+            clock_offset_ms_max: 5_000,
         }
     }
 }
@@ -253,6 +258,8 @@ struct Node {
     disk_stalled_until: u64,
     /// A stall is in progress; it is resolved (resume or crash) when it ends.
     disk_stalled: bool,
+    /// How far this replica's wall clock runs ahead of the simulation's.
+    clock_offset_ms: u64,
 }
 
 /// What travels between clients and replicas, through the simulated network.
@@ -349,7 +356,7 @@ impl Sim {
         let ids: Vec<NodeId> = (1..=options.replicas as NodeId).collect();
         let config = Configuration::new(ids.iter().copied());
         let mut rng = SplitMix64::new(options.seed ^ 0x5EED_0F5A_u64);
-        let nodes = ids
+        let mut nodes: Vec<Node> = ids
             .iter()
             .map(|&id| Node {
                 replica: Some(Replica::new(
@@ -366,8 +373,12 @@ impl Sim {
                 last_promised: Ballot::ZERO,
                 disk_stalled_until: 0,
                 disk_stalled: false,
+                clock_offset_ms: 0,
             })
             .collect();
+        for node in &mut nodes {
+            node.clock_offset_ms = rng.range(0, options.faults.clock_offset_ms_max + 1);
+        }
         let clients = (0..options.clients as u64)
             .map(|id| Client {
                 id: id + 1,
@@ -530,11 +541,11 @@ impl Sim {
                 self.step_replica(id, Event::Persisted { token });
             }
         }
-        let now_ms = self.tick * TICK_MS;
         for id in 1..=self.nodes.len() as NodeId {
             if self.faults_on && self.rng.chance(self.options.faults.tick_skip_per_million) {
                 continue;
             }
+            let now_ms = self.tick * TICK_MS + self.nodes[(id - 1) as usize].clock_offset_ms;
             self.step_replica(id, Event::Tick { now_ms });
         }
         self.run_clients(issue_limit);
