@@ -1266,3 +1266,39 @@ fn state_machine_clock_never_goes_back_when_log_stamps_do() {
         ]
     );
 }
+
+#[test]
+fn restarted_leader_whose_own_promise_was_lost_never_reuses_its_ballot() {
+    // Node 1 led in ballot (5, 1) with promises from 2 and 3 only, and crashed before
+    // its own promise was durable: it restarts promised (3, 2). Reusing (5, 1) could
+    // put two values in one (slot, ballot). Its pre-vote quorum must include a replica
+    // that promised (5, 1), whose reply raises the next round to 6.
+    let durable = DurableState {
+        promised: ballot(3, 2),
+        ..Default::default()
+    };
+    let mut replica = Replica::restart(1, three(), Params::default(), SEED, durable);
+    let mut pre_vote_round = None;
+    for _ in 0..Params::default().election_ticks_max {
+        for (_, msg) in sends(&tick(&mut replica)) {
+            if let Message::PreVote { round } = msg {
+                pre_vote_round = Some(round);
+            }
+        }
+        if pre_vote_round.is_some() {
+            break;
+        }
+    }
+    assert_eq!(pre_vote_round, Some(4), "pre-vote changes no state");
+    let grant = Message::PreVoteReply {
+        round: 4,
+        granted: true,
+        promised: ballot(5, 1),
+    };
+    let actions = replica.step(message(2, grant));
+    let prepare = Message::Prepare {
+        ballot: ballot(6, 1),
+        first_slot: 1,
+    };
+    assert_eq!(sends(&actions), vec![(2, prepare.clone()), (3, prepare)]);
+}
