@@ -35,6 +35,10 @@ pub struct SimArgs {
     /// replaying the planted-bug test's seeds.
     #[arg(long, hide = true)]
     pub planted_bug: bool,
+    /// Plant the read-path bug (a new leader serves reads before its first entry is
+    /// applied); for replaying the read planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_read_bug: bool,
 }
 
 fn parse_replicas(text: &str) -> Result<usize, String> {
@@ -56,6 +60,7 @@ pub fn run(args: SimArgs) -> ExitCode {
             options.faults = FaultRates::harsh();
         }
         options.params.bug_ignore_phase1_values = args.planted_bug;
+        options.params.bug_reads_before_ready = args.planted_read_bug;
         options
     };
     let outcomes = run_seeds(&seeds, threads, &options_for);
@@ -70,8 +75,21 @@ pub fn run(args: SimArgs) -> ExitCode {
         faults.crashes += outcome.faults.crashes;
         faults.max_round += outcome.faults.max_round;
         faults.unknown_outcomes += outcome.faults.unknown_outcomes;
+        faults.client_partitions += outcome.faults.client_partitions;
+        faults.disk_stalls += outcome.faults.disk_stalls;
+        faults.stall_crashes += outcome.faults.stall_crashes;
+        faults.double_crashes += outcome.faults.double_crashes;
         committed += outcome.committed;
-        too_complex += usize::from(outcome.too_complex);
+        if outcome.too_complex {
+            // No verdict is not a pass: say so with the replay line, like a failure.
+            too_complex += 1;
+            let replay = options_for(outcome.seed).replay_command();
+            eprintln!(
+                "seed {} TOO COMPLEX: the linearizability search gave up (no verdict)",
+                outcome.seed
+            );
+            eprintln!("replay: {replay}");
+        }
         if let Some(violation) = &outcome.violation {
             violations += 1;
             let replay = options_for(outcome.seed).replay_command();
@@ -83,9 +101,11 @@ pub fn run(args: SimArgs) -> ExitCode {
         "sim: faults over all seeds: {} dropped, {} duplicated, {} partitions, {} crashes, {} ballot rounds, {} unknown outcomes",
         faults.dropped, faults.duplicated, faults.partitions, faults.crashes, faults.max_round, faults.unknown_outcomes
     );
-    if too_complex > 0 {
-        eprintln!("sim: {too_complex} seeds were too complex for the linearizability search");
-    }
+    eprintln!(
+        "sim: client partitions {}, disk stalls {} ({} ended in a crash), double crashes {}",
+        faults.client_partitions, faults.disk_stalls, faults.stall_crashes, faults.double_crashes
+    );
+    eprintln!("sim: too_complex={too_complex} (seeds without a linearizability verdict)");
     println!(
         "sim: seeds={} ops={} committed={committed} violations={violations}",
         args.seeds, args.ops

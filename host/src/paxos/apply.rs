@@ -29,6 +29,8 @@ pub struct Applier<M> {
     pub dedup: DedupTable,
     pub applied_index: Slot,
     node: NodeId,
+    /// The state machine's clock: the largest batch stamp applied so far.
+    clock_ms: u64,
 }
 
 impl<M: StateMachine> Applier<M> {
@@ -38,6 +40,7 @@ impl<M: StateMachine> Applier<M> {
             dedup: DedupTable::default(),
             applied_index: 0,
             node,
+            clock_ms: 0,
         }
     }
 
@@ -51,9 +54,15 @@ impl<M: StateMachine> Applier<M> {
         );
         self.applied_index = slot;
         let Value::Batch(batch) = value else { return };
+        // Stamps can go back along the log even with honest leaders: a new leader
+        // re-proposes, unchanged, values a deposed leader with a faster clock stamped,
+        // after slots a slower leader stamped. The machine's clock must not go back,
+        // so it is the largest stamp so far: a function of the log alone, the same on
+        // every replica (and part of what a snapshot must carry).
+        self.clock_ms = self.clock_ms.max(batch.timestamp_ms);
         let context = ApplyContext {
             slot,
-            timestamp_ms: batch.timestamp_ms,
+            timestamp_ms: self.clock_ms,
             seed: batch.seed,
         };
         for command in &batch.commands {

@@ -34,6 +34,11 @@ pub struct Params {
     /// values acceptors report in Phase 1 and fills every slot with a no-op.
     #[doc(hidden)]
     pub bug_ignore_phase1_values: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: a new leader serves reads
+    /// before its own first entry is chosen and applied, so it may miss slots chosen
+    /// by earlier leaders.
+    #[doc(hidden)]
+    pub bug_reads_before_ready: bool,
 }
 
 impl Default for Params {
@@ -50,6 +55,7 @@ impl Default for Params {
             catchup_entries_max: 64,
             catchup_bytes_max: 256 * 1024,
             bug_ignore_phase1_values: false,
+            bug_reads_before_ready: false,
         }
     }
 }

@@ -13,6 +13,7 @@
 //!   persist-before-reply path as every other.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use super::config::Configuration;
 use super::params::Params;
@@ -859,6 +860,12 @@ impl Replica {
     }
 
     fn propose_slot(&mut self, slot: Slot, value: Value, actions: &mut Vec<Action>) {
+        // Values re-proposed after Phase 1 precede every batch this leader forms, so
+        // their stamps bound later ones: the state machine never sees time go back,
+        // even when an earlier leader's clock ran ahead of ours.
+        if let Value::Batch(batch) = &value {
+            self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+        }
         let chosen_index = self.chosen_index;
         let Role::Leader(leader) = &mut self.role else {
             unreachable!("only a leader proposes")
@@ -985,11 +992,11 @@ impl Replica {
             let seed = self.rng.next_u64();
             self.propose_slot(
                 slot,
-                Value::Batch(Batch {
+                Value::Batch(Arc::new(Batch {
                     commands,
                     timestamp_ms,
                     seed,
-                }),
+                })),
                 actions,
             );
         }
@@ -1157,7 +1164,7 @@ impl Replica {
     }
 
     fn leader_lease_valid(&self, leader: &LeaderState) -> bool {
-        let ready = self.applied_index >= leader.ready_slot;
+        let ready = self.params.bug_reads_before_ready || self.applied_index >= leader.ready_slot;
         let within = leader
             .quorum_sent_tick
             .is_some_and(|sent| self.tick < sent + self.params.lease_ticks);
@@ -1182,7 +1189,10 @@ impl Replica {
             });
             return;
         }
-        let read_index = self.chosen_index.max(leader.ready_slot);
+        let read_index = match self.params.bug_reads_before_ready {
+            true => self.chosen_index,
+            false => self.chosen_index.max(leader.ready_slot),
+        };
         let Role::Leader(leader) = &mut self.role else {
             unreachable!()
         };

@@ -1,5 +1,7 @@
 //! Unit tests of the core: exact actions for the key protocol steps.
 
+use std::sync::Arc;
+
 use super::*;
 
 const SEED: u64 = 7;
@@ -13,11 +15,11 @@ fn ballot(round: u64, node: NodeId) -> Ballot {
 }
 
 fn batch(payload: &[u8], request: RequestId) -> Value {
-    Value::Batch(Batch {
+    Value::Batch(Arc::new(Batch {
         commands: vec![command(payload, 9, request)],
         timestamp_ms: 0,
         seed: 0,
-    })
+    }))
 }
 
 fn command(payload: &[u8], node: NodeId, request: RequestId) -> Command {
@@ -871,11 +873,11 @@ fn dedup_applies_a_keyed_command_once_and_returns_the_first_result() {
         idempotency_key: Some(IdempotencyKey { client: 42, seq }),
         origin: Origin { node: 1, request },
     };
-    let value = Value::Batch(Batch {
+    let value = Value::Batch(Arc::new(Batch {
         commands: vec![keyed(1, 10), keyed(1, 11)],
         timestamp_ms: 5,
         seed: 6,
-    });
+    }));
     let mut replies = Vec::new();
     applier.apply(1, &value, &mut replies);
     let first = [b"inc".as_slice(), &1u64.to_le_bytes()].concat();
@@ -883,11 +885,11 @@ fn dedup_applies_a_keyed_command_once_and_returns_the_first_result() {
     assert_eq!(applier.machine.applied, 1);
     // The same key decided again in a later slot (a retry after a leader change).
     replies.clear();
-    let value = Value::Batch(Batch {
+    let value = Value::Batch(Arc::new(Batch {
         commands: vec![keyed(1, 12), keyed(2, 13), keyed(1, 14)],
         timestamp_ms: 5,
         seed: 6,
-    });
+    }));
     applier.apply(2, &value, &mut replies);
     let second = [b"inc".as_slice(), &2u64.to_le_bytes()].concat();
     assert_eq!(
@@ -1006,4 +1008,297 @@ fn catch_up_sends_chosen_entries_in_bounded_chunks() {
         )),
         vec![]
     );
+}
+
+#[test]
+fn election_starts_with_a_pre_vote_that_changes_no_state() {
+    let mut replica = Replica::new(1, three(), Params::default(), SEED);
+    let mut actions = Vec::new();
+    let mut ticks = 0;
+    while actions.is_empty() {
+        actions = tick(&mut replica);
+        ticks += 1;
+    }
+    let params = Params::default();
+    assert!((params.election_ticks_min..params.election_ticks_max).contains(&ticks));
+    // Our own pre-vote is answered in-process; peers are asked.
+    assert_eq!(
+        actions,
+        vec![
+            Action::Send {
+                to: 2,
+                msg: Message::PreVote { round: 1 }
+            },
+            Action::Send {
+                to: 3,
+                msg: Message::PreVote { round: 1 }
+            },
+        ]
+    );
+    assert_eq!(
+        replica.status().promised,
+        Ballot::ZERO,
+        "a pre-vote promises nothing"
+    );
+    // A denial changes nothing; a grant completes the quorum and starts Phase 1 with a
+    // round above everything seen, including the granting peer's promise.
+    let deny = Message::PreVoteReply {
+        round: 1,
+        granted: false,
+        promised: ballot(4, 3),
+    };
+    assert_eq!(replica.step(message(3, deny)), vec![]);
+    let grant = Message::PreVoteReply {
+        round: 1,
+        granted: true,
+        promised: Ballot::ZERO,
+    };
+    let prepare = Message::Prepare {
+        ballot: ballot(5, 1),
+        first_slot: 1,
+    };
+    assert_eq!(
+        replica.step(message(2, grant)),
+        vec![
+            Action::Send {
+                to: 2,
+                msg: prepare.clone()
+            },
+            Action::Send {
+                to: 3,
+                msg: prepare
+            },
+            Action::Persist {
+                token: 1,
+                record: PersistRecord {
+                    promised: Some(ballot(5, 1)),
+                    ..Default::default()
+                }
+            },
+        ]
+    );
+}
+
+#[test]
+fn leader_steps_down_on_a_higher_ballot_and_answers_queued_proposals() {
+    let params = Params {
+        slots_in_flight_max: 1,
+        ..Params::default()
+    };
+    let mut leader = Replica::new(1, three(), params, SEED);
+    elect(&mut leader);
+    // The window (1 slot) is taken by the ready no-op: this proposal stays queued.
+    assert_eq!(
+        leader.step(Event::Propose {
+            request: 7,
+            command: command(b"q", 0, 0)
+        }),
+        vec![]
+    );
+    assert_eq!(
+        leader.step(message(
+            2,
+            Message::Reject {
+                promised: ballot(3, 2)
+            }
+        )),
+        vec![Action::Reply {
+            request: 7,
+            outcome: Outcome::NotLeader { leader_hint: None }
+        }]
+    );
+    assert_eq!(leader.status().leading, None);
+}
+
+#[test]
+fn restarted_replica_refuses_other_candidates_for_an_election_timeout() {
+    let params = Params::default();
+    let mut replica = Replica::restart(2, three(), params.clone(), SEED, DurableState::default());
+    let prepare = Message::Prepare {
+        ballot: ballot(1, 3),
+        first_slot: 1,
+    };
+    assert_eq!(replica.step(message(3, prepare.clone())), vec![]);
+    for _ in 0..params.election_ticks_min {
+        tick(&mut replica);
+    }
+    let actions = replica.step(message(3, prepare));
+    assert!(
+        matches!(actions.as_slice(), [Action::Persist { .. }]),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn replica_and_applier_can_move_to_another_thread() {
+    // The replica process runs the core inside an async task.
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<Replica>();
+    assert_send::<Applier<Counter>>();
+    assert_send::<Action>();
+}
+
+#[test]
+fn lease_counts_from_when_the_round_was_sent_not_when_acks_arrived() {
+    let params = Params::default();
+    let mut leader = Replica::new(1, three(), params.clone(), SEED);
+    let actions = elect(&mut leader);
+    persist_all(&mut leader, &actions);
+    // The no-op is chosen (ready), but round 1 (sent at election) is not acked yet.
+    leader.step(message(
+        2,
+        Message::Accepted {
+            ballot: ballot(1, 1),
+            slot: 1,
+        },
+    ));
+    assert!(!leader.lease_valid());
+    let late_ticks = 6;
+    for _ in 0..late_ticks {
+        tick(&mut leader);
+    }
+    // The ack of round 1 arrives late: the lease still ends lease_ticks after round 1
+    // was sent, so only lease_ticks - late_ticks of it remain.
+    let ack = Message::HeartbeatAck {
+        ballot: ballot(1, 1),
+        seq: 1,
+        chosen_index: 1,
+    };
+    leader.step(message(2, ack));
+    assert!(leader.lease_valid());
+    for _ in 0..params.lease_ticks - late_ticks - 1 {
+        tick(&mut leader);
+        assert!(leader.lease_valid());
+    }
+    tick(&mut leader);
+    assert!(
+        !leader.lease_valid(),
+        "a lease measured from ack arrival would still hold"
+    );
+}
+
+#[test]
+fn new_leader_never_stamps_a_batch_earlier_than_a_batch_it_recovered() {
+    // A previous leader's clock ran ahead: it stamped slot 1 at 5 000 ms. The new
+    // leader's clock says 1 000 ms; its first batch goes after slot 1 in the log, and
+    // the state machine must never see time go backwards.
+    let mut leader = Replica::new(1, three(), Params::default(), SEED);
+    let actions = start_phase1(&mut leader);
+    persist_all(&mut leader, &actions);
+    let recovered = Value::Batch(Arc::new(Batch {
+        commands: vec![command(b"old", 2, 1)],
+        timestamp_ms: 5_000,
+        seed: 0,
+    }));
+    let entry = LogEntry {
+        ballot: ballot(0, 2),
+        value: recovered,
+        chosen: false,
+    };
+    leader.step(message(
+        2,
+        Message::Promise {
+            ballot: ballot(1, 1),
+            first_slot: 1,
+            entries: vec![(1, entry)],
+        },
+    ));
+    assert_eq!(leader.status().leading, Some(ballot(1, 1)));
+    let actions = leader.step(Event::Propose {
+        request: 7,
+        command: command(b"new", 0, 0),
+    });
+    let stamps: Vec<(Slot, u64)> = sends(&actions)
+        .into_iter()
+        .filter_map(|(_, msg)| match msg {
+            Message::Accept {
+                slot,
+                value: Value::Batch(batch),
+                ..
+            } => Some((slot, batch.timestamp_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stamps, vec![(3, 5_000), (3, 5_000)]);
+}
+
+/// Records the context of every command it applies.
+struct Clock {
+    seen: Vec<ApplyContext>,
+}
+
+impl StateMachine for Clock {
+    fn apply(&mut self, _payload: &[u8], context: &ApplyContext) -> Vec<u8> {
+        self.seen.push(*context);
+        Vec::new()
+    }
+}
+
+#[test]
+fn state_machine_clock_never_goes_back_when_log_stamps_do() {
+    // Slot 1 was formed by a deposed leader whose clock ran ahead (9 000 ms) and was
+    // recovered by Phase 1; slot 2 by a leader with a slower clock (4 000 ms). Both are
+    // legitimately chosen in that order; the machine sees 9 000 ms twice, then time
+    // moves on (slot 3 at 12 000 ms).
+    let mut applier = Applier::new(1, Clock { seen: Vec::new() });
+    let stamped = |timestamp_ms, seed| {
+        Value::Batch(Arc::new(Batch {
+            commands: vec![command(b"x", 9, 1)],
+            timestamp_ms,
+            seed,
+        }))
+    };
+    let mut replies = Vec::new();
+    applier.apply(1, &stamped(9_000, 1), &mut replies);
+    applier.apply(2, &stamped(4_000, 2), &mut replies);
+    applier.apply(3, &stamped(12_000, 3), &mut replies);
+    let context = |slot, timestamp_ms, seed| ApplyContext {
+        slot,
+        timestamp_ms,
+        seed,
+    };
+    assert_eq!(
+        applier.machine.seen,
+        vec![
+            context(1, 9_000, 1),
+            context(2, 9_000, 2),
+            context(3, 12_000, 3)
+        ]
+    );
+}
+
+#[test]
+fn restarted_leader_whose_own_promise_was_lost_never_reuses_its_ballot() {
+    // Node 1 led in ballot (5, 1) with promises from 2 and 3 only, and crashed before
+    // its own promise was durable: it restarts promised (3, 2). Reusing (5, 1) could
+    // put two values in one (slot, ballot). Its pre-vote quorum must include a replica
+    // that promised (5, 1), whose reply raises the next round to 6.
+    let durable = DurableState {
+        promised: ballot(3, 2),
+        ..Default::default()
+    };
+    let mut replica = Replica::restart(1, three(), Params::default(), SEED, durable);
+    let mut pre_vote_round = None;
+    for _ in 0..Params::default().election_ticks_max {
+        for (_, msg) in sends(&tick(&mut replica)) {
+            if let Message::PreVote { round } = msg {
+                pre_vote_round = Some(round);
+            }
+        }
+        if pre_vote_round.is_some() {
+            break;
+        }
+    }
+    assert_eq!(pre_vote_round, Some(4), "pre-vote changes no state");
+    let grant = Message::PreVoteReply {
+        round: 4,
+        granted: true,
+        promised: ballot(5, 1),
+    };
+    let actions = replica.step(message(2, grant));
+    let prepare = Message::Prepare {
+        ballot: ballot(6, 1),
+        first_slot: 1,
+    };
+    assert_eq!(sends(&actions), vec![(2, prepare.clone()), (3, prepare)]);
 }

@@ -2,6 +2,7 @@
 //! events and actions of the sans-IO interface. No behaviour lives here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// A replica's identity. Stable across restarts and address changes.
 pub type NodeId = u64;
@@ -78,7 +79,9 @@ pub struct Batch {
 pub enum Value {
     /// Fills a hole found by Phase 1, or marks a new leader's first slot.
     Noop,
-    Batch(Batch),
+    /// Shared: a value is held in the log, in flight at the leader, in messages to
+    /// every peer and in `Apply`, and cloning it must not copy the commands.
+    Batch(Arc<Batch>),
 }
 
 /// One slot of an acceptor's log.

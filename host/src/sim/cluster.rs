@@ -44,6 +44,27 @@ pub struct FaultRates {
     /// Time for a persist to become durable; a crash before that loses it.
     pub persist_ticks_min: u64,
     pub persist_ticks_max: u64,
+    /// Per replica per tick: the replica misses this tick (its clock runs slow), so
+    /// tick rates drift apart, as the lease safety margin must tolerate.
+    pub tick_skip_per_million: u64,
+    /// Per tick while clients reach every replica: some clients lose their links to
+    /// some replicas (both ways) for a partition length. Client messages also share
+    /// the drop, duplicate and delay rates above.
+    pub client_partition_per_million: u64,
+    /// Per tick: one replica's disk stops completing persists for a while (its
+    /// promises and accepts wait in memory); when the stall ends the replica
+    /// crashes half of the time, losing its whole unsynced tail. At the start of a
+    /// stall the leader crashes half of the time, so a new leader is elected while
+    /// the tail is unsynced.
+    pub disk_stall_per_million: u64,
+    pub disk_stall_ticks_min: u64,
+    pub disk_stall_ticks_max: u64,
+    /// Per tick, with 5 or more replicas and none down: two replicas crash at once
+    /// (one of them the leader, if there is one).
+    pub double_crash_per_million: u64,
+    /// Each replica's wall clock is ahead of the simulation's by a fixed amount in
+    /// `0..clock_offset_ms_max` (batch timestamps come from the leader's clock).
+    pub clock_offset_ms_max: u64,
 }
 
 impl Default for FaultRates {
@@ -61,6 +82,13 @@ impl Default for FaultRates {
             down_ticks_max: 60,
             persist_ticks_min: 0,
             persist_ticks_max: 2,
+            tick_skip_per_million: 20_000,
+            client_partition_per_million: 10_000,
+            disk_stall_per_million: 5_000,
+            disk_stall_ticks_min: 5,
+            disk_stall_ticks_max: 40,
+            double_crash_per_million: 4_000,
+            clock_offset_ms_max: 2_000,
         }
     }
 }
@@ -83,6 +111,13 @@ impl FaultRates {
             down_ticks_max: 80,
             persist_ticks_min: 0,
             persist_ticks_max: 8,
+            tick_skip_per_million: 50_000,
+            client_partition_per_million: 20_000,
+            disk_stall_per_million: 10_000,
+            disk_stall_ticks_min: 5,
+            disk_stall_ticks_max: 60,
+            double_crash_per_million: 8_000,
+            clock_offset_ms_max: 5_000,
         }
     }
 }
@@ -141,6 +176,9 @@ impl SimOptions {
         if self.params.bug_ignore_phase1_values {
             command.push_str(" --planted-bug");
         }
+        if self.params.bug_reads_before_ready {
+            command.push_str(" --planted-read-bug");
+        }
         command
     }
 }
@@ -171,6 +209,13 @@ pub struct FaultCounts {
     pub max_round: u64,
     /// Client operations whose outcome stayed unknown (the client gave up).
     pub unknown_outcomes: u64,
+    /// Times some clients were cut off from some replicas.
+    pub client_partitions: u64,
+    /// Disk stalls, and those that ended in a crash losing the unsynced tail.
+    pub disk_stalls: u64,
+    pub stall_crashes: u64,
+    /// Two replicas crashed in the same tick.
+    pub double_crashes: u64,
 }
 
 /// Runs one seed. A panic inside the core or the simulator (a broken assertion) is
@@ -209,6 +254,37 @@ struct Node {
     restarts: u64,
     /// In-memory promise seen at the last check; must never decrease while up.
     last_promised: Ballot,
+    /// No persist completes before this tick (a stalled disk).
+    disk_stalled_until: u64,
+    /// A stall is in progress; it is resolved (resume or crash) when it ends.
+    disk_stalled: bool,
+    /// How far this replica's wall clock runs ahead of the simulation's.
+    clock_offset_ms: u64,
+}
+
+/// What travels between clients and replicas, through the simulated network.
+#[derive(Clone)]
+enum ClientMessage {
+    /// A client's request arriving at replica `to`.
+    Request { to: NodeId, event: Event },
+    /// A replica's answer travelling back to the client of `request`.
+    Response {
+        request: RequestId,
+        response: Response,
+    },
+}
+
+#[derive(Clone)]
+enum Response {
+    /// The state machine's result for a command, decoded when it reaches the
+    /// client still waiting for it (a stale retry's `STALE_RESULT` never does).
+    Applied(Vec<u8>),
+    /// A read served by the replica when it answered.
+    Output(KvOutput),
+    NotLeader {
+        leader_hint: Option<NodeId>,
+    },
+    Busy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +325,11 @@ struct Sim {
     network_seq: u64,
     blocked: BTreeSet<(NodeId, NodeId)>,
     partition_until: u64,
+    /// Client messages in flight, keyed like `network`.
+    client_network: BTreeMap<(u64, u64), (usize, ClientMessage)>,
+    /// (client index, replica) pairs that cannot reach each other, both ways.
+    client_blocked: BTreeSet<(usize, NodeId)>,
+    client_partition_until: u64,
     faults_on: bool,
     clients: Vec<Client>,
     history: Vec<Operation>,
@@ -275,7 +356,7 @@ impl Sim {
         let ids: Vec<NodeId> = (1..=options.replicas as NodeId).collect();
         let config = Configuration::new(ids.iter().copied());
         let mut rng = SplitMix64::new(options.seed ^ 0x5EED_0F5A_u64);
-        let nodes = ids
+        let mut nodes: Vec<Node> = ids
             .iter()
             .map(|&id| Node {
                 replica: Some(Replica::new(
@@ -290,8 +371,14 @@ impl Sim {
                 restart_at: 0,
                 restarts: 0,
                 last_promised: Ballot::ZERO,
+                disk_stalled_until: 0,
+                disk_stalled: false,
+                clock_offset_ms: 0,
             })
             .collect();
+        for node in &mut nodes {
+            node.clock_offset_ms = rng.range(0, options.faults.clock_offset_ms_max + 1);
+        }
         let clients = (0..options.clients as u64)
             .map(|id| Client {
                 id: id + 1,
@@ -311,6 +398,9 @@ impl Sim {
             network_seq: 0,
             blocked: BTreeSet::new(),
             partition_until: 0,
+            client_network: BTreeMap::new(),
+            client_blocked: BTreeSet::new(),
+            client_partition_until: 0,
             faults_on: true,
             clients,
             history: Vec::new(),
@@ -428,7 +518,17 @@ impl Sim {
             let (from, to, msg) = entry.remove();
             self.step_replica(to, Event::Message { from, msg });
         }
+        while let Some(entry) = self.client_network.first_entry() {
+            if entry.key().0 > self.tick {
+                break;
+            }
+            let (client, msg) = entry.remove();
+            self.deliver_client_message(client, msg);
+        }
         for index in 0..self.nodes.len() {
+            if self.tick < self.nodes[index].disk_stalled_until {
+                continue;
+            }
             while self.nodes[index]
                 .persists
                 .front()
@@ -441,8 +541,11 @@ impl Sim {
                 self.step_replica(id, Event::Persisted { token });
             }
         }
-        let now_ms = self.tick * TICK_MS;
         for id in 1..=self.nodes.len() as NodeId {
+            if self.faults_on && self.rng.chance(self.options.faults.tick_skip_per_million) {
+                continue;
+            }
+            let now_ms = self.tick * TICK_MS + self.nodes[(id - 1) as usize].clock_offset_ms;
             self.step_replica(id, Event::Tick { now_ms });
         }
         self.run_clients(issue_limit);
@@ -452,7 +555,10 @@ impl Sim {
     fn heal(&mut self) {
         self.faults_on = false;
         self.blocked.clear();
+        self.client_blocked.clear();
         for node in &mut self.nodes {
+            node.disk_stalled_until = 0;
+            node.disk_stalled = false;
             if node.replica.is_none() {
                 node.restart_at = self.tick;
             }
@@ -505,34 +611,132 @@ impl Sim {
                     .rng
                     .range(faults.partition_ticks_min, faults.partition_ticks_max + 1);
         }
-        let down = self
-            .nodes
+        if self.client_blocked.is_empty() && self.rng.chance(faults.client_partition_per_million) {
+            // Some clients lose some replicas: a client may still reach a replica
+            // that cannot answer it, or only replicas that are not the leader.
+            for client in 0..self.clients.len() {
+                if !self.rng.chance(500_000) {
+                    continue;
+                }
+                for replica in 1..=n {
+                    if self.rng.chance(500_000) {
+                        self.client_blocked.insert((client, replica));
+                    }
+                }
+            }
+            self.counts.client_partitions += 1;
+            self.client_partition_until = self.tick
+                + self
+                    .rng
+                    .range(faults.partition_ticks_min, faults.partition_ticks_max + 1);
+        } else if !self.client_blocked.is_empty() && self.tick >= self.client_partition_until {
+            self.client_blocked.clear();
+        }
+        self.resolve_disk_stalls();
+        if self.rng.chance(faults.disk_stall_per_million) {
+            self.stall_disk();
+        }
+        if self.down() == 0
+            && self.nodes.len() >= 5
+            && self.rng.chance(faults.double_crash_per_million)
+        {
+            self.counts.double_crashes += 1;
+            self.crash_one(true);
+            self.crash_one(false);
+        }
+        if self.down() < self.minority() && self.rng.chance(faults.crash_per_million) {
+            let leader_first = self.rng.chance(500_000);
+            self.crash_one(leader_first);
+        }
+    }
+
+    fn down(&self) -> usize {
+        self.nodes
             .iter()
             .filter(|node| node.replica.is_none())
-            .count();
-        let minority = (self.nodes.len() - 1) / 2;
-        if down < minority && self.rng.chance(faults.crash_per_million) {
-            let live: Vec<usize> = (0..self.nodes.len())
-                .filter(|i| self.nodes[*i].replica.is_some())
-                .collect();
-            let leader = live.iter().copied().find(|i| {
-                self.nodes[*i]
-                    .replica
-                    .as_ref()
-                    .is_some_and(|r| r.status().leading.is_some())
-            });
-            let victim = match leader {
-                Some(leader) if self.rng.chance(500_000) => leader,
-                _ => live[self.rng.range(0, live.len() as u64) as usize],
-            };
-            let down_ticks = self
-                .rng
-                .range(faults.down_ticks_min, faults.down_ticks_max + 1);
-            self.counts.crashes += 1;
-            let node = &mut self.nodes[victim];
-            node.replica = None;
-            node.persists.clear();
-            node.restart_at = self.tick + down_ticks;
+            .count()
+    }
+
+    /// Replicas that may be down at once without losing a quorum.
+    fn minority(&self) -> usize {
+        (self.nodes.len() - 1) / 2
+    }
+
+    fn leader_index(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|i| {
+            self.nodes[*i]
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.status().leading.is_some())
+        })
+    }
+
+    /// Crashes the leader (when `leader` and there is one) or a random live replica,
+    /// if fewer than a minority are down.
+    fn crash_one(&mut self, leader: bool) {
+        if self.down() >= self.minority() {
+            return;
+        }
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].replica.is_some())
+            .collect();
+        let victim = match self.leader_index() {
+            Some(index) if leader => index,
+            _ => live[self.rng.range(0, live.len() as u64) as usize],
+        };
+        self.crash(victim);
+    }
+
+    /// The replica loses its memory and every persist not yet completed.
+    fn crash(&mut self, victim: usize) {
+        let faults = &self.options.faults;
+        let down_ticks = self
+            .rng
+            .range(faults.down_ticks_min, faults.down_ticks_max + 1);
+        self.counts.crashes += 1;
+        let node = &mut self.nodes[victim];
+        node.replica = None;
+        node.persists.clear();
+        node.disk_stalled = false;
+        node.disk_stalled_until = 0;
+        node.restart_at = self.tick + down_ticks;
+    }
+
+    /// Stops a random live replica's disk; half of the time the leader crashes too,
+    /// so an election runs while that replica's promises and accepts are unsynced.
+    fn stall_disk(&mut self) {
+        let candidates: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].replica.is_some() && !self.nodes[*i].disk_stalled)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let index = candidates[self.rng.range(0, candidates.len() as u64) as usize];
+        let faults = &self.options.faults;
+        let stall_ticks = self
+            .rng
+            .range(faults.disk_stall_ticks_min, faults.disk_stall_ticks_max + 1);
+        self.counts.disk_stalls += 1;
+        self.nodes[index].disk_stalled = true;
+        self.nodes[index].disk_stalled_until = self.tick + stall_ticks;
+        if self.rng.chance(500_000) && self.leader_index().is_some_and(|l| l != index) {
+            self.crash_one(true);
+        }
+    }
+
+    /// A stall that ends crashes its replica half of the time (before any of the
+    /// stalled persists completes: the whole unsynced tail is lost).
+    fn resolve_disk_stalls(&mut self) {
+        for index in 0..self.nodes.len() {
+            let node = &self.nodes[index];
+            if !node.disk_stalled || self.tick < node.disk_stalled_until {
+                continue;
+            }
+            self.nodes[index].disk_stalled = false;
+            if self.rng.chance(500_000) && self.down() < self.minority() {
+                self.counts.stall_crashes += 1;
+                self.crash(index);
+            }
         }
     }
 
@@ -602,7 +806,7 @@ impl Sim {
                 let mut replies = std::mem::take(&mut self.replies);
                 self.nodes[index].applier.apply(slot, &value, &mut replies);
                 for (request, result) in replies.drain(..) {
-                    self.complete_logged(request, &result);
+                    self.respond(id, request, Response::Applied(result));
                 }
                 self.replies = replies;
             }
@@ -859,7 +1063,58 @@ impl Sim {
                 Event::Propose { request, command }
             }
         };
-        self.step_replica(target, event);
+        self.send_client_message(index, target, ClientMessage::Request { to: target, event });
+    }
+
+    /// Client <-> replica traffic shares the network's faults: delay, reordering,
+    /// drops, duplicates, and its own partitions (`client_blocked`).
+    fn send_client_message(&mut self, client: usize, replica: NodeId, msg: ClientMessage) {
+        let faults = &self.options.faults;
+        let mut copies = 1;
+        if self.faults_on {
+            if self.client_blocked.contains(&(client, replica))
+                || self.rng.chance(faults.drop_per_million)
+            {
+                self.counts.dropped += 1;
+                return;
+            }
+            if self.rng.chance(faults.duplicate_per_million) {
+                self.counts.duplicated += 1;
+                copies = 2;
+            }
+        }
+        for _ in 0..copies {
+            let faults = &self.options.faults;
+            let at = self.tick
+                + self
+                    .rng
+                    .range(faults.delay_ticks_min, faults.delay_ticks_max + 1);
+            self.network_seq += 1;
+            self.client_network
+                .insert((at, self.network_seq), (client, msg.clone()));
+        }
+    }
+
+    fn deliver_client_message(&mut self, client: usize, msg: ClientMessage) {
+        match msg {
+            ClientMessage::Request { to, event } => self.step_replica(to, event),
+            ClientMessage::Response { request, response } => {
+                let Some(index) = self.client_for(request) else {
+                    return;
+                };
+                debug_assert_eq!(index, client);
+                self.on_response(index, response);
+            }
+        }
+    }
+
+    /// Replica `from` answers `request`; the answer travels back to its client.
+    fn respond(&mut self, from: NodeId, request: RequestId, response: Response) {
+        let Some(&(client, _)) = self.requests.get(&request) else {
+            return;
+        };
+        let msg = ClientMessage::Response { request, response };
+        self.send_client_message(client, from, msg);
     }
 
     /// The current operation of the client behind `request`, if the request is still
@@ -889,24 +1144,16 @@ impl Sim {
         self.clients[index].next_issue = self.tick + think_ticks;
     }
 
-    fn complete_logged(&mut self, request: RequestId, result: &[u8]) {
-        let Some(index) = self.client_for(request) else {
-            return;
-        };
-        let output = decode_output(result);
-        self.complete(index, output);
-    }
-
+    /// A replica's answer to a request: a read is served from its state machine now,
+    /// and the answer travels back to the client.
     fn on_reply(&mut self, id: NodeId, request: RequestId, outcome: Outcome) {
-        let Some(index) = self.client_for(request) else {
+        let Some(&(_, history_index)) = self.requests.get(&request) else {
             return;
         };
-        match outcome {
+        let response = match outcome {
             Outcome::ReadReady => {
-                let op = self.clients[index].op.as_ref().expect("client_for checked");
-                let input = self.history[op.history_index].input.clone();
-                let KvInput::Get { key } = &input else {
-                    unreachable!()
+                let KvInput::Get { key } = &self.history[history_index].input else {
+                    unreachable!("only gets are served as reads")
                 };
                 let current = self.nodes[(id - 1) as usize]
                     .applier
@@ -914,10 +1161,19 @@ impl Sim {
                     .map
                     .get(key)
                     .cloned();
-                let output = KvOutput::Value(current);
-                self.complete(index, output);
+                Response::Output(KvOutput::Value(current))
             }
-            Outcome::NotLeader { leader_hint } => {
+            Outcome::NotLeader { leader_hint } => Response::NotLeader { leader_hint },
+            Outcome::Busy => Response::Busy,
+        };
+        self.respond(id, request, response);
+    }
+
+    fn on_response(&mut self, index: usize, response: Response) {
+        match response {
+            Response::Applied(result) => self.complete(index, decode_output(&result)),
+            Response::Output(output) => self.complete(index, output),
+            Response::NotLeader { leader_hint } => {
                 let n = self.nodes.len() as u64;
                 let client = &mut self.clients[index];
                 client.target = leader_hint.unwrap_or_else(|| self.rng.range(1, n + 1));
@@ -925,7 +1181,7 @@ impl Sim {
                 op.request = None;
                 op.retry_at = self.tick + 1;
             }
-            Outcome::Busy => {
+            Response::Busy => {
                 let op = self.clients[index].op.as_mut().expect("client_for checked");
                 op.request = None;
                 op.retry_at = self.tick + 5;

@@ -11,6 +11,8 @@ use crate::paxos::{ApplyContext, StateMachine};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvMachine {
     pub map: BTreeMap<String, String>,
+    /// The latest `ApplyContext::timestamp_ms` seen; it must never go back.
+    pub clock_ms: u64,
 }
 
 impl KvMachine {
@@ -36,7 +38,15 @@ impl KvMachine {
 }
 
 impl StateMachine for KvMachine {
-    fn apply(&mut self, payload: &[u8], _context: &ApplyContext) -> Vec<u8> {
+    fn apply(&mut self, payload: &[u8], context: &ApplyContext) -> Vec<u8> {
+        assert!(
+            context.timestamp_ms >= self.clock_ms,
+            "state machine clock went back at slot {} from {} ms to {} ms",
+            context.slot,
+            self.clock_ms,
+            context.timestamp_ms
+        );
+        self.clock_ms = context.timestamp_ms;
         let input = decode_input(payload);
         encode_output(&self.execute(&input))
     }

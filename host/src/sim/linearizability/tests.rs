@@ -1,5 +1,9 @@
 //! Tests of the checker at its boundary: histories in, verdicts out.
 
+use super::generated::{
+    generate, generate_clients, make_non_monotonic_read, make_stale_read, ClientsConfig,
+    GeneratorConfig, Rng,
+};
 use super::*;
 
 // ---- History builders -------------------------------------------------------
@@ -54,12 +58,35 @@ fn unknown(client: u64, input: KvInput, call: u64) -> Operation {
 }
 
 fn assert_linearizable(history: &[Operation]) {
-    let result = check(history);
-    assert_eq!(result, CheckResult::Linearizable, "history: {history:#?}");
+    assert_eq!(
+        check(history),
+        CheckResult::Linearizable,
+        "history: {history:#?}"
+    );
+    assert_eq!(
+        check_by_search(history),
+        CheckResult::Linearizable,
+        "search alone"
+    );
 }
 
-/// Asserts a violation on `key` and returns its detail.
+/// The search alone, without the stale-observation pass.
+fn check_by_search(history: &[Operation]) -> CheckResult {
+    let options = CheckOptions {
+        search_steps_per_key_max: SEARCH_STEPS_PER_KEY_MAX,
+        stale_pass: false,
+        window_pass: false,
+    };
+    check_with_options(history, &options).0
+}
+
+/// Asserts a violation on `key`, found both by `check` and by the search
+/// alone, and returns the detail of `check`.
 fn assert_violation(history: &[Operation], key: &str) -> String {
+    match check_by_search(history) {
+        CheckResult::Violation { key: found, .. } => assert_eq!(found, key),
+        other => panic!("search alone: expected a violation on {key:?}, got {other:?}"),
+    }
     match check(history) {
         CheckResult::Violation { key: found, detail } => {
             assert_eq!(found, key, "violation on the wrong key; detail:\n{detail}");
@@ -95,8 +122,18 @@ fn stale_read_after_acknowledged_write_is_a_violation() {
     let detail = assert_violation(&history, "x");
     assert_eq!(
         detail,
+        "stale observation on key \"x\": #2 client 2: get(\"x\") -> Value(Some(\"a\")) \
+         [call 4, ret 5] observes \"a\", but every write of it was overwritten before that call:\n  \
+         #0 client 1: put(\"x\", \"a\") -> Ok [call 0, ret 1]\n    \
+         overwritten by #1 client 1: put(\"x\", \"b\") -> Ok [call 2, ret 3]\n"
+    );
+    let CheckResult::Violation { detail, .. } = check_by_search(&history) else {
+        panic!("the search alone finds the violation too");
+    };
+    assert_eq!(
+        detail,
         "no linearization of the 3 operations on key \"x\" (0 with unknown outcome; \
-         unknown-outcome reads are not counted)\n\
+         unknown-outcome operations that cannot matter are left out)\n\
          longest linearizable prefix: 2 operations, value after it: \"b\"\n  \
          #0 client 1: put(\"x\", \"a\") -> Ok [call 0, ret 1]\n  \
          #1 client 1: put(\"x\", \"b\") -> Ok [call 2, ret 3]\n\
@@ -206,6 +243,75 @@ fn read_of_a_value_never_written_is_a_violation() {
         done(2, get("x"), 0, 3, value(Some("ghost"))),
     ];
     assert_violation(&history, "x");
+}
+
+#[test]
+fn overwrite_by_successful_cas_makes_a_read_stale() {
+    let history = [
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        done(1, cas("x", Some("a"), "b"), 2, 3, KvOutput::Ok),
+        done(2, get("x"), 4, 5, value(Some("a"))),
+    ];
+    let detail = assert_violation(&history, "x");
+    assert!(
+        detail.contains("overwritten by #1 client 1: cas("),
+        "{detail}"
+    );
+}
+
+#[test]
+fn cas_succeeding_on_an_overwritten_value_is_a_violation() {
+    let history = [
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        done(1, put("x", "b"), 2, 3, KvOutput::Ok),
+        done(2, cas("x", Some("a"), "c"), 4, 5, KvOutput::Ok),
+    ];
+    assert_violation(&history, "x");
+}
+
+#[test]
+fn cas_on_absent_key_after_a_write_is_a_violation() {
+    let history = [
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        done(2, cas("x", None, "b"), 2, 3, KvOutput::Ok),
+    ];
+    let detail = assert_violation(&history, "x");
+    assert!(detail.contains("observes the key absent"), "{detail}");
+}
+
+#[test]
+fn cas_reporting_a_value_never_written_is_a_violation() {
+    let history = [done(
+        1,
+        cas("x", Some("a"), "b"),
+        0,
+        1,
+        mismatch(Some("ghost")),
+    )];
+    let detail = assert_violation(&history, "x");
+    assert!(detail.contains("which no operation writes"), "{detail}");
+}
+
+#[test]
+fn second_unknown_writer_of_the_same_value_explains_a_late_read() {
+    // "a" is written twice; the second write's outcome is unknown, so it may
+    // land after the overwrite by "b".
+    assert_linearizable(&[
+        done(1, put("x", "a"), 0, 1, KvOutput::Ok),
+        unknown(2, put("x", "a"), 2),
+        done(1, put("x", "b"), 3, 4, KvOutput::Ok),
+        done(3, get("x"), 5, 6, value(Some("a"))),
+    ]);
+}
+
+#[test]
+fn overwrite_concurrent_with_the_old_write_does_not_make_a_read_stale() {
+    // "b" may be linearized before "a", so reading "a" later is fine.
+    assert_linearizable(&[
+        done(1, put("x", "a"), 0, 3, KvOutput::Ok),
+        done(2, put("x", "b"), 2, 4, KvOutput::Ok),
+        done(3, get("x"), 5, 6, value(Some("a"))),
+    ]);
 }
 
 // ---- Unknown outcomes ------------------------------------------------------
@@ -353,6 +459,10 @@ fn keys_are_independent() {
         done(2, get("x"), 2, 3, value(Some("a"))),
     ];
     let detail = assert_violation(&history, "x");
+    assert!(detail.contains("on key \"x\""), "{detail}");
+    let CheckResult::Violation { detail, .. } = check_by_search(&history) else {
+        panic!("the search alone finds the violation too");
+    };
     assert!(
         detail.starts_with("no linearization of the 2 operations on key \"x\""),
         "{detail}"
@@ -414,145 +524,6 @@ fn output_of_the_wrong_kind_panics() {
 
 // ---- Generated histories ---------------------------------------------------
 
-/// splitmix64: a tiny seeded generator, enough for test histories.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-
-    fn percent(&mut self, chance_percent: u64) -> bool {
-        self.below(100) < chance_percent
-    }
-}
-
-struct GeneratorConfig {
-    ops: u64,
-    keys: u64,
-    /// Ticks between consecutive linearization points.
-    spacing_ticks: u64,
-    /// An operation's call is up to this many ticks before its linearization
-    /// point, and its return up to this many after.
-    window_ticks: u64,
-    unknown_percent: u64,
-}
-
-/// A history from a real sequential execution: operation `i` takes effect at
-/// tick `10 + i * spacing_ticks` and its call and return are stretched randomly
-/// around that point, so the history is linearizable by construction. Every
-/// write writes a value no other operation writes. Unknown-outcome operations
-/// took effect or not, by a coin flip.
-fn generate(seed: u64, config: &GeneratorConfig) -> Vec<Operation> {
-    let mut rng = Rng(seed);
-    let mut state: BTreeMap<String, String> = BTreeMap::new();
-    let mut history = Vec::new();
-    for i in 0..config.ops {
-        let key = format!("k{}", rng.below(config.keys));
-        let current = state.get(&key).cloned();
-        let new = format!("v{i}");
-        let input = match rng.below(10) {
-            0..4 => get(&key),
-            4..7 => put(&key, &new),
-            _ => {
-                let expected = match rng.below(3) {
-                    0 => None,
-                    1 => Some(format!("v{}", rng.below(i + 1))),
-                    _ => current.clone(),
-                };
-                cas(&key, expected.as_deref(), &new)
-            }
-        };
-        let output = match &input {
-            KvInput::Get { .. } => KvOutput::Value(current.clone()),
-            KvInput::Put { .. } => KvOutput::Ok,
-            KvInput::Cas { expected, .. } if *expected == current => KvOutput::Ok,
-            KvInput::Cas { .. } => KvOutput::Mismatch(current.clone()),
-        };
-        let unknown_outcome = rng.percent(config.unknown_percent);
-        let took_effect = !unknown_outcome || rng.percent(50);
-        if took_effect {
-            match &input {
-                KvInput::Put { value, .. } => {
-                    state.insert(key.clone(), value.clone());
-                }
-                KvInput::Cas { new, .. } if output == KvOutput::Ok => {
-                    state.insert(key.clone(), new.clone());
-                }
-                _ => {}
-            }
-        }
-        let point = 10 + i * config.spacing_ticks;
-        let call = point.saturating_sub(rng.below(config.window_ticks + 1));
-        let ret = point + rng.below(config.window_ticks + 1);
-        let client = i;
-        history.push(Operation {
-            client,
-            input,
-            call,
-            ret: (!unknown_outcome).then_some((ret, output)),
-        });
-    }
-    history
-}
-
-/// Turns a completed read into a stale one, if the history allows it: a read
-/// `g` of the value written by a completed write `p` that was overwritten by a
-/// completed put `w`, with `p` returning before `w` is called and `w` returning
-/// before `g` is called. Every value is written once, so in any order that
-/// respects real time the key no longer holds `p`'s value when `g` runs: the
-/// mutated history is not linearizable. Returns the read's key.
-fn make_stale_read(history: &mut [Operation], rng: &mut Rng) -> Option<String> {
-    let completed = |op: &Operation| op.ret.as_ref().map(|(tick, _)| *tick);
-    let mut choices = Vec::new();
-    for (g, read) in history.iter().enumerate() {
-        let (KvInput::Get { key }, Some(_)) = (&read.input, &read.ret) else {
-            continue;
-        };
-        for (w, overwrite) in history.iter().enumerate() {
-            let KvInput::Put { key: w_key, .. } = &overwrite.input else {
-                continue;
-            };
-            let Some(w_ret) = completed(overwrite) else {
-                continue;
-            };
-            if w_key != key || w_ret >= read.call {
-                continue;
-            }
-            for (p, write) in history.iter().enumerate() {
-                let written = match (&write.input, &write.ret) {
-                    (KvInput::Put { key: p_key, value }, Some(_)) if p_key == key => value,
-                    (
-                        KvInput::Cas {
-                            key: p_key, new, ..
-                        },
-                        Some((_, KvOutput::Ok)),
-                    ) if p_key == key => new,
-                    _ => continue,
-                };
-                if completed(write).expect("matched a completed write") < overwrite.call {
-                    choices.push((g, w, p, written.clone()));
-                }
-            }
-        }
-    }
-    if choices.is_empty() {
-        return None;
-    }
-    let (g, _, _, stale) = choices[rng.below(choices.len() as u64) as usize].clone();
-    let read = &mut history[g];
-    read.ret.as_mut().expect("chose a completed read").1 = KvOutput::Value(Some(stale));
-    Some(read.input.key().to_string())
-}
-
 #[test]
 fn generated_histories_are_linearizable_and_stale_reads_are_caught() {
     let config = GeneratorConfig {
@@ -573,9 +544,18 @@ fn generated_histories_are_linearizable_and_stale_reads_are_caught() {
         let mut rng = Rng(seed ^ 0xDEAD_BEEF);
         if let Some(key) = make_stale_read(&mut history, &mut rng) {
             mutated += 1;
-            match check(&history) {
-                CheckResult::Violation { key: found, .. } => assert_eq!(found, key, "seed {seed}"),
-                other => panic!("seed {seed}: stale read not caught: {other:?}\n{history:#?}"),
+            for (checker, result) in [
+                ("check", check(&history)),
+                ("search alone", check_by_search(&history)),
+            ] {
+                match result {
+                    CheckResult::Violation { key: found, .. } => {
+                        assert_eq!(found, key, "seed {seed}")
+                    }
+                    other => panic!(
+                        "seed {seed}, {checker}: stale read not caught: {other:?}\n{history:#?}"
+                    ),
+                }
             }
         }
     }
@@ -641,4 +621,494 @@ fn two_hundred_concurrent_operations_on_five_keys_complete() {
             "seed {seed}"
         );
     }
+}
+
+#[test]
+fn generated_client_histories_are_linearizable_and_stale_reads_are_caught() {
+    let config = ClientsConfig {
+        clients: 5,
+        ops: 200,
+        keys: 3,
+        latency_ticks_max: 8,
+        unknown_percent: 10,
+        timeout_ticks: 20,
+    };
+    for seed in 0..100 {
+        let mut history = generate_clients(seed, &config);
+        assert_eq!(check(&history), CheckResult::Linearizable, "seed {seed}");
+        let key = make_stale_read(&mut history, &mut Rng(seed))
+            .expect("200 operations offer a stale read");
+        assert!(
+            matches!(check(&history), CheckResult::Violation { key: found, .. } if found == key),
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn memo_key_is_canonical() {
+    let mut bits = Bitset::new(200);
+    for bit in 0..130 {
+        bits.set(bit);
+    }
+    bits.set(150);
+    assert_eq!(
+        bits.memo_key(7),
+        MemoKey {
+            full_words: 2,
+            rest: vec![0b11 | 1 << 22].into(),
+            value: 7
+        }
+    );
+    bits.clear(150);
+    bits.set(129);
+    assert_eq!(
+        bits.memo_key(7),
+        MemoKey {
+            full_words: 2,
+            rest: vec![0b11].into(),
+            value: 7
+        }
+    );
+    for bit in 130..192 {
+        bits.set(bit);
+    }
+    assert_eq!(
+        bits.memo_key(7),
+        MemoKey {
+            full_words: 3,
+            rest: vec![].into(),
+            value: 7
+        }
+    );
+    assert_eq!(
+        Bitset::new(200).memo_key(0),
+        MemoKey {
+            full_words: 0,
+            rest: vec![].into(),
+            value: 0
+        }
+    );
+}
+
+/// Same verdict kind, ignoring details.
+fn verdict(result: &CheckResult) -> (&'static str, Option<&str>) {
+    match result {
+        CheckResult::Linearizable => ("linearizable", None),
+        CheckResult::Violation { key, .. } => ("violation", Some(key)),
+        CheckResult::TooComplex { key } => ("too complex", Some(key)),
+    }
+}
+
+#[test]
+fn stale_pass_and_search_agree_on_randomly_corrupted_reads() {
+    // Each history gets a few reads (and cas reports) replaced by a random value
+    // that was written at some point, or absence: some of these are
+    // violations, some are not. The stale pass is a shortcut; it must never
+    // change the verdict.
+    let config = ClientsConfig {
+        clients: 4,
+        ops: 60,
+        keys: 2,
+        latency_ticks_max: 6,
+        unknown_percent: 15,
+        timeout_ticks: 15,
+    };
+    let mut violations = 0;
+    for seed in 0..300 {
+        let mut history = generate_clients(seed, &config);
+        let mut rng = Rng(seed);
+        for _ in 0..1 + rng.below(3) {
+            let target = rng.below(history.len() as u64) as usize;
+            let replacement = match rng.below(4) {
+                0 => None,
+                _ => Some(format!("v{}", rng.below(history.len() as u64))),
+            };
+            if let Some((_, output)) = &mut history[target].ret {
+                match output {
+                    KvOutput::Value(seen) | KvOutput::Mismatch(seen) => *seen = replacement,
+                    KvOutput::Ok => {}
+                }
+            }
+        }
+        let with_pass = check(&history);
+        assert_eq!(
+            verdict(&with_pass),
+            verdict(&check_by_search(&history)),
+            "seed {seed}: {history:#?}"
+        );
+        violations += usize::from(matches!(with_pass, CheckResult::Violation { .. }));
+    }
+    // Both kinds of verdict must occur, or the comparison proves little.
+    assert!(
+        (50..=250).contains(&violations),
+        "{violations} violations of 300"
+    );
+}
+
+#[test]
+fn generated_non_monotonic_reads_are_caught_by_the_search() {
+    // These violations have no single definite overwrite between the old write
+    // and the read, so the stale pass may miss them and the search must prove them.
+    let config = ClientsConfig {
+        clients: 5,
+        ops: 200,
+        keys: 2,
+        latency_ticks_max: 8,
+        unknown_percent: 10,
+        timeout_ticks: 20,
+    };
+    let mut mutated = 0;
+    for seed in 0..100 {
+        let mut history = generate_clients(seed, &config);
+        let Some(key) = make_non_monotonic_read(&mut history, &mut Rng(seed)) else {
+            continue;
+        };
+        mutated += 1;
+        for (checker, result) in [
+            ("check", check(&history)),
+            ("search alone", check_by_search(&history)),
+        ] {
+            match result {
+                CheckResult::Violation { key: found, .. } => assert_eq!(found, key, "seed {seed}"),
+                other => panic!("seed {seed}, {checker}: not caught: {other:?}"),
+            }
+        }
+    }
+    assert!(
+        mutated >= 90,
+        "only {mutated} of 100 histories could be mutated"
+    );
+}
+
+#[test]
+fn long_prefix_and_many_candidates_are_shortened_in_the_report() {
+    // 60 sequential operations, then 25 concurrent reads of a value never
+    // written: the search's report shows the last 40 prefix operations and 20
+    // of the 25 candidates.
+    let mut history = sequential_history("k", 30);
+    for client in 0..25 {
+        history.push(done(10 + client, get("k"), 200, 300, value(Some("ghost"))));
+    }
+    let CheckResult::Violation { detail, .. } = check_by_search(&history) else {
+        panic!("a read of a value never written is a violation");
+    };
+    let lines: Vec<&str> = detail.lines().collect();
+    assert_eq!(
+        lines[1],
+        "longest linearizable prefix: 60 operations, value after it: \"v29\""
+    );
+    assert_eq!(lines[2], "  ... 20 earlier operations");
+    assert_eq!(
+        lines[3],
+        "  #20 client 1: put(\"k\", \"v10\") -> Ok [call 40, ret 41]"
+    );
+    assert_eq!(
+        lines[42],
+        "  #59 client 2: get(\"k\") -> Value(Some(\"v29\")) [call 118, ret 119]"
+    );
+    assert!(lines[43].starts_with("next to return, and not linearizable after that prefix: #60 "));
+    assert_eq!(
+        lines[44],
+        "operations that could come next (called before that return):"
+    );
+    assert!(
+        lines[45].ends_with("(output impossible from that value)"),
+        "{}",
+        lines[45]
+    );
+    assert_eq!(lines[65], "  ... 5 more");
+    assert_eq!(lines.len(), 66);
+}
+
+#[test]
+fn results_display_as_one_line_headers() {
+    assert_eq!(CheckResult::Linearizable.to_string(), "linearizable");
+    let violation = CheckResult::Violation {
+        key: "x".to_string(),
+        detail: "why\n".to_string(),
+    };
+    assert_eq!(
+        violation.to_string(),
+        "not linearizable on key \"x\":\nwhy\n"
+    );
+    let too_complex = CheckResult::TooComplex {
+        key: "x".to_string(),
+    };
+    assert_eq!(
+        too_complex.to_string(),
+        "undecided on key \"x\": the linearizability search ran out of budget"
+    );
+}
+
+// ---- Reference: brute force over every order, for tiny histories ----------
+
+/// Linearizable by definition: some subset of the unknown-outcome operations
+/// plus every completed one, in some order that respects real time (`a` before
+/// `b` whenever `a` returns strictly before `b` is called), produces every
+/// completed output on a map that starts empty.
+fn brute_force_linearizable(history: &[Operation]) -> bool {
+    let unknown: Vec<usize> = (0..history.len())
+        .filter(|&i| history[i].ret.is_none())
+        .collect();
+    let completed: Vec<usize> = (0..history.len())
+        .filter(|&i| history[i].ret.is_some())
+        .collect();
+    (0..1u32 << unknown.len()).any(|subset| {
+        let mut chosen = completed.clone();
+        chosen.extend(
+            (0..unknown.len())
+                .filter(|bit| subset & (1 << bit) != 0)
+                .map(|bit| unknown[bit]),
+        );
+        some_order_works(history, &mut chosen, 0)
+    })
+}
+
+/// Heap-free permutation search: tries every order of `ops[fixed..]`.
+fn some_order_works(history: &[Operation], ops: &mut [usize], fixed: usize) -> bool {
+    if fixed == ops.len() {
+        return order_works(history, ops);
+    }
+    for i in fixed..ops.len() {
+        ops.swap(fixed, i);
+        if some_order_works(history, ops, fixed + 1) {
+            return true;
+        }
+        ops.swap(fixed, i);
+    }
+    false
+}
+
+fn order_works(history: &[Operation], order: &[usize]) -> bool {
+    for (position, &a) in order.iter().enumerate() {
+        for &b in &order[position + 1..] {
+            // b comes after a, so b must not have returned before a was called.
+            if matches!(history[b].ret, Some((ret_tick, _)) if ret_tick < history[a].call) {
+                return false;
+            }
+        }
+    }
+    let mut map: BTreeMap<&str, &str> = BTreeMap::new();
+    for &index in order {
+        let operation = &history[index];
+        let current = map.get(operation.input.key()).copied();
+        let (output, written) = match &operation.input {
+            KvInput::Get { .. } => (KvOutput::Value(current.map(str::to_string)), None),
+            KvInput::Put { value, .. } => (KvOutput::Ok, Some(value.as_str())),
+            KvInput::Cas { expected, new, .. } if expected.as_deref() == current => {
+                (KvOutput::Ok, Some(new.as_str()))
+            }
+            KvInput::Cas { .. } => (KvOutput::Mismatch(current.map(str::to_string)), None),
+        };
+        if matches!(&operation.ret, Some((_, seen)) if *seen != output) {
+            return false;
+        }
+        if let Some(written) = written {
+            map.insert(operation.input.key(), written);
+        }
+    }
+    true
+}
+
+/// A tiny random history: few ticks (so ties are common), three values (so
+/// values repeat), outputs from a real run or plain random, unknown outcomes.
+fn tiny_random_history(rng: &mut Rng) -> Vec<Operation> {
+    let ops = 1 + rng.below(6);
+    let keys = 1 + rng.below(2);
+    let real_outputs = rng.percent(60);
+    let pick_value = |rng: &mut Rng| ["a", "b", "c"][rng.below(3) as usize].to_string();
+    let mut map: BTreeMap<String, String> = BTreeMap::new();
+    let mut history = Vec::new();
+    for client in 0..ops {
+        let key = format!("k{}", rng.below(keys));
+        let input = match rng.below(3) {
+            0 => KvInput::Get { key: key.clone() },
+            1 => KvInput::Put {
+                key: key.clone(),
+                value: pick_value(rng),
+            },
+            _ => KvInput::Cas {
+                key: key.clone(),
+                expected: (!rng.percent(30)).then(|| pick_value(rng)),
+                new: pick_value(rng),
+            },
+        };
+        // With real outputs, operations run in creation order at strictly
+        // increasing points; windows stretch around them.
+        let point = 2 * client + 2;
+        let call = point - rng.below(3).min(point);
+        let ret = point + rng.below(3);
+        let current = map.get(&key).cloned();
+        let real = match &input {
+            KvInput::Get { .. } => KvOutput::Value(current),
+            KvInput::Put { value, .. } => {
+                map.insert(key.clone(), value.clone());
+                KvOutput::Ok
+            }
+            KvInput::Cas { expected, new, .. } if *expected == current => {
+                map.insert(key.clone(), new.clone());
+                KvOutput::Ok
+            }
+            KvInput::Cas { .. } => KvOutput::Mismatch(current),
+        };
+        let output = match (&input, real_outputs) {
+            (_, true) => real,
+            (KvInput::Get { .. }, false) => {
+                KvOutput::Value((!rng.percent(25)).then(|| pick_value(rng)))
+            }
+            (KvInput::Put { .. }, false) => KvOutput::Ok,
+            (KvInput::Cas { .. }, false) if rng.percent(50) => KvOutput::Ok,
+            (KvInput::Cas { .. }, false) => {
+                KvOutput::Mismatch((!rng.percent(25)).then(|| pick_value(rng)))
+            }
+        };
+        let (call, ret) = if real_outputs {
+            (call, ret)
+        } else {
+            let call = rng.below(8);
+            (call, call + rng.below(4))
+        };
+        let ret = (!rng.percent(20)).then_some((ret, output));
+        history.push(Operation {
+            client,
+            input,
+            call,
+            ret,
+        });
+    }
+    history
+}
+
+#[test]
+fn verdicts_match_brute_force_on_tiny_random_histories() {
+    let mut rng = Rng(7);
+    let mut linearizable = 0;
+    for case in 0..3000 {
+        let history = tiny_random_history(&mut rng);
+        let expected = brute_force_linearizable(&history);
+        linearizable += usize::from(expected);
+        for (checker, result) in [
+            ("check", check(&history)),
+            ("search alone", check_by_search(&history)),
+        ] {
+            let found = match result {
+                CheckResult::Linearizable => true,
+                CheckResult::Violation { .. } => false,
+                CheckResult::TooComplex { .. } => panic!("case {case}: tiny history too complex"),
+            };
+            assert_eq!(found, expected, "case {case}, {checker}: {history:#?}");
+        }
+    }
+    // Both verdicts must be well represented.
+    assert!(
+        (600..=2400).contains(&linearizable),
+        "{linearizable} of 3000 linearizable"
+    );
+}
+
+// ---- Windows -----------------------------------------------------------------
+
+#[test]
+fn window_violations_are_violations_of_the_whole_history() {
+    // Every window of tiny random histories: a window without a linearization
+    // must come from a history without one (the converse need not hold).
+    let mut rng = Rng(11);
+    let mut window_violations = 0;
+    for case in 0..600 {
+        let history = tiny_random_history(&mut rng);
+        let linearizable = brute_force_linearizable(&history);
+        let mut indices_by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (index, operation) in history.iter().enumerate() {
+            indices_by_key
+                .entry(operation.input.key())
+                .or_default()
+                .push(index);
+        }
+        for (key, indices) in indices_by_key {
+            let observed = observed_values(&history, &indices);
+            let indices = operations_that_matter(&history, indices, &observed);
+            for start_tick in 0..=14 {
+                for end_tick in start_tick..=14 {
+                    let (found, _) = window::search_window(
+                        &history,
+                        key,
+                        &indices,
+                        start_tick,
+                        end_tick,
+                        window::WINDOW_SEARCH_STEPS_MAX,
+                    );
+                    if let Some(detail) = found {
+                        window_violations += 1;
+                        assert!(
+                            !linearizable,
+                            "case {case}, window {start_tick}..={end_tick}: {detail}\n{history:#?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        window_violations > 1000,
+        "only {window_violations} window violations"
+    );
+}
+
+/// Two readers see concurrent writes in opposite orders after `writes`
+/// sequential writes and reads: a violation the stale pass does not see.
+fn long_history_with_opposite_orders(writes: u64) -> Vec<Operation> {
+    let mut history = sequential_history("x", writes);
+    let t = 4 * writes + 10;
+    history.extend([
+        done(5, put("x", "a"), t, t + 100, KvOutput::Ok),
+        done(6, put("x", "b"), t, t + 100, KvOutput::Ok),
+        done(7, get("x"), t + 10, t + 20, value(Some("a"))),
+        done(7, get("x"), t + 30, t + 40, value(Some("b"))),
+        done(8, get("x"), t + 10, t + 20, value(Some("b"))),
+        done(8, get("x"), t + 30, t + 40, value(Some("a"))),
+    ]);
+    history
+}
+
+#[test]
+fn a_window_proves_a_violation_the_whole_search_has_no_budget_for() {
+    let history = long_history_with_opposite_orders(40);
+    // 100 steps reach the violation but cannot exhaust what comes before it
+    // (141 steps do).
+    let budget = |window_pass| CheckOptions {
+        search_steps_per_key_max: 100,
+        stale_pass: true,
+        window_pass,
+    };
+    assert_eq!(
+        check_with_options(&history, &budget(false)).0,
+        CheckResult::TooComplex {
+            key: "x".to_string()
+        }
+    );
+    let CheckResult::Violation { key, detail } = check_with_options(&history, &budget(true)).0
+    else {
+        panic!("a window proves the violation");
+    };
+    assert_eq!(key, "x");
+    let lines: Vec<&str> = detail.lines().collect();
+    assert_eq!(
+        lines[0],
+        "no linearization of the 9 operations on key \"x\" in the window of ticks 154..=210, so \
+         none of the whole history (2 with unknown outcome here: operations running across the \
+         window's edges count as unknown; the value at its start is left free)"
+    );
+    // Operations keep their index in the full history and show as recorded.
+    assert_eq!(
+        lines[5],
+        "  #80 client 5: put(\"x\", \"a\") -> Ok [call 170, ret 270] \
+         (across the window's edge: outcome unknown)"
+    );
+    assert_eq!(
+        lines[10],
+        "next to return, and not linearizable after that prefix: \
+         #85 client 8: get(\"x\") -> Value(Some(\"a\")) [call 200, ret 210]"
+    );
+    assert_violation(&history, "x");
 }
