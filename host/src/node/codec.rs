@@ -11,6 +11,7 @@
 //! Field layouts are in docs/notes/node.md.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::paxos::{
     Ballot, Batch, Command, IdempotencyKey, LogEntry, Message, Origin, Slot, Value,
@@ -443,11 +444,11 @@ impl<'a> Reader<'a> {
                 for _ in 0..count {
                     commands.push(self.command()?);
                 }
-                Ok(Value::Batch(Batch {
+                Ok(Value::Batch(Arc::new(Batch {
                     commands,
                     timestamp_ms,
                     seed,
-                }))
+                })))
             }
             tag => Err(DecodeError::UnknownTag {
                 field: "value",

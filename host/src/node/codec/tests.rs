@@ -6,7 +6,7 @@ fn ballot(round: u64, node: u64) -> Ballot {
 }
 
 fn batch() -> Value {
-    Value::Batch(Batch {
+    Value::Batch(std::sync::Arc::new(Batch {
         commands: vec![
             Command {
                 payload: b"put a 1".to_vec(),
@@ -27,7 +27,7 @@ fn batch() -> Value {
         ],
         timestamp_ms: 1_700_000_000_000,
         seed: 0xDEAD_BEEF,
-    })
+    }))
 }
 
 fn entry(chosen: bool) -> LogEntry {
