@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::net::Transport;
+use crate::net::{InboundReceiver, Transport};
 use crate::paxos::{
     Action, Applier, Ballot, Command, Event, IdempotencyKey, Message, NodeId, Origin, Outcome,
     PersistRecord, ReadMode, Replica, RequestId, Slot, Value,
@@ -93,7 +93,7 @@ pub(crate) struct Core {
     pub transport: Arc<Transport>,
     pub http_advertise: String,
     pub requests: mpsc::Receiver<Request>,
-    pub inbound: mpsc::Receiver<(NodeId, Bytes)>,
+    pub inbound: InboundReceiver,
     pub published: Arc<Mutex<Published>>,
     pub counters: Arc<Counters>,
     pub shutdown: watch::Receiver<bool>,
