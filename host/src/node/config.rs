@@ -59,10 +59,10 @@ impl NodeConfig {
         peer_listen: SocketAddr,
         members: BTreeMap<NodeId, SocketAddr>,
     ) -> NodeConfig {
-        let params = Params {
-            slots_in_flight_max: 32,
-            ..Params::default()
-        };
+        // The core's default window (8 slots): a larger one lets every arriving
+        // command take a slot of its own, which costs a persist per command on every
+        // replica (measured: 2.2 commands per slot with 32).
+        let params = Params::default();
         NodeConfig {
             id,
             cluster_id,
