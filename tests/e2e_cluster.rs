@@ -182,6 +182,18 @@ fn submit(addr: &str, command: &str, key: &str) -> std::io::Result<Response> {
     )
 }
 
+/// Submits until the answer is neither 503 nor 504 (same key, so at most once).
+fn submit_retrying(addr: &str, command: &str, key: &str) -> Response {
+    for _attempt in 0..20 {
+        let reply = submit(addr, command, key).unwrap();
+        if reply.status != 503 && reply.status != 504 {
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("{command:?} was refused 20 times");
+}
+
 fn raw_exchange(addr: &str, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
@@ -233,17 +245,49 @@ fn check_bad_input(cluster: &Cluster, kv: &[u8]) {
         "garbage got {answer:?}"
     );
 
-    // A command the module traps on is a 422 with a canonical error, and the state is
-    // unchanged: kv refuses unknown verbs by trapping or by an error output, so use a
-    // well-formed one and only assert it is answered.
-    let reply = submit(addr, "put bad-input-check 1", "bad-input-check").unwrap();
+    // The process keeps serving commands. Early on the leader may still change (an
+    // in-flight command is then answered 503/504); retrying with the same
+    // Idempotency-Key is safe: it is applied at most once.
+    let reply = submit_retrying(addr, "put bad-input-check 1", "bad-input-check");
     assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "OK");
+    let unknown = submit_retrying(addr, "frobnicate", "unknown-verb");
+    assert_eq!(unknown.status, 200, "{}", unknown.text());
+    assert!(unknown.text().starts_with("ERR"), "{}", unknown.text());
 
     // The module is still the same one and the process keeps serving.
     assert!(kv.len() > 8);
     for node in &cluster.nodes {
         assert_eq!(get(&node.http, "/livez").map(|r| r.status), Some(200));
     }
+}
+
+/// Deploys kv through node 1. Right after the first election the leader may still
+/// change, which answers an in-flight deploy 503/504 (outcome unknown): then look
+/// whether it took effect before trying again.
+fn deploy(cluster: &Cluster, kv: &[u8]) -> serde_json::Value {
+    let addr = &cluster.nodes[0].http;
+    for _attempt in 0..10 {
+        let reply =
+            probe::request(addr, "PUT", "/v1/app", &[], kv, Duration::from_secs(60)).unwrap();
+        match reply.status {
+            200 => {
+                let deployed: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+                assert!(deployed["module"].as_str().unwrap().starts_with("sha256:"));
+                return deployed;
+            }
+            503 | 504 => {
+                std::thread::sleep(Duration::from_millis(500));
+                let app = get(addr, "/v1/app").expect("GET /v1/app");
+                let app: serde_json::Value = serde_json::from_slice(&app.body).unwrap();
+                if app["module"].is_string() {
+                    return app;
+                }
+            }
+            other => panic!("deploy answered {other}: {}", reply.text()),
+        }
+    }
+    panic!("kv could not be deployed\n{}", cluster.log_tail());
 }
 
 #[test]
@@ -256,18 +300,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     wait_until("a leader", &cluster, Duration::from_secs(30), || {
         leader(&cluster)
     });
-    let reply = probe::request(
-        &cluster.nodes[0].http,
-        "PUT",
-        "/v1/app",
-        &[],
-        &kv,
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(reply.status, 200, "deploy: {}", reply.text());
-    let deployed: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
-    assert!(deployed["module"].as_str().unwrap().starts_with("sha256:"));
+    let deployed = deploy(&cluster, &kv);
     wait_until(
         "the module on every replica",
         &cluster,

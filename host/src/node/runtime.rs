@@ -613,8 +613,13 @@ impl Loop {
                     .add(&self.core.counters.leader_changes, 1);
             }
             tracing::info!(node = self.core.id, leader = ?leader, "leader changed");
+            // Learning the first leader strands nothing: without one, proposals are
+            // refused at once, never forwarded.
+            let stranded = self.leader_seen.is_some();
             self.leader_seen = leader;
-            self.fail_in_flight();
+            if stranded {
+                self.fail_in_flight();
+            }
         }
         let mut published = self
             .core
