@@ -154,7 +154,7 @@ fn supervise(
         args.nodes,
         dir.display()
     );
-    wait_ready(args.nodes, dir, children, &stop)?;
+    wait_ready(args.nodes, dir, children, stop)?;
     let endpoint = http_addr(1);
     let app = probe::request(
         &endpoint,

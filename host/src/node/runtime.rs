@@ -208,11 +208,11 @@ impl Loop {
                 _ = ticker.tick() => {
                     ticks += 1;
                     self.step(Event::Tick { now_ms: now_ms() });
-                    if ticks % info_every_ticks == 0 {
+                    if ticks.is_multiple_of(info_every_ticks) {
                         self.send_peer_info();
                         self.waiters.retain(|_, waiter| !waiter.is_closed());
                     }
-                    if ticks % hash_every_ticks == 0 {
+                    if ticks.is_multiple_of(hash_every_ticks) {
                         self.refresh_state_hash();
                     }
                 }
