@@ -27,6 +27,8 @@ const READY_TIMEOUT_MS: u64 = 60_000;
 /// How long children get to stop after SIGTERM before they are killed.
 const STOP_GRACE_MS: u64 = 10_000;
 const NODES_MAX: u16 = 9;
+/// Deploy attempts while the first leader settles.
+const DEPLOY_ATTEMPTS_MAX: usize = 10;
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -168,23 +170,7 @@ fn supervise(
     let deployed: serde_json::Value = serde_json::from_slice(&app.body).unwrap_or_default();
     if deployed["module"].is_null() {
         let module = fs::read(kv).with_context(|| format!("reading {}", kv.display()))?;
-        let auth = format!("Bearer {token}");
-        let reply = probe::request(
-            &endpoint,
-            "PUT",
-            "/v1/app",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/wasm"),
-            ],
-            &module,
-            Duration::from_secs(60),
-        )
-        .context("deploying kv")?;
-        if reply.status != 200 {
-            bail!("deploying kv failed: {} {}", reply.status, reply.text());
-        }
-        println!("paxwasm dev: deployed kv: {}", reply.text().trim());
+        deploy(&endpoint, &module, token)?;
     } else {
         println!(
             "paxwasm dev: resuming; module already deployed: {}",
@@ -207,6 +193,52 @@ fn supervise(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Deploys through `endpoint`. Right after the first election the leader may still
+/// change, and an in-flight deploy is then answered 503/504 (outcome unknown): look
+/// whether it took effect before trying again.
+fn deploy(endpoint: &str, module: &[u8], token: &str) -> anyhow::Result<()> {
+    let auth = format!("Bearer {token}");
+    for _attempt in 0..DEPLOY_ATTEMPTS_MAX {
+        let reply = probe::request(
+            endpoint,
+            "PUT",
+            "/v1/app",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/wasm"),
+            ],
+            module,
+            Duration::from_secs(60),
+        )
+        .context("deploying kv")?;
+        match reply.status {
+            200 => {
+                println!("paxwasm dev: deployed kv: {}", reply.text().trim());
+                return Ok(());
+            }
+            503 | 504 => {
+                std::thread::sleep(Duration::from_millis(500));
+                let app = probe::request(
+                    endpoint,
+                    "GET",
+                    "/v1/app",
+                    &[],
+                    b"",
+                    Duration::from_secs(10),
+                )
+                .context("asking node 1 for the deployed module")?;
+                let app: serde_json::Value = serde_json::from_slice(&app.body).unwrap_or_default();
+                if app["module"].is_string() {
+                    println!("paxwasm dev: deployed kv: {}", app["module"]);
+                    return Ok(());
+                }
+            }
+            status => bail!("deploying kv failed: {status} {}", reply.text()),
+        }
+    }
+    bail!("deploying kv failed {DEPLOY_ATTEMPTS_MAX} times (no stable leader?)")
 }
 
 fn wait_ready(
