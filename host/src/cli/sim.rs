@@ -39,6 +39,10 @@ pub struct SimArgs {
     /// applied); for replaying the read planted-bug test's seeds.
     #[arg(long, hide = true)]
     pub planted_read_bug: bool,
+    /// Plant the persist bug (an accept is acknowledged before it is persisted); for
+    /// replaying the persist planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_persist_bug: bool,
 }
 
 fn parse_replicas(text: &str) -> Result<usize, String> {
@@ -61,6 +65,7 @@ pub fn run(args: SimArgs) -> ExitCode {
         }
         options.params.bug_ignore_phase1_values = args.planted_bug;
         options.params.bug_reads_before_ready = args.planted_read_bug;
+        options.params.bug_accepted_before_persist = args.planted_persist_bug;
         options
     };
     let outcomes = run_seeds(&seeds, threads, &options_for);

@@ -39,6 +39,11 @@ pub struct Params {
     /// by earlier leaders.
     #[doc(hidden)]
     pub bug_reads_before_ready: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: an acceptor acknowledges an
+    /// accept (one that does not raise its promise) before the entry is persisted,
+    /// so a crash can lose a value the leader counted towards a quorum.
+    #[doc(hidden)]
+    pub bug_accepted_before_persist: bool,
 }
 
 impl Default for Params {
@@ -56,6 +61,7 @@ impl Default for Params {
             catchup_bytes_max: 256 * 1024,
             bug_ignore_phase1_values: false,
             bug_reads_before_ready: false,
+            bug_accepted_before_persist: false,
         }
     }
 }

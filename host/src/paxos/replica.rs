@@ -630,14 +630,22 @@ impl Replica {
             self.log.insert(slot, entry);
         }
         let token = self.persist(record, actions);
-        self.deferred.push_back((
-            token,
-            Deferred::Accepted {
-                to: from,
-                ballot,
-                slot,
-            },
-        ));
+        // The planted bug skips only the entry's persist, not the promise's (no reply
+        // is waiting for an earlier persist): the simulator checks promises directly,
+        // and this bug must be found through its consequences.
+        let promise_durable = !promise_raised && self.deferred.is_empty();
+        if self.params.bug_accepted_before_persist && promise_durable {
+            self.send(from, Message::Accepted { ballot, slot }, actions);
+        } else {
+            self.deferred.push_back((
+                token,
+                Deferred::Accepted {
+                    to: from,
+                    ballot,
+                    slot,
+                },
+            ));
+        }
         self.learn_chosen(ballot, leader_chosen_index, actions);
     }
 

@@ -179,6 +179,9 @@ impl SimOptions {
         if self.params.bug_reads_before_ready {
             command.push_str(" --planted-read-bug");
         }
+        if self.params.bug_accepted_before_persist {
+            command.push_str(" --planted-persist-bug");
+        }
         command
     }
 }
