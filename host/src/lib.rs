@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cli;
 pub mod examples;
+pub mod machine;
 pub mod net;
 pub mod node;
 pub mod paxos;

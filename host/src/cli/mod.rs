@@ -1,6 +1,8 @@
 //! The `paxwasm` command line. Each subcommand lives in its own module and owns
 //! its arguments; this file only dispatches.
 
+pub mod dev;
+pub mod node;
 pub mod bench;
 pub mod client;
 
@@ -8,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod exec;
 pub mod sim;
 
 #[derive(Debug, Parser)]
@@ -30,6 +33,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the deterministic cluster simulator over many seeds.
     Sim(sim::SimArgs),
+    /// Run a guest module locally: apply commands, run queries, print the state hash.
+    Exec(exec::ExecArgs),
+    /// Run one replica.
+    Node(node::NodeArgs),
+    /// Run a local cluster of replicas on loopback.
+    Dev(dev::DevArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -41,5 +50,8 @@ pub fn main() -> ExitCode {
         Command::Status(args) => client::status(args),
         Command::Bench(args) => bench::bench(args),
         Command::Sim(args) => sim::run(args),
+        Command::Exec(args) => exec::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Dev(args) => dev::run(args),
     }
 }

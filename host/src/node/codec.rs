@@ -100,6 +100,15 @@ pub fn encode_wire(message: &WireMessage) -> Vec<u8> {
     out
 }
 
+/// `encode_wire(&WireMessage::Paxos(msg.clone()))` without the clone.
+pub fn encode_paxos(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(WIRE_VERSION);
+    out.push(0);
+    put_message(&mut out, msg);
+    out
+}
+
 pub fn decode_wire(input: &[u8]) -> Result<WireMessage, DecodeError> {
     let mut reader = Reader { input, pos: 0 };
     let version = reader.u8("version")?;

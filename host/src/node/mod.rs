@@ -1,4 +1,16 @@
-//! The replica runtime: wires paxos, storage, net, machine and api together.
+//! The replica runtime: wires paxos, storage, net, machine and api together for one
+//! replica. It owns the core task (the only owner of the `paxos::Replica` and the
+//! applier), the binary encodings of peer messages and stored entries, and the
+//! `NodeApi` implementation the HTTP API calls. It never speaks HTTP or JSON (that is
+//! `api`) and never interprets application commands (that is the Wasm module).
 
+pub mod app;
 pub mod codec;
+pub mod config;
 pub mod handle;
+pub mod probe;
+mod runtime;
+mod service;
+
+pub use config::NodeConfig;
+pub use service::{idempotency_key, start, Node, Running};

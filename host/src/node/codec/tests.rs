@@ -123,6 +123,9 @@ fn every_message_round_trips() {
     for message in every_message() {
         let bytes = encode_wire(&message);
         assert_eq!(bytes[0], WIRE_VERSION);
+        if let WireMessage::Paxos(msg) = &message {
+            assert_eq!(encode_paxos(msg), bytes);
+        }
         assert_eq!(decode_wire(&bytes), Ok(message));
     }
 }

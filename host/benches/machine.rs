@@ -1,0 +1,299 @@
+//! Benchmark of the Wasm state machine: `cargo bench -p paxwasm --bench machine`.
+//!
+//! Prints, measured in the same run:
+//! - apply ns/op for counter and kv through the machine (alloc + input copy +
+//!   apply + output copy + fuel + rollback readiness + checkpoints), the same
+//!   app logic as native Rust, and their ratio;
+//! - a bare wasmtime loop over the same counter module (no fuel, no machine)
+//!   as the floor the machine's bookkeeping adds to;
+//! - query ns/op; rollback cost; checkpoint and state hash cost at 16 MiB and
+//!   256 MiB of linear memory.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use paxwasm::examples::example_module;
+use paxwasm::machine::{EntryContext, Machine, MachineConfig};
+use paxwasm_guest::App;
+
+fn time<F: FnMut()>(iterations: u64, mut f: F) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iterations {
+        f();
+    }
+    start.elapsed()
+}
+
+fn ns_per(d: Duration, iterations: u64) -> f64 {
+    d.as_nanos() as f64 / iterations as f64
+}
+
+/// Best of `rounds` runs, to damp noise from other processes on the host.
+fn best<F: FnMut() -> f64>(rounds: u32, mut f: F) -> f64 {
+    (0..rounds).map(|_| f()).fold(f64::INFINITY, f64::min)
+}
+
+const ROUNDS: u32 = 5;
+
+fn main() {
+    let config = MachineConfig::default();
+    println!(
+        "config: fuel_per_command={} replay_commands_max={} memory_bytes_max={}",
+        config.fuel_per_command, config.replay_commands_max, config.memory_bytes_max
+    );
+    bench_counter(&config);
+    bench_kv(&config);
+    bench_query(&config);
+    bench_rollback();
+    for mib in [16usize, 256] {
+        bench_hash(mib);
+    }
+}
+
+fn bench_counter(config: &MachineConfig) {
+    let bytes = std::fs::read(example_module("counter").unwrap()).unwrap();
+    let mut machine = Machine::load(&bytes, config).unwrap();
+    let n = 1_000_000;
+    let mut out = Vec::with_capacity(64);
+    let wasm = best(ROUNDS, || {
+        ns_per(
+            time(n, || {
+                out.clear();
+                machine
+                    .apply_into(b"add 1", EntryContext::default(), &mut out)
+                    .unwrap();
+            }),
+            n,
+        )
+    });
+    let mut native_app = counter::Counter::default();
+    let native = best(ROUNDS, || {
+        ns_per(
+            time(n, || drop(black_box(native_app.apply(black_box(b"add 1"))))),
+            n,
+        )
+    });
+    let bare = bare_wasmtime_counter(&bytes, n);
+    println!("counter apply: machine {wasm:.0} ns/op ({:.2} M/s), bare wasmtime loop {bare:.0} ns/op, native {native:.0} ns/op, native/wasm speed ratio {:.2}",
+        1e3 / wasm, native / wasm);
+}
+
+/// The floor: the same counter module on a default wasmtime engine (no fuel,
+/// no host memory, no replay log): alloc + write + apply + read.
+fn bare_wasmtime_counter(bytes: &[u8], n: u64) -> f64 {
+    use wasmtime::{Engine, Linker, Module, Store};
+    let engine = Engine::default();
+    let module = Module::new(&engine, bytes).unwrap();
+    let mut linker = Linker::new(&engine);
+    linker
+        .func_wrap("paxwasm", "log", |_: i32, _: i32| {})
+        .unwrap();
+    linker
+        .func_wrap("paxwasm", "entry_time_ms", || 0i64)
+        .unwrap();
+    linker.func_wrap("paxwasm", "entry_seed", || 0i64).unwrap();
+    let mut store = Store::new(&engine, ());
+    let instance = linker.instantiate(&mut store, &module).unwrap();
+    let memory = instance.get_memory(&mut store, "memory").unwrap();
+    let alloc = instance
+        .get_typed_func::<i32, i32>(&mut store, "paxwasm_alloc")
+        .unwrap();
+    let apply = instance
+        .get_typed_func::<(i32, i32), i64>(&mut store, "paxwasm_apply")
+        .unwrap();
+    let mut out = Vec::with_capacity(64);
+    best(ROUNDS, || {
+        ns_per(
+            time(n, || {
+                let input = b"add 1";
+                let ptr = alloc.call(&mut store, input.len() as i32).unwrap() as usize;
+                memory.data_mut(&mut store)[ptr..ptr + input.len()].copy_from_slice(input);
+                let packed = apply
+                    .call(&mut store, (ptr as i32, input.len() as i32))
+                    .unwrap() as u64;
+                let (p, l) = ((packed >> 32) as usize, (packed as u32) as usize);
+                out.clear();
+                out.extend_from_slice(&memory.data(&store)[p..p + l]);
+            }),
+            n,
+        )
+    })
+}
+
+fn kv_commands(keys: usize) -> Vec<Vec<u8>> {
+    // A mix of writes and reads over `keys` keys: put, get, append, cas.
+    let mut commands = Vec::new();
+    for i in 0..keys {
+        commands.push(format!("put key{i:05} value-{i}").into_bytes());
+        commands.push(format!("get key{:05}", (i * 7) % keys).into_bytes());
+        commands.push(format!("cas key{i:05} value-{i} value-{}", i + 1).into_bytes());
+        commands.push(format!("get key{:05}", (i * 13) % keys).into_bytes());
+    }
+    commands
+}
+
+fn bench_kv(config: &MachineConfig) {
+    let bytes = std::fs::read(example_module("kv").unwrap()).unwrap();
+    let commands = kv_commands(1000);
+    let n = commands.len() as u64;
+    let mut machine = Machine::load(&bytes, config).unwrap();
+    let mut out = Vec::with_capacity(256);
+    let wasm = best(ROUNDS, || {
+        let mut i = 0;
+        ns_per(
+            time(n * 10, || {
+                out.clear();
+                machine
+                    .apply_into(
+                        &commands[i % commands.len()],
+                        EntryContext::default(),
+                        &mut out,
+                    )
+                    .unwrap();
+                i += 1;
+            }),
+            n * 10,
+        )
+    });
+    let mut native_app = kv::Kv::default();
+    let native = best(ROUNDS, || {
+        let mut i = 0;
+        ns_per(
+            time(n * 10, || {
+                drop(black_box(
+                    native_app.apply(black_box(&commands[i % commands.len()])),
+                ));
+                i += 1;
+            }),
+            n * 10,
+        )
+    });
+    println!("kv apply (1000 keys, put/get/cas/get): machine {wasm:.0} ns/op ({:.2} M/s), native {native:.0} ns/op, native/wasm speed ratio {:.2}",
+        1e3 / wasm, native / wasm);
+}
+
+fn bench_query(config: &MachineConfig) {
+    let bytes = std::fs::read(example_module("counter").unwrap()).unwrap();
+    let mut machine = Machine::load(&bytes, config).unwrap();
+    let n = 100_000;
+    let only = best(ROUNDS, || {
+        ns_per(
+            time(n, || drop(black_box(machine.query(b"get").unwrap()))),
+            n,
+        )
+    });
+    let mixed = best(ROUNDS, || {
+        ns_per(
+            time(n, || {
+                machine.apply(b"add 1", EntryContext::default()).unwrap();
+                drop(black_box(machine.query(b"get").unwrap()));
+            }),
+            n,
+        )
+    });
+    println!("counter query: {only:.0} ns/op back to back; apply+query pair {mixed:.0} ns (each query after an apply takes a checkpoint)");
+}
+
+/// A WAT guest that can dirty pages, trap, and hold a given memory size.
+fn paging_guest(pages: u32) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             (memory (export "memory") {pages})
+             (global $n (mut i32) (i32.const 0))
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+             ;; input: u32 count, u32 stride: writes `count` words `stride` bytes apart; count 0xffffffff traps
+             (func (export "paxwasm_apply") (param $p i32) (param $l i32) (result i64) (local $i i32) (local $c i32) (local $s i32)
+               (local.set $c (i32.load (local.get $p)))
+               (local.set $s (i32.load offset=4 (local.get $p)))
+               (if (i32.eq (local.get $c) (i32.const -1)) (then (i32.store (i32.const 64) (i32.const 1)) (unreachable)))
+               (global.set $n (i32.add (global.get $n) (i32.const 1)))
+               (block $done (loop $next
+                 (br_if $done (i32.ge_u (local.get $i) (local.get $c)))
+                 (i32.store (i32.add (i32.const 4096) (i32.mul (local.get $i) (local.get $s))) (global.get $n))
+                 (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                 (br $next)))
+               (i64.const 0)))"#
+    ))
+    .unwrap()
+}
+
+fn write_cmd(count: u32, stride: u32) -> [u8; 8] {
+    let mut cmd = [0u8; 8];
+    cmd[..4].copy_from_slice(&count.to_le_bytes());
+    cmd[4..].copy_from_slice(&stride.to_le_bytes());
+    cmd
+}
+
+fn bench_rollback() {
+    let config = MachineConfig {
+        memory_bytes_max: 32 << 20,
+        ..MachineConfig::default()
+    };
+    let mut machine = Machine::load(&paging_guest(256), &config).unwrap(); // 16 MiB
+    for since_checkpoint in [0u64, 100, 1000] {
+        let rounds = 20;
+        let mut total = Duration::ZERO;
+        for _ in 0..rounds {
+            machine.state_hash(); // checkpoint
+            for _ in 0..since_checkpoint {
+                machine
+                    .apply(&write_cmd(1, 0), EntryContext::default())
+                    .unwrap();
+            }
+            let start = Instant::now();
+            machine
+                .apply(&write_cmd(u32::MAX, 0), EntryContext::default())
+                .unwrap_err();
+            total += start.elapsed();
+        }
+        println!(
+            "rollback (16 MiB memory, failing command after {since_checkpoint} commands since the checkpoint): {:.1} us",
+            total.as_secs_f64() * 1e6 / rounds as f64
+        );
+    }
+}
+
+fn bench_hash(mib: usize) {
+    let pages = (mib << 20) / 65536;
+    let config = MachineConfig {
+        memory_bytes_max: (mib as u64) << 20,
+        memory_initial_pages_max: pages as u64,
+        ..MachineConfig::default()
+    };
+    let mut machine = Machine::load(&paging_guest(pages as u32), &config).unwrap();
+    // Touch every page once so memory is populated (what a full state looks like).
+    machine
+        .apply(
+            &write_cmd((pages * 16 - 2) as u32, 4096),
+            EntryContext::default(),
+        )
+        .unwrap();
+    let start = Instant::now();
+    machine.state_hash();
+    let full = start.elapsed();
+    let start = Instant::now();
+    machine.state_hash();
+    let clean = start.elapsed();
+    // 100 pages written, spread over memory.
+    let stride = ((mib << 20) / 100 - 64) as u32 & !3;
+    let mut dirty = Duration::MAX;
+    for _ in 0..5 {
+        machine
+            .apply(&write_cmd(100, stride), EntryContext::default())
+            .unwrap();
+        let start = Instant::now();
+        machine.state_hash();
+        dirty = dirty.min(start.elapsed());
+    }
+    let start = Instant::now();
+    let snapshot = machine.snapshot();
+    let snap = start.elapsed();
+    drop(snapshot);
+    println!(
+        "state hash at {mib} MiB: full (every page) {:.1} ms; nothing written {:.3} ms; 100 pages written {:.3} ms; snapshot copy {:.1} ms",
+        full.as_secs_f64() * 1e3,
+        clean.as_secs_f64() * 1e3,
+        dirty.as_secs_f64() * 1e3,
+        snap.as_secs_f64() * 1e3
+    );
+}

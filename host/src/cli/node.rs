@@ -1,0 +1,204 @@
+//! `paxwasm node`: one replica process (core, store, peer transport and HTTP API).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiConfig};
+use crate::node::{self, NodeConfig};
+use crate::paxos::NodeId;
+
+/// Cluster name used when `--cluster-id` is not given.
+pub const DEFAULT_CLUSTER_ID: &str = "paxwasm";
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// This replica's id (a positive integer, unique in the cluster, stable forever).
+    #[arg(long)]
+    pub id: NodeId,
+    /// Data directory (created if missing); holds the acceptor store.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Address of the HTTP API, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    pub http: SocketAddr,
+    /// Address peers connect to, e.g. 127.0.0.1:7101.
+    #[arg(long)]
+    pub peer: SocketAddr,
+    /// Every voter's peer address, this node included: `1=ADDR,2=ADDR,3=ADDR`. Without
+    /// it the node waits to be added by a membership change.
+    #[arg(long, value_parser = parse_cluster)]
+    pub cluster: Option<Members>,
+    /// Name of the cluster; a data directory or peer of another cluster is refused.
+    #[arg(long, default_value = DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+    /// Bearer token required by admin routes (`PUT /v1/app`).
+    #[arg(long, env = "PAXWASM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Largest command or query body in bytes (413 above).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub body_bytes_max: usize,
+    /// Length of one consensus tick in milliseconds (election timeout is 20–40 ticks).
+    #[arg(long, default_value_t = 10)]
+    pub tick_ms: u64,
+    /// HTTP address announced to peers and clients, if not the listen address.
+    #[arg(long)]
+    pub advertise_http: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Members(pub BTreeMap<NodeId, SocketAddr>);
+
+fn parse_cluster(text: &str) -> Result<Members, String> {
+    let mut members = BTreeMap::new();
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not ID=ADDR"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{id}` is not a node id"))?;
+        if id == 0 {
+            return Err("node id 0 is reserved".into());
+        }
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{addr}` is not a socket address (HOST:PORT)"))?;
+        if members.insert(id, addr).is_some() {
+            return Err(format!("node id {id} is listed twice"));
+        }
+    }
+    if members.is_empty() {
+        return Err("the cluster lists no members".into());
+    }
+    Ok(Members(members))
+}
+
+pub fn run(args: NodeArgs) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("paxwasm-node")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("paxwasm node: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("paxwasm node: {error:#}");
+            eprintln!("paxwasm node: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: NodeArgs) -> anyhow::Result<()> {
+    if args.id == 0 {
+        bail!("--id must be positive");
+    }
+    let members = args.cluster.map(|m| m.0).unwrap_or_default();
+    if let Some(listed) = members.get(&args.id) {
+        if *listed != args.peer {
+            tracing::warn!(
+                listed = %listed,
+                peer = %args.peer,
+                "--cluster lists another peer address for this node than --peer"
+            );
+        }
+    }
+    let http_advertise = args
+        .advertise_http
+        .clone()
+        .unwrap_or_else(|| args.http.to_string());
+    let mut config = NodeConfig::new(
+        args.id,
+        args.cluster_id.clone(),
+        args.data.clone(),
+        http_advertise,
+        args.peer,
+        members,
+    );
+    config.tick_ms = args.tick_ms.max(1);
+    config.command_bytes_max = args.body_bytes_max;
+    let listener = TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("binding the HTTP API on {}", args.http))?;
+    let (node, running) = node::start(config).await?;
+    let api_config = ApiConfig {
+        body_bytes_max: args.body_bytes_max,
+        admin_token: args.token.clone(),
+        ..ApiConfig::default()
+    };
+    tracing::info!(
+        node = args.id,
+        http = %args.http,
+        peer = %args.peer,
+        admin_token = args.token.is_some(),
+        "paxwasm node serving"
+    );
+    api::serve(listener, node, api_config, shutdown_signal()).await?;
+    tracing::info!(node = args.id, "shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+/// Logs to stderr at `info` (or `PAXWASM_LOG=debug|warn|…`), once per process.
+pub fn init_logging() {
+    let level = std::env::var("PAXWASM_LOG")
+        .ok()
+        .and_then(|level| level.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_lists_parse_and_refuse_mistakes() {
+        let members = parse_cluster("1=127.0.0.1:7101,2=127.0.0.1:7102")
+            .unwrap()
+            .0;
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[&2], "127.0.0.1:7102".parse().unwrap());
+        assert!(parse_cluster("1=127.0.0.1:7101,1=127.0.0.1:7102").is_err());
+        assert!(parse_cluster("x=127.0.0.1:7101").is_err());
+        assert!(parse_cluster("1=nowhere").is_err());
+        assert!(parse_cluster("0=127.0.0.1:1").is_err());
+        assert!(parse_cluster("").is_err());
+    }
+}

@@ -1,0 +1,436 @@
+//! One wasmtime instance of a guest and the calls into it. The only place that
+//! touches wasmtime's store and turns its errors into canonical [`ApplyError`]s.
+
+use wasmtime::{
+    Caller, Global, InstancePre, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc, Val,
+};
+
+use super::module::{
+    CheckedModule, GlobalKind, EXPORT_ALLOC, EXPORT_APPLY, EXPORT_EXPORT_STATE,
+    EXPORT_IMPORT_STATE, EXPORT_INIT, EXPORT_MEMORY, EXPORT_QUERY, IMPORT_ENTRY_SEED,
+    IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE, START_EXPORT,
+};
+use super::snapshot::GlobalValue;
+use super::{ApplyError, EntryContext, GuestLog};
+
+/// Fuel for instantiation, which evaluates only constant expressions.
+const INSTANTIATION_FUEL: u64 = 1_000_000;
+
+/// Per-store host data: what the imports read and what the limiter records.
+pub struct HostState {
+    pub entry: EntryContext,
+    pub memory_bytes_max: usize,
+    /// Set when a `memory.grow` was refused by the cap during the current call.
+    pub memory_refused: bool,
+    pub log: GuestLog,
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes_max {
+            self.memory_refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        _desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Tables are fixed after instantiation (`table.grow` is refused at load).
+        Ok(false)
+    }
+}
+
+/// A host function's deterministic trap (a guest passed a bad pointer).
+#[derive(Debug)]
+struct HostTrap(&'static str);
+
+impl std::fmt::Display for HostTrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for HostTrap {}
+
+pub fn linker(engine: &wasmtime::Engine) -> Linker<HostState> {
+    let mut linker = Linker::new(engine);
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            IMPORT_LOG,
+            |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
+                let Some(wasmtime::Extern::Memory(memory)) = caller.get_export(EXPORT_MEMORY)
+                else {
+                    return Err(wasmtime::Error::new(HostTrap(
+                        "out of bounds memory access",
+                    )));
+                };
+                let (data, host) = memory.data_and_store_mut(&mut caller);
+                let Some(bytes) = guest_slice(data, ptr as u32, len as u32) else {
+                    return Err(wasmtime::Error::new(HostTrap(
+                        "out of bounds memory access",
+                    )));
+                };
+                if let GuestLog::Stderr = host.log {
+                    eprintln!("guest log: {}", String::from_utf8_lossy(bytes));
+                }
+                Ok(())
+            },
+        )
+        .expect("defining paxwasm.log");
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            IMPORT_ENTRY_TIME_MS,
+            |caller: Caller<'_, HostState>| caller.data().entry.time_ms,
+        )
+        .expect("defining paxwasm.entry_time_ms");
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            IMPORT_ENTRY_SEED,
+            |caller: Caller<'_, HostState>| caller.data().entry.seed as i64,
+        )
+        .expect("defining paxwasm.entry_seed");
+    linker
+}
+
+fn guest_slice(memory: &[u8], ptr: u32, len: u32) -> Option<&[u8]> {
+    let start = ptr as usize;
+    memory.get(start..start.checked_add(len as usize)?)
+}
+
+/// A live instance and its typed entry points.
+pub struct Instance {
+    pub store: Store<HostState>,
+    pub memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    apply: TypedFunc<(i32, i32), i64>,
+    query: Option<TypedFunc<(i32, i32), i64>>,
+    init: Option<TypedFunc<(), ()>>,
+    start: Option<TypedFunc<(), ()>>,
+    export_state: Option<TypedFunc<(), i64>>,
+    import_state: Option<TypedFunc<(i32, i32), ()>>,
+    globals: Vec<(Global, GlobalKind)>,
+}
+
+/// Which guest function takes an input buffer and returns an output buffer.
+#[derive(Clone, Copy, Debug)]
+pub enum Call {
+    Apply,
+    Query,
+}
+
+impl Instance {
+    /// Instantiates without running any guest code (the start function was
+    /// turned into an export at load). Data segments are written into memory.
+    pub fn new(
+        pre: &InstancePre<HostState>,
+        checked: &CheckedModule,
+        host: HostState,
+    ) -> wasmtime::Result<Instance> {
+        let mut store = Store::new(pre.module().engine(), host);
+        store.limiter(|host| host as &mut dyn ResourceLimiter);
+        // Instantiation runs no guest code (the start function is an export
+        // now), but wasmtime meters the evaluation of data segment offsets.
+        store.set_fuel(INSTANTIATION_FUEL)?;
+        let instance = pre.instantiate(&mut store)?;
+        let memory = instance
+            .get_memory(&mut store, EXPORT_MEMORY)
+            .expect("checked at load");
+        let globals = checked
+            .global_exports
+            .iter()
+            .zip(&checked.global_kinds)
+            .map(|(name, kind)| {
+                (
+                    instance.get_global(&mut store, name).expect("instrumented"),
+                    *kind,
+                )
+            })
+            .collect();
+        Ok(Instance {
+            alloc: instance.get_typed_func(&mut store, EXPORT_ALLOC)?,
+            apply: instance.get_typed_func(&mut store, EXPORT_APPLY)?,
+            query: optional(
+                checked.has_query,
+                instance.get_typed_func(&mut store, EXPORT_QUERY),
+            )?,
+            init: optional(
+                checked.has_init,
+                instance.get_typed_func(&mut store, EXPORT_INIT),
+            )?,
+            start: optional(
+                checked.has_start,
+                instance.get_typed_func(&mut store, START_EXPORT),
+            )?,
+            export_state: optional(
+                checked.has_export_state,
+                instance.get_typed_func(&mut store, EXPORT_EXPORT_STATE),
+            )?,
+            import_state: optional(
+                checked.has_import_state,
+                instance.get_typed_func(&mut store, EXPORT_IMPORT_STATE),
+            )?,
+            memory,
+            globals,
+            store,
+        })
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    pub fn memory_ptr(&self) -> *mut u8 {
+        self.memory.data_ptr(&self.store)
+    }
+
+    pub fn memory(&self) -> &[u8] {
+        self.memory.data(&self.store)
+    }
+
+    /// Grows memory from the host to exactly `bytes` (used when rebuilding an
+    /// instance over committed state). Panics if that is impossible: the size
+    /// was reached before under the same cap.
+    pub fn grow_to(&mut self, bytes: usize) {
+        let current = self.memory_bytes();
+        assert!(bytes >= current && bytes % super::module::WASM_PAGE_BYTES as usize == 0);
+        let pages = ((bytes - current) as u64) / super::module::WASM_PAGE_BYTES;
+        if pages > 0 {
+            self.memory
+                .grow(&mut self.store, pages)
+                .expect("regrowing memory to a size it had before");
+        }
+    }
+
+    pub fn globals(&mut self) -> Vec<GlobalValue> {
+        let mut values = Vec::with_capacity(self.globals.len());
+        for (global, kind) in &self.globals {
+            let bits = match global.get(&mut self.store) {
+                Val::I32(v) => v as u32 as u128,
+                Val::I64(v) => v as u64 as u128,
+                Val::F32(v) => v as u128,
+                Val::F64(v) => v as u128,
+                Val::V128(v) => v.as_u128(),
+                other => unreachable!("mutable reference globals are refused at load: {other:?}"),
+            };
+            values.push(GlobalValue { kind: *kind, bits });
+        }
+        values
+    }
+
+    pub fn set_globals(&mut self, values: &[GlobalValue]) {
+        assert_eq!(values.len(), self.globals.len());
+        for ((global, kind), value) in self.globals.iter().zip(values) {
+            assert_eq!(*kind, value.kind);
+            let val = match kind {
+                GlobalKind::I32 => Val::I32(value.bits as u32 as i32),
+                GlobalKind::I64 => Val::I64(value.bits as u64 as i64),
+                GlobalKind::F32 => Val::F32(value.bits as u32),
+                GlobalKind::F64 => Val::F64(value.bits as u64),
+                GlobalKind::V128 => Val::V128(value.bits.into()),
+            };
+            global
+                .set(&mut self.store, val)
+                .expect("global types checked at load");
+        }
+    }
+
+    fn begin(&mut self, entry: EntryContext, fuel: u64) {
+        let host = self.store.data_mut();
+        host.entry = entry;
+        host.memory_refused = false;
+        self.store.set_fuel(fuel).expect("fuel metering is on");
+    }
+
+    fn fuel_used(&self, budget: u64) -> u64 {
+        budget - self.store.get_fuel().expect("fuel metering is on")
+    }
+
+    fn canonical(&self, error: wasmtime::Error) -> ApplyError {
+        canonical_error(error, self.store.data().memory_refused)
+    }
+
+    /// Runs `paxwasm_alloc` + `paxwasm_apply`/`paxwasm_query` on `input` with a
+    /// budget of `fuel`, appending the output (at most `output_bytes_max`) to
+    /// `out`. Returns the fuel consumed.
+    pub fn call(
+        &mut self,
+        which: Call,
+        input: &[u8],
+        entry: EntryContext,
+        fuel: u64,
+        output_bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, ApplyError> {
+        if let Call::Query = which {
+            if self.query.is_none() {
+                return Err(ApplyError::MissingExport(EXPORT_QUERY));
+            }
+        }
+        self.begin(entry, fuel);
+        let ptr = self.write_input(input)?;
+        let args = (ptr as i32, input.len() as i32);
+        let packed = match which {
+            Call::Apply => self.apply.call(&mut self.store, args),
+            Call::Query => self
+                .query
+                .as_ref()
+                .expect("checked above")
+                .call(&mut self.store, args),
+        }
+        .map_err(|e| self.canonical(e))?;
+        self.read_output(packed, output_bytes_max, out)?;
+        Ok(self.fuel_used(fuel))
+    }
+
+    fn write_input(&mut self, input: &[u8]) -> Result<u32, ApplyError> {
+        let len = i32::try_from(input.len()).map_err(|_| ApplyError::InputTooLarge)?;
+        let ptr = self
+            .alloc
+            .call(&mut self.store, len)
+            .map_err(|e| self.canonical(e))? as u32;
+        let memory = self.memory.data_mut(&mut self.store);
+        let start = ptr as usize;
+        match memory.get_mut(start..start + input.len()) {
+            Some(buffer) => buffer.copy_from_slice(input),
+            None => return Err(ApplyError::Trap("out of bounds memory access")),
+        }
+        Ok(ptr)
+    }
+
+    fn read_output(
+        &mut self,
+        packed: i64,
+        output_bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ApplyError> {
+        let ptr = (packed as u64 >> 32) as u32;
+        let len = packed as u64 as u32;
+        if len as usize > output_bytes_max {
+            return Err(ApplyError::OutputTooLarge);
+        }
+        match guest_slice(self.memory.data(&self.store), ptr, len) {
+            Some(bytes) => out.extend_from_slice(bytes),
+            None => return Err(ApplyError::Trap("out of bounds memory access")),
+        }
+        Ok(())
+    }
+
+    /// Runs the former start function (if any) and then `paxwasm_init` (if
+    /// asked and present): the install of a module with empty state.
+    pub fn run_start(
+        &mut self,
+        entry: EntryContext,
+        fuel: u64,
+        with_init: bool,
+    ) -> Result<(), ApplyError> {
+        self.begin(entry, fuel);
+        if let Some(start) = &self.start {
+            start
+                .call(&mut self.store, ())
+                .map_err(|e| self.canonical(e))?;
+        }
+        if with_init {
+            if let Some(init) = &self.init {
+                init.call(&mut self.store, ())
+                    .map_err(|e| self.canonical(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `paxwasm_export_state` and returns a copy of its bytes.
+    pub fn export_state(
+        &mut self,
+        entry: EntryContext,
+        fuel: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<u8>, ApplyError> {
+        let func = self
+            .export_state
+            .clone()
+            .ok_or(ApplyError::MissingExport(EXPORT_EXPORT_STATE))?;
+        self.begin(entry, fuel);
+        let packed = func
+            .call(&mut self.store, ())
+            .map_err(|e| self.canonical(e))?;
+        let mut out = Vec::new();
+        self.read_output(packed, bytes_max, &mut out)?;
+        Ok(out)
+    }
+
+    /// Calls `paxwasm_import_state` with `state` (buffer from `paxwasm_alloc`).
+    pub fn import_state(
+        &mut self,
+        state: &[u8],
+        entry: EntryContext,
+        fuel: u64,
+    ) -> Result<(), ApplyError> {
+        let func = self
+            .import_state
+            .clone()
+            .ok_or(ApplyError::MissingExport(EXPORT_IMPORT_STATE))?;
+        self.begin(entry, fuel);
+        let ptr = self.write_input(state)?;
+        func.call(&mut self.store, (ptr as i32, state.len() as i32))
+            .map_err(|e| self.canonical(e))
+    }
+}
+
+fn optional<T>(present: bool, func: wasmtime::Result<T>) -> wasmtime::Result<Option<T>> {
+    if present {
+        func.map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Maps a wasmtime error from a guest call to its canonical, replicated form:
+/// the kind only, never a backtrace or a host message.
+pub fn canonical_error(error: wasmtime::Error, memory_refused: bool) -> ApplyError {
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        if *trap == Trap::OutOfFuel {
+            return if memory_refused {
+                ApplyError::MemoryLimitExceeded
+            } else {
+                ApplyError::FuelExhausted
+            };
+        }
+        if memory_refused {
+            return ApplyError::MemoryLimitExceeded;
+        }
+        return ApplyError::Trap(match trap {
+            Trap::StackOverflow => "call stack exhausted",
+            Trap::MemoryOutOfBounds => "out of bounds memory access",
+            Trap::HeapMisaligned => "misaligned memory access",
+            Trap::TableOutOfBounds => "undefined element",
+            Trap::IndirectCallToNull => "uninitialized element",
+            Trap::BadSignature => "indirect call type mismatch",
+            Trap::IntegerOverflow => "integer overflow",
+            Trap::IntegerDivisionByZero => "integer divide by zero",
+            Trap::BadConversionToInteger => "invalid conversion to integer",
+            Trap::UnreachableCodeReached => "unreachable",
+            Trap::NullReference => "null reference",
+            _ => "other",
+        });
+    }
+    if let Some(HostTrap(kind)) = error.downcast_ref::<HostTrap>() {
+        return ApplyError::Trap(kind);
+    }
+    if memory_refused {
+        return ApplyError::MemoryLimitExceeded;
+    }
+    ApplyError::Trap("other")
+}

@@ -1,0 +1,299 @@
+//! Host-owned linear memory: the committed state lives in a `memfd` (the
+//! *base*), and every instance maps it `MAP_PRIVATE`, so the guest's writes
+//! land in private copy-on-write pages and never reach the base by themselves.
+//!
+//! That one mapping choice gives the machine all of its memory mechanisms:
+//! - rollback: `madvise(MADV_DONTNEED)` on the instance's range drops its
+//!   private pages, and the memory reads the base again;
+//! - dirty tracking: a page that is present and not a file page (pagemap bit
+//!   61 clear) is a private copy, i.e. written since the last checkpoint;
+//! - checkpoint: those pages are written into the memfd and dropped again;
+//! - query isolation: a second instance maps the same memfd privately, runs
+//!   the query, and drops whatever the query wrote.
+//!
+//! This module knows nothing about Wasm beyond the `LinearMemory` interface.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
+
+/// The committed linear memory of one machine, sized to the memory cap
+/// (sparse: only written pages use RAM).
+#[derive(Debug)]
+pub struct Memfd {
+    file: File,
+    bytes_max: usize,
+}
+
+impl Memfd {
+    pub fn new(bytes_max: usize) -> io::Result<Arc<Memfd>> {
+        // SAFETY: the name is a valid NUL-terminated string; the returned fd is
+        // checked and then owned by `OwnedFd`.
+        let fd = unsafe { libc::memfd_create(c"paxwasm-memory".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(bytes_max as u64)?;
+        Ok(Arc::new(Memfd { file, bytes_max }))
+    }
+
+    pub fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
+        assert!(offset + bytes.len() <= self.bytes_max);
+        self.file.write_all_at(bytes, offset as u64)
+    }
+}
+
+/// Hands the memfd to map to the next memory wasmtime creates. The machine
+/// sets it right before each instantiation; the engine belongs to one machine.
+#[derive(Default)]
+pub struct MemfdCreator {
+    next: Mutex<Option<Arc<Memfd>>>,
+}
+
+impl MemfdCreator {
+    pub fn set_next(&self, memfd: Arc<Memfd>) {
+        *self.next.lock().unwrap() = Some(memfd);
+    }
+}
+
+// SAFETY: every memory returned maps `reserved + guard` bytes (readable and
+// writable only up to `byte_size`, PROT_NONE after), never moves, and is
+// unmapped only when wasmtime drops it.
+unsafe impl MemoryCreator for MemfdCreator {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        _maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> Result<Box<dyn LinearMemory>, String> {
+        let memfd = self
+            .next
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or("no memfd prepared for this memory")?;
+        MemfdMemory::new(memfd, minimum, reserved_size_in_bytes, guard_size_in_bytes)
+            .map(|m| Box::new(m) as Box<dyn LinearMemory>)
+            .map_err(|e| format!("mapping linear memory: {e}"))
+    }
+}
+
+struct MemfdMemory {
+    _memfd: Arc<Memfd>,
+    base: *mut u8,
+    mapped_bytes: usize,
+    /// Bytes readable and writable (the Wasm memory size).
+    size_bytes: usize,
+    /// Bytes the memory may grow to without moving: the memfd size.
+    capacity_bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value; wasmtime serializes access.
+unsafe impl Send for MemfdMemory {}
+// SAFETY: as above; no interior mutability is exposed through `&self`.
+unsafe impl Sync for MemfdMemory {}
+
+impl MemfdMemory {
+    fn new(
+        memfd: Arc<Memfd>,
+        minimum: usize,
+        reserved: Option<usize>,
+        guard: usize,
+    ) -> io::Result<MemfdMemory> {
+        let capacity_bytes = reserved.map_or(memfd.bytes_max, |r| r.min(memfd.bytes_max));
+        if minimum > capacity_bytes {
+            return Err(io::Error::other("initial memory exceeds memory_bytes_max"));
+        }
+        let mapped_bytes = reserved.unwrap_or(memfd.bytes_max).max(capacity_bytes) + guard;
+        // SAFETY: a fresh anonymous PROT_NONE reservation at a kernel-chosen
+        // address; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: replaces the first `capacity_bytes` of our own reservation
+        // with a private view of the memfd, still PROT_NONE.
+        let view = unsafe {
+            libc::mmap(
+                base,
+                capacity_bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                memfd.file.as_raw_fd(),
+                0,
+            )
+        };
+        let mut memory = MemfdMemory {
+            _memfd: memfd,
+            base: base.cast(),
+            mapped_bytes,
+            size_bytes: 0,
+            capacity_bytes,
+        };
+        if view == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        memory.make_accessible(minimum)?;
+        Ok(memory)
+    }
+
+    fn make_accessible(&mut self, new_size: usize) -> io::Result<()> {
+        if new_size > self.capacity_bytes {
+            return Err(io::Error::other("memory cannot grow past memory_bytes_max"));
+        }
+        if new_size > self.size_bytes {
+            // SAFETY: the range lies inside our memfd view (checked above).
+            let rc = unsafe {
+                libc::mprotect(
+                    self.base.add(self.size_bytes).cast(),
+                    new_size - self.size_bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.size_bytes = new_size;
+        Ok(())
+    }
+}
+
+impl Drop for MemfdMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the reservation made in `new`; wasmtime has
+        // dropped every reference into it.
+        unsafe { libc::munmap(self.base.cast(), self.mapped_bytes) };
+    }
+}
+
+// SAFETY: the base is page aligned, never moves, and `size_bytes` bytes are
+// readable and writable, followed by at least the requested guard.
+unsafe impl LinearMemory for MemfdMemory {
+    fn byte_size(&self) -> usize {
+        self.size_bytes
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.capacity_bytes
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        self.make_accessible(new_size)?;
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+}
+
+/// Drops the private pages of `[ptr, ptr + len)`, so it reads the memfd again.
+///
+/// # Safety
+/// The range must be (part of) a `MemfdMemory` mapping and no Wasm code or
+/// host reference may be using it during the call.
+pub unsafe fn discard_private_pages(ptr: *mut u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: per the function contract the range is our private file mapping;
+    // MADV_DONTNEED on it reverts pages to the file's contents.
+    let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) };
+    assert_eq!(
+        rc,
+        0,
+        "madvise(MADV_DONTNEED): {}",
+        io::Error::last_os_error()
+    );
+}
+
+pub fn os_page_bytes() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    assert!(bytes > 0);
+    bytes as usize
+}
+
+/// Finds the pages of a `MemfdMemory` range written since they were last
+/// discarded, from `/proc/self/pagemap`. Without pagemap, every page counts as
+/// written (correct, only slower).
+pub struct DirtyScanner {
+    pagemap: Option<File>,
+    page_bytes: usize,
+    entries: Vec<u8>,
+}
+
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
+const PAGEMAP_ENTRIES_PER_READ: usize = 8192;
+
+impl DirtyScanner {
+    pub fn new() -> DirtyScanner {
+        DirtyScanner {
+            pagemap: File::open("/proc/self/pagemap").ok(),
+            page_bytes: os_page_bytes(),
+            entries: vec![0; PAGEMAP_ENTRIES_PER_READ * 8],
+        }
+    }
+
+    /// Appends to `runs` the written byte ranges of `[ptr, ptr + len)`, as
+    /// offsets from `ptr`, merged into maximal runs.
+    pub fn written_runs(&mut self, ptr: *const u8, len: usize, runs: &mut Vec<(usize, usize)>) {
+        runs.clear();
+        if len == 0 {
+            return;
+        }
+        let Some(pagemap) = &self.pagemap else {
+            runs.push((0, len));
+            return;
+        };
+        let pages = len.div_ceil(self.page_bytes);
+        let first_page = ptr as usize / self.page_bytes;
+        let mut page = 0;
+        while page < pages {
+            let count = (pages - page).min(PAGEMAP_ENTRIES_PER_READ);
+            let buf = &mut self.entries[..count * 8];
+            if pagemap
+                .read_exact_at(buf, ((first_page + page) * 8) as u64)
+                .is_err()
+            {
+                runs.clear();
+                runs.push((0, len));
+                return;
+            }
+            for (i, entry) in buf.chunks_exact(8).enumerate() {
+                let bits = u64::from_le_bytes(entry.try_into().unwrap());
+                let private_copy =
+                    bits & PAGEMAP_PRESENT != 0 && bits & PAGEMAP_FILE_OR_SHARED == 0;
+                if private_copy || bits & PAGEMAP_SWAPPED != 0 {
+                    let start = (page + i) * self.page_bytes;
+                    let end = (start + self.page_bytes).min(len);
+                    match runs.last_mut() {
+                        Some((_, run_end)) if *run_end == start => *run_end = end,
+                        _ => runs.push((start, end)),
+                    }
+                }
+            }
+            page += count;
+        }
+    }
+}

@@ -1,0 +1,716 @@
+//! The deterministic Wasm state machine of one replica.
+//!
+//! It owns a guest module (checked and instrumented at load), its instance and
+//! its committed state, and offers apply, query, snapshot, restore, state hash
+//! and upgrade. Every operation that changes replicated state is a pure
+//! function of the module bytes, the config and the sequence of (command,
+//! entry context) inputs, so replicas that feed the same log agree.
+//!
+//! It never reads a clock, draws randomness, or does I/O on the guest's
+//! behalf; it knows nothing about Paxos, storage or the network.
+//!
+//! # How state is kept (see docs/notes/machine.md)
+//!
+//! The committed linear memory (the *base*) lives in a memfd; the instance
+//! maps it privately, so writes since the last checkpoint are private pages.
+//! A successful apply only appends its input to a replay log. A failed apply
+//! drops the private pages, resets the globals to the base, and replays the
+//! logged inputs with the same fuel: the state is then exactly as before the
+//! failed command. A checkpoint (every `replay_commands_max` commands, or when
+//! a query, snapshot or state hash needs the base current) writes the private
+//! pages into the memfd.
+
+mod hash;
+mod instance;
+mod memory;
+mod module;
+mod snapshot;
+
+use std::sync::Arc;
+
+use wasmtime::{Engine, InstancePre, Linker};
+
+pub use hash::{HASH_GROUP_LEAVES, HASH_LEAF_BYTES};
+pub use module::{allowed_features, GlobalKind, LoadError, ModuleId, WASM_PAGE_BYTES};
+pub use snapshot::{GlobalValue, Snapshot, SnapshotDecodeError};
+
+use hash::PageHashes;
+use instance::{Call, HostState, Instance};
+use memory::{DirtyScanner, Memfd, MemfdCreator};
+use module::CheckedModule;
+
+/// Where the guest's `paxwasm.log` output goes. It is never part of state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestLog {
+    Discard,
+    Stderr,
+}
+
+/// Limits and budgets. Every replica of a cluster must use the same values
+/// (except `guest_log`), since they decide which commands fail.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub module_bytes_max: u64,
+    /// Functions, imported plus defined.
+    pub functions_max: u64,
+    pub memory_initial_pages_max: u64,
+    /// Cap on linear memory; `memory.grow` beyond it returns -1.
+    pub memory_bytes_max: u64,
+    /// Fuel for `paxwasm_alloc` + `paxwasm_apply` of one command.
+    pub fuel_per_command: u64,
+    /// Fuel for `paxwasm_alloc` + `paxwasm_query` of one query.
+    pub fuel_per_query: u64,
+    /// Fuel for each step of an install or upgrade (start + init, export,
+    /// import).
+    pub fuel_per_migration: u64,
+    pub output_bytes_max: u64,
+    /// Bytes handed from `paxwasm_export_state` to `paxwasm_import_state`.
+    pub migration_state_bytes_max: u64,
+    /// Native stack the guest may use (wasmtime `max_wasm_stack`).
+    pub stack_bytes_max: usize,
+    /// A checkpoint is taken after this many commands since the last one,
+    /// which bounds how many commands a rollback replays.
+    pub replay_commands_max: usize,
+    /// ... or once the commands since the last checkpoint used this much fuel
+    /// (bounds the time a rollback spends replaying).
+    pub replay_fuel_max: u64,
+    /// ... or once their inputs add up to this many bytes.
+    pub replay_input_bytes_max: usize,
+    pub guest_log: GuestLog,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            module_bytes_max: 16 << 20,
+            functions_max: 100_000,
+            memory_initial_pages_max: 1024,
+            memory_bytes_max: 256 << 20,
+            fuel_per_command: 50_000_000,
+            fuel_per_query: 50_000_000,
+            fuel_per_migration: 2_000_000_000,
+            output_bytes_max: 1 << 20,
+            migration_state_bytes_max: 256 << 20,
+            stack_bytes_max: 512 << 10,
+            replay_commands_max: 4096,
+            replay_fuel_max: 50_000_000,
+            replay_input_bytes_max: 4 << 20,
+            guest_log: GuestLog::Discard,
+        }
+    }
+}
+
+/// The leader-chosen context stored in a log entry, visible to the guest
+/// through `paxwasm.entry_time_ms` and `paxwasm.entry_seed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryContext {
+    pub time_ms: i64,
+    pub seed: u64,
+}
+
+/// The canonical, replicated outcome of a failed guest call: the kind only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyError {
+    Trap(&'static str),
+    FuelExhausted,
+    MemoryLimitExceeded,
+    OutputTooLarge,
+    /// The input does not fit the guest's 32-bit address space.
+    InputTooLarge,
+    MissingExport(&'static str),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Trap(kind) => write!(f, "trap: {kind}"),
+            ApplyError::FuelExhausted => f.write_str("fuel exhausted"),
+            ApplyError::MemoryLimitExceeded => f.write_str("memory limit exceeded"),
+            ApplyError::OutputTooLarge => f.write_str("output too large"),
+            ApplyError::InputTooLarge => f.write_str("input too large"),
+            ApplyError::MissingExport(name) => write!(f, "missing export `{name}`"),
+        }
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+/// Whether an upgrade hands the old state to the new module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// Old `paxwasm_export_state` → new `paxwasm_import_state`.
+    Migrate,
+    /// The new module starts with empty state (`paxwasm_init`).
+    StartFresh,
+}
+
+#[derive(Debug)]
+pub enum UpgradeError {
+    Refused(LoadError),
+    /// The old module failed to export its state.
+    Export(ApplyError),
+    /// The new module failed to start or to import the state.
+    Import(ApplyError),
+}
+
+impl std::fmt::Display for UpgradeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpgradeError::Refused(e) => write!(f, "upgrade refused: {e}"),
+            UpgradeError::Export(e) => write!(f, "upgrade failed: old module's state export: {e}"),
+            UpgradeError::Import(e) => {
+                write!(f, "upgrade failed: new module's start or state import: {e}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for UpgradeError {}
+
+#[derive(Debug)]
+pub enum RestoreError {
+    WrongModule {
+        snapshot: ModuleId,
+        machine: ModuleId,
+    },
+    BadMemorySize(usize),
+    BadGlobals,
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreError::WrongModule { snapshot, machine } => {
+                write!(
+                    f,
+                    "snapshot is of module {snapshot}, the machine runs {machine}"
+                )
+            }
+            RestoreError::BadMemorySize(bytes) => write!(
+                f,
+                "snapshot memory of {bytes} bytes does not fit the module"
+            ),
+            RestoreError::BadGlobals => {
+                f.write_str("snapshot globals do not match the module's mutable globals")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RestoreError {}
+
+/// A compiled, checked module ready to instantiate.
+struct Loaded {
+    checked: CheckedModule,
+    pre: InstancePre<HostState>,
+    /// Wasm memory size right after instantiation (the declared minimum).
+    initial_memory_bytes: usize,
+}
+
+/// The committed state the instance returns to on rollback.
+struct Base {
+    memfd: Arc<Memfd>,
+    globals: Vec<GlobalValue>,
+    memory_bytes: usize,
+}
+
+/// Inputs applied since the base, to replay after a rollback.
+#[derive(Default)]
+struct ReplayLog {
+    input: Vec<u8>,
+    commands: Vec<Replayed>,
+    fuel_used: u64,
+}
+
+struct Replayed {
+    input_end: usize,
+    entry: EntryContext,
+    fuel_used: u64,
+}
+
+impl ReplayLog {
+    fn clear(&mut self) {
+        self.input.clear();
+        self.commands.clear();
+        self.fuel_used = 0;
+    }
+}
+
+pub struct Machine {
+    config: MachineConfig,
+    engine: Engine,
+    linker: Linker<HostState>,
+    creator: Arc<MemfdCreator>,
+    loaded: Loaded,
+    base: Base,
+    primary: Instance,
+    /// Instance used for queries and state export: maps the base privately;
+    /// whatever it writes is dropped after each call.
+    reader: Option<Instance>,
+    replay: ReplayLog,
+    /// True when guest code ran on `primary` since the last checkpoint.
+    primary_changed: bool,
+    last_entry: EntryContext,
+    hashes: PageHashes,
+    scanner: DirtyScanner,
+    runs: Vec<(usize, usize)>,
+    /// Reused output buffer of `apply`.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("module_id", &self.module_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Host failures (out of memory, mmap refused) are not replicated outcomes;
+/// the replica cannot stay deterministic past them, so it stops.
+fn host_failure(what: &str, error: impl std::fmt::Display) -> ! {
+    panic!("paxwasm machine: {what}: {error}")
+}
+
+fn engine(config: &MachineConfig, creator: Arc<MemfdCreator>) -> Engine {
+    let mut c = wasmtime::Config::new();
+    c.consume_fuel(true)
+        .cranelift_nan_canonicalization(true)
+        .wasm_relaxed_simd(false)
+        .relaxed_simd_deterministic(true)
+        .wasm_simd(true)
+        .wasm_multi_memory(false)
+        .wasm_memory64(false)
+        .wasm_tail_call(true)
+        .wasm_bulk_memory(true)
+        .wasm_multi_value(true)
+        .wasm_extended_const(true)
+        .wasm_wide_arithmetic(false)
+        .wasm_custom_page_sizes(false)
+        .max_wasm_stack(config.stack_bytes_max)
+        .with_host_memory(creator)
+        .memory_may_move(false)
+        // Data segments are copied into our memory, not mapped as an image.
+        .memory_init_cow(false);
+    Engine::new(&c).unwrap_or_else(|e| host_failure("engine configuration", e))
+}
+
+impl Machine {
+    /// Checks, compiles and installs `module_bytes` with empty state: runs its
+    /// start function and `paxwasm_init`.
+    pub fn load(module_bytes: &[u8], config: &MachineConfig) -> Result<Machine, LoadError> {
+        let creator = Arc::new(MemfdCreator::default());
+        let engine = engine(config, creator.clone());
+        let linker = instance::linker(&engine);
+        let loaded = compile(&engine, &linker, module_bytes, config)?;
+        let entry = EntryContext::default();
+        let (base, primary) = install(&loaded, config, &creator, entry, None)
+            .map_err(|e| LoadError(format!("install failed: {e}")))?;
+        let mut machine = Machine {
+            config: config.clone(),
+            engine,
+            linker,
+            creator,
+            loaded,
+            base,
+            primary,
+            reader: None,
+            replay: ReplayLog::default(),
+            primary_changed: true,
+            last_entry: entry,
+            hashes: PageHashes::new(),
+            scanner: DirtyScanner::new(),
+            runs: Vec::new(),
+            scratch: Vec::new(),
+        };
+        machine.checkpoint();
+        Ok(machine)
+    }
+
+    /// Loads `module_bytes` and restores `snapshot` into it.
+    pub fn from_snapshot(
+        module_bytes: &[u8],
+        snapshot: &Snapshot,
+        config: &MachineConfig,
+    ) -> anyhow::Result<Machine> {
+        let mut machine = Machine::load(module_bytes, config)?;
+        machine.restore(snapshot)?;
+        Ok(machine)
+    }
+
+    pub fn module_id(&self) -> ModuleId {
+        self.loaded.checked.id
+    }
+
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// Applies one committed command. On error the state is exactly as it was
+    /// before the call.
+    pub fn apply(&mut self, command: &[u8], entry: EntryContext) -> Result<Vec<u8>, ApplyError> {
+        let mut out = Vec::new();
+        self.apply_into(command, entry, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Machine::apply`], appending the result to `out` (no allocation
+    /// once `out` has capacity).
+    pub fn apply_into(
+        &mut self,
+        command: &[u8],
+        entry: EntryContext,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ApplyError> {
+        self.last_entry = entry;
+        let out_start = out.len();
+        let result = self.primary.call(
+            Call::Apply,
+            command,
+            entry,
+            self.config.fuel_per_command,
+            self.config.output_bytes_max as usize,
+            out,
+        );
+        self.primary_changed = true;
+        match result {
+            Ok(fuel_used) => {
+                self.replay.input.extend_from_slice(command);
+                self.replay.fuel_used += fuel_used;
+                self.replay.commands.push(Replayed {
+                    input_end: self.replay.input.len(),
+                    entry,
+                    fuel_used,
+                });
+                if self.replay.commands.len() >= self.config.replay_commands_max
+                    || self.replay.fuel_used >= self.config.replay_fuel_max
+                    || self.replay.input.len() >= self.config.replay_input_bytes_max
+                {
+                    self.checkpoint();
+                }
+                Ok(())
+            }
+            Err(error) => {
+                out.truncate(out_start);
+                self.roll_back();
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs a read-only query against the committed state. Nothing the query
+    /// writes (memory, globals, memory growth) survives the call.
+    pub fn query(&mut self, query: &[u8]) -> Result<Vec<u8>, ApplyError> {
+        if !self.loaded.checked.has_query {
+            return Err(ApplyError::MissingExport(module::EXPORT_QUERY));
+        }
+        let mut out = Vec::new();
+        let entry = self.last_entry;
+        let (fuel, output_bytes_max) = (
+            self.config.fuel_per_query,
+            self.config.output_bytes_max as usize,
+        );
+        self.with_reader(|reader| {
+            reader.call(Call::Query, query, entry, fuel, output_bytes_max, &mut out)
+        })?;
+        Ok(out)
+    }
+
+    /// The complete instance state plus the module id.
+    pub fn snapshot(&mut self) -> Snapshot {
+        self.checkpoint();
+        Snapshot {
+            module_id: self.module_id(),
+            last_entry: self.last_entry,
+            globals: self.base.globals.clone(),
+            memory: self.primary.memory().to_vec(),
+        }
+    }
+
+    /// Replaces the state with `snapshot` (which must be of this module). The
+    /// module's start function and `paxwasm_init` do not run.
+    pub fn restore(&mut self, snapshot: &Snapshot) -> Result<(), RestoreError> {
+        if snapshot.module_id != self.module_id() {
+            return Err(RestoreError::WrongModule {
+                snapshot: snapshot.module_id,
+                machine: self.module_id(),
+            });
+        }
+        let bytes = snapshot.memory.len();
+        if bytes % WASM_PAGE_BYTES as usize != 0
+            || bytes < self.loaded.initial_memory_bytes
+            || bytes as u64 > self.config.memory_bytes_max
+        {
+            return Err(RestoreError::BadMemorySize(bytes));
+        }
+        let kinds: Vec<GlobalKind> = snapshot.globals.iter().map(|g| g.kind).collect();
+        if kinds != self.loaded.checked.global_kinds {
+            return Err(RestoreError::BadGlobals);
+        }
+        let memfd = new_memfd(&self.config);
+        memfd
+            .write_at(0, &snapshot.memory)
+            .unwrap_or_else(|e| host_failure("writing memfd", e));
+        self.base = Base {
+            memfd,
+            globals: snapshot.globals.clone(),
+            memory_bytes: bytes,
+        };
+        self.primary = instance_over_base(&self.loaded, &self.config, &self.creator, &self.base);
+        self.reader = None;
+        self.replay.clear();
+        self.primary_changed = false;
+        self.last_entry = snapshot.last_entry;
+        self.hashes.invalidate();
+        Ok(())
+    }
+
+    /// sha256 over module id, globals and memory (definition in `hash.rs`).
+    /// Only pages written since the last call are rehashed.
+    pub fn state_hash(&mut self) -> [u8; 32] {
+        self.checkpoint();
+        let id = self.module_id();
+        self.hashes
+            .root(id, &self.base.globals, self.primary.memory())
+    }
+
+    /// `sha256:<hex>` of [`Machine::state_hash`].
+    pub fn state_hash_hex(&mut self) -> String {
+        format!("{}", ModuleId(self.state_hash()))
+    }
+
+    /// Replaces the module. With [`Migration::Migrate`], the old module's
+    /// exported state is imported by the new one; if anything fails (missing
+    /// export, trap, fuel, memory), the old module and state stay.
+    pub fn upgrade(&mut self, new_module: &[u8], migration: Migration) -> Result<(), UpgradeError> {
+        let loaded = compile(&self.engine, &self.linker, new_module, &self.config)
+            .map_err(UpgradeError::Refused)?;
+        let entry = self.last_entry;
+        let state = match migration {
+            Migration::StartFresh => None,
+            Migration::Migrate => {
+                if !loaded.checked.has_import_state {
+                    return Err(UpgradeError::Import(ApplyError::MissingExport(
+                        module::EXPORT_IMPORT_STATE,
+                    )));
+                }
+                let (fuel, bytes_max) = (
+                    self.config.fuel_per_migration,
+                    self.config.migration_state_bytes_max as usize,
+                );
+                let state = self
+                    .with_reader(|reader| reader.export_state(entry, fuel, bytes_max))
+                    .map_err(UpgradeError::Export)?;
+                Some(state)
+            }
+        };
+        let (base, primary) = install(
+            &loaded,
+            &self.config,
+            &self.creator,
+            entry,
+            state.as_deref(),
+        )
+        .map_err(UpgradeError::Import)?;
+        self.loaded = loaded;
+        self.base = base;
+        self.primary = primary;
+        self.reader = None;
+        self.replay.clear();
+        self.primary_changed = true;
+        self.hashes.invalidate();
+        self.checkpoint();
+        Ok(())
+    }
+
+    /// Writes the primary's private pages into the base and makes the base's
+    /// globals current; afterwards a rollback has nothing to replay.
+    fn checkpoint(&mut self) {
+        if !self.primary_changed {
+            return;
+        }
+        let ptr = self.primary.memory_ptr();
+        let bytes = self.primary.memory_bytes();
+        self.scanner.written_runs(ptr, bytes, &mut self.runs);
+        for &(start, end) in &self.runs {
+            // SAFETY: `[start, end)` lies inside the primary's accessible
+            // memory (scanned above) and no guest code runs during this call.
+            let written = unsafe { std::slice::from_raw_parts(ptr.add(start), end - start) };
+            self.base
+                .memfd
+                .write_at(start, written)
+                .unwrap_or_else(|e| host_failure("writing memfd", e));
+            // SAFETY: as above; the bytes are now in the memfd, so dropping the
+            // private copies does not change what the memory reads.
+            unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
+            self.hashes.mark_written(start, end);
+        }
+        self.base.globals = self.primary.globals();
+        self.base.memory_bytes = bytes;
+        self.replay.clear();
+        self.primary_changed = false;
+    }
+
+    /// Returns the primary to the state before the failed command: back to the
+    /// base, then replay of the commands applied since.
+    fn roll_back(&mut self) {
+        if self.primary.memory_bytes() == self.base.memory_bytes {
+            // SAFETY: the primary's memory range; no guest code is running.
+            unsafe {
+                memory::discard_private_pages(self.primary.memory_ptr(), self.base.memory_bytes)
+            };
+            self.primary.set_globals(&self.base.globals);
+        } else {
+            // Memory cannot shrink in place, and replay must see the size the
+            // commands saw: rebuild the instance over the base.
+            self.primary =
+                instance_over_base(&self.loaded, &self.config, &self.creator, &self.base);
+        }
+        let replay = std::mem::take(&mut self.replay);
+        // The replayed commands logged once already.
+        let log = std::mem::replace(&mut self.primary.store.data_mut().log, GuestLog::Discard);
+        let mut start = 0;
+        for command in &replay.commands {
+            self.scratch.clear();
+            let input = &replay.input[start..command.input_end];
+            let result = self.primary.call(
+                Call::Apply,
+                input,
+                command.entry,
+                self.config.fuel_per_command,
+                self.config.output_bytes_max as usize,
+                &mut self.scratch,
+            );
+            assert_eq!(
+                result,
+                Ok(command.fuel_used),
+                "replay after rollback diverged: the machine is not deterministic"
+            );
+            start = command.input_end;
+        }
+        self.primary.store.data_mut().log = log;
+        self.replay = replay;
+        self.primary_changed = !self.replay.commands.is_empty();
+        // Keep the next rollback short.
+        self.checkpoint();
+    }
+
+    /// Runs `f` on the reader instance over the current committed state, then
+    /// drops everything it wrote.
+    fn with_reader<T>(
+        &mut self,
+        f: impl FnOnce(&mut Instance) -> Result<T, ApplyError>,
+    ) -> Result<T, ApplyError> {
+        self.checkpoint();
+        let mut reader = match self.reader.take() {
+            Some(mut reader) if reader.memory_bytes() == self.base.memory_bytes => {
+                reader.set_globals(&self.base.globals);
+                reader
+            }
+            _ => instance_over_base(&self.loaded, &self.config, &self.creator, &self.base),
+        };
+        let result = f(&mut reader);
+        // SAFETY: the reader's memory range; its call has returned.
+        unsafe { memory::discard_private_pages(reader.memory_ptr(), reader.memory_bytes()) };
+        if reader.memory_bytes() == self.base.memory_bytes {
+            self.reader = Some(reader);
+        }
+        result
+    }
+}
+
+fn new_memfd(config: &MachineConfig) -> Arc<Memfd> {
+    Memfd::new(config.memory_bytes_max as usize)
+        .unwrap_or_else(|e| host_failure("creating memfd", e))
+}
+
+fn compile(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    bytes: &[u8],
+    config: &MachineConfig,
+) -> Result<Loaded, LoadError> {
+    let checked = module::check(bytes, config)?;
+    let module = wasmtime::Module::new(engine, &checked.instrumented)
+        .map_err(|e| LoadError(format!("compilation failed: {e}")))?;
+    let memory_type = module
+        .exports()
+        .find_map(|e| e.ty().memory().cloned())
+        .expect("checked: the module exports one memory");
+    let initial_memory_bytes = (memory_type.minimum() * WASM_PAGE_BYTES) as usize;
+    if initial_memory_bytes as u64 > config.memory_bytes_max {
+        return Err(LoadError(format!(
+            "initial memory of {initial_memory_bytes} bytes exceeds memory_bytes_max = {}",
+            config.memory_bytes_max
+        )));
+    }
+    let pre = linker
+        .instantiate_pre(&module)
+        .map_err(|e| LoadError(format!("linking failed: {e}")))?;
+    Ok(Loaded {
+        checked,
+        pre,
+        initial_memory_bytes,
+    })
+}
+
+fn host_state(config: &MachineConfig) -> HostState {
+    HostState {
+        entry: EntryContext::default(),
+        memory_bytes_max: config.memory_bytes_max as usize,
+        memory_refused: false,
+        log: config.guest_log,
+    }
+}
+
+fn instantiate(
+    loaded: &Loaded,
+    config: &MachineConfig,
+    creator: &MemfdCreator,
+    memfd: &Arc<Memfd>,
+) -> Instance {
+    creator.set_next(memfd.clone());
+    Instance::new(&loaded.pre, &loaded.checked, host_state(config))
+        .unwrap_or_else(|e| host_failure("instantiation", e))
+}
+
+/// A new instance whose memory and globals are exactly the base: data
+/// segments land in private pages and are dropped; the start function does not
+/// run.
+fn instance_over_base(
+    loaded: &Loaded,
+    config: &MachineConfig,
+    creator: &MemfdCreator,
+    base: &Base,
+) -> Instance {
+    let mut instance = instantiate(loaded, config, creator, &base.memfd);
+    instance.grow_to(base.memory_bytes);
+    // SAFETY: the new instance's memory range; no guest code has run.
+    unsafe { memory::discard_private_pages(instance.memory_ptr(), instance.memory_bytes()) };
+    instance.set_globals(&base.globals);
+    instance
+}
+
+/// A fresh install: new memfd, data segments, start function, then either
+/// `paxwasm_init` or `paxwasm_import_state(state)`. The returned base is not
+/// yet checkpointed (its globals are the instance's initial ones).
+fn install(
+    loaded: &Loaded,
+    config: &MachineConfig,
+    creator: &MemfdCreator,
+    entry: EntryContext,
+    state: Option<&[u8]>,
+) -> Result<(Base, Instance), ApplyError> {
+    let memfd = new_memfd(config);
+    let mut instance = instantiate(loaded, config, creator, &memfd);
+    instance.run_start(entry, config.fuel_per_migration, state.is_none())?;
+    if let Some(state) = state {
+        instance.import_state(state, entry, config.fuel_per_migration)?;
+    }
+    let base = Base {
+        memfd,
+        globals: instance.globals(),
+        memory_bytes: 0,
+    };
+    Ok((base, instance))
+}

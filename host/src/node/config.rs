@@ -1,0 +1,99 @@
+//! Settings of one replica process. Every limit is a named field, unit last.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::machine::MachineConfig;
+use crate::paxos::{NodeId, Params};
+use crate::storage::StorageConfig;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Names the cluster; the store refuses a data directory of another cluster and the
+    /// transport refuses peers of another (it sees a 64-bit hash of it).
+    pub cluster_id: String,
+    pub data_dir: PathBuf,
+    /// `host:port` of this node's HTTP API as peers and clients should dial it.
+    pub http_advertise: String,
+    pub peer_listen: SocketAddr,
+    /// Voters and their peer addresses, this node included. Empty: the node waits to
+    /// be added by a membership change and serves only status.
+    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// Length of one core tick. With the core's default `Params` (election timeout
+    /// 20–40 ticks, heartbeat every 2), 10 ms gives a 200–400 ms election timeout.
+    pub tick_ms: u64,
+    pub params: Params,
+    pub machine: MachineConfig,
+    pub storage: StorageConfig,
+    /// Largest application command or query accepted (413 above).
+    pub command_bytes_max: usize,
+    /// A command or deploy with no outcome after this long is answered `Unknown`
+    /// (504); a query is answered `Unavailable`.
+    pub request_timeout_ms: u64,
+    /// Requests waiting for the core task; beyond, `Unavailable` (backpressure).
+    pub requests_queued_max: usize,
+    /// Requests the core holds waiting for an outcome; beyond, `Unavailable`.
+    pub requests_pending_max: usize,
+    /// How often a replica tells its peers its HTTP address and indexes.
+    pub peer_info_interval_ms: u64,
+    /// How often the state hash is recomputed (only when the applied index moved).
+    pub state_hash_interval_ms: u64,
+    /// `Retry-After` given with `Unavailable`.
+    pub retry_after_ms: u64,
+    /// Largest peer frame; must hold the largest module install.
+    pub frame_bytes_max: u32,
+    /// Events the core handles before it performs their actions, per loop turn:
+    /// bounds latency while letting bursts share one pass.
+    pub events_per_turn_max: usize,
+}
+
+impl NodeConfig {
+    /// The defaults of a production replica, for the given identity and addresses.
+    pub fn new(
+        id: NodeId,
+        cluster_id: String,
+        data_dir: PathBuf,
+        http_advertise: String,
+        peer_listen: SocketAddr,
+        members: BTreeMap<NodeId, SocketAddr>,
+    ) -> NodeConfig {
+        let params = Params {
+            slots_in_flight_max: 32,
+            ..Params::default()
+        };
+        NodeConfig {
+            id,
+            cluster_id,
+            data_dir,
+            http_advertise,
+            peer_listen,
+            members,
+            tick_ms: 10,
+            params,
+            machine: MachineConfig::default(),
+            storage: StorageConfig::default(),
+            command_bytes_max: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            requests_queued_max: 16_384,
+            requests_pending_max: 65_536,
+            peer_info_interval_ms: 500,
+            state_hash_interval_ms: 200,
+            retry_after_ms: 500,
+            frame_bytes_max: 64 * 1024 * 1024,
+            events_per_turn_max: 1024,
+        }
+    }
+
+    /// The transport's 64-bit cluster id: FNV-1a of the cluster name (stable across
+    /// builds and platforms, unlike `std`'s hasher).
+    pub fn cluster_hash(&self) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.cluster_id.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash
+    }
+}

@@ -1,0 +1,686 @@
+//! The core task: the one place that owns the `paxos::Replica` and the applier over the
+//! Wasm application, and performs the core's actions in the order it emits them.
+//!
+//! Data flow (see docs/notes/node.md for the figure):
+//! - client requests arrive from `Node` (the `NodeApi` handle) on a bounded channel and
+//!   become `Event::Propose` / `Event::Read`;
+//! - peer payloads arrive from the transport, are decoded (`codec`) and become
+//!   `Event::Message`; a payload that does not decode is logged and dropped;
+//! - a `tokio` interval produces `Event::Tick`;
+//! - `Action::Persist` is queued to the store (group commit); a waiter task awaits the
+//!   completions in issue order and feeds `Event::Persisted` back, so the core sees
+//!   persists complete in order, as it requires;
+//! - `Action::Send` is encoded and queued to the transport, `Action::Apply` runs the
+//!   applier and answers the waiting requests of this node, `Action::Reply` answers reads
+//!   and refusals.
+//!
+//! Invariant: actions are performed strictly in order. Replies that depend on durable
+//! state are released by the core only after `Event::Persisted`, so nothing is
+//! acknowledged before it is durable on a quorum.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::net::Transport;
+use crate::paxos::{
+    Action, Applier, Ballot, Command, Event, IdempotencyKey, Message, NodeId, Origin, Outcome,
+    PersistRecord, ReadMode, Replica, RequestId, Slot, Value,
+};
+use crate::storage::{self, Pending, Store, WriteBatch};
+
+use super::app::{AppResult, WasmApp};
+use super::codec::{self, PeerInfo, WireMessage};
+use super::handle::{
+    CommandError, CommandOk, DeployError, DeployOk, LeaderHint, QueryError, QueryOk,
+};
+use super::service::{Counters, Published};
+
+/// What the `Node` handle asks of the core task.
+pub(crate) enum Request {
+    Command {
+        payload: Vec<u8>,
+        key: Option<IdempotencyKey>,
+        reply: oneshot::Sender<Result<CommandOk, CommandError>>,
+    },
+    Deploy {
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<DeployOk, DeployError>>,
+    },
+    /// `mode: None` is a stale read, served from the local applied state.
+    Query {
+        payload: Vec<u8>,
+        mode: Option<ReadMode>,
+        reply: oneshot::Sender<Result<QueryOk, QueryError>>,
+    },
+}
+
+enum Waiter {
+    Command(oneshot::Sender<Result<CommandOk, CommandError>>),
+    Deploy(oneshot::Sender<Result<DeployOk, DeployError>>),
+    Query {
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<QueryOk, QueryError>>,
+    },
+}
+
+impl Waiter {
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiter::Command(reply) => reply.is_closed(),
+            Waiter::Deploy(reply) => reply.is_closed(),
+            Waiter::Query { reply, .. } => reply.is_closed(),
+        }
+    }
+}
+
+/// What the core knows about one peer beyond consensus.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PeerSeen {
+    pub http: Option<String>,
+    pub chosen_index: Option<Slot>,
+    pub applied_index: Option<Slot>,
+}
+
+pub(crate) struct Core {
+    pub id: NodeId,
+    pub replica: Replica,
+    pub applier: Applier<WasmApp>,
+    pub store: Arc<Store>,
+    pub transport: Arc<Transport>,
+    pub http_advertise: String,
+    pub requests: mpsc::Receiver<Request>,
+    pub inbound: mpsc::Receiver<(NodeId, Bytes)>,
+    pub published: Arc<Mutex<Published>>,
+    pub counters: Arc<Counters>,
+    pub shutdown: watch::Receiver<bool>,
+    pub tick_ms: u64,
+    pub retry_after_ms: u64,
+    pub requests_pending_max: usize,
+    pub peer_info_interval_ms: u64,
+    pub state_hash_interval_ms: u64,
+    pub events_per_turn_max: usize,
+    /// First request id of this incarnation; see `first_request_id`.
+    pub next_request: RequestId,
+}
+
+struct Loop {
+    core: Core,
+    persist_queue: mpsc::UnboundedSender<(u64, Pending)>,
+    persisted: mpsc::UnboundedReceiver<u64>,
+    waiters: HashMap<RequestId, Waiter>,
+    actions: Vec<Action>,
+    replies: Vec<(RequestId, Vec<u8>)>,
+    peers: BTreeMap<NodeId, PeerSeen>,
+    leader_seen: Option<NodeId>,
+    hashed_index: Option<Slot>,
+    app_version_published: u64,
+}
+
+/// A request id no earlier incarnation of this node used with high probability: commands
+/// proposed before a crash may still be applied after the restart, and their `Origin`
+/// must not match a new request's id.
+pub(crate) fn first_request_id(id: NodeId) -> RequestId {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut rng = crate::paxos::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32) ^ id);
+    // Leave room below u64::MAX so the counter never wraps within a lifetime.
+    rng.next_u64() >> 2
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the core until shutdown is signalled. Returns after the last queued persist was
+/// handed to the store.
+pub(crate) async fn run(core: Core) {
+    let (persist_queue, persist_rx) = mpsc::unbounded_channel();
+    let (persisted_tx, persisted) = mpsc::unbounded_channel();
+    let waiter = tokio::spawn(await_persists(persist_rx, persisted_tx));
+    let mut state = Loop {
+        core,
+        persist_queue,
+        persisted,
+        waiters: HashMap::new(),
+        actions: Vec::new(),
+        replies: Vec::new(),
+        peers: BTreeMap::new(),
+        leader_seen: None,
+        hashed_index: None,
+        app_version_published: u64::MAX,
+    };
+    state.main().await;
+    drop(state);
+    // The waiter ends once the queue is closed and every completion has arrived.
+    let _ = waiter.await;
+}
+
+/// Awaits persist completions in the order they were issued and reports each token.
+/// A failed write is fail-stop inside the store (the process aborts); if a test store
+/// returned instead, stop reporting: nothing after it may be treated as durable.
+async fn await_persists(
+    mut queue: mpsc::UnboundedReceiver<(u64, Pending)>,
+    persisted: mpsc::UnboundedSender<u64>,
+) {
+    while let Some((token, pending)) = queue.recv().await {
+        if let Err(error) = pending.await {
+            tracing::error!(%error, token, "persist failed; the replica stops acknowledging");
+            return;
+        }
+        if persisted.send(token).is_err() {
+            return;
+        }
+    }
+}
+
+impl Loop {
+    async fn main(&mut self) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.core.tick_ms));
+        // Burst (the default): after a stall the missed ticks are delivered, so ticks
+        // keep up with real time and a leader's lease never outlives its real duration.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let info_every_ticks = (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
+        let hash_every_ticks = (self.core.state_hash_interval_ms / self.core.tick_ms).max(1);
+        let mut ticks: u64 = 0;
+        let mut shutdown = self.core.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some(token) = self.persisted.recv() => {
+                    self.step(Event::Persisted { token });
+                }
+                Some((from, payload)) = self.core.inbound.recv() => {
+                    self.on_inbound(from, &payload);
+                }
+                Some(request) = self.core.requests.recv() => {
+                    self.on_request(request);
+                }
+                _ = ticker.tick() => {
+                    ticks += 1;
+                    self.step(Event::Tick { now_ms: now_ms() });
+                    if ticks % info_every_ticks == 0 {
+                        self.send_peer_info();
+                        self.waiters.retain(|_, waiter| !waiter.is_closed());
+                    }
+                    if ticks % hash_every_ticks == 0 {
+                        self.refresh_state_hash();
+                    }
+                }
+            }
+            self.drain_ready();
+            self.perform().await;
+            self.publish();
+        }
+    }
+
+    /// Takes whatever else is already waiting, so a burst shares one pass of actions
+    /// (and the store can group its persists).
+    fn drain_ready(&mut self) {
+        for _ in 0..self.core.events_per_turn_max {
+            let mut progressed = false;
+            if let Ok(token) = self.persisted.try_recv() {
+                self.step(Event::Persisted { token });
+                progressed = true;
+            }
+            if let Ok((from, payload)) = self.core.inbound.try_recv() {
+                self.on_inbound(from, &payload);
+                progressed = true;
+            }
+            if let Ok(request) = self.core.requests.try_recv() {
+                self.on_request(request);
+                progressed = true;
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn step(&mut self, event: Event) {
+        self.core.replica.handle(event, &mut self.actions);
+    }
+
+    fn on_inbound(&mut self, from: NodeId, payload: &[u8]) {
+        match codec::decode_wire(payload) {
+            Ok(WireMessage::Paxos(msg)) => self.step(Event::Message { from, msg }),
+            Ok(WireMessage::Info(info)) => {
+                let seen = self.peers.entry(from).or_default();
+                seen.http = Some(info.http);
+                seen.chosen_index = Some(info.chosen_index);
+                seen.applied_index = Some(info.applied_index);
+            }
+            Err(error) => {
+                self.core.counters.add(&self.core.counters.decode_errors, 1);
+                tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
+            }
+        }
+    }
+
+    fn new_request_id(&mut self) -> RequestId {
+        let id = self.core.next_request;
+        self.core.next_request += 1;
+        id
+    }
+
+    fn on_request(&mut self, request: Request) {
+        if self.waiters.len() >= self.core.requests_pending_max {
+            let reason = format!(
+                "{} requests are waiting at this replica",
+                self.waiters.len()
+            );
+            self.refuse(request, reason);
+            return;
+        }
+        let request_id = self.new_request_id();
+        let origin = Origin {
+            node: self.core.id,
+            request: request_id,
+        };
+        match request {
+            Request::Command {
+                payload,
+                key,
+                reply,
+            } => {
+                self.waiters.insert(request_id, Waiter::Command(reply));
+                let command = Command {
+                    payload,
+                    idempotency_key: key,
+                    origin,
+                };
+                self.step(Event::Propose {
+                    request: request_id,
+                    command,
+                });
+            }
+            Request::Deploy { payload, reply } => {
+                self.waiters.insert(request_id, Waiter::Deploy(reply));
+                let command = Command {
+                    payload,
+                    idempotency_key: None,
+                    origin,
+                };
+                self.step(Event::Propose {
+                    request: request_id,
+                    command,
+                });
+            }
+            Request::Query {
+                payload,
+                mode: None,
+                reply,
+            } => {
+                let result = self.run_query(&payload);
+                let _ = reply.send(result);
+            }
+            Request::Query {
+                payload,
+                mode: Some(mode),
+                reply,
+            } => {
+                self.waiters
+                    .insert(request_id, Waiter::Query { payload, reply });
+                self.step(Event::Read {
+                    request: request_id,
+                    mode,
+                });
+            }
+        }
+    }
+
+    fn refuse(&self, request: Request, reason: String) {
+        let retry_after_ms = self.core.retry_after_ms;
+        match request {
+            Request::Command { reply, .. } => {
+                let _ = reply.send(Err(CommandError::Unavailable {
+                    reason,
+                    retry_after_ms,
+                }));
+            }
+            Request::Deploy { reply, .. } => {
+                let _ = reply.send(Err(DeployError::Unavailable {
+                    reason,
+                    retry_after_ms,
+                }));
+            }
+            Request::Query { reply, .. } => {
+                let _ = reply.send(Err(QueryError::Unavailable {
+                    reason,
+                    retry_after_ms,
+                }));
+            }
+        }
+    }
+
+    fn run_query(&mut self, payload: &[u8]) -> Result<QueryOk, QueryError> {
+        let applied_index = self.core.applier.applied_index;
+        match self.core.applier.machine.query(payload) {
+            None => Err(QueryError::NoModule),
+            Some(Ok(output)) => Ok(QueryOk {
+                applied_index,
+                output,
+            }),
+            Some(Err(error)) => Err(QueryError::Rejected { error }),
+        }
+    }
+
+    async fn perform(&mut self) {
+        let mut actions = std::mem::take(&mut self.actions);
+        for action in actions.drain(..) {
+            match action {
+                Action::Persist { token, record } => self.persist(token, record).await,
+                Action::Send { to, msg } => self.send(to, &msg),
+                Action::Apply { slot, value } => self.apply(slot, &value),
+                Action::Reply { request, outcome } => self.reply(request, outcome),
+                Action::SendSnapshot { to, slot } => {
+                    // The core emits this only once the log is compacted (a later issue).
+                    tracing::error!(to, slot, "snapshot transfer requested but not implemented");
+                }
+            }
+        }
+        // Keep the allocation for the next turn.
+        self.actions = actions;
+    }
+
+    async fn persist(&mut self, token: u64, record: PersistRecord) {
+        let entries = record.entries.len() as u64;
+        let batch = WriteBatch {
+            promised: record.promised.map(|b| storage::Ballot {
+                round: b.round,
+                node: b.node,
+            }),
+            accepted: record
+                .entries
+                .iter()
+                .map(|(slot, entry)| (*slot, codec::encode_entry(entry)))
+                .collect(),
+            chosen: record.chosen_index,
+            meta: Vec::new(),
+            delete_below: None,
+        };
+        let counters = &self.core.counters;
+        counters.add(&counters.persists, 1);
+        counters.add(&counters.persist_entries, entries);
+        match self.core.store.submit(batch).await {
+            Ok(pending) => {
+                self.persist_queue
+                    .send((token, pending))
+                    .expect("the persist waiter lives as long as the core");
+            }
+            Err(error) => {
+                // The store is fail-stop: it only returns after a failure when a test
+                // asked it to. Continuing would acknowledge what is not durable.
+                tracing::error!(%error, "the store refused a write; stopping");
+                std::process::abort();
+            }
+        }
+    }
+
+    fn send(&mut self, to: NodeId, msg: &Message) {
+        let payload = codec::encode_paxos(msg);
+        if let Err(error) = self.core.transport.send(to, Bytes::from(payload)) {
+            tracing::debug!(to, %error, "peer message not queued");
+        }
+    }
+
+    fn apply(&mut self, slot: Slot, value: &Value) {
+        let started = Instant::now();
+        self.core.applier.apply(slot, value, &mut self.replies);
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        let counters = &self.core.counters;
+        counters.add(&counters.slots_applied, 1);
+        if let Value::Batch(batch) = value {
+            counters.add(&counters.commands_applied, batch.commands.len() as u64);
+            counters.add(&counters.apply_us, elapsed_us);
+        }
+        let mut replies = std::mem::take(&mut self.replies);
+        for (request, result) in replies.drain(..) {
+            self.complete(request, slot, AppResult::decode(&result));
+        }
+        self.replies = replies;
+    }
+
+    fn complete(&mut self, request: RequestId, slot: Slot, result: AppResult) {
+        let Some(waiter) = self.waiters.remove(&request) else {
+            return;
+        };
+        match waiter {
+            Waiter::Command(reply) => {
+                let answer = match result {
+                    AppResult::Output(output) => Ok(CommandOk {
+                        index: slot,
+                        output,
+                    }),
+                    AppResult::Rejected(error) => {
+                        Err(CommandError::Rejected { index: slot, error })
+                    }
+                    AppResult::NoModule => Err(CommandError::NoModule),
+                    AppResult::StaleDuplicate => Err(CommandError::Rejected {
+                        index: slot,
+                        error: "stale duplicate: this idempotency key's result is no longer kept"
+                            .into(),
+                    }),
+                    AppResult::Installed { .. } | AppResult::InstallFailed { .. } => {
+                        panic!("a command envelope produced a module result")
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Waiter::Deploy(reply) => {
+                let answer = match result {
+                    AppResult::Installed { module } => Ok(DeployOk {
+                        module,
+                        index: slot,
+                    }),
+                    AppResult::InstallFailed { reason } => Err(DeployError::MigrationFailed {
+                        index: slot,
+                        reason,
+                    }),
+                    other => panic!("a module install produced {other:?}"),
+                };
+                let _ = reply.send(answer);
+            }
+            Waiter::Query { .. } => {
+                panic!("query request {request} answered by an applied command")
+            }
+        }
+    }
+
+    fn leader_hint(&self, leader: Option<NodeId>) -> Option<LeaderHint> {
+        let id = leader?;
+        let http = self.peers.get(&id)?.http.clone()?;
+        Some(LeaderHint { id, http })
+    }
+
+    fn reply(&mut self, request: RequestId, outcome: Outcome) {
+        let Some(waiter) = self.waiters.remove(&request) else {
+            return;
+        };
+        let retry_after_ms = self.core.retry_after_ms;
+        match (waiter, outcome) {
+            (Waiter::Query { payload, reply }, Outcome::ReadReady) => {
+                let result = self.run_query(&payload);
+                let _ = reply.send(result);
+            }
+            (Waiter::Query { reply, .. }, Outcome::NotLeader { leader_hint }) => {
+                let answer = match self.leader_hint(leader_hint) {
+                    Some(leader) => QueryError::NotLeader {
+                        leader: Some(leader),
+                    },
+                    None => QueryError::Unavailable {
+                        reason: "no leader is known".into(),
+                        retry_after_ms,
+                    },
+                };
+                let _ = reply.send(Err(answer));
+            }
+            (Waiter::Query { reply, .. }, Outcome::Busy) => {
+                let _ = reply.send(Err(QueryError::Unavailable {
+                    reason: "the leader has too many reads waiting".into(),
+                    retry_after_ms,
+                }));
+            }
+            (Waiter::Command(reply), outcome) => {
+                let _ = reply.send(Err(CommandError::Unavailable {
+                    reason: refusal(&outcome),
+                    retry_after_ms,
+                }));
+            }
+            (Waiter::Deploy(reply), outcome) => {
+                let _ = reply.send(Err(DeployError::Unavailable {
+                    reason: refusal(&outcome),
+                    retry_after_ms,
+                }));
+            }
+        }
+    }
+
+    /// After a leader change, a command forwarded to (or proposed by) the old leader
+    /// may never be decided, or be decided much later: answer its client now with
+    /// `Unknown`, so it retries promptly (with the same Idempotency-Key, never twice).
+    fn fail_in_flight(&mut self) {
+        let in_flight: Vec<RequestId> = self
+            .waiters
+            .iter()
+            .filter(|(_, waiter)| !matches!(waiter, Waiter::Query { .. }))
+            .map(|(request, _)| *request)
+            .collect();
+        for request in in_flight {
+            let reason = "the leader changed while this was in flight; it may or may not be \
+                          applied (retry with the same Idempotency-Key)"
+                .to_string();
+            match self.waiters.remove(&request) {
+                Some(Waiter::Command(reply)) => {
+                    let _ = reply.send(Err(CommandError::Unknown { reason }));
+                }
+                Some(Waiter::Deploy(reply)) => {
+                    let _ = reply.send(Err(DeployError::Unknown { reason }));
+                }
+                _ => unreachable!("only commands and deploys were selected"),
+            }
+        }
+    }
+
+    fn send_peer_info(&mut self) {
+        let status = self.core.replica.status();
+        let info = WireMessage::Info(PeerInfo {
+            http: self.core.http_advertise.clone(),
+            chosen_index: status.chosen_index,
+            applied_index: self.core.applier.applied_index,
+        });
+        let payload = Bytes::from(codec::encode_wire(&info));
+        for peer in self.core.transport.peers().keys() {
+            let _ = self.core.transport.send(*peer, payload.clone());
+        }
+    }
+
+    fn refresh_state_hash(&mut self) {
+        let applied = self.core.applier.applied_index;
+        if self.hashed_index == Some(applied) {
+            return;
+        }
+        let Some(hash) = self.core.applier.machine.state_hash() else {
+            return;
+        };
+        self.hashed_index = Some(applied);
+        self.core
+            .published
+            .lock()
+            .expect("published state lock poisoned")
+            .state_hash = Some((applied, hash));
+    }
+
+    fn publish(&mut self) {
+        let status = self.core.replica.status();
+        let leader = match status.leading {
+            Some(_) => Some(self.core.id),
+            None => status.leader_hint,
+        };
+        if leader != self.leader_seen {
+            if leader.is_some() {
+                self.core
+                    .counters
+                    .add(&self.core.counters.leader_changes, 1);
+            }
+            tracing::info!(node = self.core.id, leader = ?leader, "leader changed");
+            self.leader_seen = leader;
+            self.fail_in_flight();
+        }
+        let mut published = self
+            .core
+            .published
+            .lock()
+            .expect("published state lock poisoned");
+        published.role = if status.leading.is_some() {
+            "leader"
+        } else {
+            "follower"
+        };
+        published.leader = leader;
+        published.ballot = status.leading.unwrap_or(status.promised);
+        published.commit_index = status.chosen_index;
+        published.applied_index = self.core.applier.applied_index;
+        published.requests_pending = self.waiters.len();
+        published.dedup_clients = self.core.applier.dedup.clients();
+        published.peers.clone_from(&self.peers);
+        let app = &self.core.applier.machine;
+        if app.version != self.app_version_published {
+            published.module = app.current().cloned();
+            published.history = app.history().to_vec();
+            self.app_version_published = app.version;
+        }
+    }
+}
+
+fn refusal(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::NotLeader { .. } => "no leader is known; retry shortly".into(),
+        Outcome::Busy => "the leader's proposal queue is full".into(),
+        Outcome::ReadReady => panic!("a command answered ReadReady"),
+    }
+}
+
+/// Folds what the store recovered into the core's durable state.
+pub(crate) fn durable_state(
+    recovered: &storage::Recovered,
+) -> anyhow::Result<crate::paxos::DurableState> {
+    let mut durable = crate::paxos::DurableState {
+        promised: recovered
+            .promised
+            .map(|b| Ballot {
+                round: b.round,
+                node: b.node,
+            })
+            .unwrap_or(Ballot::ZERO),
+        chosen_index: recovered.chosen.unwrap_or(0),
+        ..Default::default()
+    };
+    anyhow::ensure!(
+        recovered.log_start <= 1,
+        "the store was compacted to slot {}, and this build cannot restore snapshots",
+        recovered.log_start
+    );
+    for (slot, bytes) in &recovered.accepted {
+        let entry = codec::decode_entry(bytes)
+            .map_err(|error| anyhow::anyhow!("stored entry of slot {slot} is corrupt: {error}"))?;
+        durable.log.insert(*slot, entry);
+    }
+    for slot in 1..=durable.chosen_index {
+        anyhow::ensure!(
+            durable.log.contains_key(&slot),
+            "the store's chosen index is {} but slot {slot} is missing",
+            durable.chosen_index
+        );
+    }
+    Ok(durable)
+}

@@ -1,0 +1,646 @@
+//! `Node`: the running replica as its front ends see it (`NodeApi`), and `start`, which
+//! opens the store, recovers, starts the transport and spawns the core task.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::machine::{Machine, MachineConfig};
+use crate::net::{Transport, TransportConfig};
+use crate::paxos::{
+    Applier, Ballot, Configuration, IdempotencyKey, NodeId, ReadMode, Replica, SplitMix64,
+};
+use crate::storage::Store;
+
+use super::app::{command_envelope, install_envelope, WasmApp};
+use super::config::NodeConfig;
+use super::handle::{
+    AppInfo, ClusterView, CommandError, CommandOk, CommandRequest, Consistency, DeployError,
+    DeployOk, MemberView, ModuleEvent, NodeApi, PeerView, QueryError, QueryOk, Readiness,
+    StatusView,
+};
+use super::runtime::{self, Core, PeerSeen, Request};
+
+/// Monotone counters of the runtime, read by `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commands_applied: AtomicU64,
+    pub slots_applied: AtomicU64,
+    /// Time spent applying batches, summed.
+    pub apply_us: AtomicU64,
+    pub persists: AtomicU64,
+    pub persist_entries: AtomicU64,
+    pub leader_changes: AtomicU64,
+    pub decode_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(&self, counter: &AtomicU64, amount: u64) {
+        counter.fetch_add(amount, Ordering::Relaxed);
+    }
+}
+
+/// What the core task last published about itself.
+#[derive(Clone, Debug)]
+pub(crate) struct Published {
+    pub role: &'static str,
+    pub leader: Option<NodeId>,
+    pub ballot: Ballot,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub module: Option<(String, u64)>,
+    pub history: Vec<ModuleEvent>,
+    pub state_hash: Option<(u64, String)>,
+    pub peers: BTreeMap<NodeId, PeerSeen>,
+    pub requests_pending: usize,
+    pub dedup_clients: usize,
+}
+
+struct Inner {
+    id: NodeId,
+    http_advertise: String,
+    members: BTreeMap<NodeId, std::net::SocketAddr>,
+    requests: mpsc::Sender<Request>,
+    published: Arc<Mutex<Published>>,
+    counters: Arc<Counters>,
+    store: Arc<Store>,
+    transport: Option<Arc<Transport>>,
+    machine: MachineConfig,
+    command_bytes_max: usize,
+    request_timeout: Duration,
+    retry_after_ms: u64,
+}
+
+/// A running replica. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// Stops the core task; see `Running::stop`.
+pub struct Running {
+    shutdown: watch::Sender<bool>,
+    core: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the core after its current turn (queued persists still complete) and waits.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(core) = self.core.take() {
+            let _ = core.await;
+        }
+    }
+}
+
+/// Maps an `Idempotency-Key` header to the core's dedup key: the client id is the first
+/// 8 bytes (little-endian) of SHA-256("paxwasm-idempotency-key-v1\0" ‖ key) and the
+/// sequence number is always 1. Every key is thus its own client with one request, so a
+/// retry is a duplicate of the first (same result, never applied twice), deterministically
+/// on every replica; the table is bounded by the core (`DEDUP_CLIENTS_MAX`, oldest
+/// evicted first). Distinct keys collide with probability about n²/2⁶⁵.
+pub fn idempotency_key(key: &str) -> IdempotencyKey {
+    let mut hasher = Sha256::new();
+    hasher.update(b"paxwasm-idempotency-key-v1\0");
+    hasher.update(key.as_bytes());
+    let digest = hasher.finalize();
+    let client = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes of a digest"));
+    IdempotencyKey { client, seq: 1 }
+}
+
+/// Opens the store in `config.data_dir` (refusing another node's or cluster's), rebuilds
+/// the core from it, starts the peer transport and the core task.
+pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let (store, recovered) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            Store::open_with(
+                config.storage.clone(),
+                &config.data_dir,
+                &config.cluster_id,
+                config.id,
+            )
+        })
+        .await
+        .expect("store open task panicked")
+        .map_err(|error| anyhow::anyhow!("{error}"))?
+    };
+    let store = Arc::new(store);
+    let durable = runtime::durable_state(&recovered)?;
+    tracing::info!(
+        node = config.id,
+        promised = ?durable.promised,
+        entries = durable.log.len(),
+        chosen_index = durable.chosen_index,
+        "recovered acceptor state; chosen slots are replayed through the machine"
+    );
+
+    let published = Arc::new(Mutex::new(Published {
+        role: if config.members.is_empty() {
+            "learner"
+        } else {
+            "follower"
+        },
+        leader: None,
+        ballot: durable.promised,
+        commit_index: durable.chosen_index,
+        applied_index: 0,
+        module: None,
+        history: Vec::new(),
+        state_hash: None,
+        peers: BTreeMap::new(),
+        requests_pending: 0,
+        dedup_clients: 0,
+    }));
+    let counters = Arc::new(Counters::default());
+    let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut transport_config =
+        TransportConfig::new(config.id, config.cluster_hash(), config.peer_listen);
+    transport_config.peers = config
+        .members
+        .iter()
+        .filter(|(id, _)| **id != config.id)
+        .map(|(id, addr)| (*id, *addr))
+        .collect();
+    transport_config.frame_bytes_max = config.frame_bytes_max;
+    transport_config.queue_bytes_max = transport_config
+        .queue_bytes_max
+        .max(2 * config.frame_bytes_max as usize);
+    let (transport, inbound) = Transport::start(transport_config).await?;
+    let transport = Arc::new(transport);
+
+    let core = if config.members.is_empty() {
+        tracing::info!(
+            node = config.id,
+            "no --cluster given: waiting to be added to a cluster by a membership change"
+        );
+        drop(requests_rx);
+        None
+    } else {
+        anyhow::ensure!(
+            config.members.contains_key(&config.id),
+            "--cluster does not name this node's id {}",
+            config.id
+        );
+        let seed = SplitMix64::new(runtime::first_request_id(config.id)).next_u64();
+        let replica = Replica::restart(
+            config.id,
+            Configuration::new(config.members.keys().copied()),
+            config.params.clone(),
+            seed,
+            durable,
+        );
+        let applier = Applier::new(config.id, WasmApp::new(config.machine.clone()));
+        let core = Core {
+            id: config.id,
+            replica,
+            applier,
+            store: store.clone(),
+            transport: transport.clone(),
+            http_advertise: config.http_advertise.clone(),
+            requests: requests_rx,
+            inbound,
+            published: published.clone(),
+            counters: counters.clone(),
+            shutdown: shutdown_rx,
+            tick_ms: config.tick_ms,
+            retry_after_ms: config.retry_after_ms,
+            requests_pending_max: config.requests_pending_max,
+            peer_info_interval_ms: config.peer_info_interval_ms,
+            state_hash_interval_ms: config.state_hash_interval_ms,
+            events_per_turn_max: config.events_per_turn_max,
+            next_request: runtime::first_request_id(config.id),
+        };
+        Some(tokio::spawn(runtime::run(core)))
+    };
+    let node = Node {
+        inner: Arc::new(Inner {
+            id: config.id,
+            http_advertise: config.http_advertise.clone(),
+            members: config.members.clone(),
+            requests: requests_tx,
+            published,
+            counters,
+            store,
+            transport: Some(transport),
+            machine: config.machine.clone(),
+            command_bytes_max: config.command_bytes_max,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            retry_after_ms: config.retry_after_ms,
+        }),
+    };
+    Ok((
+        node,
+        Running {
+            shutdown: shutdown_tx,
+            core,
+        },
+    ))
+}
+
+impl Node {
+    fn published(&self) -> Published {
+        self.inner
+            .published
+            .lock()
+            .expect("published state lock poisoned")
+            .clone()
+    }
+
+    fn unavailable_reason(&self) -> String {
+        if self.inner.members.is_empty() {
+            "this node is not a member of a cluster yet".into()
+        } else {
+            "the replica is shutting down".into()
+        }
+    }
+
+    /// Sends `request` to the core and waits for the answer, at most the request timeout.
+    /// `Err(None)`: the core did not take it (queue full or stopped); `Err(Some(()))`:
+    /// the timeout passed with no answer.
+    async fn ask<T>(
+        &self,
+        request: Request,
+        answer: oneshot::Receiver<T>,
+    ) -> Result<T, Option<String>> {
+        match self.inner.requests.try_send(request) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(Some("the replica's request queue is full".into()))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Some(self.unavailable_reason()))
+            }
+        }
+        match tokio::time::timeout(self.inner.request_timeout, answer).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(Some(self.unavailable_reason())),
+            Err(_) => Err(None),
+        }
+    }
+}
+
+/// `ask`'s error: `Some(reason)` means "never taken" (503), `None` means "timed out" (504).
+type AskError = Option<String>;
+
+impl NodeApi for Node {
+    async fn submit(&self, request: CommandRequest) -> Result<CommandOk, CommandError> {
+        if request.payload.len() > self.inner.command_bytes_max {
+            return Err(CommandError::TooLarge {
+                limit_bytes: self.inner.command_bytes_max,
+            });
+        }
+        if self.published().module.is_none() {
+            return Err(CommandError::NoModule);
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Command {
+            payload: command_envelope(&request.payload),
+            key: request.idempotency_key.as_deref().map(idempotency_key),
+            reply,
+        };
+        self.ask(request, answer)
+            .await
+            .unwrap_or_else(|error: AskError| {
+                Err(match error {
+                    Some(reason) => CommandError::Unavailable {
+                        reason,
+                        retry_after_ms: self.inner.retry_after_ms,
+                    },
+                    None => CommandError::Unknown {
+                        reason: format!(
+                            "no outcome within {} ms; the command may or may not be applied",
+                            self.inner.request_timeout.as_millis()
+                        ),
+                    },
+                })
+            })
+    }
+
+    async fn query(
+        &self,
+        payload: Vec<u8>,
+        consistency: Consistency,
+    ) -> Result<QueryOk, QueryError> {
+        if payload.len() > self.inner.command_bytes_max {
+            return Err(QueryError::Rejected {
+                error: format!(
+                    "query of {} bytes exceeds the limit of {} bytes",
+                    payload.len(),
+                    self.inner.command_bytes_max
+                ),
+            });
+        }
+        let mode = match consistency {
+            Consistency::Linearizable => Some(ReadMode::ReadIndex),
+            Consistency::Lease => Some(ReadMode::Lease),
+            Consistency::Stale => None,
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Query {
+            payload,
+            mode,
+            reply,
+        };
+        self.ask(request, answer)
+            .await
+            .unwrap_or_else(|error: AskError| {
+                Err(QueryError::Unavailable {
+                    reason: error.unwrap_or_else(|| {
+                        format!(
+                            "no answer within {} ms",
+                            self.inner.request_timeout.as_millis()
+                        )
+                    }),
+                    retry_after_ms: self.inner.retry_after_ms,
+                })
+            })
+    }
+
+    async fn deploy(&self, module: Vec<u8>, migrate: bool) -> Result<DeployOk, DeployError> {
+        let limit_bytes = self.inner.machine.module_bytes_max as usize;
+        if module.len() > limit_bytes {
+            return Err(DeployError::TooLarge { limit_bytes });
+        }
+        // Validate here, off the core task: compiling takes a while and an invalid module
+        // must never enter the log.
+        let config = self.inner.machine.clone();
+        let (module, checked) = tokio::task::spawn_blocking(move || {
+            let checked = Machine::load(&module, &config).map(drop);
+            (module, checked)
+        })
+        .await
+        .expect("module validation task panicked");
+        if let Err(error) = checked {
+            return Err(DeployError::Invalid {
+                reason: error.to_string(),
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Deploy {
+            payload: install_envelope(&module, migrate),
+            reply,
+        };
+        self.ask(request, answer)
+            .await
+            .unwrap_or_else(|error: AskError| {
+                Err(match error {
+                    Some(reason) => DeployError::Unavailable {
+                        reason,
+                        retry_after_ms: self.inner.retry_after_ms,
+                    },
+                    None => DeployError::Unknown {
+                        reason: format!(
+                            "no outcome within {} ms; the module may or may not be installed",
+                            self.inner.request_timeout.as_millis()
+                        ),
+                    },
+                })
+            })
+    }
+
+    fn app(&self) -> AppInfo {
+        let published = self.published();
+        AppInfo {
+            module: published.module.as_ref().map(|(id, _)| id.clone()),
+            index: published.module.as_ref().map(|(_, index)| *index),
+            history: published.history,
+        }
+    }
+
+    fn status(&self) -> StatusView {
+        let published = self.published();
+        let transport = self.inner.transport.as_ref().map(|t| t.metrics());
+        let peers = self
+            .inner
+            .members
+            .iter()
+            .filter(|(id, _)| **id != self.inner.id)
+            .map(|(id, addr)| {
+                let seen = published.peers.get(id).cloned().unwrap_or_default();
+                PeerView {
+                    id: *id,
+                    peer: addr.to_string(),
+                    http: seen.http.unwrap_or_default(),
+                    connected: transport
+                        .as_ref()
+                        .and_then(|t| t.peers.get(id))
+                        .is_some_and(|p| p.connected),
+                    chosen_index: seen.chosen_index,
+                }
+            })
+            .collect();
+        StatusView {
+            id: self.inner.id,
+            role: published.role.to_string(),
+            leader: published.leader,
+            ballot: (published.ballot.round, published.ballot.node),
+            commit_index: published.commit_index,
+            applied_index: published.applied_index,
+            module: published.module.map(|(id, _)| id),
+            state_hash: published.state_hash,
+            peers,
+        }
+    }
+
+    fn cluster(&self) -> ClusterView {
+        let published = self.published();
+        let members = self
+            .inner
+            .members
+            .iter()
+            .map(|(id, addr)| MemberView {
+                id: *id,
+                role: "voter".into(),
+                peer: addr.to_string(),
+                http: if *id == self.inner.id {
+                    self.inner.http_advertise.clone()
+                } else {
+                    published
+                        .peers
+                        .get(id)
+                        .and_then(|seen| seen.http.clone())
+                        .unwrap_or_default()
+                },
+            })
+            .collect();
+        ClusterView {
+            members,
+            leader: published.leader,
+        }
+    }
+
+    fn readiness(&self) -> Readiness {
+        let published = self.published();
+        let reason = if self.inner.members.is_empty() {
+            Some("not a member of a cluster yet".to_string())
+        } else if published.leader.is_none() {
+            Some("no leader is known".to_string())
+        } else if published.applied_index < published.commit_index {
+            Some(format!(
+                "applied index {} is behind the commit index {}",
+                published.applied_index, published.commit_index
+            ))
+        } else {
+            None
+        };
+        Readiness {
+            ready: reason.is_none(),
+            reason,
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let published = self.published();
+        let c = &self.inner.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let storage = self.inner.store.metrics();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        };
+        metric(
+            "paxwasm_commands_applied_total",
+            "counter",
+            "Client commands applied (commits).",
+            get(&c.commands_applied),
+        );
+        metric(
+            "paxwasm_slots_applied_total",
+            "counter",
+            "Log slots applied (batches and no-ops).",
+            get(&c.slots_applied),
+        );
+        metric(
+            "paxwasm_apply_us_total",
+            "counter",
+            "Microseconds spent applying batches in the Wasm machine.",
+            get(&c.apply_us),
+        );
+        metric(
+            "paxwasm_persists_total",
+            "counter",
+            "Persist actions issued by the core.",
+            get(&c.persists),
+        );
+        metric(
+            "paxwasm_persist_entries_total",
+            "counter",
+            "Log entries in those persists.",
+            get(&c.persist_entries),
+        );
+        metric(
+            "paxwasm_storage_syncs_total",
+            "counter",
+            "fdatasync calls of the store (group commits).",
+            storage.syncs,
+        );
+        metric(
+            "paxwasm_storage_batches_total",
+            "counter",
+            "Write batches made durable by the store.",
+            storage.batches,
+        );
+        metric(
+            "paxwasm_storage_group_batches_max",
+            "gauge",
+            "Most batches that shared one sync.",
+            storage.group_batches_max,
+        );
+        metric(
+            "paxwasm_storage_sync_us_total",
+            "counter",
+            "Microseconds spent in fdatasync.",
+            storage.sync_time_us,
+        );
+        metric(
+            "paxwasm_storage_queue_depth",
+            "gauge",
+            "Write batches waiting for the committer.",
+            storage.queue_depth,
+        );
+        metric(
+            "paxwasm_leader_changes_total",
+            "counter",
+            "Times this replica saw a new leader.",
+            get(&c.leader_changes),
+        );
+        metric(
+            "paxwasm_wire_decode_errors_total",
+            "counter",
+            "Peer payloads dropped because they did not decode.",
+            get(&c.decode_errors),
+        );
+        metric(
+            "paxwasm_requests_pending",
+            "gauge",
+            "Client requests waiting for an outcome at this replica.",
+            published.requests_pending as u64,
+        );
+        metric(
+            "paxwasm_dedup_clients",
+            "gauge",
+            "Idempotency keys remembered.",
+            published.dedup_clients as u64,
+        );
+        metric(
+            "paxwasm_commit_index",
+            "gauge",
+            "Highest slot known chosen.",
+            published.commit_index,
+        );
+        metric(
+            "paxwasm_applied_index",
+            "gauge",
+            "Highest slot applied.",
+            published.applied_index,
+        );
+        if let Some(transport) = &self.inner.transport {
+            let t = transport.metrics();
+            metric(
+                "paxwasm_peer_frames_sent_total",
+                "counter",
+                "Frames sent to peers.",
+                t.frames_sent(),
+            );
+            metric(
+                "paxwasm_peer_frames_dropped_total",
+                "counter",
+                "Frames dropped (queue full or broken connection).",
+                t.frames_dropped(),
+            );
+            metric(
+                "paxwasm_peer_frames_received_total",
+                "counter",
+                "Frames received from peers.",
+                t.frames_received,
+            );
+            metric(
+                "paxwasm_peer_reconnects_total",
+                "counter",
+                "Peer reconnections.",
+                t.reconnects(),
+            );
+            metric(
+                "paxwasm_peer_queue_frames",
+                "gauge",
+                "Frames queued to peers.",
+                t.queue_frames(),
+            );
+        }
+        out
+    }
+}

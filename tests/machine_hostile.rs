@@ -1,0 +1,402 @@
+//! The machine against hostile or broken guests, written in WAT: every failure
+//! is a canonical error, and a failed command leaves the state hash unchanged.
+
+use paxwasm::machine::{ApplyError, EntryContext, Machine, MachineConfig, Snapshot};
+
+/// A small config so the limits are reached quickly.
+fn config() -> MachineConfig {
+    MachineConfig {
+        memory_bytes_max: 16 << 20,
+        fuel_per_command: 2_000_000,
+        fuel_per_query: 2_000_000,
+        output_bytes_max: 64 << 10,
+        ..MachineConfig::default()
+    }
+}
+
+/// A guest whose `paxwasm_apply` body is `apply` (params `$ptr $len`, result
+/// i64) and whose alloc hands out the buffer at 1024. `extra` adds module
+/// fields (globals, functions, data, imports).
+fn guest(extra: &str, apply: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             {extra}
+             (memory (export "memory") 1)
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 1024))
+             (func (export "paxwasm_apply") (param $ptr i32) (param $len i32) (result i64) {apply}))"#
+    ))
+    .unwrap()
+}
+
+fn load(bytes: &[u8]) -> Machine {
+    Machine::load(bytes, &config()).unwrap()
+}
+
+fn entry() -> EntryContext {
+    EntryContext {
+        time_ms: 1_700_000_000_000,
+        seed: 42,
+    }
+}
+
+/// Returns `(ptr << 32) | len` for a result at `ptr` of `len` bytes.
+fn result(ptr: u32, len: u32) -> String {
+    format!("(i64.const {})", ((ptr as u64) << 32) | len as u64)
+}
+
+#[test]
+fn infinite_loop_runs_out_of_fuel_and_changes_nothing() {
+    let mut machine = load(&guest(
+        "",
+        "(i32.store (i32.const 0) (i32.const 7)) (loop (br 0)) (unreachable)",
+    ));
+    let before = machine.state_hash();
+    assert_eq!(machine.apply(b"x", entry()), Err(ApplyError::FuelExhausted));
+    assert_eq!(machine.state_hash(), before);
+    assert_eq!(ApplyError::FuelExhausted.to_string(), "fuel exhausted");
+}
+
+#[test]
+fn memory_bomb_hits_the_cap_without_growing_the_host() {
+    let bomb =
+        "(loop (br_if 0 (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) (unreachable)";
+    let mut machine = load(&guest("", bomb));
+    let before = machine.state_hash();
+    assert_eq!(
+        machine.apply(b"x", entry()),
+        Err(ApplyError::MemoryLimitExceeded)
+    );
+    assert_eq!(machine.state_hash(), before);
+    assert_eq!(
+        machine.snapshot().memory.len(),
+        65536,
+        "the failed growth was rolled back"
+    );
+    assert_eq!(
+        ApplyError::MemoryLimitExceeded.to_string(),
+        "memory limit exceeded"
+    );
+}
+
+/// Counts in memory at 0 and in a global; `boom` traps after writing both and
+/// growing memory; anything else increments and returns the count (4 bytes).
+fn counting_guest() -> Vec<u8> {
+    guest(
+        r#"(global $hidden (mut i32) (i32.const 0))"#,
+        &format!(
+            r#"(i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+               (global.set $hidden (i32.add (global.get $hidden) (i32.const 1)))
+               (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 98))   ;; 'b'
+                 (then (drop (memory.grow (i32.const 2))) (unreachable)))
+               (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 103))  ;; 'g'
+                 (then (drop (memory.grow (i32.const 1)))))
+               (i32.store (i32.const 8) (global.get $hidden))
+               {}"#,
+            result(8, 4)
+        ),
+    )
+}
+
+fn count(out: Vec<u8>) -> u32 {
+    u32::from_le_bytes(out.try_into().unwrap())
+}
+
+#[test]
+fn trap_after_writing_memory_and_globals_leaves_the_state_hash_unchanged() {
+    let mut machine = load(&counting_guest());
+    assert_eq!(count(machine.apply(b"a", entry()).unwrap()), 1);
+    assert_eq!(count(machine.apply(b"grow", entry()).unwrap()), 2);
+    let before = machine.state_hash();
+    let snapshot_before = machine.snapshot();
+    assert_eq!(
+        machine.apply(b"boom", entry()),
+        Err(ApplyError::Trap("unreachable"))
+    );
+    assert_eq!(machine.state_hash(), before);
+    assert_eq!(machine.snapshot(), snapshot_before);
+    // The machine goes on from the state before the failed command.
+    assert_eq!(count(machine.apply(b"a", entry()).unwrap()), 3);
+}
+
+#[test]
+fn rollback_replays_the_commands_since_the_last_checkpoint() {
+    // No state hash between commands, so the commands before the failure are
+    // only in the replay log when it happens.
+    let mut reference = load(&counting_guest());
+    let mut machine = load(&counting_guest());
+    for command in [&b"a"[..], b"grow", b"a", b"grow", b"a"] {
+        reference.apply(command, entry()).unwrap();
+        machine.apply(command, entry()).unwrap();
+    }
+    assert_eq!(
+        machine.apply(b"boom", entry()),
+        Err(ApplyError::Trap("unreachable"))
+    );
+    assert_eq!(machine.state_hash(), reference.state_hash());
+    assert_eq!(machine.apply(b"a", entry()), reference.apply(b"a", entry()));
+    assert_eq!(machine.state_hash(), reference.state_hash());
+}
+
+#[test]
+fn rollback_is_exact_with_frequent_checkpoints() {
+    let config = MachineConfig {
+        replay_commands_max: 2,
+        ..config()
+    };
+    let mut reference = Machine::load(&counting_guest(), &config).unwrap();
+    let mut machine = Machine::load(&counting_guest(), &config).unwrap();
+    for i in 0..9 {
+        let command: &[u8] = if i % 3 == 0 { b"grow" } else { b"a" };
+        reference.apply(command, entry()).unwrap();
+        machine.apply(command, entry()).unwrap();
+        assert!(machine.apply(b"boom", entry()).is_err());
+        assert_eq!(
+            machine.state_hash(),
+            reference.state_hash(),
+            "after command {i}"
+        );
+    }
+}
+
+#[test]
+fn unknown_imports_are_refused_by_name() {
+    let env = guest(
+        r#"(import "env" "now" (func (result i64)))"#,
+        "(i64.const 0)",
+    );
+    let error = Machine::load(&env, &config()).unwrap_err().to_string();
+    assert!(error.contains("`env.now`"), "{error}");
+    let clock = guest(
+        r#"(import "paxwasm" "clock" (func (result i64)))"#,
+        "(i64.const 0)",
+    );
+    let error = Machine::load(&clock, &config()).unwrap_err().to_string();
+    assert!(error.contains("`paxwasm.clock` is unknown"), "{error}");
+    let bad_signature = guest(
+        r#"(import "paxwasm" "entry_seed" (func (result i32)))"#,
+        "(i64.const 0)",
+    );
+    let error = Machine::load(&bad_signature, &config())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("`paxwasm.entry_seed` has signature () -> (i32), expected () -> (i64)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_agreed_imports_see_the_entry_context() {
+    let bytes = guest(
+        r#"(import "paxwasm" "entry_time_ms" (func $time (result i64)))
+           (import "paxwasm" "entry_seed" (func $seed (result i64)))
+           (import "paxwasm" "log" (func $log (param i32 i32)))"#,
+        &format!(
+            "(call $log (local.get $ptr) (local.get $len)) (i64.store (i32.const 0) (call $time)) (i64.store (i32.const 8) (call $seed)) {}",
+            result(0, 16)
+        ),
+    );
+    let mut machine = load(&bytes);
+    let out = machine
+        .apply(
+            b"hello",
+            EntryContext {
+                time_ms: 5,
+                seed: u64::MAX,
+            },
+        )
+        .unwrap();
+    assert_eq!(out[..8], 5i64.to_le_bytes());
+    assert_eq!(out[8..], u64::MAX.to_le_bytes());
+}
+
+#[test]
+fn structural_refusals_name_the_reason() {
+    let cases: [(&str, &str); 6] = [
+        (
+            r#"(module (memory 1) (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i64) (i64.const 0)))"#,
+            "the memory must be exported as `memory`",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0)))"#,
+            "required export `paxwasm_apply` is missing",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i32) (i32.const 0)))"#,
+            "export `paxwasm_apply` has signature (i32, i32) -> (i32), expected (i32, i32) -> (i64)",
+        ),
+        (
+            r#"(module (memory (export "memory") 1 1 shared) (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i64) (i64.const 0)))"#,
+            "invalid Wasm or a feature that is not allowed",
+        ),
+        (
+            r#"(module (memory (export "memory") 2000) (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i64) (i64.const 0)))"#,
+            "memory has 2000 initial pages, more than memory_initial_pages_max = 1024",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (table 1 funcref)
+                 (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "paxwasm_apply") (param i32 i32) (result i64) (drop (table.grow (ref.null func) (i32.const 1))) (i64.const 0)))"#,
+            "instruction `table.grow` changes table or segment state",
+        ),
+    ];
+    for (text, reason) in cases {
+        let error = Machine::load(&wat::parse_str(text).unwrap(), &config())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(reason), "expected {reason:?} in {error:?}");
+    }
+    let small = MachineConfig {
+        module_bytes_max: 10,
+        ..config()
+    };
+    let error = Machine::load(&counting_guest(), &small)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("more than module_bytes_max = 10"), "{error}");
+}
+
+#[test]
+fn nan_results_have_canonical_bits() {
+    // 0/0 gives a negative NaN on x86 without canonicalization; a NaN operand
+    // with a payload would propagate the payload.
+    let apply = format!(
+        r#"(f64.store (i32.const 0) (f64.div (f64.const 0) (f64.const 0)))
+           (f64.store (i32.const 8) (f64.add (f64.const nan:0x4) (f64.const 1)))
+           (f32.store (i32.const 16) (f32.sqrt (f32.const -1)))
+           (f32.store (i32.const 20) (f32.mul (f32.const -nan:0x1) (f32.const 2)))
+           {}"#,
+        result(0, 24)
+    );
+    let mut machine = load(&guest("", &apply));
+    let out = machine.apply(b"", entry()).unwrap();
+    let f64_bits = |i: usize| u64::from_le_bytes(out[i..i + 8].try_into().unwrap());
+    let f32_bits = |i: usize| u32::from_le_bytes(out[i..i + 4].try_into().unwrap());
+    assert_eq!(f64_bits(0), 0x7ff8_0000_0000_0000);
+    assert_eq!(f64_bits(8), 0x7ff8_0000_0000_0000);
+    assert_eq!(f32_bits(16), 0x7fc0_0000);
+    assert_eq!(f32_bits(20), 0x7fc0_0000);
+}
+
+#[test]
+fn state_kept_only_in_an_unexported_global_survives_snapshot_and_restore() {
+    // The start function and the data segment must not clobber restored state.
+    let bytes = guest(
+        r#"(global $hidden (mut i64) (i64.const 0))
+           (data (i32.const 64) "initial")
+           (func $start (global.set $hidden (i64.const 1000)) (i32.store (i32.const 64) (i32.const 0x74617473)))
+           (start $start)"#,
+        &format!(
+            "(global.set $hidden (i64.add (global.get $hidden) (i64.const 1))) (i32.store8 (i32.const 64) (i32.const 88)) (i64.store (i32.const 0) (global.get $hidden)) {}",
+            result(0, 8)
+        ),
+    );
+    let mut machine = load(&bytes);
+    assert_eq!(machine.apply(b"", entry()).unwrap(), 1001i64.to_le_bytes());
+    assert_eq!(machine.apply(b"", entry()).unwrap(), 1002i64.to_le_bytes());
+    let snapshot = machine.snapshot();
+    let hash = machine.state_hash();
+    let decoded = Snapshot::from_bytes(&snapshot.to_bytes()).unwrap();
+    assert_eq!(decoded, snapshot);
+
+    let mut restored = Machine::from_snapshot(&bytes, &decoded, &config()).unwrap();
+    assert_eq!(restored.state_hash(), hash);
+    assert_eq!(
+        restored.snapshot().memory[64..71],
+        *b"Xtatial",
+        "neither the data segment nor the start function ran again"
+    );
+    assert_eq!(restored.apply(b"", entry()).unwrap(), 1003i64.to_le_bytes());
+    assert_eq!(machine.apply(b"", entry()).unwrap(), 1003i64.to_le_bytes());
+    assert_eq!(restored.state_hash(), machine.state_hash());
+}
+
+#[test]
+fn restore_refuses_a_snapshot_of_another_module() {
+    let mut machine = load(&counting_guest());
+    let other = load(&guest("", "(i64.const 0)")).snapshot();
+    let error = machine.restore(&other).unwrap_err().to_string();
+    assert!(
+        error.starts_with("snapshot is of module sha256:"),
+        "{error}"
+    );
+}
+
+#[test]
+fn huge_output_is_an_error_and_rolls_back() {
+    // Claims a 2 MiB result after writing memory; the cap is 64 KiB.
+    let bytes = guest(
+        "",
+        &format!(
+            "(i32.store (i32.const 0) (i32.const 9)) (drop (memory.grow (i32.const 32))) {}",
+            result(0, 2 << 20)
+        ),
+    );
+    let mut machine = load(&bytes);
+    let before = machine.state_hash();
+    assert_eq!(machine.apply(b"", entry()), Err(ApplyError::OutputTooLarge));
+    assert_eq!(machine.state_hash(), before);
+    // A result pointing outside memory is a trap, not a host read.
+    let mut outside = load(&guest("", &result(0xffff_fff0, 64)));
+    assert_eq!(
+        outside.apply(b"", entry()),
+        Err(ApplyError::Trap("out of bounds memory access"))
+    );
+}
+
+#[test]
+fn deep_recursion_exhausts_the_stack_deterministically() {
+    let bytes = guest(
+        r#"(func $down (param i64) (result i64) (i64.add (call $down (local.get 0)) (i64.const 1)))"#,
+        "(call $down (i64.const 0))",
+    );
+    let mut machine = load(&bytes);
+    assert_eq!(
+        machine.apply(b"", entry()),
+        Err(ApplyError::Trap("call stack exhausted"))
+    );
+}
+
+/// A guest whose query writes memory, a global and grows memory before
+/// answering with the stored count.
+fn query_writing_guest() -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             (memory (export "memory") 1)
+             (global $g (mut i32) (i32.const 0))
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 1024))
+             (func (export "paxwasm_apply") (param i32 i32) (result i64)
+               (global.set $g (i32.add (global.get $g) (i32.const 1)))
+               (i32.store (i32.const 0) (global.get $g)) {r})
+             (func (export "paxwasm_query") (param i32 i32) (result i64)
+               (i32.store (i32.const 4) (global.get $g))
+               (global.set $g (i32.const 99))
+               (i32.store (i32.const 0) (i32.const 77))
+               (drop (memory.grow (i32.const 3)))
+               (i32.store (i32.const 200000) (i32.const 5))
+               {q}))"#,
+        r = result(0, 4),
+        q = result(4, 4),
+    ))
+    .unwrap()
+}
+
+#[test]
+fn queries_change_neither_state_nor_hash() {
+    let mut machine = load(&query_writing_guest());
+    machine.apply(b"", entry()).unwrap();
+    machine.apply(b"", entry()).unwrap();
+    let before = machine.state_hash();
+    for _ in 0..3 {
+        assert_eq!(count(machine.query(b"").unwrap()), 2);
+        assert_eq!(machine.state_hash(), before);
+    }
+    assert_eq!(count(machine.apply(b"", entry()).unwrap()), 3);
+    assert_eq!(count(machine.query(b"").unwrap()), 3);
+    let missing = load(&counting_guest()).query(b"x");
+    assert_eq!(missing, Err(ApplyError::MissingExport("paxwasm_query")));
+}
