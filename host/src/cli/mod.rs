@@ -1,10 +1,10 @@
 //! The `paxwasm` command line. Each subcommand lives in its own module and owns
 //! its arguments; this file only dispatches.
 
-pub mod dev;
-pub mod node;
 pub mod bench;
 pub mod client;
+pub mod dev;
+pub mod node;
 
 use std::process::ExitCode;
 
