@@ -53,10 +53,77 @@ pub fn command(client: u32, n: u64, size: usize) -> Vec<u8> {
     command
 }
 
-#[derive(Default)]
+/// Shared by the clients and the progress line.
 struct Counters {
     ok: AtomicU64,
     errors: AtomicU64,
+    /// Latencies of the current progress interval, emptied by each progress line.
+    interval: LatencyBuckets,
+}
+
+/// Buckets of latencies in microseconds: four per power of two, so a quantile read back
+/// is within 25% of the true value (exact quantiles come from the full samples at the
+/// end; this is for the progress line, and costs one atomic add per request).
+struct LatencyBuckets {
+    counts: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Enough four-per-octave buckets for any `u32` number of microseconds.
+const LATENCY_BUCKETS: usize = 128;
+
+impl LatencyBuckets {
+    fn new() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn bucket_of(us: u32) -> usize {
+        if us < 4 {
+            return us as usize;
+        }
+        let octave = 31 - us.leading_zeros() as usize;
+        let quarter = ((us >> (octave - 2)) & 3) as usize;
+        4 * (octave - 1) + quarter
+    }
+
+    /// The largest latency that falls in `bucket`.
+    fn upper_us(bucket: usize) -> u64 {
+        if bucket < 4 {
+            return bucket as u64;
+        }
+        let octave = bucket / 4 + 1;
+        let quarter = (bucket % 4) as u64;
+        let width = 1u64 << (octave - 2);
+        (4 + quarter) * width + width - 1
+    }
+
+    fn record(&self, us: u32) {
+        self.counts[Self::bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Empties the buckets and returns the upper bound of quantile `q` of what they
+    /// held, or `None` if they were empty.
+    fn take_quantile_us(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|count| count.swap(0, Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(Self::upper_us(bucket));
+            }
+        }
+        unreachable!("rank is at most the total")
+    }
 }
 
 /// What one client measured.
@@ -89,7 +156,11 @@ async fn run(args: BenchArgs) -> ExitCode {
         "bench: {} clients, {} s, {}-byte commands against {}",
         args.clients, args.duration, args.size, args.endpoint.endpoint
     );
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters {
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        interval: LatencyBuckets::new(),
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let clients: Vec<_> = (0..args.clients)
@@ -115,11 +186,16 @@ async fn run(args: BenchArgs) -> ExitCode {
         ticker.tick().await;
         let ok = counters.ok.load(Ordering::Relaxed);
         let errors = counters.errors.load(Ordering::Relaxed);
+        let p99 = match counters.interval.take_quantile_us(0.99) {
+            Some(us) => format!("{:.1} ms", us as f64 / 1000.0),
+            None => "-".to_owned(),
+        };
         eprintln!(
-            "[{:>4.0}s] {:>9} ok {:>9.0}/s  {:>6} errors (+{})",
+            "[{:>4.0}s] {:>9} ok {:>9.0}/s  p99 {:>9}  {:>6} errors (+{})",
             started.elapsed().as_secs_f64(),
             ok,
             (ok - ok_before) as f64 / PROGRESS_INTERVAL.as_secs_f64(),
+            p99,
             errors,
             errors - errors_before
         );
@@ -164,10 +240,9 @@ async fn client_loop(
             .await
         {
             Ok(reply) if reply.status == StatusCode::OK => {
-                let micros = sent.elapsed().as_micros();
-                report
-                    .latencies_us
-                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
+                report.latencies_us.push(micros);
+                counters.interval.record(micros);
                 counters.ok.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -235,6 +310,41 @@ mod tests {
         assert!(words[2].bytes().all(|byte| byte == b'a' + 42 % 26));
         // A size smaller than the key still gives a valid command.
         assert_eq!(super::command(7, 42, 4), b"put k7-42 q".to_vec());
+    }
+
+    #[test]
+    fn latency_buckets_tile_the_u32_range() {
+        let mut lower = 0u64;
+        for bucket in 0..LATENCY_BUCKETS {
+            let upper = LatencyBuckets::upper_us(bucket);
+            if lower > u64::from(u32::MAX) {
+                break;
+            }
+            assert_eq!(LatencyBuckets::bucket_of(lower as u32), bucket);
+            assert_eq!(
+                LatencyBuckets::bucket_of(upper.min(u64::from(u32::MAX)) as u32),
+                bucket
+            );
+            // Four buckets per octave: each is at most a quarter of its lower bound wide.
+            assert!(
+                upper - lower <= lower / 4,
+                "bucket {bucket}: {lower}..={upper}"
+            );
+            lower = upper + 1;
+        }
+        assert_eq!(LatencyBuckets::bucket_of(u32::MAX), 123);
+    }
+
+    #[test]
+    fn progress_quantile_reads_and_empties_the_interval() {
+        let buckets = LatencyBuckets::new();
+        assert_eq!(buckets.take_quantile_us(0.99), None);
+        for us in 1..=100 {
+            buckets.record(us * 100);
+        }
+        // The 99th of 100 samples is 9,900 us, in the bucket 8,192..=10,239.
+        assert_eq!(buckets.take_quantile_us(0.99), Some(10_239));
+        assert_eq!(buckets.take_quantile_us(0.99), None);
     }
 
     #[test]
