@@ -73,16 +73,18 @@ fn bench_counter(config: &MachineConfig) {
             n,
         )
     });
-    let bare = bare_wasmtime_counter(&bytes, n);
-    println!("counter apply: machine {wasm:.0} ns/op ({:.2} M/s), bare wasmtime loop {bare:.0} ns/op, native {native:.0} ns/op, native/wasm speed ratio {:.2}",
+    let bare = bare_wasmtime_counter(&bytes, n, false);
+    let bare_fuel = bare_wasmtime_counter(&bytes, n, true);
+    println!("counter apply: machine {wasm:.0} ns/op ({:.2} M/s), bare wasmtime loop {bare:.0} ns/op (with fuel {bare_fuel:.0} ns/op), native {native:.0} ns/op, native/wasm speed ratio {:.2}",
         1e3 / wasm, native / wasm);
 }
 
 /// The floor: the same counter module on a default wasmtime engine (no fuel,
-/// no host memory, no replay log): alloc + write + apply + read.
-fn bare_wasmtime_counter(bytes: &[u8], n: u64) -> f64 {
-    use wasmtime::{Engine, Linker, Module, Store};
-    let engine = Engine::default();
+/// no host memory, no replay log): alloc + write + apply + read; with `fuel`,
+/// fuel metering on and the budget reset per command as the machine does.
+fn bare_wasmtime_counter(bytes: &[u8], n: u64, fuel: bool) -> f64 {
+    use wasmtime::{Config, Engine, Linker, Module, Store};
+    let engine = Engine::new(Config::new().consume_fuel(fuel)).unwrap();
     let module = Module::new(&engine, bytes).unwrap();
     let mut linker = Linker::new(&engine);
     linker
@@ -93,6 +95,9 @@ fn bare_wasmtime_counter(bytes: &[u8], n: u64) -> f64 {
         .unwrap();
     linker.func_wrap("paxwasm", "entry_seed", || 0i64).unwrap();
     let mut store = Store::new(&engine, ());
+    if fuel {
+        store.set_fuel(u64::MAX).unwrap();
+    }
     let instance = linker.instantiate(&mut store, &module).unwrap();
     let memory = instance.get_memory(&mut store, "memory").unwrap();
     let alloc = instance
@@ -105,6 +110,9 @@ fn bare_wasmtime_counter(bytes: &[u8], n: u64) -> f64 {
     best(ROUNDS, || {
         ns_per(
             time(n, || {
+                if fuel {
+                    store.set_fuel(50_000_000).unwrap();
+                }
                 let input = b"add 1";
                 let ptr = alloc.call(&mut store, input.len() as i32).unwrap() as usize;
                 memory.data_mut(&mut store)[ptr..ptr + input.len()].copy_from_slice(input);
