@@ -118,6 +118,35 @@ struct Loop {
     leader_seen: Option<NodeId>,
     hashed_index: Option<Slot>,
     app_version_published: u64,
+    clock: TickClock,
+}
+
+/// Logical ticks derived from the monotonic clock. The core's leases are counted in
+/// ticks, so ticks must never fall behind real time: after a stall of the process,
+/// every missed tick is delivered before any request or message is handled, or a
+/// leader could serve a lease read on a lease that has already run out.
+struct TickClock {
+    started: Instant,
+    tick: Duration,
+    delivered: u64,
+}
+
+impl TickClock {
+    fn new(tick_ms: u64) -> TickClock {
+        TickClock {
+            started: Instant::now(),
+            tick: Duration::from_millis(tick_ms),
+            delivered: 0,
+        }
+    }
+
+    /// Ticks that real time says are due and were not yet delivered.
+    fn due(&self) -> u64 {
+        let elapsed = self.started.elapsed().as_nanos() / self.tick.as_nanos();
+        u64::try_from(elapsed)
+            .expect("tick count fits in u64")
+            .saturating_sub(self.delivered)
+    }
 }
 
 /// A request id no earlier incarnation of this node used with high probability: commands
@@ -146,6 +175,7 @@ pub(crate) async fn run(core: Core) {
     let (persist_queue, persist_rx) = mpsc::unbounded_channel();
     let (persisted_tx, persisted) = mpsc::unbounded_channel();
     let waiter = tokio::spawn(await_persists(persist_rx, persisted_tx));
+    let tick_ms = core.tick_ms;
     let mut state = Loop {
         core,
         persist_queue,
@@ -156,6 +186,7 @@ pub(crate) async fn run(core: Core) {
         peers: BTreeMap::new(),
         leader_seen: None,
         hashed_index: None,
+        clock: TickClock::new(tick_ms),
         app_version_published: u64::MAX,
     };
     state.main().await;
@@ -184,13 +215,10 @@ async fn await_persists(
 
 impl Loop {
     async fn main(&mut self) {
+        // The interval only wakes the loop; how many ticks are due comes from the
+        // monotonic clock (`TickClock`), so a late or skipped wake-up loses no tick.
         let mut ticker = tokio::time::interval(Duration::from_millis(self.core.tick_ms));
-        // Burst (the default): after a stall the missed ticks are delivered, so ticks
-        // keep up with real time and a leader's lease never outlives its real duration.
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let info_every_ticks = (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
-        let hash_every_ticks = (self.core.state_hash_interval_ms / self.core.tick_ms).max(1);
-        let mut ticks: u64 = 0;
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.core.shutdown.clone();
         loop {
             tokio::select! {
@@ -200,26 +228,38 @@ impl Loop {
                     self.step(Event::Persisted { token });
                 }
                 Some((from, payload)) = self.core.inbound.recv() => {
+                    self.deliver_due_ticks();
                     self.on_inbound(from, &payload);
                 }
                 Some(request) = self.core.requests.recv() => {
+                    self.deliver_due_ticks();
                     self.on_request(request);
                 }
-                _ = ticker.tick() => {
-                    ticks += 1;
-                    self.step(Event::Tick { now_ms: now_ms() });
-                    if ticks.is_multiple_of(info_every_ticks) {
-                        self.send_peer_info();
-                        self.waiters.retain(|_, waiter| !waiter.is_closed());
-                    }
-                    if ticks.is_multiple_of(hash_every_ticks) {
-                        self.refresh_state_hash();
-                    }
-                }
+                _ = ticker.tick() => {}
             }
+            self.deliver_due_ticks();
             self.drain_ready();
             self.perform().await;
             self.publish();
+        }
+    }
+
+    /// Feeds the core every tick real time says is due (see `TickClock`), with the
+    /// periodic chores that ride on ticks.
+    fn deliver_due_ticks(&mut self) {
+        let info_every_ticks = (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
+        let hash_every_ticks = (self.core.state_hash_interval_ms / self.core.tick_ms).max(1);
+        for _ in 0..self.clock.due() {
+            self.clock.delivered += 1;
+            let ticks = self.clock.delivered;
+            self.step(Event::Tick { now_ms: now_ms() });
+            if ticks.is_multiple_of(info_every_ticks) {
+                self.send_peer_info();
+                self.waiters.retain(|_, waiter| !waiter.is_closed());
+            }
+            if ticks.is_multiple_of(hash_every_ticks) {
+                self.refresh_state_hash();
+            }
         }
     }
 
@@ -233,10 +273,12 @@ impl Loop {
                 progressed = true;
             }
             if let Ok((from, payload)) = self.core.inbound.try_recv() {
+                self.deliver_due_ticks();
                 self.on_inbound(from, &payload);
                 progressed = true;
             }
             if let Ok(request) = self.core.requests.try_recv() {
+                self.deliver_due_ticks();
                 self.on_request(request);
                 progressed = true;
             }
