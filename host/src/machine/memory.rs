@@ -9,7 +9,8 @@
 //!   61 clear) is a private copy, i.e. written since the last checkpoint;
 //! - checkpoint: those pages are written into the memfd and dropped again;
 //! - query isolation: a second instance maps the same memfd privately, runs
-//!   the query, and drops whatever the query wrote.
+//!   the query, and before the next one overwrites whatever the query wrote
+//!   with the memfd's bytes.
 //!
 //! This module knows nothing about Wasm beyond the `LinearMemory` interface.
 
@@ -46,6 +47,11 @@ impl Memfd {
     pub fn write_at(&self, offset: usize, bytes: &[u8]) -> io::Result<()> {
         assert!(offset + bytes.len() <= self.bytes_max);
         self.file.write_all_at(bytes, offset as u64)
+    }
+
+    pub fn read_at(&self, offset: usize, bytes: &mut [u8]) -> io::Result<()> {
+        assert!(offset + bytes.len() <= self.bytes_max);
+        self.file.read_exact_at(bytes, offset as u64)
     }
 }
 
