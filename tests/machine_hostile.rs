@@ -400,3 +400,52 @@ fn queries_change_neither_state_nor_hash() {
     let missing = load(&counting_guest()).query(b"x");
     assert_eq!(missing, Err(ApplyError::MissingExport("paxwasm_query")));
 }
+
+/// A guest whose query writes memory and a global without growing memory, so
+/// the machine reuses its reader: it answers `[memory word 0, global]` as read
+/// on entry, then overwrites both.
+fn query_scribbling_guest() -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             (memory (export "memory") 1)
+             (global $g (mut i32) (i32.const 0))
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 1024))
+             (func (export "paxwasm_apply") (param i32 i32) (result i64)
+               (global.set $g (i32.add (global.get $g) (i32.const 1)))
+               (i32.store (i32.const 0) (i32.mul (global.get $g) (i32.const 10))) {r})
+             (func (export "paxwasm_query") (param i32 i32) (result i64)
+               (i32.store (i32.const 4) (i32.load (i32.const 0)))
+               (i32.store (i32.const 8) (global.get $g))
+               (i32.store (i32.const 0) (i32.const 77))
+               (i32.store (i32.const 30000) (i32.const 78))
+               (global.set $g (i32.const 99))
+               {q}))"#,
+        r = result(0, 4),
+        q = result(4, 8),
+    ))
+    .unwrap()
+}
+
+fn words(out: Vec<u8>) -> (u32, u32) {
+    let word = |i: usize| u32::from_le_bytes(out[i..i + 4].try_into().unwrap());
+    (word(0), word(4))
+}
+
+#[test]
+fn a_reused_reader_sees_each_new_committed_state_not_its_own_writes() {
+    let mut machine = load(&query_scribbling_guest());
+    assert_eq!(count(machine.apply(b"", entry()).unwrap()), 10);
+    let committed = machine.state_hash();
+    for _ in 0..3 {
+        assert_eq!(words(machine.query(b"").unwrap()), (10, 1));
+        assert_eq!(machine.state_hash(), committed);
+    }
+    // The page the queries wrote changes in the committed state: the reader
+    // must read the new bytes, not its earlier private copy.
+    assert_eq!(count(machine.apply(b"", entry()).unwrap()), 20);
+    assert_eq!(words(machine.query(b"").unwrap()), (20, 2));
+    assert_eq!(words(machine.query(b"").unwrap()), (20, 2));
+    let snapshot = machine.snapshot();
+    assert_eq!(snapshot.memory[..4], 20u32.to_le_bytes());
+    assert_eq!(snapshot.memory[30000..30004], [0; 4]);
+}
