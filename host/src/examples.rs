@@ -53,8 +53,43 @@ pub fn example_module(name: &str) -> anyhow::Result<PathBuf> {
     Ok(module)
 }
 
-/// Builds every example; returns the directory holding the `.wasm` files.
+/// Builds every example; returns the directory holding the `.wasm` files. A fresh
+/// machine may lack the wasm32 target: it is installed with rustup (once) so that
+/// `paxwasm dev` needs no set-up step of its own.
 fn build_examples() -> anyhow::Result<PathBuf> {
+    match build_examples_once() {
+        Err(error) if error.downcast_ref::<TargetMissing>().is_some() => {
+            tracing::info!("installing the Rust target {GUEST_TARGET} with rustup");
+            let status = Command::new("rustup")
+                .args(["target", "add", GUEST_TARGET])
+                .status()
+                .with_context(|| format!("{error}; running rustup failed"))?;
+            if !status.success() {
+                bail!("{error}; `rustup target add {GUEST_TARGET}` failed ({status})");
+            }
+            build_examples_once()
+        }
+        result => result,
+    }
+}
+
+/// The wasm32 target is not installed.
+#[derive(Debug)]
+struct TargetMissing;
+
+impl std::fmt::Display for TargetMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the Rust target {GUEST_TARGET} is not installed; \
+             run `rustup target add {GUEST_TARGET}`"
+        )
+    }
+}
+
+impl std::error::Error for TargetMissing {}
+
+fn build_examples_once() -> anyhow::Result<PathBuf> {
     let workspace = workspace_dir()?;
     let target_dir = workspace.join("target").join("guest");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -91,10 +126,7 @@ fn build_examples() -> anyhow::Result<PathBuf> {
             || stderr.contains("can't find crate for `core`")
             || stderr.contains("can't find crate for `std`")
         {
-            bail!(
-                "the Rust target {GUEST_TARGET} is not installed; \
-                 run `rustup target add {GUEST_TARGET}`"
-            );
+            return Err(TargetMissing.into());
         }
         bail!(
             "cargo build for {GUEST_TARGET} failed ({}):\n{stderr}",

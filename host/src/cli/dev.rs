@@ -284,6 +284,10 @@ fn wait_ready(
 
 fn print_help(nodes: u16, dir: &Path, kv: &Path, token_file: &Path) {
     let http: Vec<String> = (1..=nodes).map(http_addr).collect();
+    // The CLI lines name this very binary: after `cargo run` it is not on PATH.
+    let exe = std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "paxwasm".to_string());
     println!();
     println!("Paxwasm dev cluster is up: {nodes} replicas.");
     for n in 1..=nodes {
@@ -303,9 +307,9 @@ fn print_help(nodes: u16, dir: &Path, kv: &Path, token_file: &Path) {
     );
     println!("  curl -s -X POST 'http://{}/v1/queries?consistency=linearizable' --data-binary 'get greeting'", http[http.len().min(2) - 1]);
     println!("  curl -s http://{}/v1/status", http[0]);
-    println!("  paxwasm submit 'put color blue'");
-    println!("  paxwasm query 'get color'");
-    println!("  paxwasm status --all");
+    println!("  {exe} submit 'put color blue'");
+    println!("  {exe} query 'get color'");
+    println!("  {exe} status --all");
     println!();
     println!(
         "Admin routes need the bearer token (set with --token or PAXWASM_TOKEN; saved in {}):",
@@ -318,7 +322,7 @@ fn print_help(nodes: u16, dir: &Path, kv: &Path, token_file: &Path) {
         kv.display()
     );
     println!(
-        "  PAXWASM_TOKEN=$(cat {}) paxwasm deploy {}",
+        "  PAXWASM_TOKEN=$(cat {}) {exe} deploy {}",
         token_file.display(),
         kv.display()
     );
