@@ -202,8 +202,11 @@ impl StateMachine for WasmApp {
                         time_ms: context.timestamp_ms as i64,
                         seed: context.seed,
                     };
-                    match machine.apply(command, entry) {
-                        Ok(output) => AppResult::Output(output),
+                    // The hot path: the module writes its output right after the
+                    // result kind, so the output is copied out of the guest once.
+                    let mut out = vec![RESULT_OUTPUT];
+                    match machine.apply_into(command, entry, &mut out) {
+                        Ok(()) => return out,
                         Err(error) => AppResult::Rejected(error.to_string()),
                     }
                 }
@@ -243,6 +246,22 @@ mod tests {
         ] {
             assert_eq!(AppResult::decode(&result.encode()), result);
         }
+    }
+
+    #[test]
+    fn applied_output_is_encoded_like_an_output_result() {
+        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let mut app = WasmApp::new(MachineConfig::default());
+        let context = ApplyContext {
+            slot: 1,
+            timestamp_ms: 0,
+            seed: 0,
+        };
+        app.apply(&install_envelope(&kv, false), &context);
+        let result = app.apply(&command_envelope(b"put a 1"), &context);
+        assert_eq!(result, AppResult::Output(b"OK".to_vec()).encode());
+        let result = app.apply(&command_envelope(b"get a"), &context);
+        assert_eq!(AppResult::decode(&result), AppResult::Output(b"1".to_vec()));
     }
 
     #[test]
