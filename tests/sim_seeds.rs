@@ -303,3 +303,18 @@ fn planted_persist_bug_is_caught_within_a_bounded_number_of_seeds() {
         .expect("an accept acknowledged before it was persisted went unnoticed");
     report("planted persist bug", &caught, &options_for);
 }
+
+#[test]
+fn planted_compaction_bug_is_caught_within_a_bounded_number_of_seeds() {
+    // Snapshots and compaction are on in every standard seed (interval and margin
+    // vary with the seed); a promise that silently skips compacted slots lets a
+    // lagging candidate overwrite chosen values with no-ops.
+    let options_for = |seed| {
+        let mut options = SimOptions::for_seed(seed, None, OPS_PER_SEED);
+        options.params.bug_promise_over_compacted_slots = true;
+        options
+    };
+    let caught = first_violation(PLANTED_BUG_SEEDS_MAX, &options_for)
+        .expect("a promise over compacted slots went unnoticed");
+    report("planted compaction bug", &caught, &options_for);
+}

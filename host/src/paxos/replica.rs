@@ -320,7 +320,10 @@ impl Replica {
         {
             let (_, deferred) = self.deferred.pop_front().expect("front checked above");
             match deferred {
-                Deferred::Promise { to, first_slot, .. } if first_slot < self.log_start => {
+                Deferred::Promise { to, first_slot, .. }
+                    if first_slot < self.log_start
+                        && !self.params.bug_promise_over_compacted_slots =>
+                {
                     // Compacted while the promise was being persisted: it could no
                     // longer report every slot the candidate asked for.
                     actions.push(Action::SendSnapshot {
@@ -609,7 +612,7 @@ impl Replica {
             self.send(from, Message::Reject { promised }, actions);
             return;
         }
-        if first_slot < self.log_start {
+        if first_slot < self.log_start && !self.params.bug_promise_over_compacted_slots {
             // Slots in first_slot..log_start are chosen but compacted away here, so a
             // promise could not report them and the candidate might fill them with
             // no-ops. It gets no promise, and a snapshot to catch up from instead.

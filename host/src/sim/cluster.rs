@@ -198,6 +198,9 @@ impl SimOptions {
         if self.params.bug_accepted_before_persist {
             command.push_str(" --planted-persist-bug");
         }
+        if self.params.bug_promise_over_compacted_slots {
+            command.push_str(" --planted-compaction-bug");
+        }
         command
     }
 }
