@@ -52,6 +52,10 @@ pub struct Params {
     /// report them and the candidate may fill chosen slots with no-ops.
     #[doc(hidden)]
     pub bug_promise_over_compacted_slots: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: a replica that lost its
+    /// disk votes again as if nothing happened.
+    #[doc(hidden)]
+    pub bug_amnesic_replica_votes: bool,
 }
 
 impl Default for Params {
@@ -72,6 +76,7 @@ impl Default for Params {
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
             bug_promise_over_compacted_slots: false,
+            bug_amnesic_replica_votes: false,
         }
     }
 }
