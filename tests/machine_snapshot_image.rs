@@ -369,3 +369,31 @@ fn hostile_or_broken_streams_are_refused_and_change_nothing() {
     machine.restore_from_reader(&mut good.as_slice()).unwrap();
     assert_eq!(machine.state_hash(), source.state_hash());
 }
+
+/// An upgrade replaces the base: an image taken before it keeps the old state,
+/// and the first image after it (a full copy) is the new state.
+#[test]
+fn images_across_an_upgrade() {
+    use paxwasm::machine::Migration;
+    let mut machine = Machine::load(&guest(), &config()).unwrap();
+    write(&mut machine, 20, 4096, 1);
+    let before = machine.snapshot_image();
+    let before_bytes = machine.snapshot().to_bytes();
+    let mut other = guest();
+    // Same code, another module id: a custom section changes the bytes only.
+    other.extend_from_slice(&[0, 4, 3, b'v', b'2', 0]);
+    machine.upgrade(&other, Migration::StartFresh).unwrap();
+    write(&mut machine, 3, 4096 * 5, 2);
+    let after = machine.snapshot_image();
+    let after_bytes = machine.snapshot().to_bytes();
+    write(&mut machine, 9, 4096, 3);
+    assert_ne!(before_bytes, after_bytes);
+    assert_eq!(image_bytes(&before), before_bytes);
+    assert_eq!(image_bytes(&after), after_bytes);
+    assert_eq!(after.module_id(), machine.module_id());
+    drop(before);
+    assert_eq!(
+        image_bytes(&machine.snapshot_image()),
+        machine.snapshot().to_bytes()
+    );
+}
