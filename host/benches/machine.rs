@@ -482,6 +482,9 @@ fn bench_snapshot(mib: usize, scale: Scale) {
         samples.summary()
     };
     let pause_100 = timed(&mut machine, &hundred, rounds, false);
+    // One word written (plus the input buffer, same page): the checkpoint is
+    // then about the page-table scan alone.
+    let pause_1 = timed(&mut machine, &write_cmd(1, 0), rounds, false);
     let pause_100_committed = timed(&mut machine, &hundred, rounds, true);
     let pause_none = {
         let mut samples = Samples::default();
@@ -527,6 +530,7 @@ fn bench_snapshot(mib: usize, scale: Scale) {
     println!("snapshot image at {mib} MiB (every page populated); ms as min / median / max:");
     println!("  pause, 100 pages written since the previous image:     {pause_100}");
     println!("  pause, the same 100 pages already checkpointed:        {pause_100_committed}");
+    println!("  pause, 1 page written since (about the scan alone):    {pause_1}");
     println!("  pause, nothing written since:                          {pause_none}");
     println!("  pause, every page written since:                       {pause_all}");
     println!("  pause, 100 pages, an earlier image still held:         {pause_100_held}");
