@@ -7,9 +7,13 @@
 //! - a bare wasmtime loop over the same counter module (no fuel, no machine)
 //!   as the floor the machine's bookkeeping adds to;
 //! - query ns/op; rollback cost; checkpoint and state hash cost at 16 MiB and
-//!   256 MiB of linear memory.
+//!   256 MiB of linear memory;
+//! - the pause of `snapshot_image` at 16 MiB and 256 MiB (100 pages written
+//!   since the previous image, everything written, fallbacks) and the time to
+//!   write an image out.
 //!
-//! Arguments select sections (`counter`, `kv`, `query`, `rollback`, `hash`;
+//! Arguments select sections (`counter`, `kv`, `query`, `rollback`, `hash`,
+//! `snapshot`;
 //! all by default): `cargo bench -p paxwasm --bench machine -- counter`.
 //! `PAXWASM_BENCH_DIVISOR=N` divides the iteration counts and runs one round,
 //! for a run under `valgrind --tool=callgrind`.
@@ -99,6 +103,11 @@ fn main() {
     if wanted("hash") {
         for mib in [16usize, 256] {
             bench_hash(mib);
+        }
+    }
+    if wanted("snapshot") {
+        for mib in [16usize, 256] {
+            bench_snapshot(mib, scale);
         }
     }
 }
@@ -381,5 +390,166 @@ fn bench_hash(mib: usize) {
         sha.as_secs_f64() * 1e3,
         (mib << 20) as f64 / sha.as_secs_f64() / 1e6,
         copy.as_secs_f64() * 1e3
+    );
+}
+
+/// CPU time this thread has used: unlike wall time, it does not count the
+/// time the neighbours' builds kept this thread off the CPU.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Wall and thread-CPU samples of one figure.
+#[derive(Default)]
+struct Samples {
+    wall: Vec<Duration>,
+    cpu: Vec<Duration>,
+}
+
+impl Samples {
+    fn time<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let (wall, cpu) = (Instant::now(), thread_cpu());
+        let result = f();
+        self.cpu.push(thread_cpu() - cpu);
+        self.wall.push(wall.elapsed());
+        result
+    }
+
+    /// `wall min/median/max | cpu min/median/max` in milliseconds.
+    fn summary(&mut self) -> String {
+        format!(
+            "wall {} | thread cpu {}",
+            spread_ms(&mut self.wall),
+            spread_ms(&mut self.cpu)
+        )
+    }
+}
+
+/// Minimum, median and maximum of `samples`, in milliseconds.
+fn spread_ms(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "{:.3} / {:.3} / {:.3}",
+        ms(samples[0]),
+        ms(samples[samples.len() / 2]),
+        ms(samples[samples.len() - 1])
+    )
+}
+
+/// The pause `snapshot_image` costs the apply loop, and the time to write the
+/// image out, at `mib` MiB of linear memory with every page populated (and
+/// mapped in the primary instance's page table, as a guest that reads all of
+/// its memory leaves it).
+fn bench_snapshot(mib: usize, scale: Scale) {
+    let pages = (mib << 20) / 65536;
+    let config = MachineConfig {
+        memory_bytes_max: (mib as u64) << 20,
+        memory_initial_pages_max: pages as u64,
+        ..MachineConfig::default()
+    };
+    let mut machine = Machine::load(&paging_guest(pages as u32), &config).unwrap();
+    // One word in every 4 KiB page: memory fully populated.
+    let everything = write_cmd((pages * 16 - 2) as u32, 4096);
+    // 100 pages written, spread over memory.
+    let hundred = write_cmd(100, ((mib << 20) / 100 - 64) as u32 & !3);
+    machine.apply(&everything, EntryContext::default()).unwrap();
+    let mut first = Samples::default();
+    drop(first.time(|| machine.snapshot_image()));
+    let rounds = if scale.divisor > 1 { 3 } else { 30 };
+    // Each sample: one command (plus `between`), then the timed image,
+    // dropped again at once unless the caller holds other images.
+    let timed = |machine: &mut Machine, command: &[u8], rounds: usize, between: bool| {
+        let mut samples = Samples::default();
+        for _ in 0..rounds {
+            machine.apply(command, EntryContext::default()).unwrap();
+            if between {
+                // A checkpoint of its own (the apply loop takes one every
+                // `replay_commands_max` commands anyway), so the image
+                // only copies into the shadow.
+                machine.state_hash();
+            }
+            let image = samples.time(|| machine.snapshot_image());
+            black_box(image.encoded_len());
+        }
+        samples.summary()
+    };
+    let pause_100 = timed(&mut machine, &hundred, rounds, false);
+    // One word written (plus the input buffer, same page): the checkpoint is
+    // then about the page-table scan alone.
+    let pause_1 = timed(&mut machine, &write_cmd(1, 0), rounds, false);
+    let pause_100_committed = timed(&mut machine, &hundred, rounds, true);
+    let pause_none = {
+        let mut samples = Samples::default();
+        for _ in 0..rounds {
+            drop(samples.time(|| machine.snapshot_image()));
+        }
+        samples.summary()
+    };
+    let pause_all = timed(&mut machine, &everything, rounds.min(5), false);
+    // An earlier image still held (being written elsewhere): the second
+    // shadow is brought up to date instead (created by a full copy first,
+    // outside the samples).
+    let held = machine.snapshot_image();
+    drop(machine.snapshot_image());
+    let pause_100_held = timed(&mut machine, &hundred, rounds, false);
+    // Both shadows held: a one-off full copy.
+    let held_too = machine.snapshot_image();
+    let pause_full_fallback = timed(&mut machine, &hundred, rounds.min(5), false);
+    drop((held, held_too));
+
+    let image = machine.snapshot_image();
+    let len = image.encoded_len();
+    let mut sink = Samples::default();
+    for _ in 0..rounds.min(5) {
+        sink.time(|| image.write_to(&mut std::io::sink()).unwrap());
+    }
+    let path = std::env::temp_dir().join(format!("paxwasm-bench-image-{}", std::process::id()));
+    let mut file = Samples::default();
+    for _ in 0..rounds.min(3) {
+        file.time(|| {
+            let mut out = std::fs::File::create(&path).unwrap();
+            image.write_to(&mut out).unwrap();
+            out.sync_all().unwrap();
+        });
+    }
+    std::fs::remove_file(&path).unwrap();
+    let mut old_way = Samples::default();
+    let full_snapshot = old_way.time(|| machine.snapshot().to_bytes());
+    assert_eq!(full_snapshot.len() as u64, len);
+    drop(full_snapshot);
+    let mbps = |d: &[Duration]| len as f64 / d.iter().min().unwrap().as_secs_f64() / 1e6;
+    let (sink_mbps, file_mbps) = (mbps(&sink.wall), mbps(&file.wall));
+    println!("snapshot image at {mib} MiB (every page populated); ms as min / median / max:");
+    println!("  pause, 100 pages written since the previous image:     {pause_100}");
+    println!("  pause, the same 100 pages already checkpointed:        {pause_100_committed}");
+    println!("  pause, 1 page written since (about the scan alone):    {pause_1}");
+    println!("  pause, nothing written since:                          {pause_none}");
+    println!("  pause, every page written since:                       {pause_all}");
+    println!("  pause, 100 pages, an earlier image still held:         {pause_100_held}");
+    println!("  pause, 100 pages, both shadows held (full copy):       {pause_full_fallback}");
+    println!(
+        "  pause, first image after load (full copy):             {}",
+        first.summary()
+    );
+    println!(
+        "  write_to io::sink: {} ({sink_mbps:.0} MB/s best wall)",
+        sink.summary()
+    );
+    println!(
+        "  write_to a file in {} + fsync: {} ({file_mbps:.0} MB/s best wall)",
+        std::env::temp_dir().display(),
+        file.summary()
+    );
+    println!(
+        "  for scale, snapshot().to_bytes() (the old full copy, twice): {}",
+        old_way.summary()
     );
 }
