@@ -5,6 +5,7 @@
 //! `api`) and never interprets application commands (that is the Wasm module).
 
 pub mod app;
+pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod handle;
