@@ -78,6 +78,7 @@ impl NodeApi for InstantNode {
             module: None,
             state_hash: None,
             peers: Vec::new(),
+            checkpoint: None,
         }
     }
     fn cluster(&self) -> ClusterView {

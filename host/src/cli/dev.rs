@@ -41,6 +41,9 @@ pub struct DevArgs {
     /// Admin bearer token (default: DIR/admin-token, generated on first run).
     #[arg(long, env = "PAXWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// State-hash checkpoint every K applied entries (passed to every replica).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_entries: Option<u64>,
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
@@ -80,6 +83,11 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         .collect();
     let cluster = cluster.join(",");
     let exe = std::env::current_exe().context("finding the paxwasm executable")?;
+    if let Some(entries) = args.checkpoint_entries {
+        // The replicas inherit the environment; `paxwasm node` reads this variable for
+        // `--checkpoint-entries`. No other thread runs yet, so setting it is sound.
+        std::env::set_var("PAXWASM_CHECKPOINT_ENTRIES", entries.to_string());
+    }
     let mut children = Vec::new();
     for n in 1..=args.nodes {
         match spawn_node(&exe, &dir, n, &cluster, &token) {

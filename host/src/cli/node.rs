@@ -10,6 +10,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiConfig};
+use crate::node::checkpoint::CHECKPOINT_ENTRIES_DEFAULT;
 use crate::node::{self, NodeConfig};
 use crate::paxos::NodeId;
 
@@ -49,6 +50,15 @@ pub struct NodeArgs {
     /// HTTP address announced to peers and clients, if not the listen address.
     #[arg(long)]
     pub advertise_http: Option<String>,
+    /// State-hash checkpoint every K applied entries: replicas compare their hashes and
+    /// one in the minority stops serving reads.
+    #[arg(long, env = "PAXWASM_CHECKPOINT_ENTRIES", default_value_t = CHECKPOINT_ENTRIES_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_entries: u64,
+    /// Enables test-only routes that damage this replica on purpose
+    /// (`POST /v1/debug/flip-byte?offset=N`). Never use in production.
+    #[arg(long)]
+    pub test_hooks: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +142,11 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     );
     config.tick_ms = args.tick_ms.max(1);
     config.command_bytes_max = args.body_bytes_max;
+    config.checkpoint.interval_entries = args.checkpoint_entries;
+    config.test_hooks = args.test_hooks;
+    if args.test_hooks {
+        tracing::warn!("test hooks are on: POST /v1/debug/flip-byte can corrupt this replica");
+    }
     let listener = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.http))?;

@@ -143,6 +143,35 @@ impl WasmApp {
         Some(machine.state_hash_hex())
     }
 
+    /// The machine's state hash (`Machine::state_hash`), `None` before the first
+    /// install. Incremental: only pages written since the last call are rehashed.
+    pub fn state_hash_bytes(&mut self) -> Option<[u8; 32]> {
+        Some(self.machine.as_mut()?.state_hash())
+    }
+
+    /// Test hook: inverts the byte at `offset` of the committed linear memory, on this
+    /// replica only, so its state diverges from its peers'. Goes through a full
+    /// snapshot and restore (the machine then rehashes every page): slow, but it
+    /// needs nothing of the machine beyond its public API.
+    // TODO(machine-snap): call `Machine::debug_flip_byte` once that branch is merged.
+    pub fn debug_flip_byte(&mut self, offset: u64) -> Result<(), String> {
+        let machine = self
+            .machine
+            .as_mut()
+            .ok_or_else(|| "no module is deployed".to_string())?;
+        let mut snapshot = machine.snapshot();
+        let memory_bytes = snapshot.memory.len();
+        let byte = usize::try_from(offset)
+            .ok()
+            .and_then(|offset| snapshot.memory.get_mut(offset))
+            .ok_or_else(|| format!("offset {offset} is outside the {memory_bytes}-byte memory"))?;
+        *byte = !*byte;
+        machine
+            .restore(&snapshot)
+            .expect("restoring the machine's own snapshot succeeds");
+        Ok(())
+    }
+
     fn record(&mut self, event: ModuleEvent) {
         if event.failed.is_none() {
             self.current = Some((event.module.clone(), event.index));
@@ -262,6 +291,32 @@ mod tests {
         assert_eq!(result, AppResult::Output(b"OK".to_vec()).encode());
         let result = app.apply(&command_envelope(b"get a"), &context);
         assert_eq!(AppResult::decode(&result), AppResult::Output(b"1".to_vec()));
+    }
+
+    #[test]
+    fn a_flipped_byte_changes_the_state_hash_and_flipping_back_restores_it() {
+        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let mut app = WasmApp::new(MachineConfig::default());
+        assert_eq!(app.state_hash_bytes(), None);
+        assert!(app.debug_flip_byte(0).is_err(), "no module yet");
+        let context = ApplyContext {
+            slot: 1,
+            timestamp_ms: 0,
+            seed: 0,
+        };
+        app.apply(&install_envelope(&kv, false), &context);
+        app.apply(&command_envelope(b"put a 1"), &context);
+        let before = app.state_hash_bytes().unwrap();
+        app.debug_flip_byte(100).unwrap();
+        let flipped = app.state_hash_bytes().unwrap();
+        assert_ne!(flipped, before);
+        app.debug_flip_byte(100).unwrap();
+        assert_eq!(app.state_hash_bytes().unwrap(), before);
+        let error = app.debug_flip_byte(u64::MAX).unwrap_err();
+        assert!(
+            error.starts_with("offset 18446744073709551615 is outside"),
+            "{error}"
+        );
     }
 
     #[test]

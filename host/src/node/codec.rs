@@ -6,7 +6,8 @@
 //! could hold: every length and count is checked against the bytes that remain, and a
 //! decode error is a value the caller logs and drops.
 //!
-//! Wire payload: `version u8 = 1`, `kind u8` (0 = Paxos message, 1 = peer info), body.
+//! Wire payload: `version u8 = 1`, `kind u8` (0 = Paxos message, 1 = peer info,
+//! `KIND_CHECKPOINT` = state-hash checkpoint report), body.
 //! Store value of an accepted entry: `version u8 = 1`, then a `LogEntry`.
 //! Field layouts are in docs/notes/node.md.
 
@@ -23,6 +24,9 @@ pub const WIRE_VERSION: u8 = 1;
 pub const ENTRY_VERSION: u8 = 1;
 /// Longest HTTP address a peer may announce.
 pub const PEER_HTTP_BYTES_MAX: usize = 256;
+/// Wire kind of a `CheckpointReport`. Kinds 2 to 7 are left free for snapshot transfer
+/// (developed at the same time), so the two extensions cannot collide.
+pub const KIND_CHECKPOINT: u8 = 8;
 
 /// What replicas say to each other: consensus messages, plus what a replica tells its
 /// peers about itself (so followers can name the leader's HTTP address).
@@ -30,6 +34,15 @@ pub const PEER_HTTP_BYTES_MAX: usize = 256;
 pub enum WireMessage {
     Paxos(Message),
     Info(PeerInfo),
+    Checkpoint(CheckpointReport),
+}
+
+/// The sender's state hash at a checkpoint index (`node::checkpoint`); never part of
+/// consensus. Layout: `index u64`, `hash [u8; 32]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointReport {
+    pub index: Slot,
+    pub hash: [u8; 32],
 }
 
 /// Sent to every peer now and then; never part of consensus.
@@ -97,6 +110,11 @@ pub fn encode_wire(message: &WireMessage) -> Vec<u8> {
             put_u64(&mut out, info.chosen_index);
             put_u64(&mut out, info.applied_index);
         }
+        WireMessage::Checkpoint(report) => {
+            out.push(KIND_CHECKPOINT);
+            put_u64(&mut out, report.index);
+            out.extend_from_slice(&report.hash);
+        }
     }
     out
 }
@@ -134,6 +152,13 @@ pub fn decode_wire(input: &[u8]) -> Result<WireMessage, DecodeError> {
                 applied_index: reader.u64("applied index")?,
             })
         }
+        KIND_CHECKPOINT => WireMessage::Checkpoint(CheckpointReport {
+            index: reader.u64("checkpoint index")?,
+            hash: reader
+                .take(32, "checkpoint hash")?
+                .try_into()
+                .expect("took 32 bytes"),
+        }),
         tag => return Err(DecodeError::UnknownTag { field: "kind", tag }),
     };
     reader.finish()?;

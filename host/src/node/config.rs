@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use super::checkpoint::CheckpointConfig;
 use crate::machine::MachineConfig;
 use crate::paxos::{NodeId, Params};
 use crate::storage::StorageConfig;
@@ -47,6 +48,11 @@ pub struct NodeConfig {
     /// Events the core handles before it performs their actions, per loop turn:
     /// bounds latency while letting bursts share one pass.
     pub events_per_turn_max: usize,
+    /// State-hash checkpoints: every how many applied entries, and how many are kept.
+    pub checkpoint: CheckpointConfig,
+    /// Enables test-only routes that damage this replica on purpose
+    /// (`POST /v1/debug/flip-byte`). Never on in production.
+    pub test_hooks: bool,
 }
 
 impl NodeConfig {
@@ -83,6 +89,8 @@ impl NodeConfig {
             retry_after_ms: 500,
             frame_bytes_max: 64 * 1024 * 1024,
             events_per_turn_max: 1024,
+            checkpoint: CheckpointConfig::default(),
+            test_hooks: false,
         }
     }
 

@@ -33,9 +33,11 @@ use crate::paxos::{
 use crate::storage::{self, Pending, Store, WriteBatch};
 
 use super::app::{AppResult, WasmApp};
-use super::codec::{self, PeerInfo, WireMessage};
+use super::checkpoint::{Checkpoints, Finding, StateHash};
+use super::codec::{self, CheckpointReport, PeerInfo, WireMessage};
 use super::handle::{
-    CommandError, CommandOk, DeployError, DeployOk, LeaderHint, QueryError, QueryOk,
+    CommandError, CommandOk, DeployError, DeployOk, FlipError, FlipOk, LeaderHint, QueryError,
+    QueryOk,
 };
 use super::service::{Counters, Published};
 
@@ -56,7 +58,16 @@ pub(crate) enum Request {
         mode: Option<ReadMode>,
         reply: oneshot::Sender<Result<QueryOk, QueryError>>,
     },
+    /// Test hook (`--test-hooks`): flip a byte of the committed memory.
+    DebugFlipByte {
+        offset: u64,
+        reply: oneshot::Sender<Result<FlipOk, FlipError>>,
+    },
 }
+
+/// How often a diverged replica asks the majority again for a snapshot while the
+/// previous request has not repaired it.
+const REPAIR_RETRY_MS: u64 = 5_000;
 
 enum Waiter {
     Command(oneshot::Sender<Result<CommandOk, CommandError>>),
@@ -105,6 +116,8 @@ pub(crate) struct Core {
     pub events_per_turn_max: usize,
     /// First request id of this incarnation; see `first_request_id`.
     pub next_request: RequestId,
+    /// State-hash checkpoints: this replica's and its peers' (`checkpoint.rs`).
+    pub checkpoints: Checkpoints,
 }
 
 struct Loop {
@@ -119,6 +132,9 @@ struct Loop {
     hashed_index: Option<Slot>,
     app_version_published: u64,
     clock: TickClock,
+    /// When this replica, diverged, last asked the majority for a snapshot.
+    repair_requested: Option<Instant>,
+    findings: Vec<Finding>,
 }
 
 /// Logical ticks derived from the monotonic clock. The core's leases are counted in
@@ -188,6 +204,8 @@ pub(crate) async fn run(core: Core) {
         hashed_index: None,
         clock: TickClock::new(tick_ms),
         app_version_published: u64::MAX,
+        repair_requested: None,
+        findings: Vec::new(),
     };
     state.main().await;
     drop(state);
@@ -301,6 +319,17 @@ impl Loop {
                 seen.chosen_index = Some(info.chosen_index);
                 seen.applied_index = Some(info.applied_index);
             }
+            Ok(WireMessage::Checkpoint(report)) => {
+                let mut findings = std::mem::take(&mut self.findings);
+                self.core.checkpoints.record_peer(
+                    from,
+                    report.index,
+                    StateHash(report.hash),
+                    &mut findings,
+                );
+                self.report_findings(&mut findings);
+                self.findings = findings;
+            }
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
                 tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
@@ -315,6 +344,15 @@ impl Loop {
     }
 
     fn on_request(&mut self, request: Request) {
+        // A diverged replica's state is wrong: it answers nothing from it, neither
+        // reads nor the results of commands it would propose.
+        if let Some(divergence) = self.core.checkpoints.diverged() {
+            if !matches!(request, Request::DebugFlipByte { .. }) {
+                let reason = divergence.to_string();
+                self.refuse(request, reason);
+                return;
+            }
+        }
         if self.waiters.len() >= self.core.requests_pending_max {
             let reason = format!(
                 "{} requests are waiting at this replica",
@@ -377,6 +415,9 @@ impl Loop {
                     mode,
                 });
             }
+            Request::DebugFlipByte { offset, reply } => {
+                let _ = reply.send(self.debug_flip_byte(offset));
+            }
         }
     }
 
@@ -401,7 +442,25 @@ impl Loop {
                     retry_after_ms,
                 }));
             }
+            Request::DebugFlipByte { reply, .. } => {
+                let _ = reply.send(Err(FlipError::Unavailable { reason }));
+            }
         }
+    }
+
+    fn debug_flip_byte(&mut self, offset: u64) -> Result<FlipOk, FlipError> {
+        self.core
+            .applier
+            .machine
+            .debug_flip_byte(offset)
+            .map_err(|reason| FlipError::Refused { reason })?;
+        let applied_index = self.core.applier.applied_index;
+        tracing::warn!(
+            offset,
+            applied_index,
+            "test hook: flipped a byte of the machine's memory; this replica now diverges"
+        );
+        Ok(FlipOk { applied_index })
     }
 
     fn run_query(&mut self, payload: &[u8]) -> Result<QueryOk, QueryError> {
@@ -490,6 +549,104 @@ impl Loop {
             self.complete(request, slot, AppResult::decode(&result));
         }
         self.replies = replies;
+        if self.core.checkpoints.is_checkpoint(slot) {
+            self.take_checkpoint(slot);
+        }
+    }
+
+    /// Hashes the state at `slot` (a checkpoint index), compares it with what peers
+    /// reported and tells them.
+    fn take_checkpoint(&mut self, slot: Slot) {
+        // Before the first module there is no state to compare.
+        let Some(hash) = self.core.applier.machine.state_hash_bytes() else {
+            return;
+        };
+        let mut findings = std::mem::take(&mut self.findings);
+        self.core
+            .checkpoints
+            .record_local(slot, StateHash(hash), &mut findings);
+        self.report_findings(&mut findings);
+        self.findings = findings;
+        self.send_checkpoint(CheckpointReport { index: slot, hash });
+    }
+
+    fn send_checkpoint(&mut self, report: CheckpointReport) {
+        let payload = Bytes::from(codec::encode_wire(&WireMessage::Checkpoint(report)));
+        for peer in self.core.transport.peers().keys() {
+            let _ = self.core.transport.send(*peer, payload.clone());
+        }
+    }
+
+    /// The loud part of a checkpoint mismatch: error lines and the metric.
+    fn report_findings(&mut self, findings: &mut Vec<Finding>) {
+        for finding in findings.drain(..) {
+            match finding {
+                Finding::Mismatch {
+                    index,
+                    peer,
+                    local,
+                    theirs,
+                } => {
+                    let counters = &self.core.counters;
+                    counters.add(&counters.checkpoint_mismatches, 1);
+                    tracing::error!(
+                        node = self.core.id,
+                        index,
+                        %local,
+                        peer,
+                        peer_hash = %theirs,
+                        "CHECKPOINT MISMATCH: a peer's state hash differs from this replica's"
+                    );
+                }
+                Finding::Diverged(divergence) => {
+                    tracing::error!(
+                        node = self.core.id,
+                        index = divergence.index,
+                        local = %divergence.local,
+                        majority = %divergence.majority,
+                        majority_nodes = ?divergence.majority_nodes,
+                        "STATE DIVERGED: this replica is in the minority at a checkpoint; it refuses reads until it reinstalls a snapshot from the majority"
+                    );
+                    self.repair_requested = None;
+                    self.request_repair();
+                }
+                Finding::Recovered { index } => {
+                    tracing::warn!(
+                        node = self.core.id,
+                        index,
+                        "this replica's state hash agrees with a quorum again; it serves reads"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asks a replica of the majority for its newest snapshot, at most every
+    /// `REPAIR_RETRY_MS` while this replica stays diverged.
+    fn request_repair(&mut self) {
+        let Some(divergence) = self.core.checkpoints.diverged() else {
+            return;
+        };
+        if self
+            .repair_requested
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(REPAIR_RETRY_MS))
+        {
+            return;
+        }
+        let from = *divergence
+            .majority_nodes
+            .first()
+            .expect("a majority holds at least one other voter");
+        self.repair_requested = Some(Instant::now());
+        // INTEGRATION POINT (branch node-snap): ask `from` for its newest snapshot and
+        // install it; once installed, call `self.core.checkpoints.on_snapshot_installed()`
+        // and, if the snapshot's slot is a checkpoint, `take_checkpoint(slot)`.
+        // Until then, the replica stays out of service (refusing reads) and says why.
+        tracing::error!(
+            node = self.core.id,
+            from,
+            "cannot repair the diverged state: this build has no snapshot transfer; restart the replica to replay its log"
+        );
     }
 
     fn complete(&mut self, request: RequestId, slot: Slot, result: AppResult) {
@@ -624,6 +781,15 @@ impl Loop {
         for peer in self.core.transport.peers().keys() {
             let _ = self.core.transport.send(*peer, payload.clone());
         }
+        // Reports are best effort: repeating the newest lets a peer that missed it (or
+        // restarted) still confirm it.
+        if let Some(newest) = self.core.checkpoints.newest() {
+            self.send_checkpoint(CheckpointReport {
+                index: newest.index,
+                hash: newest.hash.0,
+            });
+        }
+        self.request_repair();
     }
 
     fn refresh_state_hash(&mut self) {
@@ -680,6 +846,8 @@ impl Loop {
         published.requests_pending = self.waiters.len();
         published.dedup_clients = self.core.applier.dedup.clients();
         published.peers.clone_from(&self.peers);
+        published.checkpoint = self.core.checkpoints.newest();
+        published.diverged = self.core.checkpoints.diverged().map(ToString::to_string);
         let app = &self.core.applier.machine;
         if app.version != self.app_version_published {
             published.module = app.current().cloned();

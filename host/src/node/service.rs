@@ -20,11 +20,12 @@ use crate::paxos::{
 use crate::storage::Store;
 
 use super::app::{command_envelope, install_envelope, WasmApp};
+use super::checkpoint::{CheckpointStatus, Checkpoints};
 use super::config::NodeConfig;
 use super::handle::{
-    AppInfo, ClusterView, CommandError, CommandOk, CommandRequest, Consistency, DeployError,
-    DeployOk, MemberView, ModuleEvent, NodeApi, PeerView, QueryError, QueryOk, Readiness,
-    StatusView,
+    AppInfo, CheckpointView, ClusterView, CommandError, CommandOk, CommandRequest, Consistency,
+    DeployError, DeployOk, FlipError, FlipOk, MemberView, ModuleEvent, NodeApi, PeerView,
+    QueryError, QueryOk, Readiness, StatusView,
 };
 use super::runtime::{self, Core, PeerSeen, Request};
 
@@ -39,6 +40,8 @@ pub(crate) struct Counters {
     pub persist_entries: AtomicU64,
     pub leader_changes: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// Peer checkpoint reports whose hash differed from this replica's.
+    pub checkpoint_mismatches: AtomicU64,
 }
 
 impl Counters {
@@ -61,6 +64,9 @@ pub(crate) struct Published {
     pub peers: BTreeMap<NodeId, PeerSeen>,
     pub requests_pending: usize,
     pub dedup_clients: usize,
+    pub checkpoint: Option<CheckpointStatus>,
+    /// Why this replica serves no reads: its state diverged from the majority's.
+    pub diverged: Option<String>,
 }
 
 struct Inner {
@@ -76,6 +82,7 @@ struct Inner {
     command_bytes_max: usize,
     request_timeout: Duration,
     retry_after_ms: u64,
+    test_hooks: bool,
 }
 
 /// A running replica. Cheap to clone.
@@ -160,6 +167,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         peers: BTreeMap::new(),
         requests_pending: 0,
         dedup_clients: 0,
+        checkpoint: None,
+        diverged: None,
     }));
     let counters = Arc::new(Counters::default());
     let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
@@ -221,6 +230,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             state_hash_interval_ms: config.state_hash_interval_ms,
             events_per_turn_max: config.events_per_turn_max,
             next_request: runtime::first_request_id(config.id),
+            checkpoints: Checkpoints::new(
+                config.id,
+                Configuration::new(config.members.keys().copied()),
+                config.checkpoint.clone(),
+            ),
         };
         Some(tokio::spawn(runtime::run(core)))
     };
@@ -238,6 +252,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             command_bytes_max: config.command_bytes_max,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             retry_after_ms: config.retry_after_ms,
+            test_hooks: config.test_hooks,
         }),
     };
     Ok((
@@ -410,6 +425,24 @@ impl NodeApi for Node {
             })
     }
 
+    fn test_hooks_enabled(&self) -> bool {
+        self.inner.test_hooks
+    }
+
+    async fn debug_flip_byte(&self, offset: u64) -> Result<FlipOk, FlipError> {
+        if !self.inner.test_hooks {
+            return Err(FlipError::Disabled);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.ask(Request::DebugFlipByte { offset, reply }, answer)
+            .await
+            .unwrap_or_else(|error: AskError| {
+                Err(FlipError::Unavailable {
+                    reason: error.unwrap_or_else(|| "no answer in time".into()),
+                })
+            })
+    }
+
     fn app(&self) -> AppInfo {
         let published = self.published();
         AppInfo {
@@ -451,6 +484,11 @@ impl NodeApi for Node {
             module: published.module.map(|(id, _)| id),
             state_hash: published.state_hash,
             peers,
+            checkpoint: published.checkpoint.map(|checkpoint| CheckpointView {
+                index: checkpoint.index,
+                hash: checkpoint.hash.to_string(),
+                agreed: checkpoint.agreed,
+            }),
         }
     }
 
@@ -485,6 +523,8 @@ impl NodeApi for Node {
         let published = self.published();
         let reason = if self.inner.members.is_empty() {
             Some("not a member of a cluster yet".to_string())
+        } else if let Some(diverged) = published.diverged {
+            Some(diverged)
         } else if published.leader.is_none() {
             Some("no leader is known".to_string())
         } else if published.applied_index < published.commit_index {
@@ -583,6 +623,26 @@ impl NodeApi for Node {
             "counter",
             "Peer payloads dropped because they did not decode.",
             get(&c.decode_errors),
+        );
+        metric(
+            "paxwasm_checkpoint_mismatches_total",
+            "counter",
+            "Peer checkpoint reports whose state hash differed from this replica's.",
+            get(&c.checkpoint_mismatches),
+        );
+        metric(
+            "paxwasm_checkpoint_index",
+            "gauge",
+            "Applied index of the newest state-hash checkpoint (0: none yet).",
+            published
+                .checkpoint
+                .map_or(0, |checkpoint| checkpoint.index),
+        );
+        metric(
+            "paxwasm_checkpoint_diverged",
+            "gauge",
+            "1 while this replica's state differs from a quorum's (it refuses reads).",
+            u64::from(published.diverged.is_some()),
         );
         metric(
             "paxwasm_requests_pending",

@@ -115,7 +115,36 @@ fn every_message() -> Vec<WireMessage> {
         chosen_index: 44,
         applied_index: 43,
     }));
+    all.push(WireMessage::Checkpoint(checkpoint_report()));
     all
+}
+
+fn checkpoint_report() -> CheckpointReport {
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = 0xA0 ^ i as u8;
+    }
+    CheckpointReport { index: 4000, hash }
+}
+
+#[test]
+fn checkpoint_reports_round_trip_with_their_exact_layout() {
+    let report = checkpoint_report();
+    let bytes = encode_wire(&WireMessage::Checkpoint(report));
+    let mut expected = vec![WIRE_VERSION, KIND_CHECKPOINT];
+    expected.extend_from_slice(&4000u64.to_le_bytes());
+    expected.extend_from_slice(&report.hash);
+    assert_eq!(bytes, expected);
+    assert_eq!(decode_wire(&bytes), Ok(WireMessage::Checkpoint(report)));
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert_eq!(decode_wire(&longer), Err(DecodeError::TrailingBytes(1)));
+    assert_eq!(
+        decode_wire(&bytes[..bytes.len() - 1]),
+        Err(DecodeError::Truncated {
+            field: "checkpoint hash"
+        })
+    );
 }
 
 #[test]
