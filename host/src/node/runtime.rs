@@ -558,9 +558,16 @@ impl Loop {
     /// reported and tells them.
     fn take_checkpoint(&mut self, slot: Slot) {
         // Before the first module there is no state to compare.
+        let started = Instant::now();
         let Some(hash) = self.core.applier.machine.state_hash_bytes() else {
             return;
         };
+        let counters = &self.core.counters;
+        counters.add(&counters.checkpoints, 1);
+        counters.add(
+            &counters.checkpoint_hash_us,
+            started.elapsed().as_micros() as u64,
+        );
         let mut findings = std::mem::take(&mut self.findings);
         self.core
             .checkpoints

@@ -42,6 +42,9 @@ pub(crate) struct Counters {
     pub decode_errors: AtomicU64,
     /// Peer checkpoint reports whose hash differed from this replica's.
     pub checkpoint_mismatches: AtomicU64,
+    /// Checkpoints taken, and the time spent hashing the state for them.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_hash_us: AtomicU64,
 }
 
 impl Counters {
@@ -629,6 +632,18 @@ impl NodeApi for Node {
             "counter",
             "Peer checkpoint reports whose state hash differed from this replica's.",
             get(&c.checkpoint_mismatches),
+        );
+        metric(
+            "paxwasm_checkpoints_total",
+            "counter",
+            "State-hash checkpoints taken by this replica.",
+            get(&c.checkpoints),
+        );
+        metric(
+            "paxwasm_checkpoint_hash_us_total",
+            "counter",
+            "Microseconds the core spent hashing the state for checkpoints (incremental).",
+            get(&c.checkpoint_hash_us),
         );
         metric(
             "paxwasm_checkpoint_index",
