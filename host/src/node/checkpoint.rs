@@ -152,8 +152,10 @@ impl Checkpoints {
 
     /// The configuration whose quorums decide who is in the minority (membership
     /// changes replace it).
-    pub fn set_configuration(&mut self, configuration: Configuration) {
-        self.configuration = configuration;
+    pub fn set_configuration(&mut self, configuration: &Configuration) {
+        if self.configuration != *configuration {
+            self.configuration = configuration.clone();
+        }
     }
 
     /// Records this replica's hash at checkpoint `index`.
@@ -550,6 +552,25 @@ mod tests {
         assert_eq!(peer(&mut c, 1, 10, hash(2)), vec![]);
         assert_eq!(c.window_len(), 1);
         assert_eq!(c.diverged(), None);
+    }
+
+    #[test]
+    fn quorums_follow_the_configuration() {
+        let mut c = three(1);
+        local(&mut c, 10, hash(1));
+        peer(&mut c, 2, 10, hash(2));
+        // Node 4 is no voter yet: its report does not count.
+        assert_eq!(peer(&mut c, 4, 10, hash(2)), vec![]);
+        assert_eq!(c.diverged(), None);
+        // In a configuration of five, 2 of 5 is no quorum, 3 of 5 is.
+        c.set_configuration(&Configuration::new(1..=5));
+        assert!(!peer(&mut c, 4, 10, hash(2)).is_empty());
+        assert_eq!(c.diverged(), None);
+        peer(&mut c, 5, 10, hash(2));
+        assert_eq!(
+            c.diverged().map(|d| d.majority_nodes.clone()),
+            Some(vec![2, 4, 5])
+        );
     }
 
     #[test]

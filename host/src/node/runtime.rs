@@ -320,6 +320,8 @@ impl Loop {
                 seen.applied_index = Some(info.applied_index);
             }
             Ok(WireMessage::Checkpoint(report)) => {
+                let configuration = self.core.replica.configuration();
+                self.core.checkpoints.set_configuration(configuration);
                 let mut findings = std::mem::take(&mut self.findings);
                 self.core.checkpoints.record_peer(
                     from,
@@ -586,6 +588,8 @@ impl Loop {
             &counters.checkpoint_hash_us,
             started.elapsed().as_micros() as u64,
         );
+        let configuration = self.core.replica.configuration();
+        self.core.checkpoints.set_configuration(configuration);
         let mut findings = std::mem::take(&mut self.findings);
         self.core
             .checkpoints
