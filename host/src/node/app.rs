@@ -150,25 +150,18 @@ impl WasmApp {
     }
 
     /// Test hook: inverts the byte at `offset` of the committed linear memory, on this
-    /// replica only, so its state diverges from its peers'. Goes through a full
-    /// snapshot and restore (the machine then rehashes every page): slow, but it
-    /// needs nothing of the machine beyond its public API.
-    // TODO(machine-snap): call `Machine::debug_flip_byte` once that branch is merged.
+    /// replica only, so its state diverges from its peers'.
     pub fn debug_flip_byte(&mut self, offset: u64) -> Result<(), String> {
         let machine = self
             .machine
             .as_mut()
             .ok_or_else(|| "no module is deployed".to_string())?;
-        let mut snapshot = machine.snapshot();
-        let memory_bytes = snapshot.memory.len();
-        let byte = usize::try_from(offset)
+        let memory_bytes = machine.memory_bytes();
+        let offset = usize::try_from(offset)
             .ok()
-            .and_then(|offset| snapshot.memory.get_mut(offset))
+            .filter(|offset| *offset < memory_bytes)
             .ok_or_else(|| format!("offset {offset} is outside the {memory_bytes}-byte memory"))?;
-        *byte = !*byte;
-        machine
-            .restore(&snapshot)
-            .expect("restoring the machine's own snapshot succeeds");
+        machine.debug_flip_byte(offset);
         Ok(())
     }
 
