@@ -11,6 +11,8 @@ pub mod handle;
 pub mod probe;
 mod runtime;
 mod service;
+pub mod snapshot;
+pub mod transfer;
 
 pub use config::NodeConfig;
 pub use service::{idempotency_key, start, Node, Running};

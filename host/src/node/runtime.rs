@@ -301,6 +301,13 @@ impl Loop {
                 seen.chosen_index = Some(info.chosen_index);
                 seen.applied_index = Some(info.applied_index);
             }
+            Ok(WireMessage::Transfer(message)) => {
+                tracing::debug!(
+                    from,
+                    ?message,
+                    "snapshot transfer message before transfers are wired"
+                );
+            }
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
                 tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
