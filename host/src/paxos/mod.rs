@@ -17,7 +17,7 @@ pub mod types;
 #[cfg(test)]
 mod tests;
 
-pub use apply::{Applier, ApplyContext, StateMachine, STALE_RESULT};
+pub use apply::{Applier, ApplierStateError, ApplyContext, StateMachine, STALE_RESULT};
 pub use config::Configuration;
 pub use dedup::{DedupCheck, DedupTable, DEDUP_CLIENTS_MAX};
 pub use params::{Params, LEASE_SAFETY_MARGIN_TICKS};

@@ -114,6 +114,10 @@ pub struct Status {
     /// `Some(ballot)` while this replica leads.
     pub leading: Option<Ballot>,
     pub leader_hint: Option<NodeId>,
+    /// First slot still in the log: everything below is covered by a snapshot.
+    pub log_start: Slot,
+    /// Slot of the newest snapshot this replica saved or installed (0: none).
+    pub snapshot_slot: Slot,
 }
 
 pub struct Replica {
@@ -128,8 +132,11 @@ pub struct Replica {
     log: BTreeMap<Slot, LogEntry>,
     chosen_index: Slot,
     applied_index: Slot,
-    /// First slot still in the log; compaction (a later issue) raises it.
+    /// First slot still in the log. Every slot below is chosen, applied and covered
+    /// by a durable snapshot; compaction and snapshot installs raise it.
     log_start: Slot,
+    /// Newest durable snapshot of the applied state (0: none).
+    snapshot_slot: Slot,
 
     next_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
@@ -152,10 +159,11 @@ impl Replica {
         Replica::restart(id, config, params, seed, DurableState::default())
     }
 
-    /// A replica rebuilt from what it persisted. Unpersisted state is gone. Every chosen
-    /// slot is applied again from slot 1 (snapshots will change the start later). It
-    /// refuses to support other candidates for `election_ticks_min` after starting, as
-    /// it cannot know whether it acknowledged a leader lease just before crashing.
+    /// A replica rebuilt from what it persisted. Unpersisted state is gone. The state
+    /// machine was restored from the snapshot at `durable.snapshot_slot` (or is empty),
+    /// and every chosen slot after it is applied again. It refuses to support other
+    /// candidates for `election_ticks_min` after starting, as it cannot know whether it
+    /// acknowledged a leader lease just before crashing.
     pub fn restart(
         id: NodeId,
         config: Configuration,
@@ -165,7 +173,20 @@ impl Replica {
     ) -> Replica {
         params.validate();
         let mut log = durable.log;
-        for slot in 1..=durable.chosen_index {
+        let snapshot_slot = durable.snapshot_slot;
+        let log_start = durable.log_start.max(1);
+        assert!(
+            log_start <= snapshot_slot + 1,
+            "log compacted to {log_start} beyond the snapshot at {snapshot_slot}"
+        );
+        // Entries the snapshot covers are chosen; the ones the store kept below it
+        // (the compaction margin) still serve lagging peers' catch-up.
+        let chosen_index = durable.chosen_index.max(snapshot_slot);
+        log.retain(|slot, _| *slot >= log_start);
+        for (_, entry) in log.range_mut(..=snapshot_slot) {
+            entry.chosen = true;
+        }
+        for slot in snapshot_slot + 1..=durable.chosen_index {
             let entry = log
                 .get_mut(&slot)
                 .expect("durable chosen prefix has a hole");
@@ -182,9 +203,10 @@ impl Replica {
             promised: durable.promised,
             max_round_seen: durable.promised.round,
             log,
-            chosen_index: durable.chosen_index,
-            applied_index: 0,
-            log_start: 1,
+            chosen_index,
+            applied_index: snapshot_slot,
+            log_start,
+            snapshot_slot,
             next_token: 1,
             deferred: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -214,7 +236,14 @@ impl Replica {
                 _ => None,
             },
             leader_hint: self.leader_hint,
+            log_start: self.log_start,
+            snapshot_slot: self.snapshot_slot,
         }
+    }
+
+    /// The configuration whose quorums decide now (stored in snapshots).
+    pub fn configuration(&self) -> &Configuration {
+        &self.config
     }
 
     /// The log entry this replica holds for `slot`, if any.
@@ -245,6 +274,8 @@ impl Replica {
             Event::Propose { request, command } => self.on_propose(request, command, actions),
             Event::Persisted { token } => self.on_persisted(token, actions),
             Event::Read { request, mode } => self.on_read(request, mode, actions),
+            Event::SnapshotSaved { slot } => self.on_snapshot_saved(slot, actions),
+            Event::SnapshotInstalled { slot } => self.on_snapshot_installed(slot, actions),
         }
         while let Some((from, msg)) = self.inbox.pop_front() {
             self.on_message(from, msg, actions);
@@ -289,6 +320,14 @@ impl Replica {
         {
             let (_, deferred) = self.deferred.pop_front().expect("front checked above");
             match deferred {
+                Deferred::Promise { to, first_slot, .. } if first_slot < self.log_start => {
+                    // Compacted while the promise was being persisted: it could no
+                    // longer report every slot the candidate asked for.
+                    actions.push(Action::SendSnapshot {
+                        to,
+                        slot: first_slot,
+                    });
+                }
                 Deferred::Promise {
                     to,
                     ballot,
@@ -570,6 +609,16 @@ impl Replica {
             self.send(from, Message::Reject { promised }, actions);
             return;
         }
+        if first_slot < self.log_start {
+            // Slots in first_slot..log_start are chosen but compacted away here, so a
+            // promise could not report them and the candidate might fill them with
+            // no-ops. It gets no promise, and a snapshot to catch up from instead.
+            actions.push(Action::SendSnapshot {
+                to: from,
+                slot: first_slot,
+            });
+            return;
+        }
         self.promised = ballot;
         if from != self.id {
             self.yield_to(ballot, actions);
@@ -780,6 +829,51 @@ impl Replica {
             },
             actions,
         );
+    }
+
+    // ---- snapshots and compaction -----------------------------------------------------
+
+    fn on_snapshot_saved(&mut self, slot: Slot, actions: &mut Vec<Action>) {
+        assert!(
+            slot <= self.applied_index,
+            "snapshot at {slot} is ahead of the applied index {}",
+            self.applied_index
+        );
+        self.snapshot_slot = self.snapshot_slot.max(slot);
+        let below = slot.saturating_sub(self.params.compaction_margin_entries) + 1;
+        self.compact_below(below, actions);
+    }
+
+    fn on_snapshot_installed(&mut self, slot: Slot, actions: &mut Vec<Action>) {
+        if slot <= self.applied_index {
+            return;
+        }
+        // Every slot up to `slot` is chosen (the snapshot is of an applied state), so
+        // whatever this replica holds for them is either the chosen value or an
+        // accepted one that lost: both are dropped.
+        if self.own_ballot().is_some() {
+            // A peer applied past what this leader or candidate knows chosen, so a
+            // higher ballot has decided slots: this one is deposed, and its Phase 1
+            // or proposals start from a stale slot.
+            self.become_follower(actions);
+        }
+        self.snapshot_slot = slot;
+        self.applied_index = slot;
+        if self.chosen_index < slot {
+            self.chosen_index = slot;
+        }
+        self.compact_below(slot + 1, actions);
+        self.advance_chosen_index(actions);
+    }
+
+    fn compact_below(&mut self, below: Slot, actions: &mut Vec<Action>) {
+        if below <= self.log_start {
+            return;
+        }
+        debug_assert!(below <= self.applied_index + 1);
+        self.log = self.log.split_off(&below);
+        self.log_start = below;
+        actions.push(Action::Compact { below });
     }
 
     // ---- leader ----------------------------------------------------------------------
