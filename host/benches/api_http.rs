@@ -75,6 +75,7 @@ impl NodeApi for InstantNode {
             ballot: (1, 1),
             commit_index: 0,
             applied_index: 0,
+            snapshot_index: 0,
             module: None,
             state_hash: None,
             peers: Vec::new(),

@@ -50,6 +50,7 @@ pub fn status(status: &StatusView) -> Value {
         "ballot": { "round": round, "node": node },
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
+        "snapshot_index": status.snapshot_index,
         "module": status.module,
         "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
         "peers": status.peers.iter().map(peer).collect::<Vec<_>>(),

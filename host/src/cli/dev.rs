@@ -41,6 +41,9 @@ pub struct DevArgs {
     /// Admin bearer token (default: DIR/admin-token, generated on first run).
     #[arg(long, env = "PAXWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Each replica snapshots (and compacts its log) every N applied entries.
+    #[arg(long, default_value_t = super::node::DEFAULT_SNAPSHOT_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_entries: u64,
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
@@ -82,7 +85,7 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the paxwasm executable")?;
     let mut children = Vec::new();
     for n in 1..=args.nodes {
-        match spawn_node(&exe, &dir, n, &cluster, &token) {
+        match spawn_node(&exe, &dir, n, &cluster, &token, args.snapshot_entries) {
             Ok(child) => children.push((n, child)),
             Err(error) => {
                 stop_all(&mut children);
@@ -117,7 +120,14 @@ fn admin_token(given: Option<String>, file: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-fn spawn_node(exe: &Path, dir: &Path, n: u16, cluster: &str, token: &str) -> anyhow::Result<Child> {
+fn spawn_node(
+    exe: &Path,
+    dir: &Path,
+    n: u16,
+    cluster: &str,
+    token: &str,
+    snapshot_entries: u64,
+) -> anyhow::Result<Child> {
     let log_path = dir.join(format!("node-{n}.log"));
     let log = OpenOptions::new()
         .create(true)
@@ -133,6 +143,7 @@ fn spawn_node(exe: &Path, dir: &Path, n: u16, cluster: &str, token: &str) -> any
         .args(["--peer", &peer_addr(n)])
         .args(["--cluster", cluster])
         .args(["--cluster-id", DEV_CLUSTER_ID])
+        .args(["--snapshot-entries", &snapshot_entries.to_string()])
         .env("PAXWASM_TOKEN", token)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

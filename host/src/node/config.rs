@@ -8,6 +8,8 @@ use crate::machine::MachineConfig;
 use crate::paxos::{NodeId, Params};
 use crate::storage::StorageConfig;
 
+pub use super::runtime::SnapshotConfig;
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
@@ -47,6 +49,8 @@ pub struct NodeConfig {
     /// Events the core handles before it performs their actions, per loop turn:
     /// bounds latency while letting bursts share one pass.
     pub events_per_turn_max: usize,
+    /// When to snapshot and compact, and how snapshots are transferred.
+    pub snapshot: SnapshotConfig,
 }
 
 impl NodeConfig {
@@ -83,6 +87,7 @@ impl NodeConfig {
             retry_after_ms: 500,
             frame_bytes_max: 64 * 1024 * 1024,
             events_per_turn_max: 1024,
+            snapshot: SnapshotConfig::default(),
         }
     }
 

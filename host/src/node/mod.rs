@@ -5,6 +5,7 @@
 //! `api`) and never interprets application commands (that is the Wasm module).
 
 pub mod app;
+mod bootstrap;
 pub mod codec;
 pub mod config;
 pub mod handle;

@@ -39,6 +39,11 @@ use super::handle::{
 };
 use super::service::{Counters, Published};
 
+mod snapshots;
+
+pub use snapshots::SnapshotConfig;
+pub(crate) use snapshots::{value_bytes, Snapshots};
+
 /// What the `Node` handle asks of the core task.
 pub(crate) enum Request {
     Command {
@@ -119,6 +124,7 @@ struct Loop {
     hashed_index: Option<Slot>,
     app_version_published: u64,
     clock: TickClock,
+    snap: Snapshots,
 }
 
 /// Logical ticks derived from the monotonic clock. The core's leases are counted in
@@ -171,7 +177,7 @@ fn now_ms() -> u64 {
 
 /// Runs the core until shutdown is signalled. Returns after the last queued persist was
 /// handed to the store.
-pub(crate) async fn run(core: Core) {
+pub(crate) async fn run(core: Core, snap: Snapshots) {
     let (persist_queue, persist_rx) = mpsc::unbounded_channel();
     let (persisted_tx, persisted) = mpsc::unbounded_channel();
     let waiter = tokio::spawn(await_persists(persist_rx, persisted_tx));
@@ -188,6 +194,7 @@ pub(crate) async fn run(core: Core) {
         hashed_index: None,
         clock: TickClock::new(tick_ms),
         app_version_published: u64::MAX,
+        snap,
     };
     state.main().await;
     drop(state);
@@ -227,6 +234,10 @@ impl Loop {
                 Some(token) = self.persisted.recv() => {
                     self.step(Event::Persisted { token });
                 }
+                Some(done) = self.snap.done.recv() => {
+                    self.deliver_due_ticks();
+                    self.on_snapshot_done(done);
+                }
                 Some((from, payload)) = self.core.inbound.recv() => {
                     self.deliver_due_ticks();
                     self.on_inbound(from, &payload);
@@ -240,6 +251,7 @@ impl Loop {
             self.deliver_due_ticks();
             self.drain_ready();
             self.perform().await;
+            self.maybe_snapshot();
             self.publish();
         }
     }
@@ -260,6 +272,7 @@ impl Loop {
             if ticks.is_multiple_of(hash_every_ticks) {
                 self.refresh_state_hash();
             }
+            self.transfer_tick();
         }
     }
 
@@ -301,13 +314,7 @@ impl Loop {
                 seen.chosen_index = Some(info.chosen_index);
                 seen.applied_index = Some(info.applied_index);
             }
-            Ok(WireMessage::Transfer(message)) => {
-                tracing::debug!(
-                    from,
-                    ?message,
-                    "snapshot transfer message before transfers are wired"
-                );
-            }
+            Ok(WireMessage::Transfer(message)) => self.on_transfer(from, message),
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
                 tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
@@ -431,11 +438,7 @@ impl Loop {
                 Action::Send { to, msg } => self.send(to, &msg),
                 Action::Apply { slot, value } => self.apply(slot, &value),
                 Action::Reply { request, outcome } => self.reply(request, outcome),
-                Action::SendSnapshot { to, slot } => {
-                    // The core emits this only once the log is compacted, and this
-                    // runtime never reports a saved snapshot yet (issue 5, node part).
-                    tracing::error!(to, slot, "snapshot transfer requested but not implemented");
-                }
+                Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
                 Action::Compact { below } => self.compact(below).await,
             }
         }
@@ -502,6 +505,7 @@ impl Loop {
 
     fn apply(&mut self, slot: Slot, value: &Value) {
         let started = Instant::now();
+        self.snap.log_bytes_since += value_bytes(value);
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
@@ -702,6 +706,7 @@ impl Loop {
         published.ballot = status.leading.unwrap_or(status.promised);
         published.commit_index = status.chosen_index;
         published.applied_index = self.core.applier.applied_index;
+        published.snapshot_index = self.snap.newest().map_or(0, |file| file.id.slot);
         published.requests_pending = self.waiters.len();
         published.dedup_clients = self.core.applier.dedup.clients();
         published.peers.clone_from(&self.peers);
@@ -722,9 +727,11 @@ fn refusal(outcome: &Outcome) -> String {
     }
 }
 
-/// Folds what the store recovered into the core's durable state.
+/// Folds what the store recovered, and the slot of the snapshot the state machine was
+/// restored from (0: none), into the core's durable state.
 pub(crate) fn durable_state(
     recovered: &storage::Recovered,
+    snapshot_slot: Slot,
 ) -> anyhow::Result<crate::paxos::DurableState> {
     let mut durable = crate::paxos::DurableState {
         promised: recovered
@@ -735,19 +742,24 @@ pub(crate) fn durable_state(
             })
             .unwrap_or(Ballot::ZERO),
         chosen_index: recovered.chosen.unwrap_or(0),
+        snapshot_slot,
+        log_start: recovered.log_start.max(1),
         ..Default::default()
     };
     anyhow::ensure!(
-        recovered.log_start <= 1,
-        "the store was compacted to slot {}, and this build cannot restore snapshots",
-        recovered.log_start
+        durable.log_start <= snapshot_slot + 1,
+        "the store was compacted to slot {} but the newest valid snapshot is at slot \
+         {snapshot_slot}: slots {}..{} are in neither",
+        durable.log_start,
+        snapshot_slot + 1,
+        durable.log_start
     );
     for (slot, bytes) in &recovered.accepted {
         let entry = codec::decode_entry(bytes)
             .map_err(|error| anyhow::anyhow!("stored entry of slot {slot} is corrupt: {error}"))?;
         durable.log.insert(*slot, entry);
     }
-    for slot in 1..=durable.chosen_index {
+    for slot in snapshot_slot + 1..=durable.chosen_index {
         anyhow::ensure!(
             durable.log.contains_key(&slot),
             "the store's chosen index is {} but slot {slot} is missing",

@@ -526,6 +526,17 @@ impl SnapshotDir {
     /// Writes `contents` durably: temporary file, `fsync`, rename, `fsync` of the folder;
     /// then removes all but the newest `SNAPSHOTS_KEPT` snapshots.
     pub fn write(&self, contents: &SnapshotContents) -> Result<SnapshotFile, SnapshotError> {
+        self.write_pausing(contents, 0)
+    }
+
+    /// [`SnapshotDir::write`] that sleeps `pause_ms` after the temporary file is written
+    /// and before it is synced and renamed: a test hook that gives a kill -9 a window in
+    /// the middle of a snapshot write (`--snapshot-write-pause-ms`, hidden).
+    pub fn write_pausing(
+        &self,
+        contents: &SnapshotContents,
+        pause_ms: u64,
+    ) -> Result<SnapshotFile, SnapshotError> {
         let path = self.final_path(contents.slot);
         let temp = path.with_extension(format!("pxsnap{TEMP_SUFFIX}"));
         let file = File::create(&temp).map_err(io_error(&temp))?;
@@ -534,6 +545,9 @@ impl SnapshotDir {
         let file = out
             .into_inner()
             .map_err(|error| io_error(&temp)(error.into_error()))?;
+        if pause_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        }
         file.sync_all().map_err(io_error(&temp))?;
         drop(file);
         fs::rename(&temp, &path).map_err(io_error(&path))?;

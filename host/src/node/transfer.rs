@@ -137,14 +137,22 @@ impl Senders {
     }
 
     /// Starts sending `newest` to `to` unless a transfer to `to` already runs (the core
-    /// repeats `SendSnapshot` on every heartbeat ack). Returns the offer to send.
+    /// repeats `SendSnapshot` on every heartbeat ack). Returns the offer to send. A
+    /// running transfer whose receiver has been silent for `retry_ms` is offered again
+    /// (at most once per `retry_ms`): the receiver may have restarted and forgotten it.
     pub fn offer(
         &mut self,
         to: NodeId,
         newest: SnapshotId,
         now_ms: u64,
     ) -> Option<TransferMessage> {
-        if self.sessions.contains_key(&to) {
+        if let Some(session) = self.sessions.get_mut(&to) {
+            let silent = now_ms.saturating_sub(session.last_heard_ms) >= self.config.retry_ms;
+            let offered = now_ms.saturating_sub(session.last_offer_ms) >= self.config.retry_ms;
+            if silent && offered {
+                session.last_offer_ms = now_ms;
+                return Some(TransferMessage::Offer { id: session.id });
+            }
             return None;
         }
         self.sessions.insert(
@@ -707,8 +715,14 @@ mod tests {
         let mut receiver = Receiver::new(config());
         let offer = senders.offer(2, snapshot, 0).unwrap();
         assert_eq!(offer, TransferMessage::Offer { id: snapshot });
-        // A repeat of SendSnapshot while the transfer runs changes nothing.
+        // A repeat of SendSnapshot while the transfer runs changes nothing...
         assert_eq!(senders.offer(2, id(41, 10), 0), None);
+        // ... unless the receiver has been silent for retry_ms: then the same offer again.
+        assert_eq!(
+            senders.offer(2, id(41, 10), 50),
+            Some(TransferMessage::Offer { id: snapshot })
+        );
+        assert_eq!(senders.offer(2, id(41, 10), 60), None);
         let reply = receiver.on_offer(1, snapshot, 3, 0, 0).unwrap();
         assert_eq!(
             reply,
