@@ -76,6 +76,7 @@ impl NodeApi for InstantNode {
             commit_index: 0,
             applied_index: 0,
             snapshot_index: 0,
+            voting: true,
             module: None,
             state_hash: None,
             peers: Vec::new(),

@@ -51,6 +51,7 @@ pub fn status(status: &StatusView) -> Value {
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
         "snapshot_index": status.snapshot_index,
+        "voting": status.voting,
         "module": status.module,
         "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
         "peers": status.peers.iter().map(peer).collect::<Vec<_>>(),

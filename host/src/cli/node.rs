@@ -58,6 +58,11 @@ pub struct NodeArgs {
     /// Throttle of snapshot transfers to peers, in bytes per second (all peers together).
     #[arg(long, default_value_t = DEFAULT_SNAPSHOT_TRANSFER_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_transfer_bytes_per_sec: u64,
+    /// This member's data directory was lost: start it empty with this flag. It restores
+    /// the state from its peers (snapshot transfer) but never votes again under this id,
+    /// because it forgot the promises and accepts it gave; membership changes re-add it.
+    #[arg(long)]
+    pub rejoin: bool,
     /// Test hook: pause this long in the middle of every snapshot write (after the
     /// temporary file is written, before it is synced and renamed).
     #[arg(long, default_value_t = 0, hide = true)]
@@ -156,6 +161,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.snapshot.log_bytes = args.snapshot_log_bytes;
     config.snapshot.transfer.bytes_per_sec = args.snapshot_transfer_bytes_per_sec;
     config.snapshot.write_pause_ms = args.snapshot_write_pause_ms;
+    config.rejoin = args.rejoin;
     let listener = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.http))?;

@@ -51,6 +51,10 @@ pub struct NodeConfig {
     pub events_per_turn_max: usize,
     /// When to snapshot and compact, and how snapshots are transferred.
     pub snapshot: SnapshotConfig,
+    /// `--rejoin`: the data directory is empty because this member's data was lost. The
+    /// store is marked amnesic (durably, before anything else) and the replica learns
+    /// but never votes (`DurableState::amnesic`).
+    pub rejoin: bool,
 }
 
 impl NodeConfig {
@@ -88,6 +92,7 @@ impl NodeConfig {
             frame_bytes_max: 64 * 1024 * 1024,
             events_per_turn_max: 1024,
             snapshot: SnapshotConfig::default(),
+            rejoin: false,
         }
     }
 

@@ -76,6 +76,8 @@ pub(crate) struct Published {
     pub peers: BTreeMap<NodeId, PeerSeen>,
     pub requests_pending: usize,
     pub dedup_clients: usize,
+    /// False for a member that lost its data and came back (`--rejoin`).
+    pub voting: bool,
 }
 
 struct Inner {
@@ -150,6 +152,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         .map_err(|error| anyhow::anyhow!("{error}"))?
     };
     let store = Arc::new(store);
+    let amnesic = amnesia(&config, &store, &recovered).await?;
 
     let mut transport_config =
         TransportConfig::new(config.id, config.cluster_hash(), config.peer_listen);
@@ -217,6 +220,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         peers: BTreeMap::new(),
         requests_pending: 0,
         dedup_clients: 0,
+        voting: !amnesic && config.members.contains_key(&config.id),
     }));
     let counters = Arc::new(Counters::default());
     let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
@@ -313,6 +317,59 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             core,
         },
     ))
+}
+
+/// Metadata key of a store recreated after its member's data was lost (`--rejoin`);
+/// value `[1]`. Never removed by this build (issue 6 re-adds such a member).
+pub const META_AMNESIC: &str = "amnesic";
+
+/// Whether this replica lost its acceptor state: its store carries the amnesic mark, or
+/// it is empty and started with `--rejoin` (then the mark is written, durably, before
+/// anything else, so a crash during the recovery that follows cannot forget it).
+async fn amnesia(
+    config: &NodeConfig,
+    store: &Store,
+    recovered: &crate::storage::Recovered,
+) -> anyhow::Result<bool> {
+    if recovered
+        .meta
+        .get(META_AMNESIC)
+        .is_some_and(|value| value == &[1])
+    {
+        tracing::warn!(
+            node = config.id,
+            "this member lost its data earlier (--rejoin): it learns from its peers but does not vote"
+        );
+        return Ok(true);
+    }
+    if !config.rejoin {
+        return Ok(false);
+    }
+    let empty = recovered.promised.is_none()
+        && recovered.accepted.is_empty()
+        && recovered.chosen.is_none()
+        && recovered.log_start <= 1;
+    anyhow::ensure!(
+        empty,
+        "--rejoin is for a member whose data was lost, but {} holds acceptor state \
+         (promised {:?}, {} entries, chosen {:?}); start it without --rejoin",
+        config.data_dir.display(),
+        recovered.promised,
+        recovered.accepted.len(),
+        recovered.chosen
+    );
+    store
+        .write(crate::storage::WriteBatch {
+            meta: vec![(META_AMNESIC.to_string(), vec![1])],
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("marking the store amnesic: {error}"))?;
+    tracing::warn!(
+        node = config.id,
+        "rejoining after data loss: this member restores its state from its peers and does not vote"
+    );
+    Ok(true)
 }
 
 /// What `start` found in the snapshot folder.
@@ -584,6 +641,7 @@ impl NodeApi for Node {
             commit_index: published.commit_index,
             applied_index: published.applied_index,
             snapshot_index: published.snapshot_index,
+            voting: published.voting,
             module: published.module.map(|(id, _)| id),
             state_hash: published.state_hash,
             peers,

@@ -128,6 +128,11 @@ impl Senders {
         }
     }
 
+    /// Ends the transfer to `peer` (its snapshot file is gone).
+    pub fn cancel(&mut self, peer: NodeId) {
+        self.sessions.remove(&peer);
+    }
+
     pub fn is_sending_to(&self, peer: NodeId) -> bool {
         self.sessions.contains_key(&peer)
     }
@@ -149,11 +154,16 @@ impl Senders {
         if let Some(session) = self.sessions.get_mut(&to) {
             let silent = now_ms.saturating_sub(session.last_heard_ms) >= self.config.retry_ms;
             let offered = now_ms.saturating_sub(session.last_offer_ms) >= self.config.retry_ms;
-            if silent && offered {
+            if !(silent && offered) {
+                return None;
+            }
+            if session.id == newest {
                 session.last_offer_ms = now_ms;
                 return Some(TransferMessage::Offer { id: session.id });
             }
-            return None;
+            // A stalled transfer of an older snapshot (which may be pruned by now):
+            // start over with the newest.
+            self.sessions.remove(&to);
         }
         self.sessions.insert(
             to,
@@ -719,10 +729,22 @@ mod tests {
         assert_eq!(senders.offer(2, id(41, 10), 0), None);
         // ... unless the receiver has been silent for retry_ms: then the same offer again.
         assert_eq!(
-            senders.offer(2, id(41, 10), 50),
+            senders.offer(2, snapshot, 50),
             Some(TransferMessage::Offer { id: snapshot })
         );
-        assert_eq!(senders.offer(2, id(41, 10), 60), None);
+        assert_eq!(senders.offer(2, snapshot, 60), None);
+        // A silent receiver of an older snapshot is offered the newest one instead.
+        let mut stale = Senders::new(config(), 0);
+        stale.offer(2, snapshot, 0);
+        assert_eq!(
+            stale.offer(2, id(41, 10), 10),
+            None,
+            "not silent for long yet"
+        );
+        assert_eq!(
+            stale.offer(2, id(41, 10), 100),
+            Some(TransferMessage::Offer { id: id(41, 10) })
+        );
         let reply = receiver.on_offer(1, snapshot, 3, 0, 0).unwrap();
         assert_eq!(
             reply,

@@ -552,6 +552,7 @@ impl Loop {
                     .find(|f| f.id == read.id)
                     .map(|f| f.path.clone())
                 else {
+                    self.snap.senders.cancel(read.to);
                     self.send_transfer(read.to, &TransferMessage::Gone { id: read.id });
                     continue;
                 };
@@ -561,6 +562,7 @@ impl Loop {
                     }
                     Err(error) => {
                         tracing::warn!(%error, path = %path.display(), "cannot open a snapshot to send");
+                        self.snap.senders.cancel(read.to);
                         self.send_transfer(read.to, &TransferMessage::Gone { id: read.id });
                         continue;
                     }
