@@ -53,6 +53,41 @@ impl Memfd {
         assert!(offset + bytes.len() <= self.bytes_max);
         self.file.read_exact_at(bytes, offset as u64)
     }
+
+    /// The byte ranges of `[0, len)` that hold pages (`SEEK_DATA` /
+    /// `SEEK_HOLE`); the holes between them read as zero. Where the kernel
+    /// does not answer, the whole range counts as data (correct, slower).
+    pub fn data_runs(&self, len: usize) -> Vec<(usize, usize)> {
+        let whole = if len == 0 { vec![] } else { vec![(0, len)] };
+        let fd = self.file.as_raw_fd();
+        let mut runs = Vec::new();
+        let mut offset = 0usize;
+        while offset < len {
+            // SAFETY: lseek on a descriptor we own; it only moves the file
+            // offset, which nothing else uses (all other I/O is positional).
+            let start = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+            if start < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after `offset`
+                }
+                return whole;
+            }
+            let start = start as usize;
+            if start >= len {
+                break;
+            }
+            // SAFETY: as above.
+            let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+            if end < 0 {
+                return whole;
+            }
+            let end = (end as usize).min(len);
+            assert!(end > start, "SEEK_HOLE went backwards");
+            runs.push((start, end));
+            offset = end;
+        }
+        runs
+    }
 }
 
 /// Hands the memfd to map to the next memory wasmtime creates. The machine

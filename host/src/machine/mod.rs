@@ -19,22 +19,30 @@
 //! failed command. A checkpoint (every `replay_commands_max` commands, or when
 //! a query, snapshot or state hash needs the base current) writes the private
 //! pages into the memfd.
+//!
+//! A snapshot image (`image.rs`) copies only the pages checkpoints wrote since
+//! the previous image into a *shadow* memfd, which another thread then writes
+//! out while the machine keeps applying.
 
 mod hash;
+mod image;
 mod instance;
 mod memory;
 mod module;
 mod snapshot;
 
+use std::io::Read;
 use std::sync::Arc;
 
 use wasmtime::{Engine, InstancePre, Linker};
 
 pub use hash::{HASH_GROUP_LEAVES, HASH_LEAF_BYTES};
+pub use image::{SnapshotImage, IMAGE_CHUNK_BYTES, SHADOWS_MAX};
 pub use module::{allowed_features, GlobalKind, LoadError, ModuleId, WASM_PAGE_BYTES};
 pub use snapshot::{GlobalValue, Snapshot, SnapshotDecodeError};
 
 use hash::PageHashes;
+use image::{PageSet, Shadow, StreamError};
 use instance::{Call, HostState, Instance};
 use memory::{DirtyScanner, Memfd, MemfdCreator};
 use module::CheckedModule;
@@ -179,6 +187,19 @@ pub enum RestoreError {
     },
     BadMemorySize(usize),
     BadGlobals,
+    /// The bytes are not a snapshot (magic, tag, truncated, trailing bytes).
+    Decode(SnapshotDecodeError),
+    /// The reader of a streaming restore failed.
+    Io(std::io::Error),
+}
+
+impl From<StreamError> for RestoreError {
+    fn from(e: StreamError) -> RestoreError {
+        match e {
+            StreamError::Decode(e) => RestoreError::Decode(e),
+            StreamError::Io(e) => RestoreError::Io(e),
+        }
+    }
 }
 
 impl std::fmt::Display for RestoreError {
@@ -197,6 +218,8 @@ impl std::fmt::Display for RestoreError {
             RestoreError::BadGlobals => {
                 f.write_str("snapshot globals do not match the module's mutable globals")
             }
+            RestoreError::Decode(e) => write!(f, "{e}"),
+            RestoreError::Io(e) => write!(f, "reading snapshot: {e}"),
         }
     }
 }
@@ -260,6 +283,8 @@ pub struct Machine {
     runs: Vec<(usize, usize)>,
     /// Reused output buffer of `apply`.
     scratch: Vec<u8>,
+    /// Memfds holding earlier images, for incremental images (`image.rs`).
+    shadows: Vec<Shadow>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -326,6 +351,7 @@ impl Machine {
             scanner: DirtyScanner::new(),
             runs: Vec::new(),
             scratch: Vec::new(),
+            shadows: Vec::new(),
         };
         machine.checkpoint();
         Ok(machine)
@@ -339,6 +365,18 @@ impl Machine {
     ) -> anyhow::Result<Machine> {
         let mut machine = Machine::load(module_bytes, config)?;
         machine.restore(snapshot)?;
+        Ok(machine)
+    }
+
+    /// Loads `module_bytes` and restores the encoded snapshot read from `r`
+    /// (see [`Machine::restore_from_reader`]).
+    pub fn from_snapshot_reader(
+        module_bytes: &[u8],
+        r: &mut dyn Read,
+        config: &MachineConfig,
+    ) -> anyhow::Result<Machine> {
+        let mut machine = Machine::load(module_bytes, config)?;
+        machine.restore_from_reader(r)?;
         Ok(machine)
     }
 
@@ -431,42 +469,224 @@ impl Machine {
         }
     }
 
+    /// A point-in-time image of the state, to be written out later (on any
+    /// thread) while the machine goes on. The pause is a checkpoint plus a
+    /// copy of the pages changed since the previous image into a shadow
+    /// memfd; a full copy only for the first image of a base (after load or
+    /// upgrade) or when every kept shadow is still held by an image.
+    pub fn snapshot_image(&mut self) -> SnapshotImage {
+        self.checkpoint();
+        let bytes = self.base.memory_bytes;
+        // After a checkpoint the primary has no private page: its memory
+        // reads exactly the base.
+        let memory = self.primary.memory();
+        assert_eq!(memory.len(), bytes);
+        // A shadow no image holds any more is ours to bring up to date; images
+        // are only made here, so a count that is unique stays unique.
+        let free = self
+            .shadows
+            .iter_mut()
+            .position(|shadow| Arc::get_mut(&mut shadow.memfd).is_some());
+        let memfd = match free {
+            Some(index) => {
+                let shadow = &mut self.shadows[index];
+                shadow.stale.drain_runs(bytes, &mut self.runs);
+                for &(start, end) in &self.runs {
+                    shadow
+                        .memfd
+                        .write_at(start, &memory[start..end])
+                        .unwrap_or_else(|e| host_failure("writing shadow memfd", e));
+                }
+                shadow.memfd.clone()
+            }
+            None => {
+                let memfd = new_memfd(&self.config);
+                for (start, end) in self.base.memfd.data_runs(bytes) {
+                    memfd
+                        .write_at(start, &memory[start..end])
+                        .unwrap_or_else(|e| host_failure("writing shadow memfd", e));
+                }
+                if self.shadows.len() < SHADOWS_MAX {
+                    self.shadows.push(Shadow {
+                        memfd: memfd.clone(),
+                        stale: PageSet::new(self.config.memory_bytes_max as usize),
+                    });
+                }
+                memfd
+            }
+        };
+        SnapshotImage::new(
+            self.module_id(),
+            self.last_entry,
+            &self.base.globals,
+            memfd,
+            bytes,
+        )
+    }
+
     /// Replaces the state with `snapshot` (which must be of this module). The
     /// module's start function and `paxwasm_init` do not run.
     pub fn restore(&mut self, snapshot: &Snapshot) -> Result<(), RestoreError> {
-        if snapshot.module_id != self.module_id() {
-            return Err(RestoreError::WrongModule {
-                snapshot: snapshot.module_id,
-                machine: self.module_id(),
-            });
-        }
-        let bytes = snapshot.memory.len();
-        if !bytes.is_multiple_of(WASM_PAGE_BYTES as usize)
-            || bytes < self.loaded.initial_memory_bytes
-            || bytes as u64 > self.config.memory_bytes_max
-        {
-            return Err(RestoreError::BadMemorySize(bytes));
-        }
+        self.check_module(snapshot.module_id)?;
+        let bytes = self.check_memory_bytes(snapshot.memory.len() as u64)?;
         let kinds: Vec<GlobalKind> = snapshot.globals.iter().map(|g| g.kind).collect();
         if kinds != self.loaded.checked.global_kinds {
             return Err(RestoreError::BadGlobals);
         }
-        let memfd = new_memfd(&self.config);
-        memfd
-            .write_at(0, &snapshot.memory)
+        let (memfd, shadow) = (new_memfd(&self.config), new_memfd(&self.config));
+        image::nonzero_runs(&snapshot.memory, memory::os_page_bytes(), &mut self.runs);
+        for &(start, end) in &self.runs {
+            for target in [&memfd, &shadow] {
+                target
+                    .write_at(start, &snapshot.memory[start..end])
+                    .unwrap_or_else(|e| host_failure("writing memfd", e));
+            }
+        }
+        self.adopt(
+            memfd,
+            shadow,
+            snapshot.globals.clone(),
+            bytes,
+            snapshot.last_entry,
+        );
+        Ok(())
+    }
+
+    /// Replaces the state with the encoded snapshot (`Snapshot::to_bytes`
+    /// format, as [`SnapshotImage::write_to`] writes it) read from `r`,
+    /// streamed into a new memfd: no second copy of memory in RAM. `r` must
+    /// end where the snapshot ends (wrap it in [`Read::take`] if more
+    /// follows). The checks are those of [`Machine::restore`], made as the
+    /// header arrives (module id first, then globals, then memory size); on
+    /// any error, including a failing or truncated reader, the machine is
+    /// unchanged.
+    pub fn restore_from_reader(&mut self, r: &mut dyn Read) -> Result<(), RestoreError> {
+        let mut fixed = [0u8; snapshot::HEADER_FIXED_BYTES];
+        image::read_exact(r, &mut fixed)?;
+        if fixed[..8] != snapshot::MAGIC[..] {
+            return Err(RestoreError::Decode(SnapshotDecodeError("wrong magic")));
+        }
+        self.check_module(ModuleId(fixed[8..40].try_into().unwrap()))?;
+        let last_entry = EntryContext {
+            time_ms: i64::from_le_bytes(fixed[40..48].try_into().unwrap()),
+            seed: u64::from_le_bytes(fixed[48..56].try_into().unwrap()),
+        };
+        let count = u32::from_le_bytes(fixed[56..60].try_into().unwrap());
+        let kinds = &self.loaded.checked.global_kinds;
+        if count as usize != kinds.len() {
+            return Err(RestoreError::BadGlobals);
+        }
+        let mut globals = Vec::with_capacity(kinds.len());
+        for kind in kinds {
+            let global = image::read_global(r)?;
+            if global.kind != *kind {
+                return Err(RestoreError::BadGlobals);
+            }
+            globals.push(global);
+        }
+        let mut size = [0u8; 8];
+        image::read_exact(r, &mut size)?;
+        let bytes = self.check_memory_bytes(u64::from_le_bytes(size))?;
+        let (memfd, shadow) = (new_memfd(&self.config), new_memfd(&self.config));
+        let mut buffer = vec![0u8; IMAGE_CHUNK_BYTES.min(bytes)];
+        let page_bytes = memory::os_page_bytes();
+        let mut offset = 0;
+        while offset < bytes {
+            let len = (bytes - offset).min(buffer.len());
+            image::read_exact(r, &mut buffer[..len])?;
+            // The fresh memfds read zero already: write only the rest, so a
+            // mostly empty memory stays sparse.
+            image::nonzero_runs(&buffer[..len], page_bytes, &mut self.runs);
+            for &(start, end) in &self.runs {
+                for target in [&memfd, &shadow] {
+                    target
+                        .write_at(offset + start, &buffer[start..end])
+                        .unwrap_or_else(|e| host_failure("writing memfd", e));
+                }
+            }
+            offset += len;
+        }
+        image::expect_end(r)?;
+        self.adopt(memfd, shadow, globals, bytes, last_entry);
+        Ok(())
+    }
+
+    /// TEST HOOK ONLY, never for production: inverts one byte of this
+    /// replica's committed memory, so that its state (and state hash) differs
+    /// from its peers'. It exists to prove that state-hash checkpoints detect a
+    /// diverged replica. Panics if `offset` is outside linear memory.
+    pub fn debug_flip_byte(&mut self, offset: usize) {
+        self.checkpoint();
+        assert!(
+            offset < self.base.memory_bytes,
+            "debug_flip_byte: offset {offset} outside linear memory of {} bytes",
+            self.base.memory_bytes
+        );
+        let mut byte = [0u8];
+        self.base
+            .memfd
+            .read_at(offset, &mut byte)
+            .unwrap_or_else(|e| host_failure("reading memfd", e));
+        byte[0] = !byte[0];
+        // After the checkpoint the primary has no private page, so it reads
+        // the new byte; the reader resets from the base before its next call.
+        self.base
+            .memfd
+            .write_at(offset, &byte)
             .unwrap_or_else(|e| host_failure("writing memfd", e));
+        self.hashes.mark_written(offset, offset + 1);
+        for shadow in &mut self.shadows {
+            shadow.stale.mark(offset, offset + 1);
+        }
+    }
+
+    fn check_module(&self, snapshot: ModuleId) -> Result<(), RestoreError> {
+        if snapshot != self.module_id() {
+            return Err(RestoreError::WrongModule {
+                snapshot,
+                machine: self.module_id(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The snapshot's memory size if this module and config can hold it.
+    fn check_memory_bytes(&self, bytes: u64) -> Result<usize, RestoreError> {
+        let size = usize::try_from(bytes).unwrap_or(usize::MAX);
+        if !size.is_multiple_of(WASM_PAGE_BYTES as usize)
+            || size < self.loaded.initial_memory_bytes
+            || bytes > self.config.memory_bytes_max
+        {
+            return Err(RestoreError::BadMemorySize(size));
+        }
+        Ok(size)
+    }
+
+    /// Makes `memfd` (with `globals`, `bytes` of memory) the committed state,
+    /// with `shadow` holding the same memory for the next image.
+    fn adopt(
+        &mut self,
+        memfd: Arc<Memfd>,
+        shadow: Arc<Memfd>,
+        globals: Vec<GlobalValue>,
+        bytes: usize,
+        last_entry: EntryContext,
+    ) {
         self.base = Base {
             memfd,
-            globals: snapshot.globals.clone(),
+            globals,
             memory_bytes: bytes,
         };
         self.primary = instance_over_base(&self.loaded, &self.config, &self.creator, &self.base);
         self.reader = None;
         self.replay.clear();
         self.primary_changed = false;
-        self.last_entry = snapshot.last_entry;
+        self.last_entry = last_entry;
         self.hashes.invalidate();
-        Ok(())
+        self.shadows = vec![Shadow {
+            memfd: shadow,
+            stale: PageSet::new(self.config.memory_bytes_max as usize),
+        }];
     }
 
     /// sha256 over module id, globals and memory (definition in `hash.rs`).
@@ -519,6 +739,8 @@ impl Machine {
         self.loaded = loaded;
         self.base = base;
         self.primary = primary;
+        // The shadows hold images of the old base.
+        self.shadows.clear();
         self.reader = None;
         self.replay.clear();
         self.primary_changed = true;
@@ -548,6 +770,9 @@ impl Machine {
             // private copies does not change what the memory reads.
             unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
             self.hashes.mark_written(start, end);
+            for shadow in &mut self.shadows {
+                shadow.stale.mark(start, end);
+            }
         }
         self.base.globals = self.primary.globals();
         self.base.memory_bytes = bytes;

@@ -10,7 +10,47 @@
 use super::module::GlobalKind;
 use super::{EntryContext, ModuleId};
 
-const MAGIC: &[u8; 8] = b"PAXWSNP1";
+pub(super) const MAGIC: &[u8; 8] = b"PAXWSNP1";
+
+/// Encoded bytes before the globals: magic, module id, entry time and seed,
+/// global count.
+pub(super) const HEADER_FIXED_BYTES: usize = 8 + 32 + 8 + 8 + 4;
+/// Encoded bytes of one global: tag and value.
+pub(super) const GLOBAL_BYTES: usize = 1 + 16;
+
+/// The encoding up to and including the memory length: everything but the
+/// memory bytes themselves.
+pub(super) fn encode_header(
+    module_id: ModuleId,
+    last_entry: EntryContext,
+    globals: &[GlobalValue],
+    memory_bytes: u64,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_FIXED_BYTES + globals.len() * GLOBAL_BYTES + 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&module_id.0);
+    out.extend_from_slice(&last_entry.time_ms.to_le_bytes());
+    out.extend_from_slice(&last_entry.seed.to_le_bytes());
+    out.extend_from_slice(&(globals.len() as u32).to_le_bytes());
+    for global in globals {
+        out.push(global.kind.tag());
+        out.extend_from_slice(&global.bits.to_le_bytes());
+    }
+    out.extend_from_slice(&memory_bytes.to_le_bytes());
+    out
+}
+
+/// The global type of an encoded tag (the inverse of [`GlobalKind::tag`]).
+pub(super) fn kind_of_tag(tag: u8) -> Result<GlobalKind, SnapshotDecodeError> {
+    match tag {
+        0 => Ok(GlobalKind::I32),
+        1 => Ok(GlobalKind::I64),
+        2 => Ok(GlobalKind::F32),
+        3 => Ok(GlobalKind::F64),
+        4 => Ok(GlobalKind::V128),
+        _ => Err(SnapshotDecodeError("unknown global type tag")),
+    }
+}
 
 /// The value of one mutable global; floats and vectors are kept as raw bits so
 /// that NaN payloads survive exactly.
@@ -55,18 +95,13 @@ impl std::error::Error for SnapshotDecodeError {}
 
 impl Snapshot {
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(8 + 32 + 16 + 4 + self.globals.len() * 17 + 8 + self.memory.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.module_id.0);
-        out.extend_from_slice(&self.last_entry.time_ms.to_le_bytes());
-        out.extend_from_slice(&self.last_entry.seed.to_le_bytes());
-        out.extend_from_slice(&(self.globals.len() as u32).to_le_bytes());
-        for global in &self.globals {
-            out.push(global.kind.tag());
-            out.extend_from_slice(&global.bits.to_le_bytes());
-        }
-        out.extend_from_slice(&(self.memory.len() as u64).to_le_bytes());
+        let mut out = encode_header(
+            self.module_id,
+            self.last_entry,
+            &self.globals,
+            self.memory.len() as u64,
+        );
+        out.reserve_exact(self.memory.len());
         out.extend_from_slice(&self.memory);
         out
     }
@@ -82,14 +117,7 @@ impl Snapshot {
         let count = u32::from_le_bytes(reader.take(4)?.try_into().unwrap());
         let mut globals = Vec::new();
         for _ in 0..count {
-            let kind = match reader.take(1)?[0] {
-                0 => GlobalKind::I32,
-                1 => GlobalKind::I64,
-                2 => GlobalKind::F32,
-                3 => GlobalKind::F64,
-                4 => GlobalKind::V128,
-                _ => return Err(SnapshotDecodeError("unknown global type tag")),
-            };
+            let kind = kind_of_tag(reader.take(1)?[0])?;
             let bits = u128::from_le_bytes(reader.take(16)?.try_into().unwrap());
             globals.push(GlobalValue { kind, bits });
         }
