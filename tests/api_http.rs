@@ -241,6 +241,8 @@ impl NodeApi for FakeNode {
             ballot: (3, 1),
             commit_index: state.next_index - 1,
             applied_index: state.next_index - 1,
+            snapshot_index: 0,
+            voting: true,
             module: state.app.module.clone(),
             state_hash: state
                 .app
@@ -888,6 +890,7 @@ async fn status_cluster_and_probes() {
             "id": 1, "role": "leader", "leader": null,
             "ballot": { "round": 3, "node": 1 },
             "commit_index": 0, "applied_index": 0,
+            "snapshot_index": 0, "voting": true,
             "module": null, "state_hash": null,
             "peers": [{ "id": 2, "peer": "127.0.0.1:7102", "http": "127.0.0.1:7002",
                         "connected": true, "chosen_index": 7 }],

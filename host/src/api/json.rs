@@ -52,6 +52,8 @@ pub fn status(status: &StatusView) -> Value {
         "ballot": { "round": round, "node": node },
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
+        "snapshot_index": status.snapshot_index,
+        "voting": status.voting,
         "module": status.module,
         "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
         "peers": status.peers.iter().map(peer).collect::<Vec<_>>(),
@@ -100,6 +102,8 @@ mod tests {
             state_hash: None,
             peers: Vec::new(),
             checkpoint: None,
+            snapshot_index: 1900,
+            voting: true,
         };
         assert_eq!(status(&view)["checkpoint"], Value::Null);
         view.checkpoint = Some(CheckpointView {

@@ -9,6 +9,8 @@ use crate::machine::MachineConfig;
 use crate::paxos::{NodeId, Params};
 use crate::storage::StorageConfig;
 
+pub use super::runtime::SnapshotConfig;
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
@@ -53,6 +55,15 @@ pub struct NodeConfig {
     /// Enables test-only routes that damage this replica on purpose
     /// (`POST /v1/debug/flip-byte`). Never on in production.
     pub test_hooks: bool,
+    /// How long a replica that found its state diverged waits before it asks the
+    /// majority for a snapshot (a test hook: keeps the alarm observable).
+    pub checkpoint_repair_delay_ms: u64,
+    /// When to snapshot and compact, and how snapshots are transferred.
+    pub snapshot: SnapshotConfig,
+    /// `--rejoin`: the data directory is empty because this member's data was lost. The
+    /// store is marked amnesic (durably, before anything else) and the replica learns
+    /// but never votes (`DurableState::amnesic`).
+    pub rejoin: bool,
 }
 
 impl NodeConfig {
@@ -91,6 +102,9 @@ impl NodeConfig {
             events_per_turn_max: 1024,
             checkpoint: CheckpointConfig::default(),
             test_hooks: false,
+            checkpoint_repair_delay_ms: 0,
+            snapshot: SnapshotConfig::default(),
+            rejoin: false,
         }
     }
 

@@ -146,6 +146,10 @@ pub struct StatusView {
     pub ballot: (u64, NodeId),
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Slot of the newest durable snapshot (0: none yet).
+    pub snapshot_index: u64,
+    /// False while this replica may not vote (it lost its data and rejoined).
+    pub voting: bool,
     pub module: Option<String>,
     /// `(index, "sha256:<hex>")`: the machine's state hash and the applied index it was
     /// computed at.

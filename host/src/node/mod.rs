@@ -5,6 +5,7 @@
 //! `api`) and never interprets application commands (that is the Wasm module).
 
 pub mod app;
+mod bootstrap;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
@@ -12,6 +13,8 @@ pub mod handle;
 pub mod probe;
 mod runtime;
 mod service;
+pub mod snapshot;
+pub mod transfer;
 
 pub use config::NodeConfig;
 pub use service::{idempotency_key, start, Node, Running};

@@ -41,6 +41,11 @@ use super::handle::{
 };
 use super::service::{Counters, Published};
 
+mod snapshots;
+
+pub use snapshots::SnapshotConfig;
+pub(crate) use snapshots::{value_bytes, Snapshots};
+
 /// What the `Node` handle asks of the core task.
 pub(crate) enum Request {
     Command {
@@ -118,6 +123,9 @@ pub(crate) struct Core {
     pub next_request: RequestId,
     /// State-hash checkpoints: this replica's and its peers' (`checkpoint.rs`).
     pub checkpoints: Checkpoints,
+    /// How long a diverged replica waits before it asks for a snapshot (0 in
+    /// production; tests hold the diverged state to observe it).
+    pub checkpoint_repair_delay_ms: u64,
 }
 
 struct Loop {
@@ -134,7 +142,10 @@ struct Loop {
     clock: TickClock,
     /// When this replica, diverged, last asked the majority for a snapshot.
     repair_requested: Option<Instant>,
+    /// When this replica found it diverged.
+    diverged_since: Option<Instant>,
     findings: Vec<Finding>,
+    snap: Snapshots,
 }
 
 /// Logical ticks derived from the monotonic clock. The core's leases are counted in
@@ -187,7 +198,7 @@ fn now_ms() -> u64 {
 
 /// Runs the core until shutdown is signalled. Returns after the last queued persist was
 /// handed to the store.
-pub(crate) async fn run(core: Core) {
+pub(crate) async fn run(core: Core, snap: Snapshots) {
     let (persist_queue, persist_rx) = mpsc::unbounded_channel();
     let (persisted_tx, persisted) = mpsc::unbounded_channel();
     let waiter = tokio::spawn(await_persists(persist_rx, persisted_tx));
@@ -205,7 +216,9 @@ pub(crate) async fn run(core: Core) {
         clock: TickClock::new(tick_ms),
         app_version_published: u64::MAX,
         repair_requested: None,
+        diverged_since: None,
         findings: Vec::new(),
+        snap,
     };
     state.main().await;
     drop(state);
@@ -245,6 +258,10 @@ impl Loop {
                 Some(token) = self.persisted.recv() => {
                     self.step(Event::Persisted { token });
                 }
+                Some(done) = self.snap.done.recv() => {
+                    self.deliver_due_ticks();
+                    self.on_snapshot_done(done);
+                }
                 Some((from, payload)) = self.core.inbound.recv() => {
                     self.deliver_due_ticks();
                     self.on_inbound(from, &payload);
@@ -258,6 +275,7 @@ impl Loop {
             self.deliver_due_ticks();
             self.drain_ready();
             self.perform().await;
+            self.maybe_snapshot();
             self.publish();
         }
     }
@@ -278,6 +296,7 @@ impl Loop {
             if ticks.is_multiple_of(hash_every_ticks) {
                 self.refresh_state_hash();
             }
+            self.transfer_tick();
         }
     }
 
@@ -332,6 +351,7 @@ impl Loop {
                 self.report_findings(&mut findings);
                 self.findings = findings;
             }
+            Ok(WireMessage::Transfer(message)) => self.on_transfer(from, message),
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
                 tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
@@ -485,11 +505,7 @@ impl Loop {
                 Action::Send { to, msg } => self.send(to, &msg),
                 Action::Apply { slot, value } => self.apply(slot, &value),
                 Action::Reply { request, outcome } => self.reply(request, outcome),
-                Action::SendSnapshot { to, slot } => {
-                    // The core emits this only once the log is compacted, and this
-                    // runtime never reports a saved snapshot yet (issue 5, node part).
-                    tracing::error!(to, slot, "snapshot transfer requested but not implemented");
-                }
+                Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
                 Action::Compact { below } => self.compact(below).await,
             }
         }
@@ -556,6 +572,7 @@ impl Loop {
 
     fn apply(&mut self, slot: Slot, value: &Value) {
         let started = Instant::now();
+        self.snap.log_bytes_since += value_bytes(value);
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
@@ -637,6 +654,7 @@ impl Loop {
                         "STATE DIVERGED: this replica is in the minority at a checkpoint; it refuses reads until it reinstalls a snapshot from the majority"
                     );
                     self.repair_requested = None;
+                    self.diverged_since = Some(Instant::now());
                     self.request_repair();
                 }
                 Finding::Recovered { index } => {
@@ -650,12 +668,17 @@ impl Loop {
         }
     }
 
-    /// Asks a replica of the majority for its newest snapshot, at most every
-    /// `REPAIR_RETRY_MS` while this replica stays diverged.
+    /// Asks a replica of the majority for its newest snapshot, `repair_delay_ms` after
+    /// the divergence was found, then at most every `REPAIR_RETRY_MS` while this replica
+    /// stays diverged.
     fn request_repair(&mut self) {
         let Some(divergence) = self.core.checkpoints.diverged() else {
             return;
         };
+        let delay = Duration::from_millis(self.core.checkpoint_repair_delay_ms);
+        if self.diverged_since.is_some_and(|at| at.elapsed() < delay) {
+            return;
+        }
         if self
             .repair_requested
             .is_some_and(|at| at.elapsed() < Duration::from_millis(REPAIR_RETRY_MS))
@@ -667,15 +690,33 @@ impl Loop {
             .first()
             .expect("a majority holds at least one other voter");
         self.repair_requested = Some(Instant::now());
-        // INTEGRATION POINT (branch node-snap): ask `from` for its newest snapshot and
-        // install it; once installed, call `self.core.checkpoints.on_snapshot_installed()`
-        // and, if the snapshot's slot is a checkpoint, `take_checkpoint(slot)`.
-        // Until then, the replica stays out of service (refusing reads) and says why.
-        tracing::error!(
+        tracing::warn!(
             node = self.core.id,
             from,
-            "cannot repair the diverged state: this build has no snapshot transfer; restart the replica to replay its log"
+            diverged_at = divergence.index,
+            "repairing the diverged state: asking a majority replica for its newest snapshot"
         );
+        // Installed even though this replica is not behind (a forced install); then
+        // `on_state_replaced` ends the divergence.
+        self.request_snapshot(from);
+    }
+
+    /// The machine was replaced by an installed snapshot (plus, for a forced install,
+    /// the log after it applied again): hashes computed before are of another state.
+    pub(super) fn on_state_replaced(&mut self) {
+        if let Some(divergence) = self.core.checkpoints.on_snapshot_installed() {
+            self.repair_requested = None;
+            tracing::warn!(
+                node = self.core.id,
+                diverged_at = divergence.index,
+                applied = self.core.applier.applied_index,
+                "a snapshot from the majority is installed; the replica serves again"
+            );
+        }
+        let applied = self.core.applier.applied_index;
+        if self.core.checkpoints.is_checkpoint(applied) {
+            self.take_checkpoint(applied);
+        }
     }
 
     fn complete(&mut self, request: RequestId, slot: Slot, result: AppResult) {
@@ -872,6 +913,7 @@ impl Loop {
         published.ballot = status.leading.unwrap_or(status.promised);
         published.commit_index = status.chosen_index;
         published.applied_index = self.core.applier.applied_index;
+        published.snapshot_index = self.snap.newest().map_or(0, |file| file.id.slot);
         published.requests_pending = self.waiters.len();
         published.dedup_clients = self.core.applier.dedup.clients();
         published.peers.clone_from(&self.peers);
@@ -894,9 +936,11 @@ fn refusal(outcome: &Outcome) -> String {
     }
 }
 
-/// Folds what the store recovered into the core's durable state.
+/// Folds what the store recovered, and the slot of the snapshot the state machine was
+/// restored from (0: none), into the core's durable state.
 pub(crate) fn durable_state(
     recovered: &storage::Recovered,
+    snapshot_slot: Slot,
 ) -> anyhow::Result<crate::paxos::DurableState> {
     let mut durable = crate::paxos::DurableState {
         promised: recovered
@@ -907,19 +951,24 @@ pub(crate) fn durable_state(
             })
             .unwrap_or(Ballot::ZERO),
         chosen_index: recovered.chosen.unwrap_or(0),
+        snapshot_slot,
+        log_start: recovered.log_start.max(1),
         ..Default::default()
     };
     anyhow::ensure!(
-        recovered.log_start <= 1,
-        "the store was compacted to slot {}, and this build cannot restore snapshots",
-        recovered.log_start
+        durable.log_start <= snapshot_slot + 1,
+        "the store was compacted to slot {} but the newest valid snapshot is at slot \
+         {snapshot_slot}: slots {}..{} are in neither",
+        durable.log_start,
+        snapshot_slot + 1,
+        durable.log_start
     );
     for (slot, bytes) in &recovered.accepted {
         let entry = codec::decode_entry(bytes)
             .map_err(|error| anyhow::anyhow!("stored entry of slot {slot} is corrupt: {error}"))?;
         durable.log.insert(*slot, entry);
     }
-    for slot in 1..=durable.chosen_index {
+    for slot in snapshot_slot + 1..=durable.chosen_index {
         anyhow::ensure!(
             durable.log.contains_key(&slot),
             "the store's chosen index is {} but slot {slot} is missing",

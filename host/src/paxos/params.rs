@@ -47,6 +47,15 @@ pub struct Params {
     /// so a crash can lose a value the leader counted towards a quorum.
     #[doc(hidden)]
     pub bug_accepted_before_persist: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: an acceptor promises a
+    /// candidate that needs slots it has compacted away, so the promise cannot
+    /// report them and the candidate may fill chosen slots with no-ops.
+    #[doc(hidden)]
+    pub bug_promise_over_compacted_slots: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: a replica that lost its
+    /// disk votes again as if nothing happened.
+    #[doc(hidden)]
+    pub bug_amnesic_replica_votes: bool,
 }
 
 impl Default for Params {
@@ -66,6 +75,8 @@ impl Default for Params {
             bug_ignore_phase1_values: false,
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
+            bug_promise_over_compacted_slots: false,
+            bug_amnesic_replica_votes: false,
         }
     }
 }

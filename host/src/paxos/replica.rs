@@ -118,6 +118,8 @@ pub struct Status {
     pub log_start: Slot,
     /// Slot of the newest snapshot this replica saved or installed (0: none).
     pub snapshot_slot: Slot,
+    /// Lost its durable state: learns, never votes (`DurableState::amnesic`).
+    pub amnesic: bool,
 }
 
 pub struct Replica {
@@ -137,6 +139,8 @@ pub struct Replica {
     log_start: Slot,
     /// Newest durable snapshot of the applied state (0: none).
     snapshot_slot: Slot,
+    /// See `DurableState::amnesic`.
+    amnesic: bool,
 
     next_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
@@ -174,6 +178,7 @@ impl Replica {
         params.validate();
         let mut log = durable.log;
         let snapshot_slot = durable.snapshot_slot;
+        let amnesic = durable.amnesic && !params.bug_amnesic_replica_votes;
         let log_start = durable.log_start.max(1);
         assert!(
             log_start <= snapshot_slot + 1,
@@ -207,6 +212,7 @@ impl Replica {
             applied_index: snapshot_slot,
             log_start,
             snapshot_slot,
+            amnesic,
             next_token: 1,
             deferred: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -238,6 +244,7 @@ impl Replica {
             leader_hint: self.leader_hint,
             log_start: self.log_start,
             snapshot_slot: self.snapshot_slot,
+            amnesic: self.amnesic,
         }
     }
 
@@ -320,7 +327,10 @@ impl Replica {
         {
             let (_, deferred) = self.deferred.pop_front().expect("front checked above");
             match deferred {
-                Deferred::Promise { to, first_slot, .. } if first_slot < self.log_start => {
+                Deferred::Promise { to, first_slot, .. }
+                    if first_slot < self.log_start
+                        && !self.params.bug_promise_over_compacted_slots =>
+                {
                     // Compacted while the promise was being persisted: it could no
                     // longer report every slot the candidate asked for.
                     actions.push(Action::SendSnapshot {
@@ -451,7 +461,7 @@ impl Replica {
 
     fn start_pre_vote(&mut self, actions: &mut Vec<Action>) {
         self.reset_election_timer();
-        if !self.config.is_voter(self.id) {
+        if !self.config.is_voter(self.id) || self.amnesic {
             return;
         }
         let round = self.max_round_seen.max(self.promised.round) + 1;
@@ -465,6 +475,7 @@ impl Replica {
     fn on_pre_vote(&mut self, from: NodeId, round: u64, actions: &mut Vec<Action>) {
         // Stable leadership: while a leader is live (or we lead), nobody gets support.
         let granted = !matches!(self.role, Role::Leader(_))
+            && !self.amnesic
             && (from == self.id || self.heard_elapsed_ticks >= self.params.election_ticks_min);
         let promised = self.promised;
         self.send(
@@ -599,6 +610,10 @@ impl Replica {
         let leader_live = matches!(self.role, Role::Leader(_))
             || (self.heard_elapsed_ticks < self.params.election_ticks_min
                 && self.leader_hint != Some(from));
+        if self.amnesic {
+            // It may have promised a higher ballot before it lost its state.
+            return;
+        }
         if from != self.id && leader_live {
             // Stable leadership and lease safety: while we (may) have acknowledged a
             // live leader's lease, no other candidate gets our promise.
@@ -609,7 +624,7 @@ impl Replica {
             self.send(from, Message::Reject { promised }, actions);
             return;
         }
-        if first_slot < self.log_start {
+        if first_slot < self.log_start && !self.params.bug_promise_over_compacted_slots {
             // Slots in first_slot..log_start are chosen but compacted away here, so a
             // promise could not report them and the candidate might fill them with
             // no-ops. It gets no promise, and a snapshot to catch up from instead.
@@ -683,7 +698,10 @@ impl Replica {
         // is waiting for an earlier persist): the simulator checks promises directly,
         // and this bug must be found through its consequences.
         let promise_durable = !promise_raised && self.deferred.is_empty();
-        if self.params.bug_accepted_before_persist && promise_durable {
+        if self.amnesic {
+            // Stored to learn commits from, never acknowledged: it cannot count
+            // towards a quorum, as it may have promised a higher ballot once.
+        } else if self.params.bug_accepted_before_persist && promise_durable {
             self.send(from, Message::Accepted { ballot, slot }, actions);
         } else {
             self.deferred.push_back((

@@ -1540,3 +1540,64 @@ fn applier_state_round_trips_and_refuses_damaged_input() {
         assert_eq!(fresh.applied_index, 0, "nothing changes on error");
     }
 }
+
+#[test]
+fn amnesic_replica_learns_but_never_votes() {
+    let durable = DurableState {
+        amnesic: true,
+        ..DurableState::default()
+    };
+    let mut replica = Replica::restart(2, three(), Params::default(), SEED, durable);
+    assert!(replica.status().amnesic);
+    // No campaign of its own, ever.
+    for _ in 0..3 * Params::default().election_ticks_max {
+        let actions = tick(&mut replica);
+        assert!(sends(&actions).is_empty(), "{actions:?}");
+    }
+    // No pre-vote grant and no promise.
+    let actions = replica.step(message(1, Message::PreVote { round: 1 }));
+    assert_eq!(
+        sends(&actions),
+        vec![(
+            1,
+            Message::PreVoteReply {
+                round: 1,
+                granted: false,
+                promised: Ballot::ZERO
+            }
+        )]
+    );
+    let b = ballot(1, 1);
+    let actions = replica.step(message(
+        1,
+        Message::Prepare {
+            ballot: b,
+            first_slot: 1,
+        },
+    ));
+    assert_eq!(actions, vec![]);
+    // Accepts are stored (to learn commits) but never acknowledged.
+    let value = batch(b"v", 1);
+    let actions = replica.step(message(
+        1,
+        Message::Accept {
+            ballot: b,
+            slot: 1,
+            value: value.clone(),
+            chosen_index: 0,
+        },
+    ));
+    let after = persist_all(&mut replica, &actions);
+    assert!(!sends(&after)
+        .iter()
+        .any(|(_, msg)| matches!(msg, Message::Accepted { .. })));
+    let actions = replica.step(message(
+        1,
+        Message::Heartbeat {
+            ballot: b,
+            seq: 1,
+            chosen_index: 1,
+        },
+    ));
+    assert!(actions.contains(&Action::Apply { slot: 1, value }));
+}

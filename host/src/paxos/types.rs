@@ -222,6 +222,12 @@ pub struct DurableState {
     /// First slot the store still holds (0 or 1: nothing was compacted). Everything
     /// below was compacted away and is covered by the snapshot.
     pub log_start: Slot,
+    /// This replica lost its durable state (a wiped data directory) after it had
+    /// taken part. It forgot promises and accepts it gave, and Paxos counts on
+    /// acceptors never forgetting, so it must never vote again under this identity:
+    /// it learns the log and snapshots, but never promises, acknowledges an accept,
+    /// grants a pre-vote or campaigns. Only a membership change can give it a vote.
+    pub amnesic: bool,
 }
 
 impl DurableState {

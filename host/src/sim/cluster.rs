@@ -65,6 +65,11 @@ pub struct FaultRates {
     /// Each replica's wall clock is ahead of the simulation's by a fixed amount in
     /// `0..clock_offset_ms_max` (batch timestamps come from the leader's clock).
     pub clock_offset_ms_max: u64,
+    /// Per tick, at most once per run: a replica crashes and loses its whole disk
+    /// (log, promises, snapshots). It comes back amnesic: it catches up from the log
+    /// or a snapshot but never votes again (`DurableState::amnesic`), so from then on
+    /// it counts as down for the crash budget.
+    pub disk_wipe_per_million: u64,
 }
 
 impl Default for FaultRates {
@@ -89,6 +94,7 @@ impl Default for FaultRates {
             disk_stall_ticks_max: 40,
             double_crash_per_million: 4_000,
             clock_offset_ms_max: 2_000,
+            disk_wipe_per_million: 1_000,
         }
     }
 }
@@ -118,6 +124,7 @@ impl FaultRates {
             disk_stall_ticks_max: 60,
             double_crash_per_million: 8_000,
             clock_offset_ms_max: 5_000,
+            disk_wipe_per_million: 2_000,
         }
     }
 }
@@ -186,7 +193,12 @@ impl SimOptions {
             "cargo run --release -p paxwasm -- sim --seeds 1 --seed {} --replicas {} --ops {}",
             self.seed, self.replicas, self.ops
         );
-        if self.faults == FaultRates::harsh() {
+        let mut faults = self.faults.clone();
+        if faults.disk_wipe_per_million == 0 {
+            command.push_str(" --no-disk-wipes");
+            faults.disk_wipe_per_million = FaultRates::harsh().disk_wipe_per_million;
+        }
+        if faults == FaultRates::harsh() {
             command.push_str(" --faults harsh");
         }
         if self.params.bug_ignore_phase1_values {
@@ -197,6 +209,12 @@ impl SimOptions {
         }
         if self.params.bug_accepted_before_persist {
             command.push_str(" --planted-persist-bug");
+        }
+        if self.params.bug_promise_over_compacted_slots {
+            command.push_str(" --planted-compaction-bug");
+        }
+        if self.params.bug_amnesic_replica_votes {
+            command.push_str(" --planted-amnesia-bug");
         }
         command
     }
@@ -240,6 +258,8 @@ pub struct FaultCounts {
     pub snapshots_saved: u64,
     pub snapshots_sent: u64,
     pub snapshots_installed: u64,
+    /// Replicas that lost their disk and came back amnesic.
+    pub disk_wipes: u64,
 }
 
 /// Runs one seed. A panic inside the core or the simulator (a broken assertion) is
@@ -731,17 +751,41 @@ impl Sim {
             self.crash_one(true);
             self.crash_one(false);
         }
+        if self.down() < self.minority()
+            && self.counts.disk_wipes == 0
+            && self.rng.chance(faults.disk_wipe_per_million)
+        {
+            self.wipe_one();
+        }
         if self.down() < self.minority() && self.rng.chance(faults.crash_per_million) {
             let leader_first = self.rng.chance(500_000);
             self.crash_one(leader_first);
         }
     }
 
+    /// Replicas that cannot vote: crashed, or amnesic after a disk wipe.
     fn down(&self) -> usize {
         self.nodes
             .iter()
-            .filter(|node| node.replica.is_none())
+            .filter(|node| node.replica.is_none() || node.durable.amnesic)
             .count()
+    }
+
+    /// A random live replica crashes and loses its disk: it restarts amnesic.
+    fn wipe_one(&mut self) {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].replica.is_some())
+            .collect();
+        let victim = live[self.rng.range(0, live.len() as u64) as usize];
+        self.crash(victim);
+        self.counts.disk_wipes += 1;
+        let node = &mut self.nodes[victim];
+        node.durable = DurableState {
+            amnesic: true,
+            ..DurableState::default()
+        };
+        node.snapshots.clear();
+        node.last_promised = Ballot::ZERO;
     }
 
     /// Replicas that may be down at once without losing a quorum.

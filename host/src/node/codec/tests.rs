@@ -116,6 +116,28 @@ fn every_message() -> Vec<WireMessage> {
         applied_index: 43,
     }));
     all.push(WireMessage::Checkpoint(checkpoint_report()));
+    let id = crate::node::snapshot::SnapshotId {
+        slot: 900,
+        sha256: [0x5A; 32],
+        file_bytes: 1 << 33,
+    };
+    for transfer in [
+        TransferMessage::Request { slot_min: 12 },
+        TransferMessage::Offer { id },
+        TransferMessage::Fetch {
+            id,
+            offset: 262_144,
+            resend: true,
+        },
+        TransferMessage::Chunk {
+            id,
+            offset: 524_288,
+            data: (0..=255).collect(),
+        },
+        TransferMessage::Gone { id },
+    ] {
+        all.push(WireMessage::Transfer(transfer));
+    }
     all
 }
 
@@ -145,6 +167,29 @@ fn checkpoint_reports_round_trip_with_their_exact_layout() {
             field: "checkpoint hash"
         })
     );
+}
+
+#[test]
+fn chunks_carry_a_checksum_of_their_bytes() {
+    let id = crate::node::snapshot::SnapshotId {
+        slot: 3,
+        sha256: [1; 32],
+        file_bytes: 10,
+    };
+    let bytes = encode_chunk(&id, 4, b"abcdef");
+    assert_eq!(
+        decode_wire(&bytes),
+        Ok(WireMessage::Transfer(TransferMessage::Chunk {
+            id,
+            offset: 4,
+            data: b"abcdef".to_vec()
+        }))
+    );
+    // The last data byte changed: the frame CRC would not catch a bug in our own
+    // buffers, the chunk checksum does.
+    let mut bad = bytes.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert_eq!(decode_wire(&bad), Err(DecodeError::BadChecksum));
 }
 
 #[test]
