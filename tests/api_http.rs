@@ -241,6 +241,8 @@ impl NodeApi for FakeNode {
             ballot: (3, 1),
             commit_index: state.next_index - 1,
             applied_index: state.next_index - 1,
+            snapshot_index: 0,
+            voting: true,
             module: state.app.module.clone(),
             state_hash: state
                 .app
@@ -254,6 +256,7 @@ impl NodeApi for FakeNode {
                 connected: true,
                 chosen_index: Some(7),
             }],
+            checkpoint: None,
         }
     }
 
@@ -887,9 +890,11 @@ async fn status_cluster_and_probes() {
             "id": 1, "role": "leader", "leader": null,
             "ballot": { "round": 3, "node": 1 },
             "commit_index": 0, "applied_index": 0,
+            "snapshot_index": 0, "voting": true,
             "module": null, "state_hash": null,
             "peers": [{ "id": 2, "peer": "127.0.0.1:7102", "http": "127.0.0.1:7002",
                         "connected": true, "chosen_index": 7 }],
+            "checkpoint": null,
         })
     );
     let token = [("authorization", "Bearer s3cret")];
@@ -1384,5 +1389,23 @@ async fn connections_above_connections_max_wait_for_a_free_slot() {
         .expect("served once the slot is free")
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_flip_byte_test_hook_does_not_exist_without_test_hooks() {
+    let server = Server::start(FakeNode::leader(1), config()).await;
+    for (method, path) in [
+        (Method::POST, "/v1/debug/flip-byte?offset=0"),
+        (Method::POST, "/v1/debug/flip-byte"),
+        (Method::GET, "/v1/debug/flip-byte"),
+    ] {
+        let reply = call(&server, method, path, &[], b"").await;
+        assert_error(
+            &reply,
+            StatusCode::NOT_FOUND,
+            "no route for /v1/debug/flip-byte",
+        );
+    }
     server.stop().await;
 }

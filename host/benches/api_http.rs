@@ -75,9 +75,12 @@ impl NodeApi for InstantNode {
             ballot: (1, 1),
             commit_index: 0,
             applied_index: 0,
+            snapshot_index: 0,
+            voting: true,
             module: None,
             state_hash: None,
             peers: Vec::new(),
+            checkpoint: None,
         }
     }
     fn cluster(&self) -> ClusterView {

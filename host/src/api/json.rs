@@ -4,7 +4,9 @@
 
 use serde_json::{json, Value};
 
-use crate::node::handle::{AppInfo, ClusterView, DeployOk, ModuleEvent, PeerView, StatusView};
+use crate::node::handle::{
+    AppInfo, CheckpointView, ClusterView, DeployOk, FlipOk, ModuleEvent, PeerView, StatusView,
+};
 
 pub fn error(message: &str) -> Value {
     json!({ "error": message })
@@ -50,10 +52,25 @@ pub fn status(status: &StatusView) -> Value {
         "ballot": { "round": round, "node": node },
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
+        "snapshot_index": status.snapshot_index,
+        "voting": status.voting,
         "module": status.module,
         "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
         "peers": status.peers.iter().map(peer).collect::<Vec<_>>(),
+        "checkpoint": status.checkpoint.as_ref().map(checkpoint),
     })
+}
+
+fn checkpoint(checkpoint: &CheckpointView) -> Value {
+    json!({
+        "index": checkpoint.index,
+        "hash": checkpoint.hash,
+        "agreed": checkpoint.agreed,
+    })
+}
+
+pub fn flip_ok(ok: &FlipOk) -> Value {
+    json!({ "applied_index": ok.applied_index })
 }
 
 pub fn cluster(cluster: &ClusterView) -> Value {
@@ -66,4 +83,37 @@ pub fn cluster(cluster: &ClusterView) -> Value {
         })).collect::<Vec<_>>(),
         "leader": cluster.leader,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_newest_checkpoint() {
+        let mut view = StatusView {
+            id: 2,
+            role: "follower".into(),
+            leader: Some(1),
+            ballot: (1, 1),
+            commit_index: 2000,
+            applied_index: 2000,
+            module: None,
+            state_hash: None,
+            peers: Vec::new(),
+            checkpoint: None,
+            snapshot_index: 1900,
+            voting: true,
+        };
+        assert_eq!(status(&view)["checkpoint"], Value::Null);
+        view.checkpoint = Some(CheckpointView {
+            index: 2000,
+            hash: format!("sha256:{:064x}", 7),
+            agreed: true,
+        });
+        assert_eq!(
+            status(&view)["checkpoint"],
+            json!({ "index": 2000, "hash": format!("sha256:{:064x}", 7), "agreed": true })
+        );
+    }
 }

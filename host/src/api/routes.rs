@@ -26,7 +26,8 @@ use super::{
     HEADER_IDEMPOTENCY_KEY, HEADER_INDEX,
 };
 use crate::node::handle::{
-    CommandError, CommandRequest, Consistency, DeployError, LeaderHint, NodeApi, QueryError,
+    CommandError, CommandRequest, Consistency, DeployError, FlipError, LeaderHint, NodeApi,
+    QueryError,
 };
 
 /// `Retry-After` when no module is deployed yet: a deploy takes a round trip or two.
@@ -77,10 +78,12 @@ pub enum Route {
     Readyz,
     Metrics,
     Unmatched,
+    /// Test hook, served only by a node started with `--test-hooks` (else 404).
+    DebugFlipByte,
 }
 
 impl Route {
-    pub const ALL: [Route; 9] = [
+    pub const ALL: [Route; 10] = [
         Route::Commands,
         Route::Queries,
         Route::App,
@@ -90,6 +93,7 @@ impl Route {
         Route::Readyz,
         Route::Metrics,
         Route::Unmatched,
+        Route::DebugFlipByte,
     ];
 
     fn of(path: &str) -> Route {
@@ -102,6 +106,7 @@ impl Route {
             "/livez" => Route::Livez,
             "/readyz" => Route::Readyz,
             "/metrics" => Route::Metrics,
+            "/v1/debug/flip-byte" => Route::DebugFlipByte,
             _ => Route::Unmatched,
         }
     }
@@ -124,13 +129,14 @@ impl Route {
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
             Route::Unmatched => "unmatched",
+            Route::DebugFlipByte => "/v1/debug/flip-byte",
         }
     }
 
     /// The `Allow` header of a 405 on this route.
     fn allow(self) -> &'static str {
         match self {
-            Route::Commands | Route::Queries => "POST",
+            Route::Commands | Route::Queries | Route::DebugFlipByte => "POST",
             Route::App => "GET, PUT",
             Route::Status | Route::Cluster | Route::Livez | Route::Readyz | Route::Metrics => "GET",
             Route::Unmatched => unreachable!("an unmatched path answers 404, never 405"),
@@ -177,6 +183,12 @@ async fn dispatch<N: NodeApi>(
             &format!("no route for {}", request.uri().path()),
         )),
         (Route::Commands, Method::POST) => commands(shared, request).await,
+        // Without test hooks the route does not exist, for any method.
+        (Route::DebugFlipByte, _) if !shared.node.test_hooks_enabled() => Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {}", request.uri().path()),
+        )),
+        (Route::DebugFlipByte, Method::POST) => debug_flip_byte(shared, request).await,
         (Route::Queries, Method::POST) => queries(shared, request).await,
         (Route::App, Method::PUT) => deploy(shared, request).await,
         (Route::App, Method::GET) => Ok(json_response(
@@ -333,6 +345,44 @@ async fn queries<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> 
             retry_after_ms,
         }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
         Err(QueryError::NoModule) => Err(no_module()),
+    }
+}
+
+/// `POST /v1/debug/flip-byte?offset=N`: flips one byte of this replica's machine memory
+/// (a test hook). Without test hooks the route does not exist (404).
+async fn debug_flip_byte<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {}", Route::DebugFlipByte.label()),
+        )
+    };
+    if !shared.node.test_hooks_enabled() {
+        return Err(not_found());
+    }
+    let mut offset = None;
+    for (name, value) in query_pairs(&request)? {
+        match name {
+            "offset" => {
+                offset = Some(value.parse::<u64>().map_err(|_| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("offset must be an unsigned integer, not {value:?}"),
+                    )
+                })?)
+            }
+            other => return Err(unknown_parameter(other, "offset")),
+        }
+    }
+    let offset =
+        offset.ok_or_else(|| error(StatusCode::BAD_REQUEST, "the offset parameter is required"))?;
+    match shared.node.debug_flip_byte(offset).await {
+        Ok(ok) => Ok(json_response(StatusCode::OK, &json::flip_ok(&ok))),
+        Err(FlipError::Disabled) => Err(not_found()),
+        Err(FlipError::Refused { reason }) => Err(error(StatusCode::BAD_REQUEST, &reason)),
+        Err(FlipError::Unavailable { reason }) => {
+            Err(unavailable(&reason, NO_LEADER_RETRY_AFTER_SECS))
+        }
     }
 }
 

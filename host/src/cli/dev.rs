@@ -41,6 +41,12 @@ pub struct DevArgs {
     /// Admin bearer token (default: DIR/admin-token, generated on first run).
     #[arg(long, env = "PAXWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// State-hash checkpoint every K applied entries (passed to every replica).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_entries: Option<u64>,
+    /// Each replica snapshots (and compacts its log) every N applied entries.
+    #[arg(long, default_value_t = super::node::DEFAULT_SNAPSHOT_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_entries: u64,
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
@@ -80,9 +86,14 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
         .collect();
     let cluster = cluster.join(",");
     let exe = std::env::current_exe().context("finding the paxwasm executable")?;
+    if let Some(entries) = args.checkpoint_entries {
+        // The replicas inherit the environment; `paxwasm node` reads this variable for
+        // `--checkpoint-entries`. No other thread runs yet, so setting it is sound.
+        std::env::set_var("PAXWASM_CHECKPOINT_ENTRIES", entries.to_string());
+    }
     let mut children = Vec::new();
     for n in 1..=args.nodes {
-        match spawn_node(&exe, &dir, n, &cluster, &token) {
+        match spawn_node(&exe, &dir, n, &cluster, &token, args.snapshot_entries) {
             Ok(child) => children.push((n, child)),
             Err(error) => {
                 stop_all(&mut children);
@@ -117,7 +128,14 @@ fn admin_token(given: Option<String>, file: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-fn spawn_node(exe: &Path, dir: &Path, n: u16, cluster: &str, token: &str) -> anyhow::Result<Child> {
+fn spawn_node(
+    exe: &Path,
+    dir: &Path,
+    n: u16,
+    cluster: &str,
+    token: &str,
+    snapshot_entries: u64,
+) -> anyhow::Result<Child> {
     let log_path = dir.join(format!("node-{n}.log"));
     let log = OpenOptions::new()
         .create(true)
@@ -133,6 +151,7 @@ fn spawn_node(exe: &Path, dir: &Path, n: u16, cluster: &str, token: &str) -> any
         .args(["--peer", &peer_addr(n)])
         .args(["--cluster", cluster])
         .args(["--cluster-id", DEV_CLUSTER_ID])
+        .args(["--snapshot-entries", &snapshot_entries.to_string()])
         .env("PAXWASM_TOKEN", token)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -10,6 +10,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiConfig};
+use crate::node::checkpoint::CHECKPOINT_ENTRIES_DEFAULT;
 use crate::node::{self, NodeConfig};
 use crate::paxos::NodeId;
 
@@ -49,7 +50,45 @@ pub struct NodeArgs {
     /// HTTP address announced to peers and clients, if not the listen address.
     #[arg(long)]
     pub advertise_http: Option<String>,
+    /// State-hash checkpoint every K applied entries: replicas compare their hashes and
+    /// one in the minority stops serving reads.
+    #[arg(long, env = "PAXWASM_CHECKPOINT_ENTRIES", default_value_t = CHECKPOINT_ENTRIES_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_entries: u64,
+    /// Enables test-only routes that damage this replica on purpose
+    /// (`POST /v1/debug/flip-byte?offset=N`). Never use in production.
+    #[arg(long)]
+    pub test_hooks: bool,
+    /// Test hook: a replica whose state diverged waits this long before it asks the
+    /// majority for a snapshot.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub checkpoint_repair_delay_ms: u64,
+    /// Snapshot the state (and compact the log below it) every N applied entries.
+    #[arg(long, default_value_t = DEFAULT_SNAPSHOT_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_entries: u64,
+    /// Also snapshot once this many bytes of commands were applied since the last one.
+    #[arg(long, default_value_t = DEFAULT_SNAPSHOT_LOG_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_log_bytes: u64,
+    /// Throttle of snapshot transfers to peers, in bytes per second (all peers together).
+    #[arg(long, default_value_t = DEFAULT_SNAPSHOT_TRANSFER_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_transfer_bytes_per_sec: u64,
+    /// This member's data directory was lost: start it empty with this flag. It restores
+    /// the state from its peers (snapshot transfer) but never votes again under this id,
+    /// because it forgot the promises and accepts it gave; membership changes re-add it.
+    #[arg(long)]
+    pub rejoin: bool,
+    /// Test hook: pause this long in the middle of every snapshot write (after the
+    /// temporary file is written, before it is synced and renamed).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub snapshot_write_pause_ms: u64,
 }
+
+/// `--snapshot-entries` default.
+pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 10_000;
+/// `--snapshot-log-bytes` default: 64 MiB.
+pub const DEFAULT_SNAPSHOT_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// `--snapshot-transfer-bytes-per-sec` default: 64 MiB/s.
+pub const DEFAULT_SNAPSHOT_TRANSFER_BYTES_PER_SEC: u64 = 64 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct Members(pub BTreeMap<NodeId, SocketAddr>);
@@ -132,6 +171,17 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     );
     config.tick_ms = args.tick_ms.max(1);
     config.command_bytes_max = args.body_bytes_max;
+    config.checkpoint.interval_entries = args.checkpoint_entries;
+    config.test_hooks = args.test_hooks;
+    config.checkpoint_repair_delay_ms = args.checkpoint_repair_delay_ms;
+    if args.test_hooks {
+        tracing::warn!("test hooks are on: POST /v1/debug/flip-byte can corrupt this replica");
+    }
+    config.snapshot.entries = args.snapshot_entries;
+    config.snapshot.log_bytes = args.snapshot_log_bytes;
+    config.snapshot.transfer.bytes_per_sec = args.snapshot_transfer_bytes_per_sec;
+    config.snapshot.write_pause_ms = args.snapshot_write_pause_ms;
+    config.rejoin = args.rejoin;
     let listener = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.http))?;

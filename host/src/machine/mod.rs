@@ -388,6 +388,11 @@ impl Machine {
         &self.config
     }
 
+    /// Size of the committed linear memory in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.base.memory_bytes
+    }
+
     /// Applies one committed command. On error the state is exactly as it was
     /// before the call.
     pub fn apply(&mut self, command: &[u8], entry: EntryContext) -> Result<Vec<u8>, ApplyError> {

@@ -16,10 +16,13 @@
 //! Everything here is deterministic: the same log gives the same results and state on
 //! every replica. It never reads a clock or does I/O.
 
+use std::sync::Arc;
+
 use crate::machine::{EntryContext, Machine, MachineConfig, Migration};
 use crate::paxos::{ApplyContext, StateMachine, STALE_RESULT};
 
 use super::handle::ModuleEvent;
+use super::snapshot::{AppMeta, ImageSource, NodeSnapshot};
 
 const ENVELOPE_COMMAND: u8 = 0;
 const ENVELOPE_INSTALL: u8 = 1;
@@ -108,8 +111,18 @@ pub struct WasmApp {
     /// Current module id and the slot it took effect at.
     current: Option<(String, u64)>,
     history: Vec<ModuleEvent>,
+    /// Bytes of the current module, kept for snapshots (a replica restored from a
+    /// snapshot has no log entry holding them).
+    module_bytes: Option<Arc<Vec<u8>>>,
     /// Bumped on every module event, so the runtime republishes `history` only then.
     pub version: u64,
+}
+
+/// What a snapshot takes from the application at one slot.
+pub struct AppCapture {
+    pub meta: AppMeta,
+    pub module_bytes: Option<Arc<Vec<u8>>>,
+    pub image: Option<Box<dyn ImageSource>>,
 }
 
 impl WasmApp {
@@ -119,8 +132,66 @@ impl WasmApp {
             machine: None,
             current: None,
             history: Vec::new(),
+            module_bytes: None,
             version: 0,
         }
+    }
+
+    /// Rebuilds the application from a snapshot: loads its module and restores the
+    /// machine image. Blocking (compiles the module): call it off the core task.
+    pub fn from_snapshot(
+        config: MachineConfig,
+        snapshot: &NodeSnapshot,
+    ) -> Result<WasmApp, String> {
+        let mut app = WasmApp::new(config);
+        app.current = snapshot.app.current.clone();
+        app.history = snapshot.app.history.clone();
+        app.version = 1;
+        if snapshot.module_bytes.is_empty() {
+            if app.current.is_some() {
+                return Err("the snapshot names a current module but holds no module".into());
+            }
+            return Ok(app);
+        }
+        // Streamed into the machine's memory: no decoded second copy of the memory.
+        let machine = Machine::from_snapshot_reader(
+            &snapshot.module_bytes,
+            &mut snapshot.machine_image.as_slice(),
+            &app.config,
+        )
+        .map_err(|error| format!("restoring the machine: {error:#}"))?;
+        let id = machine.module_id().to_string();
+        if app.current.as_ref().map(|(current, _)| current) != Some(&id) {
+            return Err(format!(
+                "the snapshot's module is {id}, its metadata says {:?}",
+                app.current
+            ));
+        }
+        app.machine = Some(machine);
+        app.module_bytes = Some(Arc::new(snapshot.module_bytes.clone()));
+        Ok(app)
+    }
+
+    /// Captures the state for a snapshot. The machine part is the only costly step: the
+    /// machine's image copies the pages written since its previous image into a shadow
+    /// (the whole memory the first time); that copy is the pause of the apply loop.
+    pub fn capture(&mut self) -> AppCapture {
+        AppCapture {
+            meta: AppMeta {
+                current: self.current.clone(),
+                history: self.history.clone(),
+            },
+            module_bytes: self.module_bytes.clone(),
+            image: self
+                .machine
+                .as_mut()
+                .map(|machine| Box::new(machine.snapshot_image()) as Box<dyn ImageSource>),
+        }
+    }
+
+    /// The machine, for test hooks and checkpoints.
+    pub fn machine_mut(&mut self) -> Option<&mut Machine> {
+        self.machine.as_mut()
     }
 
     pub fn current(&self) -> Option<&(String, u64)> {
@@ -141,6 +212,28 @@ impl WasmApp {
     pub fn state_hash(&mut self) -> Option<String> {
         let machine = self.machine.as_mut()?;
         Some(machine.state_hash_hex())
+    }
+
+    /// The machine's state hash (`Machine::state_hash`), `None` before the first
+    /// install. Incremental: only pages written since the last call are rehashed.
+    pub fn state_hash_bytes(&mut self) -> Option<[u8; 32]> {
+        Some(self.machine.as_mut()?.state_hash())
+    }
+
+    /// Test hook: inverts the byte at `offset` of the committed linear memory, on this
+    /// replica only, so its state diverges from its peers'.
+    pub fn debug_flip_byte(&mut self, offset: u64) -> Result<(), String> {
+        let machine = self
+            .machine
+            .as_mut()
+            .ok_or_else(|| "no module is deployed".to_string())?;
+        let memory_bytes = machine.memory_bytes();
+        let offset = usize::try_from(offset)
+            .ok()
+            .filter(|offset| *offset < memory_bytes)
+            .ok_or_else(|| format!("offset {offset} is outside the {memory_bytes}-byte memory"))?;
+        machine.debug_flip_byte(offset);
+        Ok(())
     }
 
     fn record(&mut self, event: ModuleEvent) {
@@ -175,6 +268,9 @@ impl WasmApp {
             }
         };
         let failed = outcome.err();
+        if failed.is_none() {
+            self.module_bytes = Some(Arc::new(module.to_vec()));
+        }
         self.record(ModuleEvent {
             module: module_id.clone(),
             index: slot,
@@ -262,6 +358,72 @@ mod tests {
         assert_eq!(result, AppResult::Output(b"OK".to_vec()).encode());
         let result = app.apply(&command_envelope(b"get a"), &context);
         assert_eq!(AppResult::decode(&result), AppResult::Output(b"1".to_vec()));
+    }
+
+    #[test]
+    fn a_flipped_byte_changes_the_state_hash_and_flipping_back_restores_it() {
+        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let mut app = WasmApp::new(MachineConfig::default());
+        assert_eq!(app.state_hash_bytes(), None);
+        assert!(app.debug_flip_byte(0).is_err(), "no module yet");
+        let context = ApplyContext {
+            slot: 1,
+            timestamp_ms: 0,
+            seed: 0,
+        };
+        app.apply(&install_envelope(&kv, false), &context);
+        app.apply(&command_envelope(b"put a 1"), &context);
+        let before = app.state_hash_bytes().unwrap();
+        app.debug_flip_byte(100).unwrap();
+        let flipped = app.state_hash_bytes().unwrap();
+        assert_ne!(flipped, before);
+        app.debug_flip_byte(100).unwrap();
+        assert_eq!(app.state_hash_bytes().unwrap(), before);
+        let error = app.debug_flip_byte(u64::MAX).unwrap_err();
+        assert!(
+            error.starts_with("offset 18446744073709551615 is outside"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_captured_app_restores_to_the_same_state_and_metadata() {
+        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let mut app = WasmApp::new(MachineConfig::default());
+        let context = ApplyContext {
+            slot: 3,
+            timestamp_ms: 0,
+            seed: 0,
+        };
+        app.apply(&install_envelope(&kv, false), &context);
+        app.apply(&command_envelope(b"put a 1"), &context);
+        app.apply(&command_envelope(b"put b 2"), &context);
+        let capture = app.capture();
+        let contents = crate::node::snapshot::SnapshotContents {
+            slot: 3,
+            voters: vec![1],
+            applier_state: Vec::new(),
+            app: capture.meta,
+            module_bytes: capture.module_bytes,
+            image: capture.image,
+        };
+        let mut file = Vec::new();
+        crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
+        let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
+        let mut restored = WasmApp::from_snapshot(MachineConfig::default(), &snapshot).unwrap();
+        assert_eq!(restored.state_hash(), app.state_hash());
+        assert_eq!(restored.current(), app.current());
+        assert_eq!(restored.history(), app.history());
+        assert_eq!(restored.query(b"get b"), Some(Ok(b"2".to_vec())));
+        // The restored app goes on like the original.
+        let next = command_envelope(b"put c 3");
+        assert_eq!(restored.apply(&next, &context), app.apply(&next, &context));
+        assert_eq!(restored.state_hash(), app.state_hash());
+
+        // A snapshot taken before any module restores to an empty app.
+        let mut empty = WasmApp::new(MachineConfig::default());
+        let capture = empty.capture();
+        assert!(capture.image.is_none() && capture.module_bytes.is_none());
     }
 
     #[test]

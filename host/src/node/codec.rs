@@ -6,7 +6,8 @@
 //! could hold: every length and count is checked against the bytes that remain, and a
 //! decode error is a value the caller logs and drops.
 //!
-//! Wire payload: `version u8 = 1`, `kind u8` (0 = Paxos message, 1 = peer info), body.
+//! Wire payload: `version u8 = 1`, `kind u8` (0 = Paxos message, 1 = peer info, 2 =
+//! snapshot transfer, `KIND_CHECKPOINT` = state-hash checkpoint report), body.
 //! Store value of an accepted entry: `version u8 = 1`, then a `LogEntry`.
 //! Field layouts are in docs/notes/node.md.
 
@@ -17,12 +18,18 @@ use crate::paxos::{
     Ballot, Batch, Command, IdempotencyKey, LogEntry, Message, Origin, Slot, Value,
 };
 
+use super::snapshot::SnapshotId;
+use super::transfer::TransferMessage;
+
 /// Version byte of every wire payload this build writes and reads.
 pub const WIRE_VERSION: u8 = 1;
 /// Version byte of every stored log entry this build writes and reads.
 pub const ENTRY_VERSION: u8 = 1;
 /// Longest HTTP address a peer may announce.
 pub const PEER_HTTP_BYTES_MAX: usize = 256;
+/// Wire kind of a `CheckpointReport`. Kinds 2 to 7 are left free for snapshot transfer
+/// (developed at the same time), so the two extensions cannot collide.
+pub const KIND_CHECKPOINT: u8 = 8;
 
 /// What replicas say to each other: consensus messages, plus what a replica tells its
 /// peers about itself (so followers can name the leader's HTTP address).
@@ -30,6 +37,17 @@ pub const PEER_HTTP_BYTES_MAX: usize = 256;
 pub enum WireMessage {
     Paxos(Message),
     Info(PeerInfo),
+    /// Snapshot transfer (see `transfer`); never part of consensus either.
+    Transfer(TransferMessage),
+    Checkpoint(CheckpointReport),
+}
+
+/// The sender's state hash at a checkpoint index (`node::checkpoint`); never part of
+/// consensus. Layout: `index u64`, `hash [u8; 32]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointReport {
+    pub index: Slot,
+    pub hash: [u8; 32],
 }
 
 /// Sent to every peer now and then; never part of consensus.
@@ -62,6 +80,8 @@ pub enum DecodeError {
     BadUtf8 {
         field: &'static str,
     },
+    /// A snapshot chunk whose bytes do not match its CRC-32C.
+    BadChecksum,
 }
 
 impl fmt::Display for DecodeError {
@@ -75,6 +95,7 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::TrailingBytes(bytes) => write!(f, "{bytes} trailing bytes"),
             DecodeError::BadUtf8 { field } => write!(f, "{field} is not UTF-8"),
+            DecodeError::BadChecksum => write!(f, "snapshot chunk checksum mismatch"),
         }
     }
 }
@@ -96,6 +117,15 @@ pub fn encode_wire(message: &WireMessage) -> Vec<u8> {
             put_bytes(&mut out, info.http.as_bytes());
             put_u64(&mut out, info.chosen_index);
             put_u64(&mut out, info.applied_index);
+        }
+        WireMessage::Transfer(message) => {
+            out.push(2);
+            put_transfer(&mut out, message);
+        }
+        WireMessage::Checkpoint(report) => {
+            out.push(KIND_CHECKPOINT);
+            put_u64(&mut out, report.index);
+            out.extend_from_slice(&report.hash);
         }
     }
     out
@@ -134,6 +164,14 @@ pub fn decode_wire(input: &[u8]) -> Result<WireMessage, DecodeError> {
                 applied_index: reader.u64("applied index")?,
             })
         }
+        2 => WireMessage::Transfer(reader.transfer()?),
+        KIND_CHECKPOINT => WireMessage::Checkpoint(CheckpointReport {
+            index: reader.u64("checkpoint index")?,
+            hash: reader
+                .take(32, "checkpoint hash")?
+                .try_into()
+                .expect("took 32 bytes"),
+        }),
         tag => return Err(DecodeError::UnknownTag { field: "kind", tag }),
     };
     reader.finish()?;
@@ -224,6 +262,55 @@ fn put_entry(out: &mut Vec<u8>, entry: &LogEntry) {
     put_ballot(out, entry.ballot);
     put_value(out, &entry.value);
     put_bool(out, entry.chosen);
+}
+
+fn put_snapshot_id(out: &mut Vec<u8>, id: &SnapshotId) {
+    put_u64(out, id.slot);
+    out.extend_from_slice(&id.sha256);
+    put_u64(out, id.file_bytes);
+}
+
+fn put_transfer(out: &mut Vec<u8>, message: &TransferMessage) {
+    match message {
+        TransferMessage::Request { slot_min } => {
+            put_u8(out, 0);
+            put_u64(out, *slot_min);
+        }
+        TransferMessage::Offer { id } => {
+            put_u8(out, 1);
+            put_snapshot_id(out, id);
+        }
+        TransferMessage::Fetch { id, offset, resend } => {
+            put_u8(out, 2);
+            put_snapshot_id(out, id);
+            put_u64(out, *offset);
+            put_bool(out, *resend);
+        }
+        TransferMessage::Chunk { id, offset, data } => {
+            put_u8(out, 3);
+            put_snapshot_id(out, id);
+            put_u64(out, *offset);
+            out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+            put_bytes(out, data);
+        }
+        TransferMessage::Gone { id } => {
+            put_u8(out, 4);
+            put_snapshot_id(out, id);
+        }
+    }
+}
+
+/// `encode_wire(&WireMessage::Transfer(Chunk { .. }))` straight from a borrowed buffer.
+pub fn encode_chunk(id: &SnapshotId, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 72);
+    out.push(WIRE_VERSION);
+    out.push(2);
+    put_u8(&mut out, 3);
+    put_snapshot_id(&mut out, id);
+    put_u64(&mut out, offset);
+    out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    put_bytes(&mut out, data);
+    out
 }
 
 fn put_message(out: &mut Vec<u8>, msg: &Message) {
@@ -462,6 +549,57 @@ impl<'a> Reader<'a> {
             ballot: self.ballot()?,
             value: self.value()?,
             chosen: self.bool("chosen")?,
+        })
+    }
+
+    fn snapshot_id(&mut self) -> Result<SnapshotId, DecodeError> {
+        Ok(SnapshotId {
+            slot: self.u64("snapshot slot")?,
+            sha256: self
+                .take(32, "snapshot sha256")?
+                .try_into()
+                .expect("took 32 bytes"),
+            file_bytes: self.u64("snapshot bytes")?,
+        })
+    }
+
+    fn transfer(&mut self) -> Result<TransferMessage, DecodeError> {
+        Ok(match self.u8("transfer message")? {
+            0 => TransferMessage::Request {
+                slot_min: self.u64("slot min")?,
+            },
+            1 => TransferMessage::Offer {
+                id: self.snapshot_id()?,
+            },
+            2 => TransferMessage::Fetch {
+                id: self.snapshot_id()?,
+                offset: self.u64("offset")?,
+                resend: self.bool("resend")?,
+            },
+            3 => {
+                let id = self.snapshot_id()?;
+                let offset = self.u64("offset")?;
+                let crc = self.take(4, "chunk checksum")?;
+                let crc = u32::from_le_bytes(crc.try_into().expect("took 4 bytes"));
+                let data = self.bytes("chunk")?;
+                if crc32c::crc32c(data) != crc {
+                    return Err(DecodeError::BadChecksum);
+                }
+                TransferMessage::Chunk {
+                    id,
+                    offset,
+                    data: data.to_vec(),
+                }
+            }
+            4 => TransferMessage::Gone {
+                id: self.snapshot_id()?,
+            },
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    field: "transfer message",
+                    tag,
+                })
+            }
         })
     }
 

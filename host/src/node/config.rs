@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use super::checkpoint::CheckpointConfig;
 use crate::machine::MachineConfig;
 use crate::paxos::{NodeId, Params};
 use crate::storage::StorageConfig;
+
+pub use super::runtime::SnapshotConfig;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -47,6 +50,20 @@ pub struct NodeConfig {
     /// Events the core handles before it performs their actions, per loop turn:
     /// bounds latency while letting bursts share one pass.
     pub events_per_turn_max: usize,
+    /// State-hash checkpoints: every how many applied entries, and how many are kept.
+    pub checkpoint: CheckpointConfig,
+    /// Enables test-only routes that damage this replica on purpose
+    /// (`POST /v1/debug/flip-byte`). Never on in production.
+    pub test_hooks: bool,
+    /// How long a replica that found its state diverged waits before it asks the
+    /// majority for a snapshot (a test hook: keeps the alarm observable).
+    pub checkpoint_repair_delay_ms: u64,
+    /// When to snapshot and compact, and how snapshots are transferred.
+    pub snapshot: SnapshotConfig,
+    /// `--rejoin`: the data directory is empty because this member's data was lost. The
+    /// store is marked amnesic (durably, before anything else) and the replica learns
+    /// but never votes (`DurableState::amnesic`).
+    pub rejoin: bool,
 }
 
 impl NodeConfig {
@@ -83,6 +100,11 @@ impl NodeConfig {
             retry_after_ms: 500,
             frame_bytes_max: 64 * 1024 * 1024,
             events_per_turn_max: 1024,
+            checkpoint: CheckpointConfig::default(),
+            test_hooks: false,
+            checkpoint_repair_delay_ms: 0,
+            snapshot: SnapshotConfig::default(),
+            rejoin: false,
         }
     }
 

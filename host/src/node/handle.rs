@@ -146,11 +146,47 @@ pub struct StatusView {
     pub ballot: (u64, NodeId),
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Slot of the newest durable snapshot (0: none yet).
+    pub snapshot_index: u64,
+    /// False while this replica may not vote (it lost its data and rejoined).
+    pub voting: bool,
     pub module: Option<String>,
     /// `(index, "sha256:<hex>")`: the machine's state hash and the applied index it was
     /// computed at.
     pub state_hash: Option<(u64, String)>,
     pub peers: Vec<PeerView>,
+    /// The newest state-hash checkpoint this replica computed; `None` before the first
+    /// (no module yet, or fewer applied entries than the checkpoint interval).
+    pub checkpoint: Option<CheckpointView>,
+}
+
+/// A state-hash checkpoint (`GET /v1/status` → `checkpoint`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointView {
+    pub index: u64,
+    /// `sha256:<hex>`.
+    pub hash: String,
+    /// Every peer reported the same hash for `index`. False until every peer has
+    /// reported (a slower peer reports later), and false when one reported another.
+    pub agreed: bool,
+}
+
+/// `POST /v1/debug/flip-byte?offset=N`: a test hook that makes this replica's state
+/// diverge on purpose (`paxwasm node --test-hooks`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlipOk {
+    /// The applied index of the state whose byte was flipped.
+    pub applied_index: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlipError {
+    /// Test hooks are off (the route answers 404, as if it did not exist).
+    Disabled,
+    /// No module, or the offset is outside the memory (400).
+    Refused { reason: String },
+    /// The replica did not take the request (503).
+    Unavailable { reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,4 +234,17 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
     fn readiness(&self) -> Readiness;
     /// Prometheus text exposition format.
     fn metrics(&self) -> String;
+    /// Whether test-only routes exist on this node (`paxwasm node --test-hooks`).
+    fn test_hooks_enabled(&self) -> bool {
+        false
+    }
+    /// Flips one byte of the committed linear memory at `offset`, on this replica only.
+    /// Off unless the node runs with test hooks.
+    fn debug_flip_byte(
+        &self,
+        offset: u64,
+    ) -> impl Future<Output = Result<FlipOk, FlipError>> + Send {
+        let _ = offset;
+        std::future::ready(Err(FlipError::Disabled))
+    }
 }

@@ -5,12 +5,16 @@
 //! `api`) and never interprets application commands (that is the Wasm module).
 
 pub mod app;
+mod bootstrap;
+pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod handle;
 pub mod probe;
 mod runtime;
 mod service;
+pub mod snapshot;
+pub mod transfer;
 
 pub use config::NodeConfig;
 pub use service::{idempotency_key, start, Node, Running};

@@ -33,11 +33,18 @@ use crate::paxos::{
 use crate::storage::{self, Pending, Store, WriteBatch};
 
 use super::app::{AppResult, WasmApp};
-use super::codec::{self, PeerInfo, WireMessage};
+use super::checkpoint::{Checkpoints, Finding, StateHash};
+use super::codec::{self, CheckpointReport, PeerInfo, WireMessage};
 use super::handle::{
-    CommandError, CommandOk, DeployError, DeployOk, LeaderHint, QueryError, QueryOk,
+    CommandError, CommandOk, DeployError, DeployOk, FlipError, FlipOk, LeaderHint, QueryError,
+    QueryOk,
 };
 use super::service::{Counters, Published};
+
+mod snapshots;
+
+pub use snapshots::SnapshotConfig;
+pub(crate) use snapshots::{value_bytes, Snapshots};
 
 /// What the `Node` handle asks of the core task.
 pub(crate) enum Request {
@@ -56,7 +63,16 @@ pub(crate) enum Request {
         mode: Option<ReadMode>,
         reply: oneshot::Sender<Result<QueryOk, QueryError>>,
     },
+    /// Test hook (`--test-hooks`): flip a byte of the committed memory.
+    DebugFlipByte {
+        offset: u64,
+        reply: oneshot::Sender<Result<FlipOk, FlipError>>,
+    },
 }
+
+/// How often a diverged replica asks the majority again for a snapshot while the
+/// previous request has not repaired it.
+const REPAIR_RETRY_MS: u64 = 5_000;
 
 enum Waiter {
     Command(oneshot::Sender<Result<CommandOk, CommandError>>),
@@ -105,6 +121,11 @@ pub(crate) struct Core {
     pub events_per_turn_max: usize,
     /// First request id of this incarnation; see `first_request_id`.
     pub next_request: RequestId,
+    /// State-hash checkpoints: this replica's and its peers' (`checkpoint.rs`).
+    pub checkpoints: Checkpoints,
+    /// How long a diverged replica waits before it asks for a snapshot (0 in
+    /// production; tests hold the diverged state to observe it).
+    pub checkpoint_repair_delay_ms: u64,
 }
 
 struct Loop {
@@ -119,6 +140,12 @@ struct Loop {
     hashed_index: Option<Slot>,
     app_version_published: u64,
     clock: TickClock,
+    /// When this replica, diverged, last asked the majority for a snapshot.
+    repair_requested: Option<Instant>,
+    /// When this replica found it diverged.
+    diverged_since: Option<Instant>,
+    findings: Vec<Finding>,
+    snap: Snapshots,
 }
 
 /// Logical ticks derived from the monotonic clock. The core's leases are counted in
@@ -171,7 +198,7 @@ fn now_ms() -> u64 {
 
 /// Runs the core until shutdown is signalled. Returns after the last queued persist was
 /// handed to the store.
-pub(crate) async fn run(core: Core) {
+pub(crate) async fn run(core: Core, snap: Snapshots) {
     let (persist_queue, persist_rx) = mpsc::unbounded_channel();
     let (persisted_tx, persisted) = mpsc::unbounded_channel();
     let waiter = tokio::spawn(await_persists(persist_rx, persisted_tx));
@@ -188,6 +215,10 @@ pub(crate) async fn run(core: Core) {
         hashed_index: None,
         clock: TickClock::new(tick_ms),
         app_version_published: u64::MAX,
+        repair_requested: None,
+        diverged_since: None,
+        findings: Vec::new(),
+        snap,
     };
     state.main().await;
     drop(state);
@@ -227,6 +258,10 @@ impl Loop {
                 Some(token) = self.persisted.recv() => {
                     self.step(Event::Persisted { token });
                 }
+                Some(done) = self.snap.done.recv() => {
+                    self.deliver_due_ticks();
+                    self.on_snapshot_done(done);
+                }
                 Some((from, payload)) = self.core.inbound.recv() => {
                     self.deliver_due_ticks();
                     self.on_inbound(from, &payload);
@@ -240,6 +275,7 @@ impl Loop {
             self.deliver_due_ticks();
             self.drain_ready();
             self.perform().await;
+            self.maybe_snapshot();
             self.publish();
         }
     }
@@ -260,6 +296,7 @@ impl Loop {
             if ticks.is_multiple_of(hash_every_ticks) {
                 self.refresh_state_hash();
             }
+            self.transfer_tick();
         }
     }
 
@@ -301,6 +338,20 @@ impl Loop {
                 seen.chosen_index = Some(info.chosen_index);
                 seen.applied_index = Some(info.applied_index);
             }
+            Ok(WireMessage::Checkpoint(report)) => {
+                let configuration = self.core.replica.configuration();
+                self.core.checkpoints.set_configuration(configuration);
+                let mut findings = std::mem::take(&mut self.findings);
+                self.core.checkpoints.record_peer(
+                    from,
+                    report.index,
+                    StateHash(report.hash),
+                    &mut findings,
+                );
+                self.report_findings(&mut findings);
+                self.findings = findings;
+            }
+            Ok(WireMessage::Transfer(message)) => self.on_transfer(from, message),
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
                 tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
@@ -315,6 +366,15 @@ impl Loop {
     }
 
     fn on_request(&mut self, request: Request) {
+        // A diverged replica's state is wrong: it answers nothing from it, neither
+        // reads nor the results of commands it would propose.
+        if let Some(divergence) = self.core.checkpoints.diverged() {
+            if !matches!(request, Request::DebugFlipByte { .. }) {
+                let reason = divergence.to_string();
+                self.refuse(request, reason);
+                return;
+            }
+        }
         if self.waiters.len() >= self.core.requests_pending_max {
             let reason = format!(
                 "{} requests are waiting at this replica",
@@ -377,6 +437,9 @@ impl Loop {
                     mode,
                 });
             }
+            Request::DebugFlipByte { offset, reply } => {
+                let _ = reply.send(self.debug_flip_byte(offset));
+            }
         }
     }
 
@@ -401,7 +464,25 @@ impl Loop {
                     retry_after_ms,
                 }));
             }
+            Request::DebugFlipByte { reply, .. } => {
+                let _ = reply.send(Err(FlipError::Unavailable { reason }));
+            }
         }
+    }
+
+    fn debug_flip_byte(&mut self, offset: u64) -> Result<FlipOk, FlipError> {
+        self.core
+            .applier
+            .machine
+            .debug_flip_byte(offset)
+            .map_err(|reason| FlipError::Refused { reason })?;
+        let applied_index = self.core.applier.applied_index;
+        tracing::warn!(
+            offset,
+            applied_index,
+            "test hook: flipped a byte of the machine's memory; this replica now diverges"
+        );
+        Ok(FlipOk { applied_index })
     }
 
     fn run_query(&mut self, payload: &[u8]) -> Result<QueryOk, QueryError> {
@@ -424,11 +505,7 @@ impl Loop {
                 Action::Send { to, msg } => self.send(to, &msg),
                 Action::Apply { slot, value } => self.apply(slot, &value),
                 Action::Reply { request, outcome } => self.reply(request, outcome),
-                Action::SendSnapshot { to, slot } => {
-                    // The core emits this only once the log is compacted, and this
-                    // runtime never reports a saved snapshot yet (issue 5, node part).
-                    tracing::error!(to, slot, "snapshot transfer requested but not implemented");
-                }
+                Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
                 Action::Compact { below } => self.compact(below).await,
             }
         }
@@ -495,6 +572,7 @@ impl Loop {
 
     fn apply(&mut self, slot: Slot, value: &Value) {
         let started = Instant::now();
+        self.snap.log_bytes_since += value_bytes(value);
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
@@ -508,6 +586,137 @@ impl Loop {
             self.complete(request, slot, AppResult::decode(&result));
         }
         self.replies = replies;
+        if self.core.checkpoints.is_checkpoint(slot) {
+            self.take_checkpoint(slot);
+        }
+    }
+
+    /// Hashes the state at `slot` (a checkpoint index), compares it with what peers
+    /// reported and tells them.
+    fn take_checkpoint(&mut self, slot: Slot) {
+        // Before the first module there is no state to compare.
+        let started = Instant::now();
+        let Some(hash) = self.core.applier.machine.state_hash_bytes() else {
+            return;
+        };
+        let counters = &self.core.counters;
+        counters.add(&counters.checkpoints, 1);
+        counters.add(
+            &counters.checkpoint_hash_us,
+            started.elapsed().as_micros() as u64,
+        );
+        let configuration = self.core.replica.configuration();
+        self.core.checkpoints.set_configuration(configuration);
+        let mut findings = std::mem::take(&mut self.findings);
+        self.core
+            .checkpoints
+            .record_local(slot, StateHash(hash), &mut findings);
+        self.report_findings(&mut findings);
+        self.findings = findings;
+        self.send_checkpoint(CheckpointReport { index: slot, hash });
+    }
+
+    fn send_checkpoint(&mut self, report: CheckpointReport) {
+        let payload = Bytes::from(codec::encode_wire(&WireMessage::Checkpoint(report)));
+        for peer in self.core.transport.peers().keys() {
+            let _ = self.core.transport.send(*peer, payload.clone());
+        }
+    }
+
+    /// The loud part of a checkpoint mismatch: error lines and the metric.
+    fn report_findings(&mut self, findings: &mut Vec<Finding>) {
+        for finding in findings.drain(..) {
+            match finding {
+                Finding::Mismatch {
+                    index,
+                    peer,
+                    local,
+                    theirs,
+                } => {
+                    let counters = &self.core.counters;
+                    counters.add(&counters.checkpoint_mismatches, 1);
+                    tracing::error!(
+                        node = self.core.id,
+                        index,
+                        %local,
+                        peer,
+                        peer_hash = %theirs,
+                        "CHECKPOINT MISMATCH: a peer's state hash differs from this replica's"
+                    );
+                }
+                Finding::Diverged(divergence) => {
+                    tracing::error!(
+                        node = self.core.id,
+                        index = divergence.index,
+                        local = %divergence.local,
+                        majority = %divergence.majority,
+                        majority_nodes = ?divergence.majority_nodes,
+                        "STATE DIVERGED: this replica is in the minority at a checkpoint; it refuses reads until it reinstalls a snapshot from the majority"
+                    );
+                    self.repair_requested = None;
+                    self.diverged_since = Some(Instant::now());
+                    self.request_repair();
+                }
+                Finding::Recovered { index } => {
+                    tracing::warn!(
+                        node = self.core.id,
+                        index,
+                        "this replica's state hash agrees with a quorum again; it serves reads"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asks a replica of the majority for its newest snapshot, `repair_delay_ms` after
+    /// the divergence was found, then at most every `REPAIR_RETRY_MS` while this replica
+    /// stays diverged.
+    fn request_repair(&mut self) {
+        let Some(divergence) = self.core.checkpoints.diverged() else {
+            return;
+        };
+        let delay = Duration::from_millis(self.core.checkpoint_repair_delay_ms);
+        if self.diverged_since.is_some_and(|at| at.elapsed() < delay) {
+            return;
+        }
+        if self
+            .repair_requested
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(REPAIR_RETRY_MS))
+        {
+            return;
+        }
+        let from = *divergence
+            .majority_nodes
+            .first()
+            .expect("a majority holds at least one other voter");
+        self.repair_requested = Some(Instant::now());
+        tracing::warn!(
+            node = self.core.id,
+            from,
+            diverged_at = divergence.index,
+            "repairing the diverged state: asking a majority replica for its newest snapshot"
+        );
+        // Installed even though this replica is not behind (a forced install); then
+        // `on_state_replaced` ends the divergence.
+        self.request_snapshot(from);
+    }
+
+    /// The machine was replaced by an installed snapshot (plus, for a forced install,
+    /// the log after it applied again): hashes computed before are of another state.
+    pub(super) fn on_state_replaced(&mut self) {
+        if let Some(divergence) = self.core.checkpoints.on_snapshot_installed() {
+            self.repair_requested = None;
+            tracing::warn!(
+                node = self.core.id,
+                diverged_at = divergence.index,
+                applied = self.core.applier.applied_index,
+                "a snapshot from the majority is installed; the replica serves again"
+            );
+        }
+        let applied = self.core.applier.applied_index;
+        if self.core.checkpoints.is_checkpoint(applied) {
+            self.take_checkpoint(applied);
+        }
     }
 
     fn complete(&mut self, request: RequestId, slot: Slot, result: AppResult) {
@@ -642,6 +851,15 @@ impl Loop {
         for peer in self.core.transport.peers().keys() {
             let _ = self.core.transport.send(*peer, payload.clone());
         }
+        // Reports are best effort: repeating the newest lets a peer that missed it (or
+        // restarted) still confirm it.
+        if let Some(newest) = self.core.checkpoints.newest() {
+            self.send_checkpoint(CheckpointReport {
+                index: newest.index,
+                hash: newest.hash.0,
+            });
+        }
+        self.request_repair();
     }
 
     fn refresh_state_hash(&mut self) {
@@ -695,9 +913,12 @@ impl Loop {
         published.ballot = status.leading.unwrap_or(status.promised);
         published.commit_index = status.chosen_index;
         published.applied_index = self.core.applier.applied_index;
+        published.snapshot_index = self.snap.newest().map_or(0, |file| file.id.slot);
         published.requests_pending = self.waiters.len();
         published.dedup_clients = self.core.applier.dedup.clients();
         published.peers.clone_from(&self.peers);
+        published.checkpoint = self.core.checkpoints.newest();
+        published.diverged = self.core.checkpoints.diverged().map(ToString::to_string);
         let app = &self.core.applier.machine;
         if app.version != self.app_version_published {
             published.module = app.current().cloned();
@@ -715,9 +936,11 @@ fn refusal(outcome: &Outcome) -> String {
     }
 }
 
-/// Folds what the store recovered into the core's durable state.
+/// Folds what the store recovered, and the slot of the snapshot the state machine was
+/// restored from (0: none), into the core's durable state.
 pub(crate) fn durable_state(
     recovered: &storage::Recovered,
+    snapshot_slot: Slot,
 ) -> anyhow::Result<crate::paxos::DurableState> {
     let mut durable = crate::paxos::DurableState {
         promised: recovered
@@ -728,19 +951,24 @@ pub(crate) fn durable_state(
             })
             .unwrap_or(Ballot::ZERO),
         chosen_index: recovered.chosen.unwrap_or(0),
+        snapshot_slot,
+        log_start: recovered.log_start.max(1),
         ..Default::default()
     };
     anyhow::ensure!(
-        recovered.log_start <= 1,
-        "the store was compacted to slot {}, and this build cannot restore snapshots",
-        recovered.log_start
+        durable.log_start <= snapshot_slot + 1,
+        "the store was compacted to slot {} but the newest valid snapshot is at slot \
+         {snapshot_slot}: slots {}..{} are in neither",
+        durable.log_start,
+        snapshot_slot + 1,
+        durable.log_start
     );
     for (slot, bytes) in &recovered.accepted {
         let entry = codec::decode_entry(bytes)
             .map_err(|error| anyhow::anyhow!("stored entry of slot {slot} is corrupt: {error}"))?;
         durable.log.insert(*slot, entry);
     }
-    for slot in 1..=durable.chosen_index {
+    for slot in snapshot_slot + 1..=durable.chosen_index {
         anyhow::ensure!(
             durable.log.contains_key(&slot),
             "the store's chosen index is {} but slot {slot} is missing",

@@ -20,13 +20,15 @@ use crate::paxos::{
 use crate::storage::Store;
 
 use super::app::{command_envelope, install_envelope, WasmApp};
+use super::checkpoint::{CheckpointStatus, Checkpoints};
 use super::config::NodeConfig;
 use super::handle::{
-    AppInfo, ClusterView, CommandError, CommandOk, CommandRequest, Consistency, DeployError,
-    DeployOk, MemberView, ModuleEvent, NodeApi, PeerView, QueryError, QueryOk, Readiness,
-    StatusView,
+    AppInfo, CheckpointView, ClusterView, CommandError, CommandOk, CommandRequest, Consistency,
+    DeployError, DeployOk, FlipError, FlipOk, MemberView, ModuleEvent, NodeApi, PeerView,
+    QueryError, QueryOk, Readiness, StatusView,
 };
-use super::runtime::{self, Core, PeerSeen, Request};
+use super::runtime::{self, Core, PeerSeen, Request, Snapshots};
+use super::snapshot::{SnapshotDir, SnapshotFile};
 
 /// Monotone counters of the runtime, read by `/metrics`.
 #[derive(Debug, Default)]
@@ -39,6 +41,23 @@ pub(crate) struct Counters {
     pub persist_entries: AtomicU64,
     pub leader_changes: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// Peer checkpoint reports whose hash differed from this replica's.
+    pub checkpoint_mismatches: AtomicU64,
+    /// Checkpoints taken, and the time spent hashing the state for them.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_hash_us: AtomicU64,
+    pub snapshots_taken: AtomicU64,
+    /// Apply-loop pause of the latest snapshot capture, and the sum of all.
+    pub snapshot_pause_us_last: AtomicU64,
+    pub snapshot_pause_us_total: AtomicU64,
+    /// Background write (incl. fsyncs) of the latest snapshot, and its size.
+    pub snapshot_write_us_last: AtomicU64,
+    pub snapshot_bytes_last: AtomicU64,
+    pub snapshot_installs: AtomicU64,
+    pub snapshot_install_failures: AtomicU64,
+    pub snapshot_transfers_sent: AtomicU64,
+    pub snapshot_transfer_bytes_sent: AtomicU64,
+    pub snapshot_transfer_bytes_received: AtomicU64,
 }
 
 impl Counters {
@@ -55,12 +74,19 @@ pub(crate) struct Published {
     pub ballot: Ballot,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Slot of the newest durable snapshot (0: none).
+    pub snapshot_index: u64,
     pub module: Option<(String, u64)>,
     pub history: Vec<ModuleEvent>,
     pub state_hash: Option<(u64, String)>,
     pub peers: BTreeMap<NodeId, PeerSeen>,
     pub requests_pending: usize,
     pub dedup_clients: usize,
+    pub checkpoint: Option<CheckpointStatus>,
+    /// Why this replica serves no reads: its state diverged from the majority's.
+    pub diverged: Option<String>,
+    /// False for a member that lost its data and came back (`--rejoin`).
+    pub voting: bool,
 }
 
 struct Inner {
@@ -76,6 +102,7 @@ struct Inner {
     command_bytes_max: usize,
     request_timeout: Duration,
     retry_after_ms: u64,
+    test_hooks: bool,
 }
 
 /// A running replica. Cheap to clone.
@@ -135,35 +162,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         .map_err(|error| anyhow::anyhow!("{error}"))?
     };
     let store = Arc::new(store);
-    let durable = runtime::durable_state(&recovered)?;
-    tracing::info!(
-        node = config.id,
-        promised = ?durable.promised,
-        entries = durable.log.len(),
-        chosen_index = durable.chosen_index,
-        "recovered acceptor state; chosen slots are replayed through the machine"
-    );
-
-    let published = Arc::new(Mutex::new(Published {
-        role: if config.members.is_empty() {
-            "learner"
-        } else {
-            "follower"
-        },
-        leader: None,
-        ballot: durable.promised,
-        commit_index: durable.chosen_index,
-        applied_index: 0,
-        module: None,
-        history: Vec::new(),
-        state_hash: None,
-        peers: BTreeMap::new(),
-        requests_pending: 0,
-        dedup_clients: 0,
-    }));
-    let counters = Arc::new(Counters::default());
-    let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let amnesic = amnesia(&config, &store, &recovered).await?;
 
     let mut transport_config =
         TransportConfig::new(config.id, config.cluster_hash(), config.peer_listen);
@@ -177,8 +176,68 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     transport_config.queue_bytes_max = transport_config
         .queue_bytes_max
         .max(2 * config.frame_bytes_max as usize);
-    let (transport, inbound) = Transport::start(transport_config).await?;
+    let (transport, mut inbound) = Transport::start(transport_config).await?;
     let transport = Arc::new(transport);
+
+    let mut restored = restore_newest_snapshot_blocking(&config).await?;
+    if recovered.log_start > restored.slot() + 1 {
+        // The log before `log_start` is gone and no local snapshot covers it: the state
+        // up to there can only come from a peer. Until it arrives this replica does not
+        // take part (its promises and accepted entries stay on disk, untouched).
+        tracing::error!(
+            log_start = recovered.log_start,
+            snapshot_slot = restored.slot(),
+            "the store was compacted past the newest valid local snapshot; fetching a snapshot from a peer"
+        );
+        let dir =
+            SnapshotDir::open(&config.data_dir).map_err(|error| anyhow::anyhow!("{error}"))?;
+        super::bootstrap::fetch_snapshot(
+            &config,
+            &transport,
+            &mut inbound,
+            &dir,
+            recovered.log_start - 1,
+        )
+        .await?;
+        restored = restore_newest_snapshot_blocking(&config).await?;
+    }
+    let snapshot_slot = restored.slot();
+    let mut durable = runtime::durable_state(&recovered, snapshot_slot)?;
+    durable.amnesic = amnesic;
+    tracing::info!(
+        node = config.id,
+        promised = ?durable.promised,
+        entries = durable.log.len(),
+        chosen_index = durable.chosen_index,
+        snapshot_slot,
+        log_start = durable.log_start,
+        "recovered acceptor state; chosen slots after the snapshot are replayed through the machine"
+    );
+
+    let published = Arc::new(Mutex::new(Published {
+        role: if config.members.is_empty() {
+            "learner"
+        } else {
+            "follower"
+        },
+        leader: None,
+        ballot: durable.promised,
+        commit_index: durable.chosen_index.max(snapshot_slot),
+        applied_index: snapshot_slot,
+        snapshot_index: snapshot_slot,
+        module: None,
+        history: Vec::new(),
+        state_hash: None,
+        peers: BTreeMap::new(),
+        requests_pending: 0,
+        dedup_clients: 0,
+        checkpoint: None,
+        diverged: None,
+        voting: !amnesic && config.members.contains_key(&config.id),
+    }));
+    let counters = Arc::new(Counters::default());
+    let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let core = if config.members.is_empty() {
         tracing::info!(
@@ -201,7 +260,31 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             seed,
             durable,
         );
-        let applier = Applier::new(config.id, WasmApp::new(config.machine.clone()));
+        let RestoredSnapshot {
+            dir: snapshot_dir,
+            files: snapshot_files,
+            state,
+        } = restored;
+        let mut applier = Applier::new(config.id, WasmApp::new(config.machine.clone()));
+        if let Some((app, applier_state)) = state {
+            applier.machine = app;
+            applier.import_state(&applier_state).map_err(|error| {
+                anyhow::anyhow!("restoring the snapshot at {snapshot_slot}: {error}")
+            })?;
+            anyhow::ensure!(
+                applier.applied_index == snapshot_slot,
+                "the snapshot at slot {snapshot_slot} holds an applier state at {}",
+                applier.applied_index
+            );
+        }
+        let snapshots = Snapshots::start(
+            snapshot_dir,
+            config.snapshot.clone(),
+            config.machine.clone(),
+            snapshot_files,
+            snapshot_slot,
+        )
+        .context("starting the snapshot worker")?;
         let core = Core {
             id: config.id,
             replica,
@@ -221,8 +304,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             state_hash_interval_ms: config.state_hash_interval_ms,
             events_per_turn_max: config.events_per_turn_max,
             next_request: runtime::first_request_id(config.id),
+            checkpoints: Checkpoints::new(
+                config.id,
+                Configuration::new(config.members.keys().copied()),
+                config.checkpoint.clone(),
+            ),
+            checkpoint_repair_delay_ms: config.checkpoint_repair_delay_ms,
         };
-        Some(tokio::spawn(runtime::run(core)))
+        Some(tokio::spawn(runtime::run(core, snapshots)))
     };
     let node = Node {
         inner: Arc::new(Inner {
@@ -238,6 +327,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             command_bytes_max: config.command_bytes_max,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             retry_after_ms: config.retry_after_ms,
+            test_hooks: config.test_hooks,
         }),
     };
     Ok((
@@ -247,6 +337,128 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             core,
         },
     ))
+}
+
+/// Metadata key of a store recreated after its member's data was lost (`--rejoin`);
+/// value `[1]`. Never removed by this build (issue 6 re-adds such a member).
+pub const META_AMNESIC: &str = "amnesic";
+
+/// Whether this replica lost its acceptor state: its store carries the amnesic mark, or
+/// it is empty and started with `--rejoin` (then the mark is written, durably, before
+/// anything else, so a crash during the recovery that follows cannot forget it).
+async fn amnesia(
+    config: &NodeConfig,
+    store: &Store,
+    recovered: &crate::storage::Recovered,
+) -> anyhow::Result<bool> {
+    if recovered
+        .meta
+        .get(META_AMNESIC)
+        .is_some_and(|value| value == &[1])
+    {
+        tracing::warn!(
+            node = config.id,
+            "this member lost its data earlier (--rejoin): it learns from its peers but does not vote"
+        );
+        return Ok(true);
+    }
+    if !config.rejoin {
+        return Ok(false);
+    }
+    let empty = recovered.promised.is_none()
+        && recovered.accepted.is_empty()
+        && recovered.chosen.is_none()
+        && recovered.log_start <= 1;
+    anyhow::ensure!(
+        empty,
+        "--rejoin is for a member whose data was lost, but {} holds acceptor state \
+         (promised {:?}, {} entries, chosen {:?}); start it without --rejoin",
+        config.data_dir.display(),
+        recovered.promised,
+        recovered.accepted.len(),
+        recovered.chosen
+    );
+    store
+        .write(crate::storage::WriteBatch {
+            meta: vec![(META_AMNESIC.to_string(), vec![1])],
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("marking the store amnesic: {error}"))?;
+    tracing::warn!(
+        node = config.id,
+        "rejoining after data loss: this member restores its state from its peers and does not vote"
+    );
+    Ok(true)
+}
+
+/// What `start` found in the snapshot folder.
+struct RestoredSnapshot {
+    dir: SnapshotDir,
+    /// The durable snapshots, newest first.
+    files: Vec<SnapshotFile>,
+    /// The application and applier state of the newest valid snapshot.
+    state: Option<(WasmApp, Vec<u8>)>,
+}
+
+impl RestoredSnapshot {
+    fn slot(&self) -> u64 {
+        match &self.state {
+            Some(_) => self.files.first().map_or(0, |file| file.id.slot),
+            None => 0,
+        }
+    }
+}
+
+async fn restore_newest_snapshot_blocking(config: &NodeConfig) -> anyhow::Result<RestoredSnapshot> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || restore_newest_snapshot(&config))
+        .await
+        .expect("snapshot restore task panicked")
+}
+
+/// Loads the newest snapshot that checks out (sha256) and rebuilds the application from
+/// it. A corrupt file is reported and set aside, and the next older one is tried.
+/// Blocking: reads and hashes whole files and compiles the module.
+fn restore_newest_snapshot(config: &NodeConfig) -> anyhow::Result<RestoredSnapshot> {
+    let dir = SnapshotDir::open(&config.data_dir).map_err(|error| anyhow::anyhow!("{error}"))?;
+    loop {
+        let Some((snapshot, file)) = dir
+            .load_newest_valid()
+            .map_err(|error| anyhow::anyhow!("{error}"))?
+        else {
+            return Ok(RestoredSnapshot {
+                dir,
+                files: Vec::new(),
+                state: None,
+            });
+        };
+        match WasmApp::from_snapshot(config.machine.clone(), &snapshot) {
+            Ok(app) => {
+                tracing::info!(slot = file.id.slot, bytes = file.id.file_bytes, path = %file.path.display(), "restored the state machine from a snapshot");
+                // The older one (if any) stays listed so it can still be sent to peers.
+                let mut files = vec![file.clone()];
+                for (slot, path) in dir.list().map_err(|error| anyhow::anyhow!("{error}"))? {
+                    if slot < file.id.slot {
+                        if let Ok(id) = SnapshotDir::peek_id(&path) {
+                            files.push(SnapshotFile { id, path });
+                        }
+                    }
+                }
+                return Ok(RestoredSnapshot {
+                    dir,
+                    files,
+                    state: Some((app, snapshot.applier_state)),
+                });
+            }
+            Err(reason) => {
+                tracing::error!(slot = file.id.slot, %reason, "a snapshot checks out but cannot be restored; setting it aside");
+                let aside = file.path.with_extension("pxsnap.corrupt");
+                std::fs::rename(&file.path, &aside)
+                    .with_context(|| format!("moving {} aside", file.path.display()))?;
+            }
+        }
+    }
 }
 
 impl Node {
@@ -410,6 +622,24 @@ impl NodeApi for Node {
             })
     }
 
+    fn test_hooks_enabled(&self) -> bool {
+        self.inner.test_hooks
+    }
+
+    async fn debug_flip_byte(&self, offset: u64) -> Result<FlipOk, FlipError> {
+        if !self.inner.test_hooks {
+            return Err(FlipError::Disabled);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.ask(Request::DebugFlipByte { offset, reply }, answer)
+            .await
+            .unwrap_or_else(|error: AskError| {
+                Err(FlipError::Unavailable {
+                    reason: error.unwrap_or_else(|| "no answer in time".into()),
+                })
+            })
+    }
+
     fn app(&self) -> AppInfo {
         let published = self.published();
         AppInfo {
@@ -448,9 +678,16 @@ impl NodeApi for Node {
             ballot: (published.ballot.round, published.ballot.node),
             commit_index: published.commit_index,
             applied_index: published.applied_index,
+            snapshot_index: published.snapshot_index,
+            voting: published.voting,
             module: published.module.map(|(id, _)| id),
             state_hash: published.state_hash,
             peers,
+            checkpoint: published.checkpoint.map(|checkpoint| CheckpointView {
+                index: checkpoint.index,
+                hash: checkpoint.hash.to_string(),
+                agreed: checkpoint.agreed,
+            }),
         }
     }
 
@@ -485,6 +722,8 @@ impl NodeApi for Node {
         let published = self.published();
         let reason = if self.inner.members.is_empty() {
             Some("not a member of a cluster yet".to_string())
+        } else if let Some(diverged) = published.diverged {
+            Some(diverged)
         } else if published.leader.is_none() {
             Some("no leader is known".to_string())
         } else if published.applied_index < published.commit_index {
@@ -585,6 +824,38 @@ impl NodeApi for Node {
             get(&c.decode_errors),
         );
         metric(
+            "paxwasm_checkpoint_mismatches_total",
+            "counter",
+            "Peer checkpoint reports whose state hash differed from this replica's.",
+            get(&c.checkpoint_mismatches),
+        );
+        metric(
+            "paxwasm_checkpoints_total",
+            "counter",
+            "State-hash checkpoints taken by this replica.",
+            get(&c.checkpoints),
+        );
+        metric(
+            "paxwasm_checkpoint_hash_us_total",
+            "counter",
+            "Microseconds the core spent hashing the state for checkpoints (incremental).",
+            get(&c.checkpoint_hash_us),
+        );
+        metric(
+            "paxwasm_checkpoint_index",
+            "gauge",
+            "Applied index of the newest state-hash checkpoint (0: none yet).",
+            published
+                .checkpoint
+                .map_or(0, |checkpoint| checkpoint.index),
+        );
+        metric(
+            "paxwasm_checkpoint_diverged",
+            "gauge",
+            "1 while this replica's state differs from a quorum's (it refuses reads).",
+            u64::from(published.diverged.is_some()),
+        );
+        metric(
             "paxwasm_requests_pending",
             "gauge",
             "Client requests waiting for an outcome at this replica.",
@@ -607,6 +878,72 @@ impl NodeApi for Node {
             "gauge",
             "Highest slot applied.",
             published.applied_index,
+        );
+        metric(
+            "paxwasm_snapshot_index",
+            "gauge",
+            "Slot of the newest durable snapshot (0: none).",
+            published.snapshot_index,
+        );
+        metric(
+            "paxwasm_snapshots_taken_total",
+            "counter",
+            "Snapshots written and made durable by this replica.",
+            get(&c.snapshots_taken),
+        );
+        metric(
+            "paxwasm_snapshot_pause_us_last",
+            "gauge",
+            "Microseconds the apply loop paused to capture the latest snapshot.",
+            get(&c.snapshot_pause_us_last),
+        );
+        metric(
+            "paxwasm_snapshot_pause_us_total",
+            "counter",
+            "Microseconds the apply loop paused for snapshot captures, summed.",
+            get(&c.snapshot_pause_us_total),
+        );
+        metric(
+            "paxwasm_snapshot_write_us_last",
+            "gauge",
+            "Microseconds the background write of the latest snapshot took (fsyncs included).",
+            get(&c.snapshot_write_us_last),
+        );
+        metric(
+            "paxwasm_snapshot_bytes_last",
+            "gauge",
+            "Size of the latest snapshot file in bytes.",
+            get(&c.snapshot_bytes_last),
+        );
+        metric(
+            "paxwasm_snapshot_installs_total",
+            "counter",
+            "Snapshots received from peers and installed.",
+            get(&c.snapshot_installs),
+        );
+        metric(
+            "paxwasm_snapshot_install_failures_total",
+            "counter",
+            "Received snapshots refused (bad sha256, restore failed).",
+            get(&c.snapshot_install_failures),
+        );
+        metric(
+            "paxwasm_snapshot_transfers_sent_total",
+            "counter",
+            "Snapshot transfers started to peers.",
+            get(&c.snapshot_transfers_sent),
+        );
+        metric(
+            "paxwasm_snapshot_transfer_bytes_sent_total",
+            "counter",
+            "Snapshot bytes sent to peers.",
+            get(&c.snapshot_transfer_bytes_sent),
+        );
+        metric(
+            "paxwasm_snapshot_transfer_bytes_received_total",
+            "counter",
+            "Snapshot bytes received from peers.",
+            get(&c.snapshot_transfer_bytes_received),
         );
         if let Some(transport) = &self.inner.transport {
             let t = transport.metrics();

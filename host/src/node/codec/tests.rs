@@ -115,7 +115,81 @@ fn every_message() -> Vec<WireMessage> {
         chosen_index: 44,
         applied_index: 43,
     }));
+    all.push(WireMessage::Checkpoint(checkpoint_report()));
+    let id = crate::node::snapshot::SnapshotId {
+        slot: 900,
+        sha256: [0x5A; 32],
+        file_bytes: 1 << 33,
+    };
+    for transfer in [
+        TransferMessage::Request { slot_min: 12 },
+        TransferMessage::Offer { id },
+        TransferMessage::Fetch {
+            id,
+            offset: 262_144,
+            resend: true,
+        },
+        TransferMessage::Chunk {
+            id,
+            offset: 524_288,
+            data: (0..=255).collect(),
+        },
+        TransferMessage::Gone { id },
+    ] {
+        all.push(WireMessage::Transfer(transfer));
+    }
     all
+}
+
+fn checkpoint_report() -> CheckpointReport {
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = 0xA0 ^ i as u8;
+    }
+    CheckpointReport { index: 4000, hash }
+}
+
+#[test]
+fn checkpoint_reports_round_trip_with_their_exact_layout() {
+    let report = checkpoint_report();
+    let bytes = encode_wire(&WireMessage::Checkpoint(report));
+    let mut expected = vec![WIRE_VERSION, KIND_CHECKPOINT];
+    expected.extend_from_slice(&4000u64.to_le_bytes());
+    expected.extend_from_slice(&report.hash);
+    assert_eq!(bytes, expected);
+    assert_eq!(decode_wire(&bytes), Ok(WireMessage::Checkpoint(report)));
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert_eq!(decode_wire(&longer), Err(DecodeError::TrailingBytes(1)));
+    assert_eq!(
+        decode_wire(&bytes[..bytes.len() - 1]),
+        Err(DecodeError::Truncated {
+            field: "checkpoint hash"
+        })
+    );
+}
+
+#[test]
+fn chunks_carry_a_checksum_of_their_bytes() {
+    let id = crate::node::snapshot::SnapshotId {
+        slot: 3,
+        sha256: [1; 32],
+        file_bytes: 10,
+    };
+    let bytes = encode_chunk(&id, 4, b"abcdef");
+    assert_eq!(
+        decode_wire(&bytes),
+        Ok(WireMessage::Transfer(TransferMessage::Chunk {
+            id,
+            offset: 4,
+            data: b"abcdef".to_vec()
+        }))
+    );
+    // The last data byte changed: the frame CRC would not catch a bug in our own
+    // buffers, the chunk checksum does.
+    let mut bad = bytes.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert_eq!(decode_wire(&bad), Err(DecodeError::BadChecksum));
 }
 
 #[test]

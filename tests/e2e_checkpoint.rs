@@ -1,0 +1,403 @@
+//! End to end: state-hash checkpoints across three real `paxwasm node` processes.
+//!
+//! The replicas take a checkpoint every `CHECKPOINT_ENTRIES` applied entries. One
+//! follower's machine is made to diverge on purpose (`--test-hooks`, `POST
+//! /v1/debug/flip-byte`); the test shows the alarm at the first checkpoint after the
+//! flip (status `agreed: false`, `/readyz` 503, reads and commands refused, the
+//! mismatch metric), on that replica only, and that the replica repairs itself: it asks
+//! a majority replica for its newest snapshot, installs it (applying its log after the
+//! snapshot again), serves again and agrees with the others at the next checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use paxwasm::node::probe::{self, Response};
+
+const NODES: usize = 3;
+const CHECKPOINT_ENTRIES: u64 = 20;
+/// Small, so that the majority has a snapshot to send by the time of the repair.
+const SNAPSHOT_ENTRIES: u64 = 10;
+/// The diverged replica waits this long before it asks for a snapshot, so the test can
+/// observe the alarm before the repair ends it.
+const REPAIR_DELAY_MS: u64 = 3_000;
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+struct Cluster {
+    dir: PathBuf,
+    http: Vec<String>,
+    peer: Vec<String>,
+    children: Vec<Option<Child>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        // Hold all listeners at once so the ports are distinct, then release them.
+        let listeners: Vec<std::net::TcpListener> = (0..2 * NODES)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        drop(listeners);
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            http: addrs[..NODES].to_vec(),
+            peer: addrs[NODES..].to_vec(),
+            children: (0..NODES).map(|_| None).collect(),
+        };
+        for i in 0..NODES {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let members = (0..NODES)
+            .map(|j| format!("{}={}", j + 1, self.peer[j]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{}.log", i + 1)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
+            .arg("node")
+            .args(["--id", &(i + 1).to_string()])
+            .arg("--data")
+            .arg(self.dir.join(format!("node-{}", i + 1)))
+            .args(["--http", &self.http[i]])
+            .args(["--peer", &self.peer[i]])
+            .args(["--cluster", &members])
+            .args(["--cluster-id", "e2e-checkpoint"])
+            .args(["--checkpoint-entries", &CHECKPOINT_ENTRIES.to_string()])
+            .args(["--snapshot-entries", &SNAPSHOT_ENTRIES.to_string()])
+            .args(["--checkpoint-repair-delay-ms", &REPAIR_DELAY_MS.to_string()])
+            .arg("--test-hooks")
+            .env_remove("PAXWASM_TOKEN")
+            .env_remove("PAXWASM_CHECKPOINT_ENTRIES")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start paxwasm node");
+        self.children[i] = Some(child);
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node-{}.log", i + 1))).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for i in 0..NODES {
+            let log = self.log(i);
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            out.push_str(&format!("--- node {} ---\n", i + 1));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+fn call(addr: &str, method: &str, path: &str, body: &[u8]) -> Option<Response> {
+    probe::request(addr, method, path, &[], body, TIMEOUT).ok()
+}
+
+fn status(addr: &str) -> Option<serde_json::Value> {
+    let reply = call(addr, "GET", "/v1/status", b"")?;
+    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
+}
+
+fn wait_until<T>(
+    what: &str,
+    cluster: &Cluster,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            cluster.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The replica every replica names as leader.
+fn current_leader(cluster: &Cluster) -> Option<usize> {
+    let mut leaders = Vec::new();
+    for addr in &cluster.http {
+        leaders.push(status(addr)?["leader"].as_u64()?);
+    }
+    let first = leaders[0];
+    leaders
+        .iter()
+        .all(|l| *l == first)
+        .then(|| first as usize - 1)
+}
+
+/// Submits `count` puts through `addr`, each retried (same idempotency key, so applied
+/// at most once) while the cluster settles.
+fn submit_puts(cluster: &Cluster, addr: &str, prefix: &str, count: usize) {
+    for n in 0..count {
+        let key = format!("{prefix}-{n}");
+        let command = format!("put {key} v{n}");
+        let mut attempts = 0;
+        loop {
+            let reply = probe::request(
+                addr,
+                "POST",
+                "/v1/commands",
+                &[("Idempotency-Key", &key)],
+                command.as_bytes(),
+                TIMEOUT,
+            );
+            match reply {
+                Ok(reply) if reply.status == 200 => break,
+                other => {
+                    attempts += 1;
+                    assert!(
+                        attempts < 20,
+                        "{command:?} failed: {other:?}\n{}",
+                        cluster.log_tail()
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+/// `(index, hash)` once every replica shows the same agreed checkpoint at `index_min`
+/// or later.
+fn agreed_checkpoint(cluster: &Cluster, index_min: u64) -> (u64, String) {
+    wait_until(
+        "an agreed checkpoint on every replica",
+        cluster,
+        Duration::from_secs(20),
+        || {
+            let mut seen = Vec::new();
+            for addr in &cluster.http {
+                let checkpoint = status(addr)?["checkpoint"].clone();
+                if checkpoint["agreed"] != true || checkpoint["index"].as_u64()? < index_min {
+                    return None;
+                }
+                seen.push((
+                    checkpoint["index"].as_u64()?,
+                    checkpoint["hash"].as_str()?.to_string(),
+                ));
+            }
+            seen.iter().all(|s| *s == seen[0]).then(|| seen[0].clone())
+        },
+    )
+}
+
+fn metric(addr: &str, name: &str) -> u64 {
+    let text = call(addr, "GET", "/metrics", b"").expect("metrics").text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
+    let started = Instant::now();
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+
+    let leader = wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        current_leader(&cluster)
+    });
+    wait_until("kv deployed", &cluster, Duration::from_secs(30), || {
+        let reply = call(&cluster.http[leader], "PUT", "/v1/app", &kv)?;
+        (reply.status == 200).then_some(())
+    });
+    submit_puts(
+        &cluster,
+        &cluster.http[leader],
+        "warm",
+        2 * CHECKPOINT_ENTRIES as usize,
+    );
+    let (index, hash) = agreed_checkpoint(&cluster, CHECKPOINT_ENTRIES);
+    assert!(
+        hash.starts_with("sha256:") && hash.len() == 7 + 64,
+        "{hash}"
+    );
+    assert_eq!(index % CHECKPOINT_ENTRIES, 0);
+
+    // The victim is a follower (a diverged leader would also refuse the reads that
+    // followers forward to it). Leadership may move in the first seconds, so the
+    // leader is asked again once it has held for a while.
+    let leader = wait_until("a stable leader", &cluster, Duration::from_secs(30), || {
+        let first = current_leader(&cluster)?;
+        std::thread::sleep(Duration::from_millis(500));
+        (current_leader(&cluster)? == first).then_some(first)
+    });
+    let leader_addr = cluster.http[leader].clone();
+    let victim = (leader + 1) % NODES;
+    let victim_addr = cluster.http[victim].clone();
+    let reply = call(&victim_addr, "POST", "/v1/debug/flip-byte", b"").unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let reply = call(
+        &victim_addr,
+        "POST",
+        "/v1/debug/flip-byte?offset=99999999999",
+        b"",
+    )
+    .unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("outside"), "{}", reply.text());
+    for addr in &cluster.http {
+        assert_eq!(metric(addr, "paxwasm_checkpoint_mismatches_total"), 0);
+    }
+
+    // Flip byte 0 of the follower's memory (address 0 is never used by Rust code, so
+    // the module keeps working; only the state hash changes).
+    let reply = call(&victim_addr, "POST", "/v1/debug/flip-byte?offset=0", b"").unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let flipped: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let flipped_at = flipped["applied_index"].as_u64().unwrap();
+    let detect_at = (flipped_at / CHECKPOINT_ENTRIES + 1) * CHECKPOINT_ENTRIES;
+    let flip_time = Instant::now();
+
+    // One checkpoint interval of traffic (plus a margin for no-ops) reaches `detect_at`.
+    submit_puts(
+        &cluster,
+        &leader_addr,
+        "after",
+        CHECKPOINT_ENTRIES as usize + 5,
+    );
+    let readyz = wait_until(
+        "the diverged replica to fail /readyz",
+        &cluster,
+        Duration::from_secs(10),
+        || {
+            let reply = call(&victim_addr, "GET", "/readyz", b"")?;
+            (reply.status == 503).then(|| reply.text())
+        },
+    );
+    let detected_ms = flip_time.elapsed().as_millis();
+    // Found at the first checkpoint after the flip: within one interval.
+    assert!(
+        readyz.contains(&format!(
+            "diverged from the majority at checkpoint index {detect_at}:"
+        )),
+        "flipped at {flipped_at}, expected detection at {detect_at}: {readyz}"
+    );
+    let others: Vec<usize> = (0..NODES).filter(|i| *i != victim).collect();
+    assert!(
+        readyz.contains(&format!("(nodes [{}, {}])", others[0] + 1, others[1] + 1)),
+        "{readyz}"
+    );
+    let victim_status = status(&victim_addr).unwrap();
+    assert_eq!(
+        victim_status["checkpoint"]["agreed"], false,
+        "{victim_status}"
+    );
+    assert!(metric(&victim_addr, "paxwasm_checkpoint_mismatches_total") >= 2);
+    assert_eq!(metric(&victim_addr, "paxwasm_checkpoint_diverged"), 1);
+    let log = cluster.log(victim);
+    assert!(log.contains("STATE DIVERGED"), "{}", cluster.log_tail());
+    assert!(
+        log.contains(&format!("index={detect_at}")),
+        "{}",
+        cluster.log_tail()
+    );
+
+    // Reads of every consistency, and commands, are refused on that replica only.
+    for consistency in ["stale", "lease", "linearizable"] {
+        let path = format!("/v1/queries?consistency={consistency}");
+        let reply = call(&victim_addr, "POST", &path, b"get warm-1").unwrap();
+        assert_eq!(reply.status, 503, "{consistency}: {}", reply.text());
+        assert!(reply.text().contains("diverged"), "{}", reply.text());
+        for &other in &others {
+            let reply = call(&cluster.http[other], "POST", &path, b"get warm-1").unwrap();
+            assert_eq!(
+                reply.status,
+                200,
+                "{consistency} on node {}: {}\n{}",
+                other + 1,
+                reply.text(),
+                cluster.log_tail()
+            );
+            assert_eq!(reply.text(), "v1");
+        }
+    }
+    let reply = call(&victim_addr, "POST", "/v1/commands", b"put refused 1").unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    for &other in &others {
+        let addr = &cluster.http[other];
+        assert_eq!(call(addr, "GET", "/readyz", b"").unwrap().status, 200);
+        assert_eq!(metric(addr, "paxwasm_checkpoint_diverged"), 0);
+        // The majority sees the mismatch too (an alarm on every replica), but serves.
+        assert!(metric(addr, "paxwasm_checkpoint_mismatches_total") >= 1);
+    }
+
+    assert!(
+        flip_time.elapsed() < Duration::from_millis(REPAIR_DELAY_MS),
+        "the checks above must run before the repair starts; they took {} ms",
+        flip_time.elapsed().as_millis()
+    );
+
+    // Repair: the victim asks a majority replica for its newest snapshot and installs
+    // it, without a restart.
+    wait_until(
+        "/readyz on the repaired replica",
+        &cluster,
+        Duration::from_secs(30),
+        || (call(&victim_addr, "GET", "/readyz", b"")?.status == 200).then_some(()),
+    );
+    let repaired_ms = flip_time.elapsed().as_millis();
+    let log = cluster.log(victim);
+    assert!(
+        log.contains("a snapshot from the majority is installed"),
+        "{}",
+        cluster.log_tail()
+    );
+    assert_eq!(metric(&victim_addr, "paxwasm_checkpoint_diverged"), 0);
+    submit_puts(
+        &cluster,
+        &leader_addr,
+        "repair",
+        CHECKPOINT_ENTRIES as usize + 5,
+    );
+    let (index, hash) = agreed_checkpoint(&cluster, detect_at + CHECKPOINT_ENTRIES);
+    let reply = call(
+        &victim_addr,
+        "POST",
+        "/v1/queries?consistency=stale",
+        b"get after-3",
+    )
+    .unwrap();
+    assert_eq!((reply.status, reply.text()), (200, "v3".to_string()));
+    eprintln!(
+        "flipped at index {flipped_at}, detected at checkpoint {detect_at} after {detected_ms} ms; \
+         repaired {repaired_ms} ms after the flip ({REPAIR_DELAY_MS} ms of it a deliberate \
+         delay), agreed at {index} ({hash}); test took {} ms",
+        started.elapsed().as_millis()
+    );
+}

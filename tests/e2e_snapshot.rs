@@ -1,0 +1,664 @@
+//! End to end: snapshots, compaction and snapshot transfer with three real `paxwasm node`
+//! processes on loopback, a small snapshot interval and a throttled transfer.
+//!
+//! One cluster, in phases:
+//! 1. while clients write, kill -9 a follower in the middle of a snapshot write (a
+//!    hidden test flag pauses the write between the temporary file and its rename) and
+//!    restart it; run until the logs are compacted past slot 1; stop the clients;
+//! 2. corrupt every snapshot file of that follower and restart it: it reports them and
+//!    fetches a peer's snapshot before its core starts;
+//! 3. wipe another follower's data directory and restart it with `--rejoin`: it can only
+//!    come back by snapshot transfer; kill -9 it while the transfer is half done (its
+//!    partial file is on disk) and restart it: the transfer resumes and the snapshot is
+//!    installed; it does not vote; every acknowledged write is on both restarted
+//!    replicas, all three at the same state hash and index;
+//! 4. a module that keeps its state in non-exported mutable globals replaces kv; after a
+//!    snapshot of it, the wiped replica is wiped again and recovers it by transfer.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use paxwasm::node::probe::{self, Response};
+
+const NODES: usize = 3;
+const SNAPSHOT_ENTRIES: u64 = 150;
+/// The core keeps this many entries below a snapshot for lagging peers
+/// (`Params::compaction_margin_entries`); the leader's log starts after slot 1 only once
+/// its snapshot is past it.
+const COMPACTION_MARGIN_ENTRIES: u64 = 1000;
+/// Slow enough that a transfer of a ~1–2 MB snapshot takes seconds (a window to kill
+/// the receiver in), fast enough for the test.
+const TRANSFER_BYTES_PER_SEC: u64 = 300_000;
+/// How long the follower's snapshot writes pause between temp file and rename.
+const WRITE_PAUSE_MS: u64 = 1500;
+const CLIENTS: usize = 6;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A guest whose whole state is two non-exported mutable globals: the number of
+/// commands applied and the sum of their lengths. `apply` and `query` answer both as
+/// two little-endian u64s (the output buffer in memory is scratch, rewritten by every
+/// call, so only the globals carry state from one command to the next).
+const GLOBAL_STATE_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (global $count (mut i64) (i64.const 0))
+  (global $total (mut i64) (i64.const 0))
+  (func (export "paxwasm_alloc") (param $len i32) (result i32)
+    (i32.const 1024))
+  (func $answer (result i64)
+    (i64.store (i32.const 0) (global.get $count))
+    (i64.store (i32.const 8) (global.get $total))
+    ;; (out_ptr << 32) | out_len with out_ptr = 0 and out_len = 16
+    (i64.const 16))
+  (func (export "paxwasm_apply") (param $ptr i32) (param $len i32) (result i64)
+    (global.set $count (i64.add (global.get $count) (i64.const 1)))
+    (global.set $total
+      (i64.add (global.get $total) (i64.extend_i32_u (local.get $len))))
+    (call $answer))
+  (func (export "paxwasm_query") (param $ptr i32) (param $len i32) (result i64)
+    (call $answer))
+)
+"#;
+
+struct Node {
+    id: usize,
+    http: String,
+    peer: String,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+    cluster_arg: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        let ports = free_ports(2 * NODES);
+        let nodes: Vec<Node> = (0..NODES)
+            .map(|i| Node {
+                id: i + 1,
+                http: format!("127.0.0.1:{}", ports[i]),
+                peer: format!("127.0.0.1:{}", ports[NODES + i]),
+                child: None,
+            })
+            .collect();
+        let cluster_arg = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            nodes,
+            cluster_arg,
+        };
+        for i in 0..NODES {
+            cluster.spawn(i, &[]);
+        }
+        cluster
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", self.nodes[i].id))
+    }
+
+    fn spawn(&mut self, i: usize, extra: &[&str]) {
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{}.log", node.id)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
+            .arg("node")
+            .args(["--id", &node.id.to_string()])
+            .arg("--data")
+            .arg(self.data_dir(i))
+            .args(["--http", &node.http])
+            .args(["--peer", &node.peer])
+            .args(["--cluster", &self.cluster_arg])
+            .args(["--cluster-id", "e2e-snapshot"])
+            .args(["--snapshot-entries", &SNAPSHOT_ENTRIES.to_string()])
+            .args([
+                "--snapshot-transfer-bytes-per-sec",
+                &TRANSFER_BYTES_PER_SEC.to_string(),
+            ])
+            .args(extra)
+            .env_remove("PAXWASM_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start paxwasm node");
+        self.nodes[i].child = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        let mut child = self.nodes[i].child.take().expect("node is running");
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+    }
+
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let log = std::fs::read_to_string(self.dir.join(format!("node-{}.log", node.id)))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            out.push_str(&format!("--- node {} ---\n", node.id));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node-{}.log", self.nodes[i].id)))
+            .unwrap_or_default()
+    }
+}
+
+fn get(addr: &str, path: &str) -> Option<Response> {
+    probe::request(addr, "GET", path, &[], b"", Duration::from_secs(5)).ok()
+}
+
+fn status(addr: &str) -> Option<serde_json::Value> {
+    let reply = get(addr, "/v1/status")?;
+    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
+}
+
+/// The value of a metric without labels in `GET /metrics`.
+fn metric(addr: &str, name: &str) -> Option<u64> {
+    let reply = get(addr, "/metrics")?;
+    reply
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+fn wait_until<T>(
+    what: &str,
+    cluster: &Cluster,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", cluster.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn leader(cluster: &Cluster) -> Option<usize> {
+    let mut leaders = Vec::new();
+    for node in cluster.nodes.iter().filter(|n| n.child.is_some()) {
+        leaders.push(status(&node.http)?["leader"].as_u64()?);
+    }
+    let first = *leaders.first()?;
+    leaders
+        .iter()
+        .all(|l| *l == first)
+        .then(|| first as usize - 1)
+}
+
+fn submit(addr: &str, command: &[u8], key: &str) -> std::io::Result<Response> {
+    probe::request(
+        addr,
+        "POST",
+        "/v1/commands",
+        &[("Idempotency-Key", key)],
+        command,
+        REQUEST_TIMEOUT,
+    )
+}
+
+/// Submits through any live node until one answers 200 (same key: applied at most once).
+fn submit_retrying(cluster: &Cluster, command: &[u8], key: &str) -> Response {
+    for attempt in 0..60 {
+        let node = &cluster.nodes[attempt % NODES];
+        if node.child.is_some() {
+            if let Ok(reply) = submit(&node.http, command, key) {
+                if reply.status == 200 {
+                    return reply;
+                }
+                assert!(
+                    reply.status == 503 || reply.status == 504,
+                    "{key}: {} {}",
+                    reply.status,
+                    reply.text()
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{key} was refused 60 times\n{}", cluster.log_tail());
+}
+
+fn deploy(cluster: &Cluster, module: &[u8]) -> String {
+    let module_id = format!("sha256:{}", sha256_hex(module));
+    for attempt in 0..20 {
+        let node = &cluster.nodes[attempt % NODES];
+        if node.child.is_none() {
+            continue;
+        }
+        if let Ok(reply) = probe::request(
+            &node.http,
+            "PUT",
+            "/v1/app",
+            &[],
+            module,
+            Duration::from_secs(60),
+        ) {
+            if reply.status == 200 {
+                return module_id;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let app = get(&node.http, "/v1/app").map(|r| r.text());
+        if app.is_some_and(|app| app.contains(&module_id)) {
+            return module_id;
+        }
+    }
+    panic!("the module could not be deployed\n{}", cluster.log_tail());
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every live replica applied everything chosen, at the same state hash and index.
+fn converged(cluster: &Cluster) -> Option<(u64, String)> {
+    let mut seen = Vec::new();
+    for node in &cluster.nodes {
+        let status = status(&node.http)?;
+        let applied = status["applied_index"].as_u64()?;
+        if applied != status["commit_index"].as_u64()? {
+            return None;
+        }
+        let hash = &status["state_hash"];
+        let index = hash["index"].as_u64()?;
+        if index != applied {
+            return None;
+        }
+        seen.push((index, hash["hash"].as_str()?.to_string()));
+    }
+    let first = seen[0].clone();
+    seen.iter().all(|s| *s == first).then_some(first)
+}
+
+fn files_in(dir: &Path, suffix: &str) -> Vec<(PathBuf, u64)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(suffix))
+        .map(|entry| {
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            (entry.path(), len)
+        })
+        .collect()
+}
+
+/// Clients that write their own keys until stopped; only 200 answers count.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(addrs: Vec<String>) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let threads = (0..CLIENTS)
+            .map(|client| {
+                let (addrs, stop, acknowledged) =
+                    (addrs.clone(), stop.clone(), acknowledged.clone());
+                std::thread::spawn(move || {
+                    let mut target = client % addrs.len();
+                    let mut seq = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let key = format!("c{client}-k{seq}");
+                        let value = format!("v{seq}-{}", "x".repeat(seq % 64));
+                        for _attempt in 0..8 {
+                            let command = format!("put {key} {value}");
+                            match submit(&addrs[target], command.as_bytes(), &key) {
+                                Ok(reply) if reply.status == 200 => {
+                                    assert_eq!(reply.text(), "OK");
+                                    acknowledged
+                                        .lock()
+                                        .unwrap()
+                                        .insert(key.clone(), value.clone());
+                                    break;
+                                }
+                                _ => {
+                                    target = (target + 1) % addrs.len();
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acknowledged,
+            threads,
+        }
+    }
+
+    fn stop(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("client thread");
+        }
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        acknowledged
+    }
+}
+
+fn query_stale(addr: &str, query: &[u8]) -> Response {
+    probe::request(
+        addr,
+        "POST",
+        "/v1/queries?consistency=stale",
+        &[],
+        query,
+        REQUEST_TIMEOUT,
+    )
+    .unwrap()
+}
+
+#[test]
+fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path());
+    wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        leader(&cluster)
+    });
+    deploy(&cluster, &kv);
+
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    let writers = Writers::start(addrs);
+
+    // 1. kill -9 a follower in the middle of a snapshot write.
+    let first_leader = wait_until("a leader", &cluster, Duration::from_secs(10), || {
+        leader(&cluster)
+    });
+    let slow = (first_leader + 1) % NODES;
+    cluster.kill(slow);
+    cluster.spawn(
+        slow,
+        &["--snapshot-write-pause-ms", &WRITE_PAUSE_MS.to_string()],
+    );
+    let snapshots = cluster.data_dir(slow).join("snapshots");
+    wait_until(
+        "a snapshot write in progress",
+        &cluster,
+        Duration::from_secs(60),
+        || (!files_in(&snapshots, ".tmp").is_empty()).then_some(()),
+    );
+    cluster.kill(slow);
+    assert!(
+        !files_in(&snapshots, ".tmp").is_empty(),
+        "the kill came after the write finished"
+    );
+    cluster.spawn(slow, &[]);
+    wait_until(
+        "the restarted replica to remove the half-written snapshot",
+        &cluster,
+        Duration::from_secs(30),
+        || files_in(&snapshots, ".tmp").is_empty().then_some(()),
+    );
+
+    // Until the leader's and this follower's logs no longer start at slot 1.
+    wait_until(
+        "the logs to be compacted past slot 1",
+        &cluster,
+        Duration::from_secs(120),
+        || {
+            let i = leader(&cluster)?;
+            let compacted = |n: usize| {
+                status(&cluster.nodes[n].http)
+                    .and_then(|s| s["snapshot_index"].as_u64())
+                    .is_some_and(|slot| slot > COMPACTION_MARGIN_ENTRIES + SNAPSHOT_ENTRIES)
+            };
+            (compacted(i) && compacted(slow)).then_some(())
+        },
+    );
+    // Stop writing: under a steady load, a transfer slower than the leader's compaction
+    // margin would be chased by newer snapshots (see docs/notes/node-snap.md).
+    let acknowledged = writers.stop();
+    assert!(
+        acknowledged.len() > 1000,
+        "only {} writes",
+        acknowledged.len()
+    );
+    let (index, hash) = wait_until(
+        "equal state hashes",
+        &cluster,
+        Duration::from_secs(60),
+        || converged(&cluster),
+    );
+
+    // 2. Every local snapshot of a replica whose log is compacted is corrupt: it reports
+    //    them, fetches a peer's snapshot before its core starts, and catches up.
+    cluster.kill(slow);
+    let corrupted = files_in(&snapshots, ".pxsnap");
+    assert!(!corrupted.is_empty());
+    for (path, len) in &corrupted {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[(*len / 2) as usize] ^= 0x40;
+        std::fs::write(path, bytes).unwrap();
+    }
+    cluster.spawn(slow, &[]);
+    let after = wait_until(
+        "equal state hashes",
+        &cluster,
+        Duration::from_secs(90),
+        || converged(&cluster),
+    );
+    assert_eq!(after, (index, hash.clone()));
+    let log = cluster.log_of(slow);
+    assert!(
+        log.contains("corrupt snapshot file"),
+        "no corrupt-snapshot report:\n{}",
+        cluster.log_tail()
+    );
+    assert!(
+        log.contains("snapshot from a peer is durable"),
+        "the replica did not fetch a peer's snapshot:\n{}",
+        cluster.log_tail()
+    );
+
+    // 3. A replica that lost its data directory rejoins (`--rejoin`): only a snapshot
+    //    transfer can bring it back, since the leader's log no longer starts at 1. It is
+    //    killed while the transfer is half done and restarted: the transfer resumes.
+    let leader_now = wait_until("a leader", &cluster, Duration::from_secs(10), || {
+        leader(&cluster)
+    });
+    let wiped = (0..NODES)
+        .find(|i| *i != leader_now && *i != slow)
+        .unwrap_or(slow);
+    cluster.kill(wiped);
+    std::fs::remove_dir_all(cluster.data_dir(wiped)).unwrap();
+    cluster.spawn(wiped, &["--rejoin"]);
+    let incoming = cluster.data_dir(wiped).join("snapshots");
+    wait_until(
+        "a partial snapshot on the wiped replica",
+        &cluster,
+        Duration::from_secs(60),
+        || {
+            files_in(&incoming, ".partial")
+                .iter()
+                .any(|(_, len)| *len > 0)
+                .then_some(())
+        },
+    );
+    cluster.kill(wiped);
+    let partial = files_in(&incoming, ".partial");
+    assert!(
+        partial.iter().any(|(_, len)| *len > 0),
+        "the transfer finished before the kill"
+    );
+    cluster.spawn(wiped, &["--rejoin"]);
+    wait_until(
+        "the wiped replica to install a snapshot",
+        &cluster,
+        Duration::from_secs(90),
+        || {
+            (metric(
+                &cluster.nodes[wiped].http,
+                "paxwasm_snapshot_installs_total",
+            )? >= 1)
+                .then_some(())
+        },
+    );
+    let log = cluster.log_of(wiped);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("receiving a snapshot") && !l.contains("resume_from=0")),
+        "the transfer did not resume from the partial file:\n{}",
+        cluster.log_tail()
+    );
+    let after = wait_until(
+        "equal state hashes",
+        &cluster,
+        Duration::from_secs(60),
+        || converged(&cluster),
+    );
+    assert_eq!(after, (index, hash.clone()));
+    assert_eq!(
+        status(&cluster.nodes[wiped].http).unwrap()["voting"],
+        serde_json::json!(false),
+        "a replica that lost its data must not vote"
+    );
+
+    // Nothing acknowledged is lost on the restarted replicas.
+    for i in [slow, wiped] {
+        for (key, value) in &acknowledged {
+            let reply = query_stale(&cluster.nodes[i].http, format!("get {key}").as_bytes());
+            assert_eq!(reply.status, 200, "get {key} on node {}", i + 1);
+            assert_eq!(reply.text(), *value, "key {key} on node {}", i + 1);
+        }
+    }
+    eprintln!(
+        "e2e snapshot: {} writes acknowledged; state {hash} at {index}; wiped replica's snapshot index {}",
+        acknowledged.len(),
+        status(&cluster.nodes[wiped].http).unwrap()["snapshot_index"],
+    );
+
+    // 4. State in a non-exported mutable global survives a snapshot transfer. The
+    //    amnesic replica is the one wiped again: the other two still form a quorum.
+    let module = wat::parse_str(GLOBAL_STATE_WAT).unwrap();
+    deploy(&cluster, &module);
+    let mut count = 0u64;
+    let mut total = 0u64;
+    let deployed_at = status(&cluster.nodes[leader_now].http).unwrap()["applied_index"]
+        .as_u64()
+        .unwrap();
+    while count < 2 * SNAPSHOT_ENTRIES + 20 {
+        let command = vec![b'g'; (count % 50 + 1) as usize];
+        let reply = submit_retrying(&cluster, &command, &format!("global-{count}"));
+        count += 1;
+        total += command.len() as u64;
+        assert_eq!(reply.body.len(), 16, "{:?}", reply.body);
+        assert_eq!(
+            u64::from_le_bytes(reply.body[..8].try_into().unwrap()),
+            count
+        );
+        assert_eq!(
+            u64::from_le_bytes(reply.body[8..].try_into().unwrap()),
+            total
+        );
+    }
+    wait_until(
+        "a snapshot of the global-state module",
+        &cluster,
+        Duration::from_secs(60),
+        || {
+            let i = leader(&cluster)?;
+            let snapshot = status(&cluster.nodes[i].http)?["snapshot_index"].as_u64()?;
+            (snapshot > deployed_at + SNAPSHOT_ENTRIES).then_some(())
+        },
+    );
+    cluster.kill(wiped);
+    std::fs::remove_dir_all(cluster.data_dir(wiped)).unwrap();
+    cluster.spawn(wiped, &["--rejoin"]);
+    wait_until(
+        "the wiped replica to install the global-state snapshot",
+        &cluster,
+        Duration::from_secs(90),
+        || {
+            (metric(
+                &cluster.nodes[wiped].http,
+                "paxwasm_snapshot_installs_total",
+            )? >= 1)
+                .then_some(())
+        },
+    );
+    let (index, hash) = wait_until(
+        "equal state hashes",
+        &cluster,
+        Duration::from_secs(60),
+        || converged(&cluster),
+    );
+    for node in &cluster.nodes {
+        let reply = query_stale(&node.http, b"");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(
+            (
+                u64::from_le_bytes(reply.body[..8].try_into().unwrap()),
+                u64::from_le_bytes(reply.body[8..].try_into().unwrap())
+            ),
+            (count, total),
+            "node {}",
+            node.id
+        );
+    }
+    eprintln!(
+        "e2e snapshot: global-state module at {index}: {hash}; {count} commands, {total} bytes"
+    );
+}
