@@ -196,10 +196,13 @@ impl WasmApp {
             }
             return Ok(app);
         }
-        let image = crate::machine::Snapshot::from_bytes(&snapshot.machine_image)
-            .map_err(|error| error.to_string())?;
-        let machine = Machine::from_snapshot(&snapshot.module_bytes, &image, &app.config)
-            .map_err(|error| format!("restoring the machine: {error:#}"))?;
+        // Streamed into the machine's memory: no decoded second copy of the memory.
+        let machine = Machine::from_snapshot_reader(
+            &snapshot.module_bytes,
+            &mut snapshot.machine_image.as_slice(),
+            &app.config,
+        )
+        .map_err(|error| format!("restoring the machine: {error:#}"))?;
         let id = machine.module_id().to_string();
         if app.current.as_ref().map(|(current, _)| current) != Some(&id) {
             return Err(format!(
@@ -212,8 +215,9 @@ impl WasmApp {
         Ok(app)
     }
 
-    /// Captures the state for a snapshot. The machine part is the only costly step (a
-    /// copy of the guest memory): it is the pause of the apply loop.
+    /// Captures the state for a snapshot. The machine part is the only costly step: the
+    /// machine's image copies the pages written since its previous image into a shadow
+    /// (the whole memory the first time); that copy is the pause of the apply loop.
     pub fn capture(&mut self) -> AppCapture {
         AppCapture {
             meta: AppMeta {
@@ -224,7 +228,7 @@ impl WasmApp {
             image: self
                 .machine
                 .as_mut()
-                .map(|machine| Box::new(machine.snapshot()) as Box<dyn ImageSource>),
+                .map(|machine| Box::new(machine.snapshot_image()) as Box<dyn ImageSource>),
             staged: self.staging.clone(),
         }
     }

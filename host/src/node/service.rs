@@ -199,7 +199,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
     }
     let snapshot_slot = restored.slot();
-    let durable = runtime::durable_state(&recovered, snapshot_slot)?;
+    let mut durable = runtime::durable_state(&recovered, snapshot_slot)?;
+    durable.amnesic = amnesic;
     tracing::info!(
         node = config.id,
         promised = ?durable.promised,

@@ -137,6 +137,18 @@ pub trait ImageSource: Send {
     fn write_to(&self, out: &mut dyn Write) -> io::Result<()>;
 }
 
+/// The machine's low-pause image (`Machine::snapshot_image()`): a shadow copy of the
+/// memory, written out on the worker thread while the machine goes on.
+impl ImageSource for crate::machine::SnapshotImage {
+    fn encoded_len(&self) -> u64 {
+        crate::machine::SnapshotImage::encoded_len(self)
+    }
+
+    fn write_to(&self, out: &mut dyn Write) -> io::Result<()> {
+        crate::machine::SnapshotImage::write_to(self, out)
+    }
+}
+
 /// A full in-memory copy of the machine state (`Machine::snapshot()`).
 impl ImageSource for crate::machine::Snapshot {
     fn encoded_len(&self) -> u64 {
