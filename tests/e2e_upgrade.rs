@@ -129,6 +129,11 @@ fn free_ports(count: usize) -> Vec<u16> {
 
 impl Cluster {
     fn start(dir: &Path) -> Cluster {
+        Cluster::start_with(dir, |_| &[])
+    }
+
+    /// Starts the nodes, node `i` with the extra arguments `extra(i)`.
+    fn start_with(dir: &Path, extra: impl Fn(usize) -> &'static [&'static str]) -> Cluster {
         let ports = free_ports(2 * NODES);
         let nodes: Vec<Node> = (0..NODES)
             .map(|i| Node {
@@ -147,7 +152,7 @@ impl Cluster {
             dir: dir.to_path_buf(),
             nodes,
         };
-        for node in &mut cluster.nodes {
+        for (i, node) in cluster.nodes.iter_mut().enumerate() {
             let log = std::fs::File::create(dir.join(format!("node-{}.log", node.id))).unwrap();
             let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
                 .arg("node")
@@ -158,6 +163,7 @@ impl Cluster {
                 .args(["--peer", &node.peer])
                 .args(["--cluster", &cluster_arg])
                 .args(["--cluster-id", "e2e-upgrade"])
+                .args(extra(i))
                 .env_remove("PAXWASM_TOKEN")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
@@ -621,4 +627,53 @@ fn upgrades_travel_through_the_log_under_load() {
         "all replicas at index {index}, state {hash}; test took {} s",
         started.elapsed().as_secs()
     );
+}
+
+/// A replica that cannot compile a chosen module (made so by a hidden test hook: its
+/// background compiles fail) halts at the upgrade slot with a clear line and a non-zero
+/// exit status, rather than skipping the entry; the other two go on.
+#[test]
+fn a_replica_that_cannot_compile_a_chosen_module_halts() {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(dir.path(), |i| {
+        if i == 2 {
+            &["--debug-refuse-compiles"]
+        } else {
+            &[]
+        }
+    });
+    let addrs = cluster.addrs();
+    wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        leader(&cluster)
+    });
+    let deployed = deploy(&cluster, &addrs[0], &kv, false);
+    assert_eq!((deployed.status, &deployed.text), (200, &module_id(&kv)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let child = cluster.nodes[2].child.as_mut().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            cluster.nodes[2].child = None;
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not halt\n{}",
+            cluster.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
+    let log = cluster.log_of(2);
+    let line = format!(
+        "paxwasm: HALT: module {}, chosen at slot {}, does not compile on this replica: \
+         compilation refused by the test hook --debug-refuse-compiles",
+        module_id(&kv),
+        deployed.index
+    );
+    assert!(log.contains(&line), "{log}");
+    // The other two still form a quorum with the module installed.
+    let reply = submit(&addrs[0], b"put a 1", "after-halt").unwrap();
+    assert_eq!((reply.status, reply.text()), (200, "OK".to_string()));
+    assert_eq!(query(&addrs[1], b"get a").text(), "1");
 }

@@ -55,6 +55,10 @@ pub struct NodeConfig {
     /// store is marked amnesic (durably, before anything else) and the replica learns
     /// but never votes (`DurableState::amnesic`).
     pub rejoin: bool,
+    /// Test hook: every background compile of a staged module fails, so this replica
+    /// halts at the next upgrade slot (see `node/upgrade.rs`).
+    #[doc(hidden)]
+    pub debug_refuse_compiles: bool,
 }
 
 impl NodeConfig {
@@ -93,6 +97,7 @@ impl NodeConfig {
             events_per_turn_max: 1024,
             snapshot: SnapshotConfig::default(),
             rejoin: false,
+            debug_refuse_compiles: false,
         }
     }
 

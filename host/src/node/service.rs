@@ -175,7 +175,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     let (transport, mut inbound) = Transport::start(transport_config).await?;
     let transport = Arc::new(transport);
 
-    let compiler = Compiler::new(config.machine.clone());
+    let compiler = if config.debug_refuse_compiles {
+        Compiler::refusing(config.machine.clone())
+    } else {
+        Compiler::new(config.machine.clone())
+    };
     let mut restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
     if recovered.log_start > restored.slot() + 1 {
         // The log before `log_start` is gone and no local snapshot covers it: the state

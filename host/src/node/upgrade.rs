@@ -148,6 +148,8 @@ struct Cache {
 /// proposing the upgrade entry).
 pub struct Compiler {
     config: MachineConfig,
+    /// Test hook (`--debug-refuse-compiles`): every compile fails.
+    refuse: bool,
     state: Mutex<Cache>,
     finished: Condvar,
 }
@@ -156,9 +158,18 @@ impl Compiler {
     pub fn new(config: MachineConfig) -> Arc<Compiler> {
         Arc::new(Compiler {
             config,
+            refuse: false,
             state: Mutex::new(Cache::default()),
             finished: Condvar::new(),
         })
+    }
+
+    /// A compiler whose every compile fails, for the test of a replica that cannot load
+    /// a chosen module.
+    pub fn refusing(config: MachineConfig) -> Arc<Compiler> {
+        let mut compiler = Compiler::new(config);
+        Arc::get_mut(&mut compiler).expect("just created").refuse = true;
+        compiler
     }
 
     pub fn config(&self) -> &MachineConfig {
@@ -193,9 +204,13 @@ impl Compiler {
             .name("module-compile".into())
             .spawn(move || {
                 let started = Instant::now();
-                let outcome = Machine::compile_module(&bytes, &compiler.config)
-                    .map(Arc::new)
-                    .map_err(|error| error.to_string());
+                let outcome = if compiler.refuse {
+                    Err("compilation refused by the test hook --debug-refuse-compiles".into())
+                } else {
+                    Machine::compile_module(&bytes, &compiler.config)
+                        .map(Arc::new)
+                        .map_err(|error| error.to_string())
+                };
                 tracing::info!(
                     module = %module_name(&sha256),
                     bytes = bytes.len(),
