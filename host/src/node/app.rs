@@ -357,8 +357,10 @@ impl WasmApp {
             }
         };
         let started = Instant::now();
-        self.compiler.start(sha256, || staged.bytes());
         let compiled = loop {
+            // Started when the last chunk was applied (or the snapshot restored); started
+            // again here if it was not, or was evicted from the cache meanwhile.
+            self.compiler.start(sha256, || staged.bytes());
             match self.compiler.wait(&sha256, COMPILE_WAIT_LOG_INTERVAL) {
                 Some(compiled) => break compiled,
                 None => tracing::warn!(
