@@ -121,6 +121,7 @@ fn main() {
                 app: capture.meta,
                 module_bytes: capture.module_bytes,
                 image: capture.image,
+                staged: capture.staged,
             };
             // What the snapshot worker does.
             let started = Instant::now();

@@ -81,6 +81,10 @@ pub struct NodeArgs {
     /// temporary file is written, before it is synced and renamed).
     #[arg(long, default_value_t = 0, hide = true)]
     pub snapshot_write_pause_ms: u64,
+    /// Test hook: every background compile of an uploaded module fails on this replica,
+    /// which must then halt at the upgrade slot rather than skip it.
+    #[arg(long, hide = true)]
+    pub debug_refuse_compiles: bool,
 }
 
 /// `--snapshot-entries` default.
@@ -182,6 +186,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.snapshot.transfer.bytes_per_sec = args.snapshot_transfer_bytes_per_sec;
     config.snapshot.write_pause_ms = args.snapshot_write_pause_ms;
     config.rejoin = args.rejoin;
+    config.debug_refuse_compiles = args.debug_refuse_compiles;
     let listener = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding the HTTP API on {}", args.http))?;

@@ -29,6 +29,7 @@ mod image;
 mod instance;
 mod memory;
 mod module;
+mod precompiled;
 mod snapshot;
 
 use std::io::Read;
@@ -39,6 +40,7 @@ use wasmtime::{Engine, InstancePre, Linker};
 pub use hash::{HASH_GROUP_LEAVES, HASH_LEAF_BYTES};
 pub use image::{SnapshotImage, IMAGE_CHUNK_BYTES, SHADOWS_MAX};
 pub use module::{allowed_features, GlobalKind, LoadError, ModuleId, WASM_PAGE_BYTES};
+pub use precompiled::CompiledModule;
 pub use snapshot::{GlobalValue, Snapshot, SnapshotDecodeError};
 
 use hash::PageHashes;
@@ -332,6 +334,17 @@ impl Machine {
         let engine = engine(config, creator.clone());
         let linker = instance::linker(&engine);
         let loaded = compile(&engine, &linker, module_bytes, config)?;
+        Machine::start(config, engine, linker, creator, loaded)
+    }
+
+    /// Installs a compiled module with empty state (the second half of `load`).
+    fn start(
+        config: &MachineConfig,
+        engine: Engine,
+        linker: Linker<HostState>,
+        creator: Arc<MemfdCreator>,
+        loaded: Loaded,
+    ) -> Result<Machine, LoadError> {
         let entry = EntryContext::default();
         let (base, primary) = install(&loaded, config, &creator, entry, None)
             .map_err(|e| LoadError(format!("install failed: {e}")))?;
@@ -714,6 +727,11 @@ impl Machine {
     pub fn upgrade(&mut self, new_module: &[u8], migration: Migration) -> Result<(), UpgradeError> {
         let loaded = compile(&self.engine, &self.linker, new_module, &self.config)
             .map_err(UpgradeError::Refused)?;
+        self.switch(loaded, migration)
+    }
+
+    /// Replaces the module with a compiled one (the second half of `upgrade`).
+    fn switch(&mut self, loaded: Loaded, migration: Migration) -> Result<(), UpgradeError> {
         let entry = self.last_entry;
         let state = match migration {
             Migration::StartFresh => None,
@@ -889,6 +907,17 @@ fn compile(
     let checked = module::check(bytes, config)?;
     let module = wasmtime::Module::new(engine, &checked.instrumented)
         .map_err(|e| LoadError(format!("compilation failed: {e}")))?;
+    link(linker, checked, module, config)
+}
+
+/// The steps after compilation: the memory bound and the link against the host
+/// functions (cheap; shared with precompiled modules, see `precompiled.rs`).
+fn link(
+    linker: &Linker<HostState>,
+    checked: CheckedModule,
+    module: wasmtime::Module,
+    config: &MachineConfig,
+) -> Result<Loaded, LoadError> {
     let memory_type = module
         .exports()
         .find_map(|e| e.ty().memory().cloned())

@@ -108,7 +108,7 @@ impl GlobalKind {
 }
 
 /// What the machine needs to know about a checked module.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct CheckedModule {
     pub id: ModuleId,
     /// The instrumented bytes that are compiled.

@@ -4,25 +4,31 @@
 //!
 //! Command payload envelope (first byte):
 //! - `0`, then the application command bytes;
-//! - `1`, then `migrate u8` (0 or 1), then the module bytes: install or replace the module.
+//! - `1`, then `migrate u8` (0 or 1), then the module bytes: install or replace the module
+//!   in one entry (the first format; still applied, so old logs replay, but no longer
+//!   proposed: a module of several MiB would be one giant entry compiled on the core task);
+//! - `2`, a module chunk, and `3`, an upgrade naming a staged module: see `upgrade.rs`.
 //!
 //! Result bytes (what the applier stores in the dedup table and hands back), first byte:
 //! - `0` output: the module's output follows;
 //! - `1` rejected: a canonical error follows (`trap: …`, `fuel exhausted`, …), state unchanged;
 //! - `2` no module deployed yet;
 //! - `3` installed: the module id (`sha256:…`) follows;
-//! - `4` install failed: the reason follows (the previous module stays).
+//! - `4` install failed: the reason follows (the previous module stays);
+//! - `5` chunk staged: the staged byte count (u64) follows.
 //!
 //! Everything here is deterministic: the same log gives the same results and state on
 //! every replica. It never reads a clock or does I/O.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::machine::{EntryContext, Machine, MachineConfig, Migration};
 use crate::paxos::{ApplyContext, StateMachine, STALE_RESULT};
 
 use super::handle::ModuleEvent;
 use super::snapshot::{AppMeta, ImageSource, NodeSnapshot};
+use super::upgrade::{self, Chunk, Compiler, Staging, ENVELOPE_CHUNK, ENVELOPE_UPGRADE};
 
 const ENVELOPE_COMMAND: u8 = 0;
 const ENVELOPE_INSTALL: u8 = 1;
@@ -32,6 +38,12 @@ const RESULT_REJECTED: u8 = 1;
 const RESULT_NO_MODULE: u8 = 2;
 const RESULT_INSTALLED: u8 = 3;
 const RESULT_INSTALL_FAILED: u8 = 4;
+const RESULT_STAGED: u8 = 5;
+
+/// Exit status of a replica that cannot load a module the log chose (see `halt`).
+pub const HALT_EXIT_CODE: i32 = 70;
+/// How often a replica waiting at an upgrade slot for its compile says so.
+const COMPILE_WAIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Module events kept for `GET /v1/app`; older ones are dropped (the current module is
 /// always known separately).
@@ -64,6 +76,10 @@ pub enum AppResult {
     InstallFailed {
         reason: String,
     },
+    /// A module chunk was staged; this many bytes of its module are staged now.
+    Staged {
+        staged_bytes: u64,
+    },
     /// A retry of an idempotency key whose result was evicted from the dedup table.
     StaleDuplicate,
 }
@@ -76,6 +92,11 @@ impl AppResult {
             AppResult::NoModule => (RESULT_NO_MODULE, b""),
             AppResult::Installed { module } => (RESULT_INSTALLED, module.as_bytes()),
             AppResult::InstallFailed { reason } => (RESULT_INSTALL_FAILED, reason.as_bytes()),
+            AppResult::Staged { staged_bytes } => {
+                let mut out = vec![RESULT_STAGED];
+                out.extend_from_slice(&staged_bytes.to_le_bytes());
+                return out;
+            }
             AppResult::StaleDuplicate => return STALE_RESULT.to_vec(),
         };
         let mut out = Vec::with_capacity(body.len() + 1);
@@ -98,6 +119,9 @@ impl AppResult {
             RESULT_NO_MODULE => AppResult::NoModule,
             RESULT_INSTALLED => AppResult::Installed { module: text() },
             RESULT_INSTALL_FAILED => AppResult::InstallFailed { reason: text() },
+            RESULT_STAGED => AppResult::Staged {
+                staged_bytes: u64::from_le_bytes(body.try_into().expect("a staged count")),
+            },
             other => panic!("unknown result kind {other}"),
         }
     }
@@ -107,6 +131,10 @@ impl AppResult {
 /// first install) and the history of installs.
 pub struct WasmApp {
     config: MachineConfig,
+    /// Background compiles of staged modules (local, shared with the node front end).
+    compiler: Arc<Compiler>,
+    /// The module being uploaded (replicated state: in snapshots).
+    staging: Option<Staging>,
     machine: Option<Machine>,
     /// Current module id and the slot it took effect at.
     current: Option<(String, u64)>,
@@ -123,12 +151,20 @@ pub struct AppCapture {
     pub meta: AppMeta,
     pub module_bytes: Option<Arc<Vec<u8>>>,
     pub image: Option<Box<dyn ImageSource>>,
+    pub staged: Option<Staging>,
 }
 
 impl WasmApp {
+    /// An application with its own compiler (tests; a node shares one, see `with_compiler`).
     pub fn new(config: MachineConfig) -> WasmApp {
+        WasmApp::with_compiler(Compiler::new(config))
+    }
+
+    pub fn with_compiler(compiler: Arc<Compiler>) -> WasmApp {
         WasmApp {
-            config,
+            config: compiler.config().clone(),
+            compiler,
+            staging: None,
             machine: None,
             current: None,
             history: Vec::new(),
@@ -140,10 +176,17 @@ impl WasmApp {
     /// Rebuilds the application from a snapshot: loads its module and restores the
     /// machine image. Blocking (compiles the module): call it off the core task.
     pub fn from_snapshot(
-        config: MachineConfig,
+        compiler: &Arc<Compiler>,
         snapshot: &NodeSnapshot,
     ) -> Result<WasmApp, String> {
-        let mut app = WasmApp::new(config);
+        let mut app = WasmApp::with_compiler(compiler.clone());
+        if let Some(staged) = &snapshot.staged {
+            if staged.is_complete() {
+                // Compile it now: its upgrade entry may be among the next to apply.
+                compiler.start(staged.sha256, || staged.bytes());
+            }
+            app.staging = Some(staged.clone());
+        }
         app.current = snapshot.app.current.clone();
         app.history = snapshot.app.history.clone();
         app.version = 1;
@@ -186,6 +229,7 @@ impl WasmApp {
                 .machine
                 .as_mut()
                 .map(|machine| Box::new(machine.snapshot_image()) as Box<dyn ImageSource>),
+            staged: self.staging.clone(),
         }
     }
 
@@ -247,6 +291,168 @@ impl WasmApp {
         self.version += 1;
     }
 
+    pub fn compiler(&self) -> &Arc<Compiler> {
+        &self.compiler
+    }
+
+    pub fn staging(&self) -> Option<&Staging> {
+        self.staging.as_ref()
+    }
+
+    /// A module chunk: appended to the staging area when it continues it, or starts a
+    /// new staging area (dropping the old one) at offset 0 of another module. A chunk
+    /// already staged is a duplicate (a retried proposal) and changes nothing.
+    fn stage(&mut self, chunk: Chunk<'_>) -> AppResult {
+        let name = upgrade::module_name(&chunk.sha256);
+        let limit = self.config.module_bytes_max;
+        if chunk.total_bytes > limit {
+            return AppResult::Rejected(format!(
+                "module {name} of {} bytes exceeds module_bytes_max = {limit}",
+                chunk.total_bytes
+            ));
+        }
+        if chunk.data.is_empty() {
+            return AppResult::Rejected("empty module chunk".into());
+        }
+        let continues = matches!(&self.staging,
+            Some(staging) if staging.sha256 == chunk.sha256 && staging.total_bytes == chunk.total_bytes);
+        if !continues {
+            if chunk.offset != 0 {
+                return AppResult::Rejected(format!(
+                    "chunk at offset {} of module {name}, which is not being staged \
+                     (another upload replaced it); upload it again",
+                    chunk.offset
+                ));
+            }
+            if let Some(old) = &self.staging {
+                tracing::info!(
+                    replaced = %upgrade::module_name(&old.sha256),
+                    staged_bytes = old.staged_bytes,
+                    by = %name,
+                    "a new upload replaces the staged module"
+                );
+            }
+            self.staging = Some(Staging::new(chunk.sha256, chunk.total_bytes));
+        }
+        let staging = self.staging.as_mut().expect("staging was just ensured");
+        let end = chunk.offset + chunk.data.len() as u64;
+        if end <= staging.staged_bytes {
+            return AppResult::Staged {
+                staged_bytes: staging.staged_bytes,
+            };
+        }
+        if chunk.offset != staging.staged_bytes || end > staging.total_bytes {
+            return AppResult::Rejected(format!(
+                "chunk of bytes {}..{end} of module {name}: {} of {} bytes are staged",
+                chunk.offset, staging.staged_bytes, staging.total_bytes
+            ));
+        }
+        staging.push(chunk.data);
+        let staged_bytes = staging.staged_bytes;
+        if staging.is_complete() {
+            if !staging.hashes_to_its_name() {
+                self.staging = None;
+                return AppResult::Rejected(format!(
+                    "the staged bytes do not hash to {name}; staging dropped"
+                ));
+            }
+            let staging = self.staging.as_ref().expect("still staged");
+            self.compiler.start(staging.sha256, || staging.bytes());
+        }
+        AppResult::Staged { staged_bytes }
+    }
+
+    /// An upgrade entry: switches to the staged module named `sha256` at `slot`, using
+    /// the background compile (waiting for it if it is still running). Empties the
+    /// staging area whatever the outcome.
+    fn upgrade(&mut self, sha256: [u8; 32], migrate: bool, slot: u64) -> AppResult {
+        let name = upgrade::module_name(&sha256);
+        let staged = match self.staging.take() {
+            Some(staged) if staged.sha256 == sha256 && staged.is_complete() => staged,
+            other => {
+                self.staging = other;
+                let reason = format!(
+                    "module {name} is not completely staged (another upload replaced it); \
+                     upload it again"
+                );
+                return self.installed(name, migrate, slot, Err(reason), None);
+            }
+        };
+        let started = Instant::now();
+        let compiled = loop {
+            // Started when the last chunk was applied (or the snapshot restored); started
+            // again here if it was not, or was evicted from the cache meanwhile.
+            self.compiler.start(sha256, || staged.bytes());
+            match self.compiler.wait(&sha256, COMPILE_WAIT_LOG_INTERVAL) {
+                Some(compiled) => break compiled,
+                None => tracing::warn!(
+                    slot,
+                    module = %name,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "the upgrade slot waits for this replica's compile of the module"
+                ),
+            }
+        };
+        let waited_us = started.elapsed().as_micros() as u64;
+        let compiled = match compiled {
+            Ok(compiled) => compiled,
+            Err(reason) => halt(&format!(
+                "module {name}, chosen at slot {slot}, does not compile on this replica: {reason}"
+            )),
+        };
+        let migration = if migrate {
+            Migration::Migrate
+        } else {
+            Migration::StartFresh
+        };
+        let outcome = match self.machine.as_mut() {
+            Some(machine) => machine
+                .upgrade_compiled(&compiled, migration)
+                .map_err(|error| error.to_string()),
+            None => Machine::load_compiled(&compiled, &self.config)
+                .map(|machine| self.machine = Some(machine))
+                .map_err(|error| error.to_string()),
+        };
+        tracing::info!(
+            slot,
+            module = %name,
+            compile_wait_us = waited_us,
+            switch_us = started.elapsed().as_micros() as u64 - waited_us,
+            ok = outcome.is_ok(),
+            "upgrade entry applied"
+        );
+        self.installed(name, migrate, slot, outcome, Some(staged.bytes()))
+    }
+
+    /// Records an install or upgrade outcome and builds its result.
+    fn installed(
+        &mut self,
+        module_id: String,
+        migrate: bool,
+        slot: u64,
+        outcome: Result<(), String>,
+        module: Option<Vec<u8>>,
+    ) -> AppResult {
+        let failed = outcome.err();
+        if failed.is_none() {
+            let module = module.expect("a successful install has its bytes");
+            self.module_bytes = Some(Arc::new(module));
+        }
+        self.record(ModuleEvent {
+            module: module_id.clone(),
+            index: slot,
+            migrated: migrate,
+            failed: failed.clone(),
+        });
+        match failed {
+            None => AppResult::Installed { module: module_id },
+            Some(reason) => {
+                tracing::warn!(slot, module = %module_id, %reason, "module install failed; the previous module stays");
+                AppResult::InstallFailed { reason }
+            }
+        }
+    }
+
     fn install(&mut self, module: &[u8], migrate: bool, slot: u64) -> AppResult {
         let module_id = crate::machine::ModuleId::of(module).to_string();
         let outcome = if let Some(machine) = self.machine.as_mut() {
@@ -267,24 +473,20 @@ impl WasmApp {
                 Err(error) => Err(error.to_string()),
             }
         };
-        let failed = outcome.err();
-        if failed.is_none() {
-            self.module_bytes = Some(Arc::new(module.to_vec()));
-        }
-        self.record(ModuleEvent {
-            module: module_id.clone(),
-            index: slot,
-            migrated: migrate,
-            failed: failed.clone(),
-        });
-        match failed {
-            None => AppResult::Installed { module: module_id },
-            Some(reason) => {
-                tracing::warn!(slot, module = %module_id, %reason, "module install failed; the previous module stays");
-                AppResult::InstallFailed { reason }
-            }
-        }
+        self.installed(module_id, migrate, slot, outcome, Some(module.to_vec()))
     }
+}
+
+/// Stops the process: this replica cannot apply a chosen entry the way every other
+/// replica does, and skipping it would diverge from them. Exits rather than panics, so
+/// the whole process stops (a panic would only end the core task).
+fn halt(reason: &str) -> ! {
+    tracing::error!(
+        reason,
+        "HALT: this replica cannot apply a chosen module; stopping"
+    );
+    eprintln!("paxwasm: HALT: {reason}");
+    std::process::exit(HALT_EXIT_CODE);
 }
 
 impl StateMachine for WasmApp {
@@ -312,6 +514,14 @@ impl StateMachine for WasmApp {
                     self.install(module, migrate == 1, context.slot)
                 }
                 _ => AppResult::Rejected("malformed module install envelope".into()),
+            },
+            Some((&ENVELOPE_CHUNK, body)) => match upgrade::decode_chunk(body) {
+                Some(chunk) => self.stage(chunk),
+                None => AppResult::Rejected("malformed module chunk envelope".into()),
+            },
+            Some((&ENVELOPE_UPGRADE, body)) => match upgrade::decode_upgrade(body) {
+                Some((migrate, sha256)) => self.upgrade(sha256, migrate, context.slot),
+                None => AppResult::Rejected("malformed upgrade envelope".into()),
             },
             // Only this node's front end builds envelopes, so this is a command from a
             // replica of another version; refuse it the same way everywhere.
@@ -406,11 +616,12 @@ mod tests {
             app: capture.meta,
             module_bytes: capture.module_bytes,
             image: capture.image,
+            staged: capture.staged,
         };
         let mut file = Vec::new();
         crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
         let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
-        let mut restored = WasmApp::from_snapshot(MachineConfig::default(), &snapshot).unwrap();
+        let mut restored = WasmApp::from_snapshot(app.compiler(), &snapshot).unwrap();
         assert_eq!(restored.state_hash(), app.state_hash());
         assert_eq!(restored.current(), app.current());
         assert_eq!(restored.history(), app.history());
@@ -424,6 +635,163 @@ mod tests {
         let mut empty = WasmApp::new(MachineConfig::default());
         let capture = empty.capture();
         assert!(capture.image.is_none() && capture.module_bytes.is_none());
+    }
+
+    fn ctx(slot: u64) -> ApplyContext {
+        ApplyContext {
+            slot,
+            timestamp_ms: 0,
+            seed: 0,
+        }
+    }
+
+    /// Applies `module` as chunk entries from `slot` on; returns the next slot.
+    fn stage_all(app: &mut WasmApp, module: &[u8], chunk_bytes: usize, mut slot: u64) -> u64 {
+        let sha = crate::machine::ModuleId::of(module).0;
+        for (n, chunk) in module.chunks(chunk_bytes).enumerate() {
+            let envelope =
+                upgrade::chunk_envelope(&sha, module.len() as u64, (n * chunk_bytes) as u64, chunk);
+            let result = AppResult::decode(&app.apply(&envelope, &ctx(slot)));
+            assert!(matches!(result, AppResult::Staged { .. }), "{result:?}");
+            slot += 1;
+        }
+        slot
+    }
+
+    #[test]
+    fn a_staged_module_is_switched_to_at_its_upgrade_slot_with_migration() {
+        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let kv_v2 = std::fs::read(crate::examples::example_module("kv_v2").unwrap()).unwrap();
+        let kv_sha = crate::machine::ModuleId::of(&kv).0;
+        let v2_sha = crate::machine::ModuleId::of(&kv_v2).0;
+        let mut app = WasmApp::new(MachineConfig::default());
+        let slot = stage_all(&mut app, &kv, 10_000, 1);
+        let result = app.apply(&upgrade::upgrade_envelope(&kv_sha, false), &ctx(slot));
+        assert_eq!(
+            AppResult::decode(&result),
+            AppResult::Installed {
+                module: upgrade::module_name(&kv_sha)
+            }
+        );
+        assert!(
+            app.staging().is_none(),
+            "an upgrade empties the staging area"
+        );
+        app.apply(&command_envelope(b"put a 1"), &ctx(slot + 1));
+        // Half of v2 staged, a command in between, then a duplicate chunk (a retried
+        // proposal) and an out-of-place one.
+        let half = kv_v2.len() / 2;
+        let total = kv_v2.len() as u64;
+        let first = upgrade::chunk_envelope(&v2_sha, total, 0, &kv_v2[..half]);
+        let mut slot = slot + 2;
+        for _ in 0..2 {
+            let result = AppResult::decode(&app.apply(&first, &ctx(slot)));
+            assert_eq!(
+                result,
+                AppResult::Staged {
+                    staged_bytes: half as u64
+                }
+            );
+            slot += 1;
+        }
+        app.apply(&command_envelope(b"put b 2"), &ctx(slot));
+        let gap = upgrade::chunk_envelope(&v2_sha, total, half as u64 + 1, &kv_v2[half + 1..]);
+        assert!(matches!(
+            AppResult::decode(&app.apply(&gap, &ctx(slot + 1))),
+            AppResult::Rejected(reason) if reason.contains("are staged")
+        ));
+        // An upgrade naming a module that is not completely staged fails, recorded.
+        let early = app.apply(&upgrade::upgrade_envelope(&v2_sha, true), &ctx(slot + 2));
+        assert!(matches!(
+            AppResult::decode(&early),
+            AppResult::InstallFailed { reason } if reason.contains("not completely staged")
+        ));
+        assert_eq!(app.history().last().unwrap().index, slot + 2);
+        // A snapshot taken now carries the half-staged module; the restored replica
+        // finishes staging and switches like the original.
+        let capture = app.capture();
+        let contents = crate::node::snapshot::SnapshotContents {
+            slot: slot + 2,
+            voters: vec![1],
+            applier_state: Vec::new(),
+            app: capture.meta,
+            module_bytes: capture.module_bytes,
+            image: capture.image,
+            staged: capture.staged,
+        };
+        let mut file = Vec::new();
+        crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
+        let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
+        let mut restored =
+            WasmApp::from_snapshot(&Compiler::new(MachineConfig::default()), &snapshot).unwrap();
+        let rest = upgrade::chunk_envelope(&v2_sha, total, half as u64, &kv_v2[half..]);
+        let upgrade_entry = upgrade::upgrade_envelope(&v2_sha, true);
+        for app in [&mut app, &mut restored] {
+            let result = AppResult::decode(&app.apply(&rest, &ctx(slot + 3)));
+            assert_eq!(
+                result,
+                AppResult::Staged {
+                    staged_bytes: total
+                }
+            );
+            let result = AppResult::decode(&app.apply(&upgrade_entry, &ctx(slot + 4)));
+            assert!(matches!(result, AppResult::Installed { .. }), "{result:?}");
+            assert_eq!(app.query(b"get b"), Some(Ok(b"2".to_vec())));
+            assert_eq!(app.query(b"version a"), Some(Ok(b"1".to_vec())));
+            assert_eq!(
+                app.current(),
+                Some(&(upgrade::module_name(&v2_sha), slot + 4))
+            );
+        }
+        assert_eq!(restored.state_hash(), app.state_hash());
+        assert_eq!(restored.history(), app.history());
+    }
+
+    #[test]
+    fn a_failed_migration_keeps_the_old_module_and_a_new_upload_replaces_the_staging() {
+        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let counter = std::fs::read(crate::examples::example_module("counter").unwrap()).unwrap();
+        let kv_sha = crate::machine::ModuleId::of(&kv).0;
+        let counter_sha = crate::machine::ModuleId::of(&counter).0;
+        let mut app = WasmApp::new(MachineConfig::default());
+        let kv_slot = stage_all(&mut app, &kv, 1 << 20, 1);
+        let slot = kv_slot;
+        app.apply(&upgrade::upgrade_envelope(&kv_sha, false), &ctx(slot));
+        app.apply(&command_envelope(b"put a 1"), &ctx(slot + 1));
+        let hash = app.state_hash();
+        // An upload of kv_v2 left half done is replaced by an upload of counter.
+        let kv_v2 = std::fs::read(crate::examples::example_module("kv_v2").unwrap()).unwrap();
+        let v2_sha = crate::machine::ModuleId::of(&kv_v2).0;
+        let half = upgrade::chunk_envelope(&v2_sha, kv_v2.len() as u64, 0, &kv_v2[..100]);
+        app.apply(&half, &ctx(slot + 2));
+        let slot = stage_all(&mut app, &counter, 1 << 20, slot + 3);
+        assert_eq!(app.staging().unwrap().sha256, counter_sha);
+        let rest = upgrade::chunk_envelope(&v2_sha, kv_v2.len() as u64, 100, &kv_v2[100..]);
+        assert!(matches!(
+            AppResult::decode(&app.apply(&rest, &ctx(slot))),
+            AppResult::Rejected(reason) if reason.contains("another upload replaced it")
+        ));
+        // counter has no import hook: the migration fails and kv stays, state intact.
+        let result = app.apply(
+            &upgrade::upgrade_envelope(&counter_sha, true),
+            &ctx(slot + 1),
+        );
+        let AppResult::InstallFailed { reason } = AppResult::decode(&result) else {
+            panic!("{result:?}")
+        };
+        assert!(reason.contains("paxwasm_import_state"), "{reason}");
+        assert_eq!(
+            app.current(),
+            Some(&(upgrade::module_name(&kv_sha), kv_slot))
+        );
+        assert_eq!(app.state_hash(), hash);
+        assert_eq!(app.query(b"get a"), Some(Ok(b"1".to_vec())));
+        let last = app.history().last().unwrap();
+        assert_eq!(
+            (last.module.as_str(), last.index, last.migrated),
+            (upgrade::module_name(&counter_sha).as_str(), slot + 1, true)
+        );
+        assert!(app.staging().is_none());
     }
 
     #[test]

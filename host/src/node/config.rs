@@ -64,6 +64,10 @@ pub struct NodeConfig {
     /// store is marked amnesic (durably, before anything else) and the replica learns
     /// but never votes (`DurableState::amnesic`).
     pub rejoin: bool,
+    /// Test hook: every background compile of a staged module fails, so this replica
+    /// halts at the next upgrade slot (see `node/upgrade.rs`).
+    #[doc(hidden)]
+    pub debug_refuse_compiles: bool,
 }
 
 impl NodeConfig {
@@ -105,6 +109,7 @@ impl NodeConfig {
             checkpoint_repair_delay_ms: 0,
             snapshot: SnapshotConfig::default(),
             rejoin: false,
+            debug_refuse_compiles: false,
         }
     }
 

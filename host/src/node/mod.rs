@@ -15,6 +15,7 @@ mod runtime;
 mod service;
 pub mod snapshot;
 pub mod transfer;
+pub mod upgrade;
 
 pub use config::NodeConfig;
 pub use service::{idempotency_key, start, Node, Running};

@@ -57,6 +57,11 @@ pub(crate) enum Request {
         payload: Vec<u8>,
         reply: oneshot::Sender<Result<DeployOk, DeployError>>,
     },
+    /// One module chunk of a deploy; answered with the staged byte count.
+    Stage {
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<u64, DeployError>>,
+    },
     /// `mode: None` is a stale read, served from the local applied state.
     Query {
         payload: Vec<u8>,
@@ -77,6 +82,7 @@ const REPAIR_RETRY_MS: u64 = 5_000;
 enum Waiter {
     Command(oneshot::Sender<Result<CommandOk, CommandError>>),
     Deploy(oneshot::Sender<Result<DeployOk, DeployError>>),
+    Stage(oneshot::Sender<Result<u64, DeployError>>),
     Query {
         payload: Vec<u8>,
         reply: oneshot::Sender<Result<QueryOk, QueryError>>,
@@ -88,6 +94,7 @@ impl Waiter {
         match self {
             Waiter::Command(reply) => reply.is_closed(),
             Waiter::Deploy(reply) => reply.is_closed(),
+            Waiter::Stage(reply) => reply.is_closed(),
             Waiter::Query { reply, .. } => reply.is_closed(),
         }
     }
@@ -407,15 +414,11 @@ impl Loop {
             }
             Request::Deploy { payload, reply } => {
                 self.waiters.insert(request_id, Waiter::Deploy(reply));
-                let command = Command {
-                    payload,
-                    idempotency_key: None,
-                    origin,
-                };
-                self.step(Event::Propose {
-                    request: request_id,
-                    command,
-                });
+                self.propose_module_entry(request_id, payload, origin);
+            }
+            Request::Stage { payload, reply } => {
+                self.waiters.insert(request_id, Waiter::Stage(reply));
+                self.propose_module_entry(request_id, payload, origin);
             }
             Request::Query {
                 payload,
@@ -443,6 +446,17 @@ impl Loop {
         }
     }
 
+    /// Module chunks and upgrades carry no idempotency key: a retried chunk is a
+    /// duplicate the staging area recognises, a retried upgrade fails as not staged.
+    fn propose_module_entry(&mut self, request: RequestId, payload: Vec<u8>, origin: Origin) {
+        let command = Command {
+            payload,
+            idempotency_key: None,
+            origin,
+        };
+        self.step(Event::Propose { request, command });
+    }
+
     fn refuse(&self, request: Request, reason: String) {
         let retry_after_ms = self.core.retry_after_ms;
         match request {
@@ -453,6 +467,12 @@ impl Loop {
                 }));
             }
             Request::Deploy { reply, .. } => {
+                let _ = reply.send(Err(DeployError::Unavailable {
+                    reason,
+                    retry_after_ms,
+                }));
+            }
+            Request::Stage { reply, .. } => {
                 let _ = reply.send(Err(DeployError::Unavailable {
                     reason,
                     retry_after_ms,
@@ -739,7 +759,9 @@ impl Loop {
                         error: "stale duplicate: this idempotency key's result is no longer kept"
                             .into(),
                     }),
-                    AppResult::Installed { .. } | AppResult::InstallFailed { .. } => {
+                    AppResult::Installed { .. }
+                    | AppResult::InstallFailed { .. }
+                    | AppResult::Staged { .. } => {
                         panic!("a command envelope produced a module result")
                     }
                 };
@@ -756,6 +778,19 @@ impl Loop {
                         reason,
                     }),
                     other => panic!("a module install produced {other:?}"),
+                };
+                let _ = reply.send(answer);
+            }
+            Waiter::Stage(reply) => {
+                let answer = match result {
+                    AppResult::Staged { staged_bytes } => Ok(staged_bytes),
+                    // Another upload replaced the staging area (or the chunk is out of
+                    // place): the deploy can be tried again.
+                    AppResult::Rejected(reason) => Err(DeployError::Unavailable {
+                        reason,
+                        retry_after_ms: self.core.retry_after_ms,
+                    }),
+                    other => panic!("a module chunk produced {other:?}"),
                 };
                 let _ = reply.send(answer);
             }
@@ -811,6 +846,12 @@ impl Loop {
                     retry_after_ms,
                 }));
             }
+            (Waiter::Stage(reply), outcome) => {
+                let _ = reply.send(Err(DeployError::Unavailable {
+                    reason: refusal(&outcome),
+                    retry_after_ms,
+                }));
+            }
         }
     }
 
@@ -833,6 +874,9 @@ impl Loop {
                     let _ = reply.send(Err(CommandError::Unknown { reason }));
                 }
                 Some(Waiter::Deploy(reply)) => {
+                    let _ = reply.send(Err(DeployError::Unknown { reason }));
+                }
+                Some(Waiter::Stage(reply)) => {
                     let _ = reply.send(Err(DeployError::Unknown { reason }));
                 }
                 _ => unreachable!("only commands and deploys were selected"),

@@ -12,14 +12,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::machine::{Machine, MachineConfig};
+use crate::machine::{Machine, MachineConfig, ModuleId};
 use crate::net::{Transport, TransportConfig};
 use crate::paxos::{
     Applier, Ballot, Configuration, IdempotencyKey, NodeId, ReadMode, Replica, SplitMix64,
 };
 use crate::storage::Store;
 
-use super::app::{command_envelope, install_envelope, WasmApp};
+use super::app::{command_envelope, WasmApp};
 use super::checkpoint::{CheckpointStatus, Checkpoints};
 use super::config::NodeConfig;
 use super::handle::{
@@ -29,6 +29,7 @@ use super::handle::{
 };
 use super::runtime::{self, Core, PeerSeen, Request, Snapshots};
 use super::snapshot::{SnapshotDir, SnapshotFile};
+use super::upgrade::{self, Compiler, MODULE_CHUNK_BYTES};
 
 /// Monotone counters of the runtime, read by `/metrics`.
 #[derive(Debug, Default)]
@@ -99,6 +100,11 @@ struct Inner {
     store: Arc<Store>,
     transport: Option<Arc<Transport>>,
     machine: MachineConfig,
+    /// The replica's background compiles; a deploy waits for its module's here.
+    compiler: Arc<Compiler>,
+    /// One module upload at a time from this node: two of its own would replace each
+    /// other's staging area.
+    uploading: tokio::sync::Mutex<()>,
     command_bytes_max: usize,
     request_timeout: Duration,
     retry_after_ms: u64,
@@ -179,7 +185,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     let (transport, mut inbound) = Transport::start(transport_config).await?;
     let transport = Arc::new(transport);
 
-    let mut restored = restore_newest_snapshot_blocking(&config).await?;
+    let compiler = if config.debug_refuse_compiles {
+        Compiler::refusing(config.machine.clone())
+    } else {
+        Compiler::new(config.machine.clone())
+    };
+    let mut restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
     if recovered.log_start > restored.slot() + 1 {
         // The log before `log_start` is gone and no local snapshot covers it: the state
         // up to there can only come from a peer. Until it arrives this replica does not
@@ -199,7 +210,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             recovered.log_start - 1,
         )
         .await?;
-        restored = restore_newest_snapshot_blocking(&config).await?;
+        restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
     }
     let snapshot_slot = restored.slot();
     let mut durable = runtime::durable_state(&recovered, snapshot_slot)?;
@@ -265,7 +276,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             files: snapshot_files,
             state,
         } = restored;
-        let mut applier = Applier::new(config.id, WasmApp::new(config.machine.clone()));
+        let mut applier = Applier::new(config.id, WasmApp::with_compiler(compiler.clone()));
         if let Some((app, applier_state)) = state {
             applier.machine = app;
             applier.import_state(&applier_state).map_err(|error| {
@@ -280,7 +291,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         let snapshots = Snapshots::start(
             snapshot_dir,
             config.snapshot.clone(),
-            config.machine.clone(),
+            compiler.clone(),
             snapshot_files,
             snapshot_slot,
         )
@@ -324,6 +335,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             store,
             transport: Some(transport),
             machine: config.machine.clone(),
+            compiler,
+            uploading: tokio::sync::Mutex::new(()),
             command_bytes_max: config.command_bytes_max,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             retry_after_ms: config.retry_after_ms,
@@ -410,9 +423,13 @@ impl RestoredSnapshot {
     }
 }
 
-async fn restore_newest_snapshot_blocking(config: &NodeConfig) -> anyhow::Result<RestoredSnapshot> {
+async fn restore_newest_snapshot_blocking(
+    config: &NodeConfig,
+    compiler: &Arc<Compiler>,
+) -> anyhow::Result<RestoredSnapshot> {
     let config = config.clone();
-    tokio::task::spawn_blocking(move || restore_newest_snapshot(&config))
+    let compiler = compiler.clone();
+    tokio::task::spawn_blocking(move || restore_newest_snapshot(&config, &compiler))
         .await
         .expect("snapshot restore task panicked")
 }
@@ -420,7 +437,10 @@ async fn restore_newest_snapshot_blocking(config: &NodeConfig) -> anyhow::Result
 /// Loads the newest snapshot that checks out (sha256) and rebuilds the application from
 /// it. A corrupt file is reported and set aside, and the next older one is tried.
 /// Blocking: reads and hashes whole files and compiles the module.
-fn restore_newest_snapshot(config: &NodeConfig) -> anyhow::Result<RestoredSnapshot> {
+fn restore_newest_snapshot(
+    config: &NodeConfig,
+    compiler: &Arc<Compiler>,
+) -> anyhow::Result<RestoredSnapshot> {
     let dir = SnapshotDir::open(&config.data_dir).map_err(|error| anyhow::anyhow!("{error}"))?;
     loop {
         let Some((snapshot, file)) = dir
@@ -433,7 +453,7 @@ fn restore_newest_snapshot(config: &NodeConfig) -> anyhow::Result<RestoredSnapsh
                 state: None,
             });
         };
-        match WasmApp::from_snapshot(config.machine.clone(), &snapshot) {
+        match WasmApp::from_snapshot(compiler, &snapshot) {
             Ok(app) => {
                 tracing::info!(slot = file.id.slot, bytes = file.id.file_bytes, path = %file.path.display(), "restored the state machine from a snapshot");
                 // The older one (if any) stays listed so it can still be sent to peers.
@@ -505,6 +525,23 @@ impl Node {
 
 /// `ask`'s error: `Some(reason)` means "never taken" (503), `None` means "timed out" (504).
 type AskError = Option<String>;
+
+impl Node {
+    fn deploy_ask_error(&self, error: AskError) -> DeployError {
+        match error {
+            Some(reason) => DeployError::Unavailable {
+                reason,
+                retry_after_ms: self.inner.retry_after_ms,
+            },
+            None => DeployError::Unknown {
+                reason: format!(
+                    "no outcome within {} ms; the module may or may not be installed",
+                    self.inner.request_timeout.as_millis()
+                ),
+            },
+        }
+    }
+}
 
 impl NodeApi for Node {
     async fn submit(&self, request: CommandRequest) -> Result<CommandOk, CommandError> {
@@ -599,27 +636,52 @@ impl NodeApi for Node {
                 reason: error.to_string(),
             });
         }
+        let _uploading = self.inner.uploading.lock().await;
+        // The bytes first, one bounded chunk entry at a time: other commands interleave
+        // with them, and every replica stages them and compiles once the last arrives.
+        let sha256 = ModuleId::of(&module).0;
+        let total_bytes = module.len() as u64;
+        for (n, chunk) in module.chunks(MODULE_CHUNK_BYTES).enumerate() {
+            let offset = (n * MODULE_CHUNK_BYTES) as u64;
+            let (reply, answer) = oneshot::channel();
+            let request = Request::Stage {
+                payload: upgrade::chunk_envelope(&sha256, total_bytes, offset, chunk),
+                reply,
+            };
+            self.ask(request, answer)
+                .await
+                .unwrap_or_else(|error| Err(self.deploy_ask_error(error)))?;
+        }
+        // Propose the switch only once this replica compiled the module, so the upgrade
+        // slot does not wait here (other replicas compile in parallel and usually finish
+        // about as soon).
+        let compiler = self.inner.compiler.clone();
+        let timeout = self.inner.request_timeout;
+        let compiled = tokio::task::spawn_blocking(move || compiler.wait(&sha256, timeout))
+            .await
+            .expect("compile wait task panicked");
+        match compiled {
+            Some(Ok(_)) => {}
+            Some(Err(reason)) => return Err(DeployError::Invalid { reason }),
+            None => {
+                return Err(DeployError::Unavailable {
+                    reason: format!(
+                        "module {} is staged but not compiled here within {} ms",
+                        upgrade::module_name(&sha256),
+                        timeout.as_millis()
+                    ),
+                    retry_after_ms: self.inner.retry_after_ms,
+                })
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let request = Request::Deploy {
-            payload: install_envelope(&module, migrate),
+            payload: upgrade::upgrade_envelope(&sha256, migrate),
             reply,
         };
         self.ask(request, answer)
             .await
-            .unwrap_or_else(|error: AskError| {
-                Err(match error {
-                    Some(reason) => DeployError::Unavailable {
-                        reason,
-                        retry_after_ms: self.inner.retry_after_ms,
-                    },
-                    None => DeployError::Unknown {
-                        reason: format!(
-                            "no outcome within {} ms; the module may or may not be installed",
-                            self.inner.request_timeout.as_millis()
-                        ),
-                    },
-                })
-            })
+            .unwrap_or_else(|error| Err(self.deploy_ask_error(error)))
     }
 
     fn test_hooks_enabled(&self) -> bool {

@@ -10,13 +10,15 @@
 //! length + UTF-8):
 //!
 //! ```text
-//! magic "PXWNSNAP" | format version u32 (= 1) | slot u64
+//! magic "PXWNSNAP" | format version u32 (= 2; 1 is still read) | slot u64
 //! | voters: count u32, node id u64 each
 //! | applier state: bytes            (Applier::export_state)
 //! | current module: 0 | 1 id str index u64
 //! | history: count u32, per event: module str | index u64 | migrated u8 | 0 / 1 failed str
 //! | module bytes: bytes             (empty when no module is installed)
 //! | machine image: bytes            (machine::Snapshot::to_bytes; empty without a module)
+//! | staged module (version 2 only): 0 | 1 sha256 [32] total u64 bytes
+//!                                   (the upgrade staging area, see node/upgrade.rs)
 //! | sha256 (32 bytes) of everything before it
 //! ```
 //!
@@ -36,6 +38,7 @@ use sha2::{Digest, Sha256};
 use crate::paxos::{NodeId, Slot};
 
 use super::handle::ModuleEvent;
+use super::upgrade::Staging;
 
 /// Name of the snapshot folder inside the node's data directory.
 pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
@@ -44,7 +47,10 @@ pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
 pub const SNAPSHOTS_KEPT: usize = 2;
 const MAGIC: &[u8; 8] = b"PXWNSNAP";
 /// Version of the file layout this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// The first layout (no staged module), still read: files written before upgrades
+/// travelled in chunks restore as snapshots with an empty staging area.
+const SNAPSHOT_FORMAT_VERSION_1: u32 = 1;
 const FILE_PREFIX: &str = "snapshot-";
 const FILE_SUFFIX: &str = ".pxsnap";
 const TEMP_SUFFIX: &str = ".tmp";
@@ -100,6 +106,8 @@ pub struct NodeSnapshot {
     pub module_bytes: Vec<u8>,
     /// `machine::Snapshot::to_bytes()` of the machine; empty when no module is installed.
     pub machine_image: Vec<u8>,
+    /// The upgrade staging area (one chunk holding every staged byte).
+    pub staged: Option<Staging>,
 }
 
 impl fmt::Debug for NodeSnapshot {
@@ -111,6 +119,13 @@ impl fmt::Debug for NodeSnapshot {
             .field("app", &self.app)
             .field("module_bytes", &self.module_bytes.len())
             .field("machine_image_bytes", &self.machine_image.len())
+            .field(
+                "staged",
+                &self
+                    .staged
+                    .as_ref()
+                    .map(|s| (s.staged_bytes, s.total_bytes)),
+            )
             .finish()
     }
 }
@@ -155,6 +170,7 @@ pub struct SnapshotContents {
     pub app: AppMeta,
     pub module_bytes: Option<std::sync::Arc<Vec<u8>>>,
     pub image: Option<Box<dyn ImageSource>>,
+    pub staged: Option<Staging>,
 }
 
 #[derive(Debug)]
@@ -331,6 +347,18 @@ pub fn write_snapshot(
             );
         }
     }
+    match &contents.staged {
+        None => writer.write_all(&[0])?,
+        Some(staged) => {
+            writer.write_all(&[1])?;
+            writer.write_all(&staged.sha256)?;
+            writer.write_all(&staged.total_bytes.to_le_bytes())?;
+            writer.write_all(&staged.staged_bytes.to_le_bytes())?;
+            for chunk in &staged.chunks {
+                writer.write_all(chunk)?;
+            }
+        }
+    }
     let sha256: [u8; 32] = writer.hasher.finalize_reset().into();
     writer.inner.write_all(&sha256)?;
     writer.inner.flush()?;
@@ -356,9 +384,10 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
         return Err("not a paxwasm node snapshot (wrong magic)".into());
     }
     let version = reader.u32("format version")?;
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if version != SNAPSHOT_FORMAT_VERSION && version != SNAPSHOT_FORMAT_VERSION_1 {
         return Err(format!(
-            "format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"
+            "format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION_1} and \
+             {SNAPSHOT_FORMAT_VERSION}"
         ));
     }
     let slot = reader.u64("slot")?;
@@ -404,9 +433,34 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
     }
     let module_bytes = reader.bytes("module bytes")?.to_vec();
     let machine_image = reader.bytes("machine image")?.to_vec();
+    let staged = if version == SNAPSHOT_FORMAT_VERSION_1 {
+        None
+    } else {
+        match reader.u8("staged module")? {
+            0 => None,
+            1 => {
+                let sha256: [u8; 32] = reader
+                    .take(32, "staged sha256")?
+                    .try_into()
+                    .expect("32 bytes");
+                let total_bytes = reader.u64("staged total")?;
+                let bytes = reader.bytes("staged bytes")?;
+                if bytes.is_empty() || bytes.len() as u64 > total_bytes {
+                    return Err(format!(
+                        "{} staged bytes of a {total_bytes}-byte module",
+                        bytes.len()
+                    ));
+                }
+                let mut staging = Staging::new(sha256, total_bytes);
+                staging.push(bytes);
+                Some(staging)
+            }
+            tag => return Err(format!("bad staged-module tag {tag}")),
+        }
+    };
     if !reader.input.is_empty() {
         return Err(format!(
-            "{} bytes after the machine image",
+            "{} bytes after the last section",
             reader.input.len()
         ));
     }
@@ -426,6 +480,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
             app: AppMeta { current, history },
             module_bytes,
             machine_image,
+            staged,
         },
         id,
     ))
@@ -772,6 +827,12 @@ mod tests {
                 ],
             },
             module_bytes: image.as_ref().map(|_| Arc::new(b"\0asm-module".to_vec())),
+            staged: image.as_ref().map(|_| {
+                let mut staging = Staging::new([9; 32], 10);
+                staging.push(b"0123");
+                staging.push(b"45");
+                staging
+            }),
             image: image.map(|image| Box::new(image) as Box<dyn ImageSource>),
         }
     }
@@ -815,6 +876,36 @@ mod tests {
             crate::machine::Snapshot::from_bytes(&loaded.machine_image).unwrap(),
             image
         );
+        let staged = loaded.staged.unwrap();
+        assert_eq!((staged.sha256, staged.total_bytes), ([9; 32], 10));
+        assert_eq!(staged.bytes(), b"012345");
+    }
+
+    #[test]
+    fn a_version_1_file_still_decodes_with_nothing_staged() {
+        // A version-1 file is a version-2 file without the staged section (one 0 byte
+        // when nothing is staged), with version 1 and its own trailer.
+        let mut contents = contents(5, Some(machine_snapshot()));
+        contents.staged = None;
+        let mut v2 = Vec::new();
+        write_snapshot(&contents, &mut v2).unwrap();
+        let body_end = v2.len() - SHA256_BYTES;
+        assert_eq!(v2[body_end - 1], 0, "the empty staged section");
+        let mut v1 = v2[..body_end - 1].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let trailer: [u8; 32] = Sha256::digest(&v1).into();
+        v1.extend_from_slice(&trailer);
+        let (old, _) = decode_snapshot(&v1).unwrap();
+        let (new, _) = decode_snapshot(&v2).unwrap();
+        assert_eq!(old, new);
+        assert!(old.staged.is_none());
+        v1[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let body_end = v1.len() - SHA256_BYTES;
+        let trailer: [u8; 32] = Sha256::digest(&v1[..body_end]).into();
+        v1[body_end..].copy_from_slice(&trailer);
+        assert!(decode_snapshot(&v1)
+            .unwrap_err()
+            .contains("format version 3"));
     }
 
     #[test]

@@ -18,7 +18,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::machine::MachineConfig;
+use std::sync::Arc;
+
 use crate::paxos::{Event, NodeId, Slot, Value};
 
 use super::super::app::WasmApp;
@@ -27,6 +28,7 @@ use super::super::snapshot::{
     self, SnapshotContents, SnapshotDir, SnapshotFile, SnapshotId, SNAPSHOTS_KEPT,
 };
 use super::super::transfer::{ChunkVerdict, Receiver, Senders, TransferConfig, TransferMessage};
+use super::super::upgrade::Compiler;
 use super::Loop;
 
 /// When to snapshot, and how to transfer. Part of `NodeConfig`.
@@ -113,7 +115,7 @@ impl Snapshots {
     pub fn start(
         dir: SnapshotDir,
         config: SnapshotConfig,
-        machine: MachineConfig,
+        compiler: Arc<Compiler>,
         files: Vec<SnapshotFile>,
         restored_slot: Slot,
     ) -> std::io::Result<Snapshots> {
@@ -125,7 +127,7 @@ impl Snapshots {
             .name("snapshot-worker".into())
             .spawn({
                 let pause_ms = config.write_pause_ms;
-                move || worker(worker_dir, machine, pause_ms, job_rx, done_tx)
+                move || worker(worker_dir, compiler, pause_ms, job_rx, done_tx)
             })?;
         Ok(Snapshots {
             dir,
@@ -161,7 +163,7 @@ impl Snapshots {
 
 fn worker(
     dir: SnapshotDir,
-    machine: MachineConfig,
+    compiler: Arc<Compiler>,
     write_pause_ms: u64,
     jobs: std_mpsc::Receiver<Job>,
     done: mpsc::UnboundedSender<Done>,
@@ -181,7 +183,7 @@ fn worker(
                     },
                 }
             }
-            Job::Install { id, forced } => match install(&dir, &machine, &id) {
+            Job::Install { id, forced } => match install(&dir, &compiler, &id) {
                 Ok((file, applier_state, app)) => Done::Installed {
                     file,
                     applier_state,
@@ -206,11 +208,11 @@ fn worker(
 /// be restored never becomes a snapshot to restart from).
 fn install(
     dir: &SnapshotDir,
-    machine: &MachineConfig,
+    compiler: &Arc<Compiler>,
     id: &SnapshotId,
 ) -> Result<(SnapshotFile, Vec<u8>, WasmApp), String> {
     let snapshot = dir.verify_partial(id).map_err(|e| e.to_string())?;
-    let app = WasmApp::from_snapshot(machine.clone(), &snapshot)?;
+    let app = WasmApp::from_snapshot(compiler, &snapshot)?;
     let file = dir.adopt_partial(id).map_err(|e| e.to_string())?;
     Ok((file, snapshot.applier_state, app))
 }
@@ -259,6 +261,7 @@ impl Loop {
             app: capture.meta,
             module_bytes: capture.module_bytes,
             image: capture.image,
+            staged: capture.staged,
         };
         let pause_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;

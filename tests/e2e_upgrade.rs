@@ -1,0 +1,679 @@
+//! End to end: module upgrades through the log with three real `paxwasm node` processes
+//! on loopback. One cluster, in phases:
+//! 1. deploy kv; clients write their own keys continuously; upgrade kv → kv_v2 with
+//!    `?migrate=true` while they write; every acknowledged key reads back through v2
+//!    (`get K`, and `version K` answers, which only v2 knows), and all replicas reach
+//!    the same state hash at the same index;
+//! 2. an upgrade whose `paxwasm_import_state` traps gets 409 with the reason; every
+//!    replica keeps kv_v2 and its state, and `GET /v1/app` lists the failed attempt;
+//! 3. a module written by hand in WAT (no SDK) is deployed, takes a command and answers a
+//!    query;
+//! 4. the same module padded with a 4 MiB custom section is deployed while clients write:
+//!    command latency before and during the deploy is printed (`cargo test --test
+//!    e2e_upgrade -- --nocapture`), and commands must keep completing during it.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use paxwasm::node::probe::{self, Response};
+
+const NODES: usize = 3;
+const CLIENTS: usize = 4;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Size of the custom section that pads the large module. (A data segment of this size
+/// is what the brief suggested, but the machine refuses it by panicking the validating
+/// node: instantiation meters data-segment initialisation with a fixed
+/// `INSTANTIATION_FUEL` and treats running out as a host failure. Reported; not this
+/// branch's module.)
+const PADDING_BYTES: usize = 4 << 20;
+
+/// A counter written by hand: the state is an i64 at address 0 of memory (the sum of
+/// the lengths of all commands) and an i64 at address 8 (their number); `apply` and
+/// `query` answer both as 16 little-endian bytes.
+const COUNTER_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "paxwasm_alloc") (param $len i32) (result i32)
+    (i32.const 1024))
+  (func (export "paxwasm_apply") (param $ptr i32) (param $len i32) (result i64)
+    (i64.store (i32.const 0)
+      (i64.add (i64.load (i32.const 0)) (i64.extend_i32_u (local.get $len))))
+    (i64.store (i32.const 8) (i64.add (i64.load (i32.const 8)) (i64.const 1)))
+    ;; (out_ptr << 32) | out_len with out_ptr = 0 and out_len = 16
+    (i64.const 16))
+  (func (export "paxwasm_query") (param $ptr i32) (param $len i32) (result i64)
+    (i64.const 16))
+)
+"#;
+
+/// Exports the migration hook, which traps: an upgrade to it with `?migrate=true` must
+/// fail on every replica the same way.
+const TRAPPING_IMPORT_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "paxwasm_alloc") (param $len i32) (result i32)
+    (i32.const 1024))
+  (func (export "paxwasm_apply") (param $ptr i32) (param $len i32) (result i64)
+    (i64.const 0))
+  (func (export "paxwasm_import_state") (param $ptr i32) (param $len i32)
+    unreachable)
+)
+"#;
+
+/// The counter module, followed by a custom section of `padding_bytes` varied bytes
+/// when that is not 0.
+fn counter_module(padding_bytes: usize) -> Vec<u8> {
+    let mut module = wat::parse_str(COUNTER_WAT).unwrap();
+    if padding_bytes > 0 {
+        let name = b"padding";
+        let mut body = leb128(name.len());
+        body.extend_from_slice(name);
+        body.extend((0..padding_bytes).map(|i| (i * 7 + i / 251) as u8));
+        module.push(0); // custom section id
+        module.extend(leb128(body.len()));
+        module.extend(body);
+    }
+    module
+}
+
+fn leb128(mut value: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+struct Node {
+    id: usize,
+    http: String,
+    peer: String,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        Cluster::start_with(dir, |_| &[])
+    }
+
+    /// Starts the nodes, node `i` with the extra arguments `extra(i)`.
+    fn start_with(dir: &Path, extra: impl Fn(usize) -> &'static [&'static str]) -> Cluster {
+        let ports = free_ports(2 * NODES);
+        let nodes: Vec<Node> = (0..NODES)
+            .map(|i| Node {
+                id: i + 1,
+                http: format!("127.0.0.1:{}", ports[i]),
+                peer: format!("127.0.0.1:{}", ports[NODES + i]),
+                child: None,
+            })
+            .collect();
+        let cluster_arg = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            nodes,
+        };
+        for (i, node) in cluster.nodes.iter_mut().enumerate() {
+            let log = std::fs::File::create(dir.join(format!("node-{}.log", node.id))).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
+                .arg("node")
+                .args(["--id", &node.id.to_string()])
+                .arg("--data")
+                .arg(dir.join(format!("node-{}", node.id)))
+                .args(["--http", &node.http])
+                .args(["--peer", &node.peer])
+                .args(["--cluster", &cluster_arg])
+                .args(["--cluster-id", "e2e-upgrade"])
+                .args(extra(i))
+                .env_remove("PAXWASM_TOKEN")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start paxwasm node");
+            node.child = Some(child);
+        }
+        cluster
+    }
+
+    fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.http.clone()).collect()
+    }
+
+    fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node-{}.log", self.nodes[i].id)))
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for i in 0..NODES {
+            let log = self.log_of(i);
+            // A panic's message comes before its backtrace note: keep it in view.
+            let lines: Vec<&str> = log.lines().collect();
+            if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                out.push_str(&format!("--- node {} panicked ---\n", self.nodes[i].id));
+                for line in &lines[at..(at + 3).min(lines.len())] {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            out.push_str(&format!("--- node {} ---\n", self.nodes[i].id));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+fn get(addr: &str, path: &str) -> Option<Response> {
+    probe::request(addr, "GET", path, &[], b"", Duration::from_secs(5)).ok()
+}
+
+fn json(reply: &Response) -> serde_json::Value {
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
+fn status(addr: &str) -> Option<serde_json::Value> {
+    let reply = get(addr, "/v1/status")?;
+    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
+}
+
+fn wait_until<T>(
+    what: &str,
+    cluster: &Cluster,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", cluster.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn leader(cluster: &Cluster) -> Option<usize> {
+    let mut leaders = Vec::new();
+    for node in &cluster.nodes {
+        leaders.push(status(&node.http)?["leader"].as_u64()?);
+    }
+    let first = *leaders.first()?;
+    leaders
+        .iter()
+        .all(|l| *l == first)
+        .then(|| first as usize - 1)
+}
+
+fn module_id(module: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(module)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+fn put_app(cluster: &Cluster, addr: &str, module: &[u8], migrate: bool) -> Response {
+    let path = if migrate {
+        "/v1/app?migrate=true"
+    } else {
+        "/v1/app"
+    };
+    probe::request(addr, "PUT", path, &[], module, Duration::from_secs(60))
+        .unwrap_or_else(|error| panic!("PUT {path} to {addr}: {error}\n{}", cluster.log_tail()))
+}
+
+/// What a deploy came to: the status (200 or 409), the slot, and the module id (200) or
+/// the reason (409).
+struct Deployed {
+    status: u16,
+    index: u64,
+    text: String,
+}
+
+/// `PUT /v1/app`. An answer without an outcome (503/504: e.g. the leader changed while
+/// the deploy was in flight, which the load and a replica's compile wait can cause on
+/// this shared machine) is resolved from `GET /v1/app` once the replicas caught up:
+/// the module became current, or its attempt is recorded as failed; otherwise the PUT
+/// is repeated (its chunks are duplicates, harmless).
+fn deploy(cluster: &Cluster, addr: &str, module: &[u8], migrate: bool) -> Deployed {
+    let id = module_id(module);
+    for _attempt in 0..5 {
+        let reply = put_app(cluster, addr, module, migrate);
+        match reply.status {
+            200 => {
+                let body = json(&reply);
+                return Deployed {
+                    status: 200,
+                    index: body["index"].as_u64().unwrap(),
+                    text: body["module"].as_str().unwrap().to_string(),
+                };
+            }
+            409 => {
+                return Deployed {
+                    status: 409,
+                    index: reply.header("paxwasm-index").unwrap().parse().unwrap(),
+                    text: json(&reply)["error"].as_str().unwrap().to_string(),
+                }
+            }
+            503 | 504 => println!(
+                "deploy of {id}: {} {}; resolving it from GET /v1/app",
+                reply.status,
+                reply.text()
+            ),
+            other => panic!("deploy of {id}: {other} {}", reply.text()),
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let Some(app) = get(addr, "/v1/app").filter(|r| r.status == 200) else {
+                continue;
+            };
+            let app = json(&app);
+            let history = app["history"].as_array().unwrap();
+            if let Some(event) = history.iter().rev().find(|e| e["module"] == id) {
+                let index = event["index"].as_u64().unwrap();
+                return match event["failed"].as_str() {
+                    None => Deployed {
+                        status: 200,
+                        index,
+                        text: id,
+                    },
+                    Some(reason) => Deployed {
+                        status: 409,
+                        index,
+                        text: reason.to_string(),
+                    },
+                };
+            }
+        }
+    }
+    panic!("{id} could not be deployed\n{}", cluster.log_tail());
+}
+
+fn submit(addr: &str, command: &[u8], key: &str) -> std::io::Result<Response> {
+    probe::request(
+        addr,
+        "POST",
+        "/v1/commands",
+        &[("Idempotency-Key", key)],
+        command,
+        REQUEST_TIMEOUT,
+    )
+}
+
+fn query(addr: &str, query: &[u8]) -> Response {
+    probe::request(addr, "POST", "/v1/queries", &[], query, REQUEST_TIMEOUT).unwrap()
+}
+
+/// Every replica applied everything chosen, at the same state hash and index.
+fn converged(cluster: &Cluster) -> Option<(u64, String)> {
+    let mut seen = Vec::new();
+    for node in &cluster.nodes {
+        let status = status(&node.http)?;
+        let applied = status["applied_index"].as_u64()?;
+        if applied != status["commit_index"].as_u64()? {
+            return None;
+        }
+        let hash = &status["state_hash"];
+        if hash["index"].as_u64()? != applied {
+            return None;
+        }
+        seen.push((applied, hash["hash"].as_str()?.to_string()));
+    }
+    let first = seen[0].clone();
+    seen.iter().all(|s| *s == first).then_some(first)
+}
+
+/// One acknowledged write: its key, value, when it was sent and how long it took.
+#[derive(Clone)]
+struct Acked {
+    key: String,
+    value: String,
+    sent: Instant,
+    latency: Duration,
+}
+
+/// Clients that write their own keys (`put K V`) until stopped; only 200 answers count.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(addrs: Vec<String>, prefix: &str) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let threads = (0..CLIENTS)
+            .map(|client| {
+                let (addrs, stop, acked) = (addrs.clone(), stop.clone(), acked.clone());
+                let prefix = prefix.to_string();
+                std::thread::spawn(move || {
+                    let mut target = client % addrs.len();
+                    let mut seq = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let key = format!("{prefix}{client}-{seq}");
+                        let value = format!("v{seq}");
+                        let command = format!("put {key} {value}");
+                        for _attempt in 0..8 {
+                            let sent = Instant::now();
+                            match submit(&addrs[target], command.as_bytes(), &key) {
+                                Ok(reply) if reply.status == 200 => {
+                                    acked.lock().unwrap().push(Acked {
+                                        key: key.clone(),
+                                        value: value.clone(),
+                                        sent,
+                                        latency: sent.elapsed(),
+                                    });
+                                    break;
+                                }
+                                _ => {
+                                    target = (target + 1) % addrs.len();
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acked,
+            threads,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn stop(self) -> Vec<Acked> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("client thread");
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+}
+
+/// `(count, p50, p99, max)` latency in ms of the writes sent within `[from, to)`.
+fn latency(acked: &[Acked], from: Instant, to: Instant) -> (usize, f64, f64, f64) {
+    let mut ms: Vec<f64> = acked
+        .iter()
+        .filter(|a| a.sent >= from && a.sent < to)
+        .map(|a| a.latency.as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    if ms.is_empty() {
+        return (0, 0.0, 0.0, 0.0);
+    }
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    (ms.len(), at(0.5), at(0.99), *ms.last().unwrap())
+}
+
+fn wait_for_writes(cluster: &Cluster, writers: &Writers, more_than: usize) {
+    wait_until("client writes", cluster, Duration::from_secs(30), || {
+        (writers.acked() > more_than).then_some(())
+    });
+}
+
+#[test]
+fn upgrades_travel_through_the_log_under_load() {
+    let started = Instant::now();
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let kv_v2 =
+        std::fs::read(paxwasm::examples::example_module("kv_v2").expect("build kv_v2")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+    let addrs = cluster.addrs();
+    let first = wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        leader(&cluster)
+    });
+    let entry = &addrs[(first + 1) % NODES];
+
+    // 1. kv, then kv → kv_v2 with migration while clients write.
+    let deployed = deploy(&cluster, entry, &kv, false);
+    assert_eq!((deployed.status, deployed.text), (200, module_id(&kv)));
+    let writers = Writers::start(addrs.clone(), "k");
+    wait_for_writes(&cluster, &writers, 200);
+    let deployed = deploy(&cluster, entry, &kv_v2, true);
+    assert_eq!((deployed.status, &deployed.text), (200, &module_id(&kv_v2)));
+    let upgrade_index = deployed.index;
+    let acked_at_upgrade = writers.acked();
+    wait_for_writes(&cluster, &writers, acked_at_upgrade + 200);
+    let acked = writers.stop();
+    let keys: BTreeMap<String, String> = acked
+        .iter()
+        .map(|a| (a.key.clone(), a.value.clone()))
+        .collect();
+    for (key, value) in &keys {
+        let addr = &addrs[key.len() % NODES];
+        let reply = query(addr, format!("get {key}").as_bytes());
+        assert_eq!(reply.status, 200, "{key}: {}", reply.text());
+        assert_eq!(reply.text(), *value, "{key}");
+        let reply = query(addr, format!("version {key}").as_bytes());
+        assert_eq!(reply.text(), "1", "{key} was written once");
+    }
+    let (index, hash) = wait_until("convergence", &cluster, Duration::from_secs(30), || {
+        converged(&cluster)
+    });
+    println!(
+        "kv → kv_v2 at slot {upgrade_index} under load: {} acknowledged keys read back \
+         through v2; all replicas at index {index}, state {hash}",
+        keys.len()
+    );
+    for (i, addr) in addrs.iter().enumerate() {
+        let app = json(&get(addr, "/v1/app").unwrap());
+        assert_eq!(app["module"], module_id(&kv_v2), "node {}", i + 1);
+        assert_eq!(app["index"], upgrade_index, "node {}", i + 1);
+    }
+
+    // 2. A migration that traps: 409 with the reason, kv_v2 stays everywhere.
+    let trapping = wat::parse_str(TRAPPING_IMPORT_WAT).unwrap();
+    let deployed = deploy(&cluster, &addrs[first], &trapping, true);
+    assert_eq!(deployed.status, 409, "{}", deployed.text);
+    let reason = deployed.text;
+    assert!(reason.contains("trap: unreachable"), "{reason}");
+    let failed_index = deployed.index;
+    wait_until("convergence", &cluster, Duration::from_secs(30), || {
+        converged(&cluster).filter(|(index, _)| *index >= failed_index)
+    });
+    for (i, addr) in addrs.iter().enumerate() {
+        let app = json(&get(addr, "/v1/app").unwrap());
+        assert_eq!(app["module"], module_id(&kv_v2), "node {}", i + 1);
+        let last = app["history"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["module"], module_id(&trapping));
+        assert_eq!(last["index"], failed_index);
+        assert_eq!(last["migrated"], true);
+        assert!(
+            last["failed"].as_str().unwrap().contains("unreachable"),
+            "{last}"
+        );
+    }
+    let (key, value) = keys.iter().next().unwrap();
+    assert_eq!(
+        query(&addrs[0], format!("get {key}").as_bytes()).text(),
+        *value
+    );
+    let reply = submit(&addrs[1], b"put after-trap yes", "after-trap").unwrap();
+    assert_eq!((reply.status, reply.text()), (200, "OK".to_string()));
+    assert_eq!(query(&addrs[2], b"version after-trap").text(), "1");
+    println!("a trapping migration at slot {failed_index}: 409 \"{reason}\"");
+
+    // 3. A hand-written WAT module as the app.
+    let counter = counter_module(0);
+    let deployed = deploy(&cluster, entry, &counter, false);
+    assert_eq!((deployed.status, deployed.text), (200, module_id(&counter)));
+    let reply = submit(entry, b"hello", "wat-1").unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let counted = |sum: u64, count: u64| [sum.to_le_bytes(), count.to_le_bytes()].concat();
+    assert_eq!(reply.body, counted(5, 1));
+    assert_eq!(query(&addrs[first], b"").body, counted(5, 1));
+
+    // 4. A 4 MiB module deployed while clients write.
+    let large = counter_module(PADDING_BYTES);
+    let writers = Writers::start(addrs.clone(), "w");
+    wait_for_writes(&cluster, &writers, 100);
+    let before = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let deploy_started = Instant::now();
+    let deployed = deploy(&cluster, entry, &large, false);
+    let deploy_ended = Instant::now();
+    assert_eq!((deployed.status, deployed.text), (200, module_id(&large)));
+    let large_index = deployed.index;
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = writers.stop();
+    let (n_before, p50_before, p99_before, max_before) = latency(&acked, before, deploy_started);
+    let (n_during, p50_during, p99_during, max_during) =
+        latency(&acked, deploy_started, deploy_ended);
+    println!(
+        "{} byte module deployed in {} ms (switch at slot {large_index}); \
+         writes in the second before: {n_before}, p50 {p50_before:.1} ms, p99 \
+         {p99_before:.1} ms, max {max_before:.1} ms; writes during the deploy: \
+         {n_during}, p50 {p50_during:.1} ms, p99 {p99_during:.1} ms, max {max_during:.1} ms",
+        large.len(),
+        (deploy_ended - deploy_started).as_millis()
+    );
+    assert!(
+        n_during > 0,
+        "no write completed during the deploy of a large module"
+    );
+    let (index, hash) = wait_until("convergence", &cluster, Duration::from_secs(30), || {
+        converged(&cluster).filter(|(index, _)| *index >= large_index)
+    });
+    for (i, addr) in addrs.iter().enumerate() {
+        let app = json(&get(addr, "/v1/app").unwrap());
+        assert_eq!(app["module"], module_id(&large), "node {}", i + 1);
+        assert!(
+            cluster
+                .log_of(i)
+                .contains("module compiled in the background"),
+            "node {}",
+            i + 1
+        );
+    }
+    // How long each replica's core waited at each upgrade slot for its own compile.
+    for i in 0..NODES {
+        let waits: Vec<String> = cluster
+            .log_of(i)
+            .lines()
+            .filter(|line| line.contains("upgrade entry applied"))
+            .filter_map(|line| {
+                let field = |name: &str| {
+                    let start = line.find(&format!("{name}="))? + name.len() + 1;
+                    line[start..].split(' ').next().map(str::to_string)
+                };
+                Some(format!(
+                    "slot {}: {} us",
+                    field("slot")?,
+                    field("compile_wait_us")?
+                ))
+            })
+            .collect();
+        println!("node {} compile waits at upgrade slots: {waits:?}", i + 1);
+    }
+    println!(
+        "all replicas at index {index}, state {hash}; test took {} s",
+        started.elapsed().as_secs()
+    );
+}
+
+/// A replica that cannot compile a chosen module (made so by a hidden test hook: its
+/// background compiles fail) halts at the upgrade slot with a clear line and a non-zero
+/// exit status, rather than skipping the entry; the other two go on.
+#[test]
+fn a_replica_that_cannot_compile_a_chosen_module_halts() {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_with(dir.path(), |i| {
+        if i == 2 {
+            &["--debug-refuse-compiles"]
+        } else {
+            &[]
+        }
+    });
+    let addrs = cluster.addrs();
+    wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        leader(&cluster)
+    });
+    let deployed = deploy(&cluster, &addrs[0], &kv, false);
+    assert_eq!((deployed.status, &deployed.text), (200, &module_id(&kv)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let child = cluster.nodes[2].child.as_mut().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            cluster.nodes[2].child = None;
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not halt\n{}",
+            cluster.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
+    let log = cluster.log_of(2);
+    let line = format!(
+        "paxwasm: HALT: module {}, chosen at slot {}, does not compile on this replica: \
+         compilation refused by the test hook --debug-refuse-compiles",
+        module_id(&kv),
+        deployed.index
+    );
+    assert!(log.contains(&line), "{log}");
+    // The other two still form a quorum with the module installed.
+    let reply = submit(&addrs[0], b"put a 1", "after-halt").unwrap();
+    assert_eq!((reply.status, reply.text()), (200, "OK".to_string()));
+    assert_eq!(query(&addrs[1], b"get a").text(), "1");
+}
