@@ -79,8 +79,7 @@ fn main() {
         let config = MachineConfig {
             memory_bytes_max: memory_bytes.max(MachineConfig::default().memory_bytes_max),
             memory_initial_pages_max: (memory_bytes / 65536)
-                .max(MachineConfig::default().memory_initial_pages_max as u64)
-                as _,
+                .max(MachineConfig::default().memory_initial_pages_max),
             ..MachineConfig::default()
         };
         let mut applier = Applier::new(1, WasmApp::new(config));
