@@ -63,11 +63,12 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let snapshots = SnapshotDir::open(dir.path()).expect("snapshot dir");
     println!(
-        "{:>8} {:>12} {:>12} {:>12} {:>14} {:>14} {:>12} {:>8}",
+        "{:>8} {:>12} {:>12} {:>12} {:>14} {:>14} {:>14} {:>10} {:>8}",
         "memory",
         "pause min",
         "pause p50",
         "pause max",
+        "full copy p50",
         "memcpy (base)",
         "write+fsync",
         "file MiB",
@@ -77,6 +78,8 @@ fn main() {
         let memory_bytes = memory_mib * MIB;
         let config = MachineConfig {
             memory_bytes_max: memory_bytes.max(MachineConfig::default().memory_bytes_max),
+            memory_initial_pages_max: (memory_bytes / 65536)
+                .max(MachineConfig::default().memory_initial_pages_max),
             ..MachineConfig::default()
         };
         let mut applier = Applier::new(1, WasmApp::new(config));
@@ -89,7 +92,12 @@ fn main() {
             &install_envelope(&guest(memory_bytes / 65536), false),
             &context,
         );
-        assert_eq!(installed[0], 3, "module installed");
+        assert_eq!(
+            installed[0],
+            3,
+            "module not installed: {}",
+            String::from_utf8_lossy(&installed[1..])
+        );
         // Write every page once, so the image is not of untouched zero pages.
         for chunk in 0..memory_bytes / FILL_BYTES {
             applier.machine.apply(
