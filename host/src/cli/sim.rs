@@ -84,6 +84,9 @@ pub fn run(args: SimArgs) -> ExitCode {
         faults.disk_stalls += outcome.faults.disk_stalls;
         faults.stall_crashes += outcome.faults.stall_crashes;
         faults.double_crashes += outcome.faults.double_crashes;
+        faults.changes_accepted += outcome.faults.changes_accepted;
+        faults.changes_refused += outcome.faults.changes_refused;
+        faults.configurations_chosen += outcome.faults.configurations_chosen;
         committed += outcome.committed;
         if outcome.too_complex {
             // No verdict is not a pass: say so with the replay line, like a failure.
@@ -109,6 +112,10 @@ pub fn run(args: SimArgs) -> ExitCode {
     eprintln!(
         "sim: client partitions {}, disk stalls {} ({} ended in a crash), double crashes {}",
         faults.client_partitions, faults.disk_stalls, faults.stall_crashes, faults.double_crashes
+    );
+    eprintln!(
+        "sim: membership changes {} accepted, {} refused, {} configuration entries chosen",
+        faults.changes_accepted, faults.changes_refused, faults.configurations_chosen
     );
     eprintln!("sim: too_complex={too_complex} (seeds without a linearizability verdict)");
     println!(

@@ -30,6 +30,9 @@ pub struct Params {
     /// Catch-up: entries and bytes of client data per `Chosen` message.
     pub catchup_entries_max: usize,
     pub catchup_bytes_max: usize,
+    /// A learner more than this many chosen entries behind the leader is not made a
+    /// voter: it would stall quorums while it catches up.
+    pub learner_lag_entries_max: u64,
     /// PLANTED BUG, for the simulator's teeth test only: a new leader ignores the
     /// values acceptors report in Phase 1 and fills every slot with a no-op.
     #[doc(hidden)]
@@ -59,6 +62,7 @@ impl Default for Params {
             reads_pending_max: 4096,
             catchup_entries_max: 64,
             catchup_bytes_max: 256 * 1024,
+            learner_lag_entries_max: 256,
             bug_ignore_phase1_values: false,
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
