@@ -43,6 +43,10 @@ pub struct SimArgs {
     /// replaying the persist planted-bug test's seeds.
     #[arg(long, hide = true)]
     pub planted_persist_bug: bool,
+    /// Plant the configuration bug (Phase 1 ignores configurations that promises
+    /// reveal); for replaying the configuration planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_config_bug: bool,
 }
 
 fn parse_replicas(text: &str) -> Result<usize, String> {
@@ -66,6 +70,7 @@ pub fn run(args: SimArgs) -> ExitCode {
         options.params.bug_ignore_phase1_values = args.planted_bug;
         options.params.bug_reads_before_ready = args.planted_read_bug;
         options.params.bug_accepted_before_persist = args.planted_persist_bug;
+        options.params.bug_phase1_ignores_revealed_configurations = args.planted_config_bug;
         options
     };
     let outcomes = run_seeds(&seeds, threads, &options_for);

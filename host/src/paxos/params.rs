@@ -47,6 +47,11 @@ pub struct Params {
     /// so a crash can lose a value the leader counted towards a quorum.
     #[doc(hidden)]
     pub bug_accepted_before_persist: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: a candidate counts only
+    /// quorums of the configuration of its chosen prefix, ignoring configurations
+    /// that promises reveal beyond it.
+    #[doc(hidden)]
+    pub bug_phase1_ignores_revealed_configurations: bool,
 }
 
 impl Default for Params {
@@ -66,6 +71,7 @@ impl Default for Params {
             bug_ignore_phase1_values: false,
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
+            bug_phase1_ignores_revealed_configurations: false,
         }
     }
 }

@@ -13,6 +13,7 @@ const TICKS_MAX: u64 = 2_000;
 
 struct Net {
     bootstrap: Configuration,
+    params: Params,
     replicas: BTreeMap<NodeId, Replica>,
     durable: BTreeMap<NodeId, DurableState>,
     /// Messages and persist completions waiting to be handled, in order.
@@ -26,10 +27,15 @@ struct Net {
 
 impl Net {
     fn new(voters: &[NodeId], learners: &[NodeId]) -> Net {
+        Net::with_params(voters, learners, Params::default())
+    }
+
+    fn with_params(voters: &[NodeId], learners: &[NodeId], params: Params) -> Net {
         let bootstrap =
             Configuration::with_learners(voters.iter().copied(), learners.iter().copied());
         let mut net = Net {
             bootstrap: bootstrap.clone(),
+            params: params.clone(),
             replicas: BTreeMap::new(),
             durable: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -39,7 +45,7 @@ impl Net {
             restarts: 0,
         };
         for &id in voters.iter().chain(learners) {
-            let replica = Replica::new(id, bootstrap.clone(), Params::default(), SEED);
+            let replica = Replica::new(id, bootstrap.clone(), params.clone(), SEED);
             net.replicas.insert(id, replica);
             net.durable.insert(id, DurableState::default());
             net.applied.insert(id, Vec::new());
@@ -156,7 +162,7 @@ impl Net {
         let replica = Replica::restart(
             id,
             self.bootstrap.clone(),
-            Params::default(),
+            self.params.clone(),
             SEED + self.restarts,
             durable,
         );
@@ -411,9 +417,10 @@ fn promotion_is_refused_while_the_learner_lags_or_without_a_running_quorum() {
 /// that entry reaches only `reach(leader, x, y)` (y is the third old voter); then the
 /// leader crashes. Returns (net, leader, x, y, slot of the entry).
 fn crash_after_joint_accepted_by(
+    params: Params,
     reach: impl Fn(NodeId, NodeId, NodeId) -> Vec<NodeId>,
 ) -> (Net, NodeId, NodeId, NodeId, Slot) {
-    let mut net = Net::new(&[1, 2, 3], &[4, 5]);
+    let mut net = Net::with_params(&[1, 2, 3], &[4, 5], params);
     let leader = net.elect();
     net.tick_until("learners caught up and heard from", |net| {
         [4, 5].iter().all(|id| {
@@ -450,7 +457,8 @@ fn crash_after_joint_accepted_by(
 
 #[test]
 fn leader_crash_after_joint_entry_accepted_by_a_minority_loses_the_change_safely() {
-    let (mut net, old_leader, x, y, slot) = crash_after_joint_accepted_by(|_, _, _| vec![]);
+    let (mut net, old_leader, x, y, slot) =
+        crash_after_joint_accepted_by(Params::default(), |_, _, _| vec![]);
     let leader = net.elect();
     assert!([x, y].contains(&leader));
     assert_eq!(
@@ -472,7 +480,8 @@ fn leader_crash_after_joint_entry_accepted_by_a_minority_loses_the_change_safely
 fn leader_crash_after_joint_entry_accepted_by_old_majority_only_is_completed() {
     // The leader and y accepted: a majority of old, so the entry is chosen (old
     // governs its own slot), though no new voter but the leader's knows it.
-    let (mut net, old_leader, x, y, slot) = crash_after_joint_accepted_by(|_, _, y| vec![y]);
+    let (mut net, old_leader, x, y, slot) =
+        crash_after_joint_accepted_by(Params::default(), |_, _, y| vec![y]);
     // Keep 4 and 5 away from both survivors: a candidate gets old-majority promises
     // ({x, y}), y's reveals C(old,new), and without 4 or 5 it must not lead.
     for (a, b) in [(x, 4), (x, 5), (y, 4), (y, 5)] {
@@ -517,7 +526,8 @@ fn leader_crash_after_joint_entry_accepted_by_old_majority_only_is_completed() {
 #[test]
 fn leader_crash_after_joint_entry_accepted_by_new_majority_only_is_safe() {
     // 4 and 5 accepted (a majority of new) but only the leader of old: not chosen.
-    let (mut net, old_leader, x, _y, slot) = crash_after_joint_accepted_by(|_, _, _| vec![4, 5]);
+    let (mut net, old_leader, x, _y, slot) =
+        crash_after_joint_accepted_by(Params::default(), |_, _, _| vec![4, 5]);
     let leader = net.elect();
     net.restart(old_leader);
     net.propose(leader, b"after");
@@ -577,4 +587,20 @@ fn leader_not_in_new_configuration_steps_down_once_it_is_chosen() {
         })
     });
     net.assert_one_log();
+}
+
+#[test]
+fn planted_config_bug_leads_without_the_new_majority() {
+    // The same crash point as above with the planted bug: the candidate ignores the
+    // C(old,new) that y's promise reveals and leads with old voters only. This shows
+    // the check above has teeth.
+    let params = Params {
+        bug_phase1_ignores_revealed_configurations: true,
+        ..Params::default()
+    };
+    let (mut net, _, x, y, _) = crash_after_joint_accepted_by(params, |_, _, y| vec![y]);
+    for (a, b) in [(x, 4), (x, 5), (y, 4), (y, 5)] {
+        net.cut_between(a, b);
+    }
+    net.tick_until("the buggy candidate leads", |net| net.leader().is_some());
 }

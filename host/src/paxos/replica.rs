@@ -912,10 +912,11 @@ impl Replica {
         // it), and every one an acceptor reported.
         let quorums = self.config.is_quorum(promised)
             && candidate.base.is_quorum(promised)
-            && candidate
-                .revealed
-                .iter()
-                .all(|config| config.is_quorum(promised));
+            && (self.params.bug_phase1_ignores_revealed_configurations
+                || candidate
+                    .revealed
+                    .iter()
+                    .all(|config| config.is_quorum(promised)));
         if quorums {
             self.become_leader(actions);
         }

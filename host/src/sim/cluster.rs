@@ -198,6 +198,9 @@ impl SimOptions {
         if self.params.bug_accepted_before_persist {
             command.push_str(" --planted-persist-bug");
         }
+        if self.params.bug_phase1_ignores_revealed_configurations {
+            command.push_str(" --planted-config-bug");
+        }
         command
     }
 }
