@@ -283,6 +283,9 @@ fn planted_read_bug_is_caught_within_a_bounded_number_of_seeds() {
     let options_for = |seed| {
         let mut options = SimOptions::for_seed(seed, None, OPS_PER_SEED_READ_BUG);
         options.faults = FaultRates::harsh();
+        // A wiped replica stops voting and takes the crash budget with it, which
+        // makes the leader changes this bug needs rarer.
+        options.faults.disk_wipe_per_million = 0;
         options.params = Params {
             bug_reads_before_ready: true,
             ..Params::default()
@@ -331,6 +334,36 @@ fn planted_persist_bug_is_caught_within_a_bounded_number_of_seeds() {
     let caught = first_violation(PLANTED_PERSIST_BUG_SEEDS_MAX, &options_for)
         .expect("an accept acknowledged before it was persisted went unnoticed");
     report("planted persist bug", &caught, &options_for);
+}
+
+#[test]
+fn planted_compaction_bug_is_caught_within_a_bounded_number_of_seeds() {
+    // Snapshots and compaction are on in every standard seed (interval and margin
+    // vary with the seed); a promise that silently skips compacted slots lets a
+    // lagging candidate overwrite chosen values with no-ops.
+    let options_for = |seed| {
+        let mut options = SimOptions::for_seed(seed, None, OPS_PER_SEED);
+        options.params.bug_promise_over_compacted_slots = true;
+        options
+    };
+    let caught = first_violation(PLANTED_BUG_SEEDS_MAX, &options_for)
+        .expect("a promise over compacted slots went unnoticed");
+    report("planted compaction bug", &caught, &options_for);
+}
+
+#[test]
+fn planted_amnesia_bug_is_caught_within_a_bounded_number_of_seeds() {
+    // A replica that lost its disk forgot the promises and accepts it gave; if it
+    // votes again, a value a quorum once accepted can be overwritten.
+    let options_for = |seed| {
+        let mut options = SimOptions::for_seed(seed, None, OPS_PER_SEED);
+        options.faults = FaultRates::harsh();
+        options.params.bug_amnesic_replica_votes = true;
+        options
+    };
+    let caught = first_violation(PLANTED_PERSIST_BUG_SEEDS_MAX, &options_for)
+        .expect("a wiped replica voting again went unnoticed");
+    report("planted amnesia bug", &caught, &options_for);
 }
 
 #[test]

@@ -62,7 +62,7 @@ impl Cluster {
                     self.answered += self.replies.len() as u64;
                     self.replies.clear();
                 }
-                Action::Reply { .. } | Action::SendSnapshot { .. } => {}
+                Action::Reply { .. } | Action::SendSnapshot { .. } | Action::Compact { .. } => {}
             }
         }
         self.actions = actions;

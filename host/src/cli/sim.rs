@@ -47,6 +47,16 @@ pub struct SimArgs {
     /// reveal); for replaying the configuration planted-bug test's seeds.
     #[arg(long, hide = true)]
     pub planted_config_bug: bool,
+    /// Plant the compaction bug (an acceptor promises over slots it compacted away);
+    /// for replaying the compaction planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_compaction_bug: bool,
+    /// Turn off the disk-wipe fault (a replica losing its whole disk).
+    #[arg(long)]
+    pub no_disk_wipes: bool,
+    /// Plant the amnesia bug (a replica that lost its disk votes again).
+    #[arg(long, hide = true)]
+    pub planted_amnesia_bug: bool,
 }
 
 fn parse_replicas(text: &str) -> Result<usize, String> {
@@ -71,6 +81,11 @@ pub fn run(args: SimArgs) -> ExitCode {
         options.params.bug_reads_before_ready = args.planted_read_bug;
         options.params.bug_accepted_before_persist = args.planted_persist_bug;
         options.params.bug_phase1_ignores_revealed_configurations = args.planted_config_bug;
+        options.params.bug_promise_over_compacted_slots = args.planted_compaction_bug;
+        options.params.bug_amnesic_replica_votes = args.planted_amnesia_bug;
+        if args.no_disk_wipes {
+            options.faults.disk_wipe_per_million = 0;
+        }
         options
     };
     let outcomes = run_seeds(&seeds, threads, &options_for);
@@ -92,6 +107,10 @@ pub fn run(args: SimArgs) -> ExitCode {
         faults.changes_accepted += outcome.faults.changes_accepted;
         faults.changes_refused += outcome.faults.changes_refused;
         faults.configurations_chosen += outcome.faults.configurations_chosen;
+        faults.snapshots_saved += outcome.faults.snapshots_saved;
+        faults.snapshots_sent += outcome.faults.snapshots_sent;
+        faults.snapshots_installed += outcome.faults.snapshots_installed;
+        faults.disk_wipes += outcome.faults.disk_wipes;
         committed += outcome.committed;
         if outcome.too_complex {
             // No verdict is not a pass: say so with the replay line, like a failure.
@@ -121,6 +140,13 @@ pub fn run(args: SimArgs) -> ExitCode {
     eprintln!(
         "sim: membership changes {} accepted, {} refused, {} configuration entries chosen",
         faults.changes_accepted, faults.changes_refused, faults.configurations_chosen
+    );
+    eprintln!(
+        "sim: snapshots saved={} sent={} installed={}; disk wipes (replica back amnesic)={}",
+        faults.snapshots_saved,
+        faults.snapshots_sent,
+        faults.snapshots_installed,
+        faults.disk_wipes
     );
     eprintln!("sim: too_complex={too_complex} (seeds without a linearizability verdict)");
     println!(

@@ -93,4 +93,60 @@ impl DedupTable {
     pub fn clients(&self) -> usize {
         self.latest.len()
     }
+
+    pub fn clients_max(&self) -> usize {
+        self.clients_max
+    }
+
+    /// Appends the table in a deterministic encoding (clients in ascending order):
+    /// `count u64 | per client: client u64, seq u64, slot u64, result len u32, result`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.latest.len() as u64).to_le_bytes());
+        for (client, latest) in &self.latest {
+            out.extend_from_slice(&client.to_le_bytes());
+            out.extend_from_slice(&latest.seq.to_le_bytes());
+            out.extend_from_slice(&latest.slot.to_le_bytes());
+            out.extend_from_slice(&(latest.result.len() as u32).to_le_bytes());
+            out.extend_from_slice(&latest.result);
+        }
+    }
+
+    /// Reads what `encode` wrote; the whole input must be consumed. A table with more
+    /// clients than `clients_max` is refused (every replica must use the same limit).
+    pub fn decode(mut input: &[u8], clients_max: usize) -> Result<DedupTable, &'static str> {
+        fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+            if input.len() < n {
+                return Err("truncated dedup table");
+            }
+            let (head, tail) = input.split_at(n);
+            *input = tail;
+            Ok(head)
+        }
+        fn u64_of(input: &mut &[u8]) -> Result<u64, &'static str> {
+            Ok(u64::from_le_bytes(take(input, 8)?.try_into().unwrap()))
+        }
+        let count = u64_of(&mut input)?;
+        if count > clients_max as u64 {
+            return Err("dedup table larger than the client limit");
+        }
+        let mut table = DedupTable::new(clients_max);
+        let mut previous = None;
+        for _ in 0..count {
+            let client = u64_of(&mut input)?;
+            if previous.is_some_and(|p| p >= client) {
+                return Err("dedup clients out of order");
+            }
+            previous = Some(client);
+            let seq = u64_of(&mut input)?;
+            let slot = u64_of(&mut input)?;
+            let len = u32::from_le_bytes(take(&mut input, 4)?.try_into().unwrap()) as usize;
+            let result = take(&mut input, len)?.to_vec();
+            table.latest.insert(client, Latest { seq, slot, result });
+            table.by_slot.insert((slot, client));
+        }
+        if !input.is_empty() {
+            return Err("trailing bytes after the dedup table");
+        }
+        Ok(table)
+    }
 }

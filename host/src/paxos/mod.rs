@@ -19,7 +19,7 @@ mod reconfig_tests;
 #[cfg(test)]
 mod tests;
 
-pub use apply::{Applier, ApplyContext, StateMachine, STALE_RESULT};
+pub use apply::{Applier, ApplierStateError, ApplyContext, StateMachine, STALE_RESULT};
 pub use config::{Configuration, Membership};
 pub use dedup::{DedupCheck, DedupTable, DEDUP_CLIENTS_MAX};
 pub use params::{Params, LEASE_SAFETY_MARGIN_TICKS};

@@ -33,6 +33,9 @@ pub struct Params {
     /// A learner more than this many chosen entries behind the leader is not made a
     /// voter: it would stall quorums while it catches up.
     pub learner_lag_entries_max: u64,
+    /// Entries kept below a saved snapshot so that a peer lagging by fewer still
+    /// catches up from the log instead of by snapshot transfer.
+    pub compaction_margin_entries: u64,
     /// PLANTED BUG, for the simulator's teeth test only: a new leader ignores the
     /// values acceptors report in Phase 1 and fills every slot with a no-op.
     #[doc(hidden)]
@@ -52,6 +55,15 @@ pub struct Params {
     /// that promises reveal beyond it.
     #[doc(hidden)]
     pub bug_phase1_ignores_revealed_configurations: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: an acceptor promises a
+    /// candidate that needs slots it has compacted away, so the promise cannot
+    /// report them and the candidate may fill chosen slots with no-ops.
+    #[doc(hidden)]
+    pub bug_promise_over_compacted_slots: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: a replica that lost its
+    /// disk votes again as if nothing happened.
+    #[doc(hidden)]
+    pub bug_amnesic_replica_votes: bool,
 }
 
 impl Default for Params {
@@ -71,7 +83,10 @@ impl Default for Params {
             bug_ignore_phase1_values: false,
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
+            compaction_margin_entries: 1000,
             bug_phase1_ignores_revealed_configurations: false,
+            bug_promise_over_compacted_slots: false,
+            bug_amnesic_replica_votes: false,
         }
     }
 }

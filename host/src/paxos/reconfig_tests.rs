@@ -75,7 +75,9 @@ impl Net {
                         .push((slot, value));
                 }
                 Action::Reply { request, outcome } => self.replies.push((id, request, outcome)),
-                Action::SendSnapshot { .. } => panic!("nothing is compacted here"),
+                Action::SendSnapshot { .. } | Action::Compact { .. } => {
+                    panic!("no snapshot is saved here, so nothing is compacted")
+                }
             }
         }
     }

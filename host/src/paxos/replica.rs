@@ -148,6 +148,12 @@ pub struct Status {
     /// This replica in the configuration of its chosen prefix. `Outside` means
     /// removed (or not added yet): it never campaigns.
     pub membership: Membership,
+    /// First slot still in the log: everything below is covered by a snapshot.
+    pub log_start: Slot,
+    /// Slot of the newest snapshot this replica saved or installed (0: none).
+    pub snapshot_slot: Slot,
+    /// Lost its durable state: learns, never votes (`DurableState::amnesic`).
+    pub amnesic: bool,
 }
 
 pub struct Replica {
@@ -162,8 +168,16 @@ pub struct Replica {
     log: BTreeMap<Slot, LogEntry>,
     chosen_index: Slot,
     applied_index: Slot,
-    /// First slot still in the log; compaction (a later issue) raises it.
+    /// The configuration in force at `applied_index` (what a snapshot taken now must
+    /// store); `config` may be ahead of it.
+    applied_config: Configuration,
+    /// First slot still in the log. Every slot below is chosen, applied and covered
+    /// by a durable snapshot; compaction and snapshot installs raise it.
     log_start: Slot,
+    /// Newest durable snapshot of the applied state (0: none).
+    snapshot_slot: Slot,
+    /// See `DurableState::amnesic`.
+    amnesic: bool,
 
     next_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
@@ -186,10 +200,11 @@ impl Replica {
         Replica::restart(id, config, params, seed, DurableState::default())
     }
 
-    /// A replica rebuilt from what it persisted. Unpersisted state is gone. Every chosen
-    /// slot is applied again from slot 1 (snapshots will change the start later). It
-    /// refuses to support other candidates for `election_ticks_min` after starting, as
-    /// it cannot know whether it acknowledged a leader lease just before crashing.
+    /// A replica rebuilt from what it persisted. Unpersisted state is gone. The state
+    /// machine was restored from the snapshot at `durable.snapshot_slot` (or is empty),
+    /// and every chosen slot after it is applied again. It refuses to support other
+    /// candidates for `election_ticks_min` after starting, as it cannot know whether it
+    /// acknowledged a leader lease just before crashing.
     pub fn restart(
         id: NodeId,
         config: Configuration,
@@ -199,8 +214,25 @@ impl Replica {
     ) -> Replica {
         params.validate();
         let mut log = durable.log;
+        // `config` is the configuration in force at the snapshot (or the first one):
+        // configuration entries chosen after it are applied on top, in slot order.
         let mut config = config;
-        for slot in 1..=durable.chosen_index {
+        let applied_config = config.clone();
+        let snapshot_slot = durable.snapshot_slot;
+        let amnesic = durable.amnesic && !params.bug_amnesic_replica_votes;
+        let log_start = durable.log_start.max(1);
+        assert!(
+            log_start <= snapshot_slot + 1,
+            "log compacted to {log_start} beyond the snapshot at {snapshot_slot}"
+        );
+        // Entries the snapshot covers are chosen; the ones the store kept below it
+        // (the compaction margin) still serve lagging peers' catch-up.
+        let chosen_index = durable.chosen_index.max(snapshot_slot);
+        log.retain(|slot, _| *slot >= log_start);
+        for (_, entry) in log.range_mut(..=snapshot_slot) {
+            entry.chosen = true;
+        }
+        for slot in snapshot_slot + 1..=durable.chosen_index {
             let Some(entry) = log.get_mut(&slot) else {
                 panic!(
                     "durable chosen prefix has a hole: replica {id} slot {slot} (chosen index {})",
@@ -217,15 +249,18 @@ impl Replica {
             rng.range(params.election_ticks_min, params.election_ticks_max);
         Replica {
             id,
+            applied_config: applied_config.clone(),
             config,
             params,
             rng,
             promised: durable.promised,
             max_round_seen: durable.promised.round,
             log,
-            chosen_index: durable.chosen_index,
-            applied_index: 0,
-            log_start: 1,
+            chosen_index,
+            applied_index: snapshot_slot,
+            log_start,
+            snapshot_slot,
+            amnesic,
             next_token: 1,
             deferred: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -256,12 +291,22 @@ impl Replica {
             },
             leader_hint: self.leader_hint,
             membership: self.config.membership(self.id),
+            log_start: self.log_start,
+            snapshot_slot: self.snapshot_slot,
+            amnesic: self.amnesic,
         }
     }
 
-    /// The configuration in force after the chosen prefix: it governs the next slot.
+    /// The configuration in force after the chosen prefix: it governs the next slot
+    /// (stored in snapshots).
     pub fn configuration(&self) -> &Configuration {
         &self.config
+    }
+
+    /// The configuration in force at the applied index: the one a snapshot of the
+    /// applied state must store, and what `Apply` of configuration entries reports.
+    pub fn applied_configuration(&self) -> &Configuration {
+        &self.applied_config
     }
 
     /// The log entry this replica holds for `slot`, if any.
@@ -300,6 +345,11 @@ impl Replica {
                 let outcome = self.change_membership(change, force, actions);
                 actions.push(Action::Reply { request, outcome });
             }
+            Event::SnapshotSaved { slot } => self.on_snapshot_saved(slot, actions),
+            Event::SnapshotInstalled {
+                slot,
+                configuration,
+            } => self.on_snapshot_installed(slot, configuration, actions),
         }
         while let Some((from, msg)) = self.inbox.pop_front() {
             self.on_message(from, msg, actions);
@@ -344,6 +394,17 @@ impl Replica {
         {
             let (_, deferred) = self.deferred.pop_front().expect("front checked above");
             match deferred {
+                Deferred::Promise { to, first_slot, .. }
+                    if first_slot < self.log_start
+                        && !self.params.bug_promise_over_compacted_slots =>
+                {
+                    // Compacted while the promise was being persisted: it could no
+                    // longer report every slot the candidate asked for.
+                    actions.push(Action::SendSnapshot {
+                        to,
+                        slot: first_slot,
+                    });
+                }
                 Deferred::Promise {
                     to,
                     ballot,
@@ -467,7 +528,7 @@ impl Replica {
 
     fn start_pre_vote(&mut self, actions: &mut Vec<Action>) {
         self.reset_election_timer();
-        if !self.config.is_voter(self.id) {
+        if !self.config.is_voter(self.id) || self.amnesic {
             return;
         }
         let round = self.max_round_seen.max(self.promised.round) + 1;
@@ -482,6 +543,7 @@ impl Replica {
         self.probe_outsider(from, actions);
         // Stable leadership: while a leader is live (or we lead), nobody gets support.
         let granted = !matches!(self.role, Role::Leader(_))
+            && !self.amnesic
             && (from == self.id || self.heard_elapsed_ticks >= self.params.election_ticks_min);
         let promised = self.promised;
         self.send(
@@ -624,6 +686,10 @@ impl Replica {
         let leader_live = matches!(self.role, Role::Leader(_))
             || (self.heard_elapsed_ticks < self.params.election_ticks_min
                 && self.leader_hint != Some(from));
+        if self.amnesic {
+            // It may have promised a higher ballot before it lost its state.
+            return;
+        }
         if from != self.id && leader_live {
             // Stable leadership and lease safety: while we (may) have acknowledged a
             // live leader's lease, no other candidate gets our promise.
@@ -633,6 +699,16 @@ impl Replica {
         if ballot < self.promised {
             let promised = self.promised;
             self.send(from, Message::Reject { promised }, actions);
+            return;
+        }
+        if first_slot < self.log_start && !self.params.bug_promise_over_compacted_slots {
+            // Slots in first_slot..log_start are chosen but compacted away here, so a
+            // promise could not report them and the candidate might fill them with
+            // no-ops. It gets no promise, and a snapshot to catch up from instead.
+            actions.push(Action::SendSnapshot {
+                to: from,
+                slot: first_slot,
+            });
             return;
         }
         self.promised = ballot;
@@ -699,7 +775,10 @@ impl Replica {
         // is waiting for an earlier persist): the simulator checks promises directly,
         // and this bug must be found through its consequences.
         let promise_durable = !promise_raised && self.deferred.is_empty();
-        if self.params.bug_accepted_before_persist && promise_durable {
+        if self.amnesic {
+            // Stored to learn commits from, never acknowledged: it cannot count
+            // towards a quorum, as it may have promised a higher ballot once.
+        } else if self.params.bug_accepted_before_persist && promise_durable {
             self.send(from, Message::Accepted { ballot, slot }, actions);
         } else {
             self.deferred.push_back((
@@ -770,8 +849,14 @@ impl Replica {
                 entry.chosen,
                 "applying slot {slot} that is not known chosen"
             );
-            if let Value::Batch(batch) = &entry.value {
-                self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+            match &entry.value {
+                Value::Batch(batch) => {
+                    self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+                }
+                Value::Configuration(config) => {
+                    self.applied_config = Configuration::clone(config);
+                }
+                Value::Noop => {}
             }
             actions.push(Action::Apply {
                 slot,
@@ -850,6 +935,60 @@ impl Replica {
             },
             actions,
         );
+    }
+
+    // ---- snapshots and compaction -----------------------------------------------------
+
+    fn on_snapshot_saved(&mut self, slot: Slot, actions: &mut Vec<Action>) {
+        assert!(
+            slot <= self.applied_index,
+            "snapshot at {slot} is ahead of the applied index {}",
+            self.applied_index
+        );
+        self.snapshot_slot = self.snapshot_slot.max(slot);
+        let below = slot.saturating_sub(self.params.compaction_margin_entries) + 1;
+        self.compact_below(below, actions);
+    }
+
+    fn on_snapshot_installed(
+        &mut self,
+        slot: Slot,
+        configuration: Configuration,
+        actions: &mut Vec<Action>,
+    ) {
+        if slot <= self.applied_index {
+            return;
+        }
+        // Every slot up to `slot` is chosen (the snapshot is of an applied state), so
+        // whatever this replica holds for them is either the chosen value or an
+        // accepted one that lost: both are dropped.
+        if self.own_ballot().is_some() {
+            // A peer applied past what this leader or candidate knows chosen, so a
+            // higher ballot has decided slots: this one is deposed, and its Phase 1
+            // or proposals start from a stale slot.
+            self.become_follower(actions);
+        }
+        self.snapshot_slot = slot;
+        self.applied_index = slot;
+        self.applied_config = configuration.clone();
+        if self.chosen_index < slot {
+            // The configuration entries up to `slot` are skipped: the snapshot's
+            // configuration is the one in force after them.
+            self.chosen_index = slot;
+            self.configuration_chosen(slot, configuration, actions);
+        }
+        self.compact_below(slot + 1, actions);
+        self.advance_chosen_index(actions);
+    }
+
+    fn compact_below(&mut self, below: Slot, actions: &mut Vec<Action>) {
+        if below <= self.log_start {
+            return;
+        }
+        debug_assert!(below <= self.applied_index + 1);
+        self.log = self.log.split_off(&below);
+        self.log_start = below;
+        actions.push(Action::Compact { below });
     }
 
     // ---- leader ----------------------------------------------------------------------

@@ -1302,3 +1302,311 @@ fn restarted_leader_whose_own_promise_was_lost_never_reuses_its_ballot() {
     };
     assert_eq!(sends(&actions), vec![(2, prepare.clone()), (3, prepare)]);
 }
+
+// ---- snapshots and compaction ----------------------------------------------------------
+
+fn leader_with_four_chosen_slots(params: Params) -> Replica {
+    let mut leader = Replica::new(1, three(), params, SEED);
+    let mut pending = elect(&mut leader);
+    for request in 0..3 {
+        pending.extend(leader.step(Event::Propose {
+            request,
+            command: command(b"c", 0, 0),
+        }));
+    }
+    ack_from_2(&mut leader, &pending);
+    assert_eq!(leader.status().applied_index, 4);
+    leader
+}
+
+#[test]
+fn saved_snapshot_compacts_below_the_margin_and_lagging_peers_get_a_snapshot() {
+    let params = Params {
+        compaction_margin_entries: 1,
+        ..Params::default()
+    };
+    let mut leader = leader_with_four_chosen_slots(params);
+    let last = leader.entry(4).expect("chosen").value.clone();
+    assert_eq!(
+        leader.step(Event::SnapshotSaved { slot: 4 }),
+        vec![Action::Compact { below: 4 }],
+        "one entry under the snapshot stays for lagging peers"
+    );
+    let status = leader.status();
+    assert_eq!((status.log_start, status.snapshot_slot), (4, 4));
+    assert_eq!(leader.entry(3), None);
+    let b = ballot(1, 1);
+    // A peer that still needs slot 1 can only be caught up by a snapshot...
+    let far_behind = Message::HeartbeatAck {
+        ballot: b,
+        seq: 1,
+        chosen_index: 0,
+    };
+    assert_eq!(
+        leader.step(message(3, far_behind)),
+        vec![Action::SendSnapshot { to: 3, slot: 1 }]
+    );
+    // ...one within the margin still gets log entries.
+    let within_margin = Message::HeartbeatAck {
+        ballot: b,
+        seq: 1,
+        chosen_index: 3,
+    };
+    assert_eq!(
+        leader.step(message(2, within_margin)),
+        vec![Action::Send {
+            to: 2,
+            msg: Message::Chosen {
+                ballot: b,
+                entries: vec![(4, last)],
+                chosen_index: 4
+            }
+        }]
+    );
+    // An older snapshot never moves the log start back.
+    assert_eq!(leader.step(Event::SnapshotSaved { slot: 2 }), vec![]);
+    assert_eq!(leader.status().log_start, 4);
+}
+
+#[test]
+fn acceptor_never_promises_a_candidate_that_needs_compacted_slots() {
+    // Restarted from a snapshot at 4 with everything below compacted away.
+    let durable = DurableState {
+        snapshot_slot: 4,
+        log_start: 5,
+        chosen_index: 4,
+        ..DurableState::default()
+    };
+    let mut acceptor = Replica::restart(2, three(), Params::default(), SEED, durable);
+    // A restarted replica supports no candidate for an election timeout.
+    for _ in 0..Params::default().election_ticks_min {
+        tick(&mut acceptor);
+    }
+    let promised = acceptor.status().promised;
+    // A candidate whose chosen prefix ends at 2: slots 3 and 4 are chosen but gone
+    // here, so a promise could not report them.
+    let actions = acceptor.step(message(
+        3,
+        Message::Prepare {
+            ballot: ballot(9, 3),
+            first_slot: 3,
+        },
+    ));
+    let persists = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Persist { .. }))
+        .count();
+    assert_eq!(persists, 0, "no promise is made: {actions:?}");
+    assert!(actions.contains(&Action::SendSnapshot { to: 3, slot: 3 }));
+    assert!(!sends(&actions)
+        .iter()
+        .any(|(_, msg)| matches!(msg, Message::Promise { .. })));
+    assert_eq!(acceptor.status().promised, promised);
+}
+
+#[test]
+fn installed_snapshot_counts_as_applied_and_the_log_continues_after_it() {
+    let mut follower = Replica::new(2, three(), Params::default(), SEED);
+    // An entry accepted before the install, below the snapshot: dropped with it.
+    let b = ballot(1, 1);
+    let early = Message::Accept {
+        ballot: b,
+        slot: 3,
+        value: batch(b"old", 1),
+        chosen_index: 0,
+    };
+    let actions = follower.step(message(1, early));
+    persist_all(&mut follower, &actions);
+    assert_eq!(
+        follower.step(Event::SnapshotInstalled {
+            slot: 10,
+            configuration: three(),
+        }),
+        vec![Action::Compact { below: 11 }],
+        "no Apply for the slots the snapshot covers"
+    );
+    let status = follower.status();
+    assert_eq!(
+        (
+            status.chosen_index,
+            status.applied_index,
+            status.log_start,
+            status.snapshot_slot
+        ),
+        (10, 10, 11, 10)
+    );
+    assert_eq!(follower.entry(3), None);
+    // An older snapshot arriving late changes nothing.
+    assert_eq!(
+        follower.step(Event::SnapshotInstalled {
+            slot: 7,
+            configuration: three(),
+        }),
+        vec![]
+    );
+    let value = batch(b"next", 2);
+    let accept = Message::Accept {
+        ballot: b,
+        slot: 11,
+        value: value.clone(),
+        chosen_index: 0,
+    };
+    let actions = follower.step(message(1, accept));
+    persist_all(&mut follower, &actions);
+    let heartbeat = Message::Heartbeat {
+        ballot: b,
+        seq: 1,
+        chosen_index: 11,
+    };
+    let actions = follower.step(message(1, heartbeat));
+    let applied: Vec<&Action> = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Apply { .. }))
+        .collect();
+    assert_eq!(applied, vec![&Action::Apply { slot: 11, value }]);
+}
+
+#[test]
+fn restart_from_a_snapshot_replays_only_the_log_after_it() {
+    let mut durable = DurableState {
+        snapshot_slot: 10,
+        log_start: 8,
+        chosen_index: 11,
+        ..DurableState::default()
+    };
+    for slot in 8..=12 {
+        durable.log.insert(
+            slot,
+            LogEntry {
+                ballot: ballot(1, 1),
+                value: batch(b"v", slot),
+                chosen: false,
+            },
+        );
+    }
+    let mut replica = Replica::restart(2, three(), Params::default(), SEED, durable);
+    let status = replica.status();
+    assert_eq!(
+        (
+            status.applied_index,
+            status.chosen_index,
+            status.log_start,
+            status.snapshot_slot
+        ),
+        (10, 11, 8, 10)
+    );
+    assert!(replica.entry(9).expect("kept for catch-up").chosen);
+    assert!(!replica.entry(12).expect("accepted").chosen);
+    assert_eq!(
+        tick(&mut replica),
+        vec![Action::Apply {
+            slot: 11,
+            value: batch(b"v", 11)
+        }]
+    );
+}
+
+#[test]
+fn applier_state_round_trips_and_refuses_damaged_input() {
+    let mut applier = Applier::new(1, Counter { applied: 0 });
+    let keyed = |client, seq, payload: &[u8]| Command {
+        payload: payload.to_vec(),
+        idempotency_key: Some(IdempotencyKey { client, seq }),
+        origin: Origin {
+            node: 2,
+            request: 0,
+        },
+    };
+    let value = Value::Batch(Arc::new(Batch {
+        commands: vec![keyed(7, 1, b"a"), keyed(3, 5, b"b")],
+        timestamp_ms: 1_234,
+        seed: 0,
+    }));
+    applier.apply(1, &value, &mut Vec::new());
+    let exported = applier.export_state();
+    let mut other = Applier::new(1, Counter { applied: 2 });
+    other.import_state(&exported).expect("round trip");
+    assert_eq!(other.applied_index, 1);
+    assert_eq!(other.clock_ms(), 1_234);
+    assert_eq!(other.dedup, applier.dedup);
+    assert_eq!(other.export_state(), exported, "deterministic encoding");
+    // A retry after the import gets the first result, not a second apply.
+    let retry = Value::Batch(Arc::new(Batch {
+        commands: vec![keyed(7, 1, b"a")],
+        timestamp_ms: 0,
+        seed: 0,
+    }));
+    let mut replies = Vec::new();
+    other.apply(2, &retry, &mut replies);
+    assert_eq!(other.machine.applied, 2, "not applied again");
+    for damaged in [
+        &exported[..exported.len() - 1],
+        &exported[1..],
+        &[exported.as_slice(), b"x"].concat()[..],
+    ] {
+        let mut fresh = Applier::new(1, Counter { applied: 0 });
+        assert!(fresh.import_state(damaged).is_err());
+        assert_eq!(fresh.applied_index, 0, "nothing changes on error");
+    }
+}
+
+#[test]
+fn amnesic_replica_learns_but_never_votes() {
+    let durable = DurableState {
+        amnesic: true,
+        ..DurableState::default()
+    };
+    let mut replica = Replica::restart(2, three(), Params::default(), SEED, durable);
+    assert!(replica.status().amnesic);
+    // No campaign of its own, ever.
+    for _ in 0..3 * Params::default().election_ticks_max {
+        let actions = tick(&mut replica);
+        assert!(sends(&actions).is_empty(), "{actions:?}");
+    }
+    // No pre-vote grant and no promise.
+    let actions = replica.step(message(1, Message::PreVote { round: 1 }));
+    assert_eq!(
+        sends(&actions),
+        vec![(
+            1,
+            Message::PreVoteReply {
+                round: 1,
+                granted: false,
+                promised: Ballot::ZERO
+            }
+        )]
+    );
+    let b = ballot(1, 1);
+    let actions = replica.step(message(
+        1,
+        Message::Prepare {
+            ballot: b,
+            first_slot: 1,
+        },
+    ));
+    assert_eq!(actions, vec![]);
+    // Accepts are stored (to learn commits) but never acknowledged.
+    let value = batch(b"v", 1);
+    let actions = replica.step(message(
+        1,
+        Message::Accept {
+            ballot: b,
+            slot: 1,
+            value: value.clone(),
+            chosen_index: 0,
+        },
+    ));
+    let after = persist_all(&mut replica, &actions);
+    assert!(!sends(&after)
+        .iter()
+        .any(|(_, msg)| matches!(msg, Message::Accepted { .. })));
+    let actions = replica.step(message(
+        1,
+        Message::Heartbeat {
+            ballot: b,
+            seq: 1,
+            chosen_index: 1,
+        },
+    ));
+    assert!(actions.contains(&Action::Apply { slot: 1, value }));
+}

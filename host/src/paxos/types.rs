@@ -191,6 +191,23 @@ pub enum Event {
         request: RequestId,
         mode: ReadMode,
     },
+    /// The runtime has made a snapshot of the applied state at `slot` durable
+    /// (`slot` <= the applied index). The core may now forget entries below it, keeping
+    /// `Params::compaction_margin_entries` of them for lagging peers, and answers with
+    /// `Action::Compact`.
+    SnapshotSaved {
+        slot: Slot,
+    },
+    /// The runtime has replaced the state machine (machine and applier) with a
+    /// snapshot of the applied state at `slot`, and that snapshot is durable. Slots up
+    /// to `slot` count as chosen and applied; no `Apply` is emitted for them. Ignored
+    /// when `slot` is not above the applied index.
+    SnapshotInstalled {
+        slot: Slot,
+        /// The configuration in force at `slot` (stored in the snapshot): the runtime
+        /// takes it from `Replica::applied_configuration()` when it makes a snapshot.
+        configuration: Configuration,
+    },
     /// An operator asks the leader to change the membership. Answered with a `Reply`
     /// carrying `ChangeAccepted` (proposed at that slot), `ChangeRefused` or
     /// `NotLeader`.
@@ -256,12 +273,25 @@ pub struct PersistRecord {
     pub chosen_index: Option<Slot>,
 }
 
-/// What a replica restarts from: everything ever persisted, folded together.
+/// What a replica restarts from: everything ever persisted, folded together, plus
+/// the newest snapshot the runtime restored its state machine from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DurableState {
     pub promised: Ballot,
     pub log: BTreeMap<Slot, LogEntry>,
     pub chosen_index: Slot,
+    /// Slot of the snapshot the state machine was restored from (0: none, the state
+    /// machine starts empty). Slots up to it are chosen and applied.
+    pub snapshot_slot: Slot,
+    /// First slot the store still holds (0 or 1: nothing was compacted). Everything
+    /// below was compacted away and is covered by the snapshot.
+    pub log_start: Slot,
+    /// This replica lost its durable state (a wiped data directory) after it had
+    /// taken part. It forgot promises and accepts it gave, and Paxos counts on
+    /// acceptors never forgetting, so it must never vote again under this identity:
+    /// it learns the log and snapshots, but never promises, acknowledges an accept,
+    /// grants a pre-vote or campaigns. Only a membership change can give it a vote.
+    pub amnesic: bool,
 }
 
 impl DurableState {
@@ -325,11 +355,17 @@ pub enum Action {
         request: RequestId,
         outcome: Outcome,
     },
-    /// Hook for log compaction: `to` needs entries below this leader's log start and
-    /// must be sent a snapshot covering at least `slot`. Never emitted until a later
-    /// issue compacts the log.
+    /// `to` needs slots from `slot` on, and this replica compacted some of them away:
+    /// ship `to` the newest durable snapshot (it covers at least `slot - 1`). Emitted
+    /// again on every heartbeat acknowledgement while `to` lags; the runtime keeps at
+    /// most one transfer per peer.
     SendSnapshot {
         to: NodeId,
         slot: Slot,
+    },
+    /// Delete the store's log entries below `below`. Only emitted after a snapshot
+    /// covering them was reported durable (`SnapshotSaved` or `SnapshotInstalled`).
+    Compact {
+        below: Slot,
     },
 }

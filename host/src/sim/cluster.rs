@@ -74,6 +74,11 @@ pub struct FaultRates {
     /// Per tick: the simulator asks the leader for a random membership change (add
     /// a learner, promote, remove, replace a majority, remove the leader).
     pub membership_change_per_million: u64,
+    /// Per tick, at most once per run: a replica crashes and loses its whole disk
+    /// (log, promises, snapshots). It comes back amnesic: it catches up from the log
+    /// or a snapshot but never votes again (`DurableState::amnesic`), so from then on
+    /// it counts as down for the crash budget.
+    pub disk_wipe_per_million: u64,
 }
 
 impl Default for FaultRates {
@@ -99,6 +104,7 @@ impl Default for FaultRates {
             double_crash_per_million: 4_000,
             clock_offset_ms_max: 2_000,
             membership_change_per_million: 10_000,
+            disk_wipe_per_million: 1_000,
         }
     }
 }
@@ -129,6 +135,7 @@ impl FaultRates {
             double_crash_per_million: 8_000,
             clock_offset_ms_max: 5_000,
             membership_change_per_million: 20_000,
+            disk_wipe_per_million: 2_000,
         }
     }
 }
@@ -158,6 +165,12 @@ pub struct SimOptions {
     pub client_attempts_max: u32,
     /// A client waits up to this many ticks between operations.
     pub client_think_ticks_max: u64,
+    /// Each replica snapshots its applied state every this many applied slots (0:
+    /// never); writing a snapshot takes up to `snapshot_write_ticks_max` ticks, and a
+    /// crash before it is durable loses it. Durable snapshots let the core compact
+    /// its log, so lagging replicas catch up by snapshot transfer.
+    pub snapshot_every_slots: u64,
+    pub snapshot_write_ticks_max: u64,
 }
 
 impl SimOptions {
@@ -177,7 +190,17 @@ impl SimOptions {
             client_timeout_ticks: 60,
             client_attempts_max: 3,
             client_think_ticks_max: 30,
+            // Derived from the seed so that the replay command needs no new flag,
+            // and varied so that compaction lands at many different points.
+            snapshot_every_slots: 3 + seed % 11,
+            snapshot_write_ticks_max: 1 + seed % 7,
         }
+        .with_compaction_margin(seed % 5)
+    }
+
+    fn with_compaction_margin(mut self, entries: u64) -> SimOptions {
+        self.params.compaction_margin_entries = entries;
+        self
     }
 
     /// The one-line command that replays this run.
@@ -186,7 +209,12 @@ impl SimOptions {
             "cargo run --release -p paxwasm -- sim --seeds 1 --seed {} --replicas {} --ops {}",
             self.seed, self.replicas, self.ops
         );
-        if self.faults == FaultRates::harsh() {
+        let mut faults = self.faults.clone();
+        if faults.disk_wipe_per_million == 0 {
+            command.push_str(" --no-disk-wipes");
+            faults.disk_wipe_per_million = FaultRates::harsh().disk_wipe_per_million;
+        }
+        if faults == FaultRates::harsh() {
             command.push_str(" --faults harsh");
         }
         if self.params.bug_ignore_phase1_values {
@@ -200,6 +228,12 @@ impl SimOptions {
         }
         if self.params.bug_phase1_ignores_revealed_configurations {
             command.push_str(" --planted-config-bug");
+        }
+        if self.params.bug_promise_over_compacted_slots {
+            command.push_str(" --planted-compaction-bug");
+        }
+        if self.params.bug_amnesic_replica_votes {
+            command.push_str(" --planted-amnesia-bug");
         }
         command
     }
@@ -243,6 +277,13 @@ pub struct FaultCounts {
     pub changes_refused: u64,
     /// Configuration entries chosen (C(old,new), C(new) and learner changes).
     pub configurations_chosen: u64,
+    /// Snapshots made durable, snapshot transfers sent, and snapshots installed by
+    /// a receiver (a transfer lost to a drop or a crash is never installed).
+    pub snapshots_saved: u64,
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
+    /// Replicas that lost their disk and came back amnesic.
+    pub disk_wipes: u64,
 }
 
 /// Runs one seed. A panic inside the core or the simulator (a broken assertion) is
@@ -271,12 +312,69 @@ pub fn run_seed(options: &SimOptions) -> SeedOutcome {
     }
 }
 
+/// A snapshot of a replica's applied state: what a real replica writes to disk and
+/// ships to lagging peers (the applier's export carries the dedup table and clock).
+#[derive(Clone)]
+struct SimSnapshot {
+    slot: Slot,
+    machine: KvMachine,
+    applier_state: Vec<u8>,
+    /// The configuration in force at `slot`.
+    configuration: Configuration,
+}
+
+impl SimSnapshot {
+    fn of(applier: &Applier<KvMachine>, configuration: &Configuration) -> SimSnapshot {
+        SimSnapshot {
+            slot: applier.applied_index,
+            machine: applier.machine.clone(),
+            applier_state: applier.export_state(),
+            configuration: configuration.clone(),
+        }
+    }
+
+    /// Rebuilds the applier exactly as it was when the snapshot was taken.
+    fn restore(&self, id: NodeId) -> Applier<KvMachine> {
+        let mut applier = Applier::new(id, self.machine.clone());
+        applier
+            .import_state(&self.applier_state)
+            .expect("a snapshot's own export imports");
+        assert_eq!(applier.applied_index, self.slot);
+        applier
+    }
+}
+
+/// A durable write of one replica, completing in order with the others.
+enum DiskWrite {
+    Persist {
+        token: u64,
+        record: PersistRecord,
+    },
+    /// Log deletion below a durable snapshot (ordered after earlier persists, as
+    /// the store applies batches in submission order).
+    Compact {
+        below: Slot,
+    },
+    /// A snapshot this replica took; `SnapshotSaved` follows when it is durable.
+    SaveSnapshot(SimSnapshot),
+    /// A snapshot received from a peer; `SnapshotInstalled` follows when durable.
+    InstallSnapshot(SimSnapshot),
+}
+
 struct Node {
     replica: Option<Replica>,
     applier: Applier<KvMachine>,
+    /// The configuration in force at the applier's slot, followed from the applied
+    /// stream (`Apply` of configuration entries) as a runtime would; snapshots
+    /// store it.
+    applied_config: Configuration,
     durable: DurableState,
-    /// Outstanding persists, completing in order: (done tick, token, record).
-    persists: VecDeque<(u64, u64, PersistRecord)>,
+    /// Newest durable snapshots, oldest first (at most two are kept).
+    snapshots: Vec<SimSnapshot>,
+    /// Outstanding disk writes, completing in order: (done tick, write).
+    persists: VecDeque<(u64, DiskWrite)>,
+    /// Peers this replica is shipping a snapshot to (one transfer per peer).
+    sending_snapshot_to: BTreeSet<NodeId>,
     restart_at: u64,
     restarts: u64,
     /// In-memory promise seen at the last check; must never decrease while up.
@@ -349,6 +447,11 @@ struct Sim {
     config: Configuration,
     nodes: Vec<Node>,
     network: BTreeMap<(u64, u64), (NodeId, NodeId, Message)>,
+    /// Snapshot transfers in flight, keyed like `network`: (from, to, snapshot).
+    snapshot_network: BTreeMap<(u64, u64), (NodeId, NodeId, SimSnapshot)>,
+    /// Ground truth of snapshots: the machine state every replica must have after
+    /// applying through a slot.
+    snapshot_states: HashMap<Slot, KvMachine>,
     network_seq: u64,
     blocked: BTreeSet<(NodeId, NodeId)>,
     partition_until: u64,
@@ -392,6 +495,7 @@ impl Sim {
         let mut nodes: Vec<Node> = ids
             .iter()
             .map(|&id| Node {
+                applied_config: config.clone(),
                 replica: Some(Replica::new(
                     id,
                     config.clone(),
@@ -400,7 +504,9 @@ impl Sim {
                 )),
                 applier: Applier::new(id, KvMachine::default()),
                 durable: DurableState::default(),
+                snapshots: Vec::new(),
                 persists: VecDeque::new(),
+                sending_snapshot_to: BTreeSet::new(),
                 restart_at: 0,
                 restarts: 0,
                 last_promised: Ballot::ZERO,
@@ -429,6 +535,8 @@ impl Sim {
             config,
             nodes,
             network: BTreeMap::new(),
+            snapshot_network: BTreeMap::new(),
+            snapshot_states: HashMap::new(),
             network_seq: 0,
             blocked: BTreeSet::new(),
             partition_until: 0,
@@ -555,6 +663,13 @@ impl Sim {
             let (from, to, msg) = entry.remove();
             self.step_replica(to, Event::Message { from, msg });
         }
+        while let Some(entry) = self.snapshot_network.first_entry() {
+            if entry.key().0 > self.tick {
+                break;
+            }
+            let (from, to, snapshot) = entry.remove();
+            self.deliver_snapshot(from, to, snapshot);
+        }
         while let Some(entry) = self.client_network.first_entry() {
             if entry.key().0 > self.tick {
                 break;
@@ -569,13 +684,10 @@ impl Sim {
             while self.nodes[index]
                 .persists
                 .front()
-                .is_some_and(|(done, _, _)| *done <= self.tick)
+                .is_some_and(|(done, _)| *done <= self.tick)
             {
-                let (_, token, record) = self.nodes[index].persists.pop_front().expect("checked");
-                let id = index as NodeId + 1;
-                self.record_durable(id, &record);
-                self.nodes[index].durable.apply(&record);
-                self.step_replica(id, Event::Persisted { token });
+                let (_, write) = self.nodes[index].persists.pop_front().expect("checked");
+                self.complete_write(index, write);
             }
         }
         for id in 1..=self.nodes.len() as NodeId {
@@ -680,6 +792,9 @@ impl Sim {
             self.counts.double_crashes += 1;
             self.crash_one(true);
             self.crash_one(false);
+        }
+        if self.counts.disk_wipes == 0 && self.rng.chance(faults.disk_wipe_per_million) {
+            self.wipe_one();
         }
         if self.rng.chance(faults.crash_per_million) {
             let leader_first = self.rng.chance(500_000);
@@ -811,20 +926,46 @@ impl Sim {
     /// of replicas outside them are always allowed), so the fault phase keeps making
     /// progress now and then.
     fn may_crash(&self, victim: usize) -> bool {
+        // An amnesic replica (lost its disk) never votes: it counts as down.
         let up = |id: NodeId| {
             let index = (id - 1) as usize;
-            index != victim && self.nodes[index].replica.is_some()
+            let node = &self.nodes[index];
+            index != victim && node.replica.is_some() && !node.durable.amnesic
         };
         self.active_configurations()
             .iter()
             .all(|config| config.is_quorum(up))
     }
 
+    /// Replicas that cannot vote: crashed, or amnesic after a disk wipe.
     fn down(&self) -> usize {
         self.nodes
             .iter()
-            .filter(|node| node.replica.is_none())
+            .filter(|node| node.replica.is_none() || node.durable.amnesic)
             .count()
+    }
+
+    /// A random live replica crashes and loses its disk: it restarts amnesic.
+    fn wipe_one(&mut self) {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].replica.is_some())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let victim = live[self.rng.range(0, live.len() as u64) as usize];
+        if !self.may_crash(victim) {
+            return;
+        }
+        self.crash(victim);
+        self.counts.disk_wipes += 1;
+        let node = &mut self.nodes[victim];
+        node.durable = DurableState {
+            amnesic: true,
+            ..DurableState::default()
+        };
+        node.snapshots.clear();
+        node.last_promised = Ballot::ZERO;
     }
 
     fn leader_index(&self) -> Option<usize> {
@@ -862,6 +1003,7 @@ impl Sim {
         let node = &mut self.nodes[victim];
         node.replica = None;
         node.persists.clear();
+        node.sending_snapshot_to.clear();
         node.disk_stalled = false;
         node.disk_stalled_until = 0;
         node.restart_at = self.tick + down_ticks;
@@ -914,16 +1056,21 @@ impl Sim {
             node.restarts += 1;
             let id = index as NodeId + 1;
             let seed = self.options.seed ^ node.restarts.wrapping_mul(0x9E37_79B9);
+            // Like a real replica: restore the newest durable snapshot, then replay.
+            (node.applier, node.applied_config) = match node.snapshots.last() {
+                Some(snapshot) => (snapshot.restore(id), snapshot.configuration.clone()),
+                None => (Applier::new(id, KvMachine::default()), self.config.clone()),
+            };
+            node.durable.snapshot_slot = node.applier.applied_index;
             let replica = Replica::restart(
                 id,
-                self.config.clone(),
+                node.applied_config.clone(),
                 self.options.params.clone(),
                 seed,
                 node.durable.clone(),
             );
             node.last_promised = replica.status().promised;
             node.replica = Some(replica);
-            node.applier = Applier::new(id, KvMachine::default());
         }
     }
 
@@ -950,13 +1097,9 @@ impl Sim {
                 let delay = self
                     .rng
                     .range(faults.persist_ticks_min, faults.persist_ticks_max + 1);
-                let last = self.nodes[index]
-                    .persists
-                    .back()
-                    .map_or(0, |(done, _, _)| *done);
-                let done = last.max(self.tick + delay);
-                self.nodes[index].persists.push_back((done, token, record));
+                self.queue_write(index, delay, DiskWrite::Persist { token, record });
             }
+            Action::Compact { below } => self.queue_write(index, 0, DiskWrite::Compact { below }),
             Action::Send { to, msg } => {
                 if let Message::Promise { ballot, .. } | Message::Accepted { ballot, .. } = &msg {
                     let durable = self.nodes[index].durable.promised;
@@ -970,16 +1113,191 @@ impl Sim {
                 self.check_applied(id, slot, &value);
                 let mut replies = std::mem::take(&mut self.replies);
                 self.nodes[index].applier.apply(slot, &value, &mut replies);
+                if let Value::Configuration(config) = &value {
+                    self.nodes[index].applied_config = Configuration::clone(config);
+                }
+                if let Some(replica) = &self.nodes[index].replica {
+                    // The applied stream and the core agree on the configuration
+                    // once the core has applied this far too.
+                    if replica.status().applied_index == slot
+                        && replica.applied_configuration() != &self.nodes[index].applied_config
+                    {
+                        self.fail(format!(
+                            "replica {id} reports another applied configuration at slot {slot}"
+                        ));
+                    }
+                }
                 for (request, result) in replies.drain(..) {
                     self.respond(id, request, Response::Applied(result));
                 }
                 self.replies = replies;
+                self.maybe_snapshot(index);
             }
             Action::Reply { request, outcome } => self.on_reply(id, request, outcome),
-            Action::SendSnapshot { to, slot } => {
-                self.fail(format!("replica {id} asked to send a snapshot to {to} at slot {slot}, but logs are never compacted"));
+            Action::SendSnapshot { to, slot } => self.send_snapshot(id, to, slot),
+        }
+    }
+
+    fn queue_write(&mut self, index: usize, delay: u64, write: DiskWrite) {
+        let last = self.nodes[index]
+            .persists
+            .back()
+            .map_or(0, |(done, _)| *done);
+        let done = last.max(self.tick + delay);
+        self.nodes[index].persists.push_back((done, write));
+    }
+
+    fn complete_write(&mut self, index: usize, write: DiskWrite) {
+        let id = index as NodeId + 1;
+        match write {
+            DiskWrite::Persist { token, record } => {
+                self.record_durable(id, &record);
+                self.nodes[index].durable.apply(&record);
+                self.step_replica(id, Event::Persisted { token });
+            }
+            DiskWrite::Compact { below } => {
+                let snapshot_slot = self.nodes[index].durable.snapshot_slot;
+                if snapshot_slot + 1 < below {
+                    self.fail(format!(
+                        "replica {id} compacted below {below} with its newest snapshot at {snapshot_slot}"
+                    ));
+                }
+                let durable = &mut self.nodes[index].durable;
+                durable.log = durable.log.split_off(&below);
+                durable.log_start = durable.log_start.max(below);
+            }
+            DiskWrite::SaveSnapshot(snapshot) => {
+                let slot = snapshot.slot;
+                self.keep_snapshot(index, snapshot);
+                self.counts.snapshots_saved += 1;
+                self.step_replica(id, Event::SnapshotSaved { slot });
+            }
+            DiskWrite::InstallSnapshot(snapshot) => {
+                // Applied past it meanwhile (caught up from the log): nothing to do.
+                if snapshot.slot <= self.nodes[index].applier.applied_index {
+                    return;
+                }
+                let slot = snapshot.slot;
+                let configuration = snapshot.configuration.clone();
+                self.nodes[index].applier = snapshot.restore(id);
+                self.nodes[index].applied_config = configuration.clone();
+                self.keep_snapshot(index, snapshot);
+                self.counts.snapshots_installed += 1;
+                self.step_replica(
+                    id,
+                    Event::SnapshotInstalled {
+                        slot,
+                        configuration,
+                    },
+                );
             }
         }
+    }
+
+    /// Makes `snapshot` the newest durable one (unless a newer one is kept already).
+    fn keep_snapshot(&mut self, index: usize, snapshot: SimSnapshot) {
+        let node = &mut self.nodes[index];
+        if node
+            .snapshots
+            .last()
+            .is_some_and(|newest| newest.slot >= snapshot.slot)
+        {
+            return;
+        }
+        node.durable.snapshot_slot = snapshot.slot;
+        node.snapshots.push(snapshot);
+        if node.snapshots.len() > 2 {
+            node.snapshots.remove(0);
+        }
+    }
+
+    /// Every `snapshot_every_slots` applied slots, the replica writes a snapshot.
+    fn maybe_snapshot(&mut self, index: usize) {
+        let every = self.options.snapshot_every_slots;
+        let applied = self.nodes[index].applier.applied_index;
+        if every == 0 || !applied.is_multiple_of(every) {
+            return;
+        }
+        let snapshot = SimSnapshot::of(
+            &self.nodes[index].applier,
+            &self.nodes[index].applied_config,
+        );
+        match self.snapshot_states.get(&applied) {
+            Some(state) if *state != snapshot.machine => {
+                self.fail(format!(
+                    "replica {} has a different state than another replica after slot {applied}",
+                    index + 1
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.snapshot_states
+                    .insert(applied, snapshot.machine.clone());
+            }
+        }
+        let delay = self.rng.range(0, self.options.snapshot_write_ticks_max + 1);
+        self.queue_write(index, delay, DiskWrite::SaveSnapshot(snapshot));
+    }
+
+    /// Ships the newest durable snapshot through the network: it can be delayed or
+    /// lost (a dropped connection), and it arrives whole or not at all.
+    fn send_snapshot(&mut self, from: NodeId, to: NodeId, slot: Slot) {
+        let index = (from - 1) as usize;
+        let Some(snapshot) = self.nodes[index].snapshots.last().cloned() else {
+            self.fail(format!(
+                "replica {from} asked to send a snapshot to {to} from slot {slot} but has none"
+            ));
+            return;
+        };
+        if snapshot.slot + 1 < slot {
+            self.fail(format!(
+                "replica {from} has compacted below {slot} but its newest snapshot is at {}",
+                snapshot.slot
+            ));
+            return;
+        }
+        if !self.nodes[index].sending_snapshot_to.insert(to) {
+            return;
+        }
+        self.counts.snapshots_sent += 1;
+        if self.faults_on
+            && (self.blocked.contains(&(from, to))
+                || self.rng.chance(self.options.faults.drop_per_million))
+        {
+            // Lost on the way; the sender may try again later.
+            self.nodes[index].sending_snapshot_to.remove(&to);
+            return;
+        }
+        // A snapshot is large: it takes longer than a message.
+        let faults = &self.options.faults;
+        let delay = self
+            .rng
+            .range(faults.delay_ticks_min, 4 * faults.delay_ticks_max + 1);
+        self.network_seq += 1;
+        self.snapshot_network
+            .insert((self.tick + delay, self.network_seq), (from, to, snapshot));
+    }
+
+    fn deliver_snapshot(&mut self, from: NodeId, to: NodeId, snapshot: SimSnapshot) {
+        self.nodes[(from - 1) as usize]
+            .sending_snapshot_to
+            .remove(&to);
+        let index = (to - 1) as usize;
+        if self.nodes[index].replica.is_none()
+            || snapshot.slot <= self.nodes[index].applier.applied_index
+        {
+            return;
+        }
+        if let Some(state) = self.snapshot_states.get(&snapshot.slot) {
+            if *state != snapshot.machine {
+                self.fail(format!(
+                    "replica {from} sent a snapshot at slot {} that differs from the state applied there",
+                    snapshot.slot
+                ));
+            }
+        }
+        let delay = self.rng.range(0, self.options.snapshot_write_ticks_max + 1);
+        self.queue_write(index, delay, DiskWrite::InstallSnapshot(snapshot));
     }
 
     fn transmit(&mut self, from: NodeId, to: NodeId, msg: Message) {
