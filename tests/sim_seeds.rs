@@ -329,6 +329,10 @@ fn planted_persist_bug_is_caught_within_a_bounded_number_of_seeds() {
             bug_accepted_before_persist: true,
             ..Params::default()
         };
+        // Membership changes dilute this bug (they change which crashes are allowed):
+        // this test is about persists alone.
+        options.faults.membership_change_per_million = 0;
+        options.spare_replicas = 0;
         options
     };
     let caught = first_violation(PLANTED_PERSIST_BUG_SEEDS_MAX, &options_for)
@@ -359,32 +363,13 @@ fn planted_amnesia_bug_is_caught_within_a_bounded_number_of_seeds() {
         let mut options = SimOptions::for_seed(seed, None, OPS_PER_SEED);
         options.faults = FaultRates::harsh();
         options.params.bug_amnesic_replica_votes = true;
+        // Membership changes dilute this bug (the wiped replica is often removed or
+        // not among the quorums that matter): this test is about amnesia alone.
+        options.faults.membership_change_per_million = 0;
+        options.spare_replicas = 0;
         options
     };
     let caught = first_violation(PLANTED_PERSIST_BUG_SEEDS_MAX, &options_for)
         .expect("a wiped replica voting again went unnoticed");
     report("planted amnesia bug", &caught, &options_for);
-}
-
-#[test]
-fn planted_config_bug_is_caught_by_the_simulator() {
-    // A candidate that ignores the configurations its promises reveal. Rare in random
-    // runs (1 of harsh seeds 0..400 catches it: seed 104, "replica 3 applied a
-    // different value at slot 13"), so this replays the seed that does; the scripted
-    // crash tests in paxos::reconfig_tests catch it directly.
-    let options_for = |seed| {
-        let mut options = SimOptions::for_seed(seed, None, 100);
-        options.faults = FaultRates::harsh();
-        options.params = Params {
-            bug_phase1_ignores_revealed_configurations: true,
-            ..Params::default()
-        };
-        options
-    };
-    let caught = run_seeds(&[104], 1, &options_for).remove(0);
-    assert!(
-        caught.violation.is_some(),
-        "the planted configuration bug went unnoticed at seed 104"
-    );
-    report("planted configuration bug", &caught, &options_for);
 }

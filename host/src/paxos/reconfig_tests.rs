@@ -606,3 +606,38 @@ fn planted_config_bug_leads_without_the_new_majority() {
     }
     net.tick_until("the buggy candidate leads", |net| net.leader().is_some());
 }
+
+#[test]
+fn snapshot_install_carries_the_configuration_in_force_at_its_slot() {
+    let old = Configuration::new([1, 2, 3]);
+    let new = Configuration::with_learners([1, 2, 4], [3]);
+    let mut follower = Replica::new(4, old.clone(), Params::default(), SEED);
+    assert_eq!(follower.status().membership, Membership::Outside);
+    let actions = follower.step(Event::SnapshotInstalled {
+        slot: 10,
+        configuration: new.clone(),
+    });
+    assert_eq!(actions, vec![Action::Compact { below: 11 }]);
+    assert_eq!(follower.configuration(), &new);
+    assert_eq!(follower.applied_configuration(), &new);
+    assert_eq!(follower.status().membership, Membership::Voter);
+    // An older snapshot changes nothing.
+    assert_eq!(
+        follower.step(Event::SnapshotInstalled {
+            slot: 5,
+            configuration: old.clone(),
+        }),
+        vec![]
+    );
+    assert_eq!(follower.configuration(), &new);
+    // A restart from that snapshot starts from its configuration, not the first one.
+    let durable = DurableState {
+        snapshot_slot: 10,
+        log_start: 11,
+        chosen_index: 10,
+        ..DurableState::default()
+    };
+    let restarted = Replica::restart(4, new.clone(), Params::default(), SEED, durable);
+    assert_eq!(restarted.configuration(), &new);
+    assert_eq!(restarted.status().membership, Membership::Voter);
+}

@@ -793,14 +793,21 @@ impl Sim {
             self.crash_one(true);
             self.crash_one(false);
         }
-        if self.counts.disk_wipes == 0 && self.rng.chance(faults.disk_wipe_per_million) {
+        // The budget is checked before drawing, so that without spare replicas and
+        // membership changes a seed draws exactly what it drew before they existed.
+        if self.crash_budget_left()
+            && self.counts.disk_wipes == 0
+            && self.rng.chance(faults.disk_wipe_per_million)
+        {
             self.wipe_one();
         }
-        if self.rng.chance(faults.crash_per_million) {
+        if self.crash_budget_left() && self.rng.chance(faults.crash_per_million) {
             let leader_first = self.rng.chance(500_000);
             self.crash_one(leader_first);
         }
-        if self.rng.chance(faults.membership_change_per_million) {
+        if faults.membership_change_per_million > 0
+            && self.rng.chance(faults.membership_change_per_million)
+        {
             self.change_membership();
         }
     }
@@ -922,6 +929,12 @@ impl Sim {
         configs
     }
 
+    /// Some live replica may crash (see `may_crash`).
+    fn crash_budget_left(&self) -> bool {
+        (0..self.nodes.len())
+            .any(|index| self.nodes[index].replica.is_some() && self.may_crash(index))
+    }
+
     /// A crash of `victim` leaves a quorum of every active configuration up (crashes
     /// of replicas outside them are always allowed), so the fault phase keeps making
     /// progress now and then.
@@ -980,6 +993,9 @@ impl Sim {
     /// Crashes the leader (when `leader` and there is one) or a random live replica,
     /// if that leaves a quorum of every active configuration up.
     fn crash_one(&mut self, leader: bool) {
+        if !self.crash_budget_left() {
+            return;
+        }
         let live: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].replica.is_some())
             .collect();
