@@ -60,6 +60,23 @@ const REGRESSION_SEEDS: &[Regression] = &[
                       a removed replica built an empty catch-up range (membership changes)",
     },
     Regression {
+        seed: 158,
+        replicas: 3,
+        ops: 100,
+        harsh: true,
+        failed_with: "replica 3 restarted with a wrong value marked chosen at slot 20 \
+                      (snapshot 21, log start 12): a crash right after a snapshot install \
+                      lost the compaction, and restart trusted the covered entries",
+    },
+    Regression {
+        seed: 713,
+        replicas: 5,
+        ops: 100,
+        harsh: true,
+        failed_with: "replica 5 restarted with a wrong value marked chosen at slot 9 \
+                      (snapshot 12, log start 1)",
+    },
+    Regression {
         seed: 0,
         replicas: 3,
         ops: 100,

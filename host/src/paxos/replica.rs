@@ -178,6 +178,8 @@ pub struct Replica {
     snapshot_slot: Slot,
     /// See `DurableState::amnesic`.
     amnesic: bool,
+    /// A compaction `restart` decided on, emitted with the first event's actions.
+    compact_pending: Option<Slot>,
 
     next_token: u64,
     deferred: VecDeque<(u64, Deferred)>,
@@ -220,13 +222,22 @@ impl Replica {
         let applied_config = config.clone();
         let snapshot_slot = durable.snapshot_slot;
         let amnesic = durable.amnesic && !params.bug_amnesic_replica_votes;
-        let log_start = durable.log_start.max(1);
+        let mut log_start = durable.log_start.max(1);
         assert!(
             log_start <= snapshot_slot + 1,
             "log compacted to {log_start} beyond the snapshot at {snapshot_slot}"
         );
-        // Entries the snapshot covers are chosen; the ones the store kept below it
-        // (the compaction margin) still serve lagging peers' catch-up.
+        let mut compact_pending = None;
+        if durable.chosen_index < snapshot_slot {
+            // The snapshot was installed from a peer and the compaction that follows
+            // an install was lost: the entries it covers may be accepted values that
+            // lost, never known chosen here. Only the durable chosen index vouches for
+            // entries, so drop them all and finish that compaction.
+            log_start = snapshot_slot + 1;
+            compact_pending = Some(log_start);
+        }
+        // Entries the store kept below the snapshot (the compaction margin) are at or
+        // below the durable chosen index: chosen, and they serve lagging peers.
         let chosen_index = durable.chosen_index.max(snapshot_slot);
         log.retain(|slot, _| *slot >= log_start);
         for (_, entry) in log.range_mut(..=snapshot_slot) {
@@ -261,6 +272,7 @@ impl Replica {
             log_start,
             snapshot_slot,
             amnesic,
+            compact_pending,
             next_token: 1,
             deferred: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -331,6 +343,9 @@ impl Replica {
 
     /// Processes one event and pushes the resulting actions onto `actions`.
     pub fn handle(&mut self, event: Event, actions: &mut Vec<Action>) {
+        if let Some(below) = self.compact_pending.take() {
+            actions.push(Action::Compact { below });
+        }
         match event {
             Event::Message { from, msg } => self.on_message(from, msg, actions),
             Event::Tick { now_ms } => self.on_tick(now_ms, actions),
@@ -400,10 +415,16 @@ impl Replica {
                 {
                     // Compacted while the promise was being persisted: it could no
                     // longer report every slot the candidate asked for.
-                    actions.push(Action::SendSnapshot {
-                        to,
-                        slot: first_slot,
-                    });
+                    if to != self.id {
+                        actions.push(Action::SendSnapshot {
+                            to,
+                            slot: first_slot,
+                        });
+                    } else if matches!(self.role, Role::Candidate(_)) {
+                        // Our own Phase 1 started below what we now hold and can never
+                        // count our promise: give it up, a later one starts higher.
+                        self.become_follower(actions);
+                    }
                 }
                 Deferred::Promise {
                     to,
@@ -884,6 +905,19 @@ impl Replica {
         self.heard_leader(from);
         self.learn_chosen(ballot, leader_chosen_index, actions);
         let chosen_index = self.chosen_index;
+        if self.amnesic {
+            // An acknowledgement counts towards the leader's lease and read-index
+            // rounds, a vote of sorts; `Learned` only drives catch-up.
+            self.send(
+                from,
+                Message::Learned {
+                    ballot,
+                    chosen_index,
+                },
+                actions,
+            );
+            return;
+        }
         self.send(
             from,
             Message::HeartbeatAck {
@@ -963,9 +997,10 @@ impl Replica {
         // whatever this replica holds for them is either the chosen value or an
         // accepted one that lost: both are dropped.
         if self.own_ballot().is_some() {
-            // A peer applied past what this leader or candidate knows chosen, so a
-            // higher ballot has decided slots: this one is deposed, and its Phase 1
-            // or proposals start from a stale slot.
+            // Its proposals or Phase 1 start from a slot the snapshot now covers
+            // (often the snapshot answers one of its own refused Prepares). Leading
+            // on would mean rebuilding that state; stepping down is simpler and safe,
+            // and a later election starts from the snapshot.
             self.become_follower(actions);
         }
         self.snapshot_slot = slot;
@@ -1350,6 +1385,11 @@ impl Replica {
         }
         let in_flight = leader.in_flight.remove(&slot).expect("present above");
         leader.contact_tick = self.tick;
+        if slot < self.log_start {
+            // Chosen through catch-up and compacted meanwhile: nothing to record.
+            self.propose_queued(actions);
+            return;
+        }
         // The leader's own accept may still be unpersisted or even not yet received, so
         // the log entry is written from what was proposed.
         let held_ballot = self

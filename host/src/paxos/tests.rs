@@ -1610,3 +1610,41 @@ fn amnesic_replica_learns_but_never_votes() {
     ));
     assert!(actions.contains(&Action::Apply { slot: 1, value }));
 }
+
+#[test]
+fn restart_after_an_install_whose_compaction_was_lost_trusts_no_covered_entry() {
+    // Slot 1 holds a value this replica accepted that lost; a snapshot at 2 was then
+    // installed from a peer, and the crash came before the compaction was durable.
+    let mut durable = DurableState {
+        snapshot_slot: 2,
+        log_start: 1,
+        chosen_index: 0,
+        ..DurableState::default()
+    };
+    durable.log.insert(
+        1,
+        LogEntry {
+            ballot: ballot(1, 1),
+            value: batch(b"lost", 1),
+            chosen: false,
+        },
+    );
+    durable.log.insert(
+        3,
+        LogEntry {
+            ballot: ballot(2, 1),
+            value: batch(b"after", 3),
+            chosen: false,
+        },
+    );
+    let mut replica = Replica::restart(2, three(), Params::default(), SEED, durable);
+    assert_eq!(replica.entry(1), None, "never reported as chosen");
+    assert!(!replica.entry(3).expect("kept").chosen);
+    let status = replica.status();
+    assert_eq!(
+        (status.log_start, status.chosen_index, status.applied_index),
+        (3, 2, 2)
+    );
+    // The lost compaction is redone first thing.
+    assert_eq!(tick(&mut replica), vec![Action::Compact { below: 3 }]);
+}

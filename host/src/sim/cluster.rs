@@ -79,6 +79,9 @@ pub struct FaultRates {
     /// or a snapshot but never votes again (`DurableState::amnesic`), so from then on
     /// it counts as down for the crash budget.
     pub disk_wipe_per_million: u64,
+    /// Per snapshot install: the replica crashes right after it, before the log
+    /// compaction that follows an install is durable (if the crash budget allows).
+    pub crash_after_install_per_million: u64,
 }
 
 impl Default for FaultRates {
@@ -105,6 +108,7 @@ impl Default for FaultRates {
             clock_offset_ms_max: 2_000,
             membership_change_per_million: 10_000,
             disk_wipe_per_million: 1_000,
+            crash_after_install_per_million: 100_000,
         }
     }
 }
@@ -136,6 +140,7 @@ impl FaultRates {
             clock_offset_ms_max: 5_000,
             membership_change_per_million: 20_000,
             disk_wipe_per_million: 2_000,
+            crash_after_install_per_million: 200_000,
         }
     }
 }
@@ -449,9 +454,6 @@ struct Sim {
     network: BTreeMap<(u64, u64), (NodeId, NodeId, Message)>,
     /// Snapshot transfers in flight, keyed like `network`: (from, to, snapshot).
     snapshot_network: BTreeMap<(u64, u64), (NodeId, NodeId, SimSnapshot)>,
-    /// Ground truth of snapshots: the machine state every replica must have after
-    /// applying through a slot.
-    snapshot_states: HashMap<Slot, KvMachine>,
     network_seq: u64,
     blocked: BTreeSet<(NodeId, NodeId)>,
     partition_until: u64,
@@ -536,7 +538,6 @@ impl Sim {
             nodes,
             network: BTreeMap::new(),
             snapshot_network: BTreeMap::new(),
-            snapshot_states: HashMap::new(),
             network_seq: 0,
             blocked: BTreeSet::new(),
             partition_until: 0,
@@ -1087,6 +1088,7 @@ impl Sim {
             );
             node.last_promised = replica.status().promised;
             node.replica = Some(replica);
+            self.check_restarted_log(index);
         }
     }
 
@@ -1197,6 +1199,7 @@ impl Sim {
                 let configuration = snapshot.configuration.clone();
                 self.nodes[index].applier = snapshot.restore(id);
                 self.nodes[index].applied_config = configuration.clone();
+                self.check_state(id, &self.nodes[index].applier.clone(), "installed snapshot");
                 self.keep_snapshot(index, snapshot);
                 self.counts.snapshots_installed += 1;
                 self.step_replica(
@@ -1206,7 +1209,39 @@ impl Sim {
                         configuration,
                     },
                 );
+                if self.faults_on
+                    && self.crash_budget_left()
+                    && self.may_crash(index)
+                    && self
+                        .rng
+                        .chance(self.options.faults.crash_after_install_per_million)
+                {
+                    self.crash(index);
+                }
             }
+        }
+    }
+
+    /// Compares a replica's whole applied state (machine, dedup table, clock) with
+    /// the state obtained by replaying the values every replica applied, from scratch.
+    fn check_state(&mut self, id: NodeId, applier: &Applier<KvMachine>, what: &str) {
+        let slot = applier.applied_index;
+        if slot as usize > self.applied.len() {
+            self.fail(format!(
+                "replica {id} has a {what} at slot {slot}, past every applied slot"
+            ));
+            return;
+        }
+        let mut expected = Applier::new(0, KvMachine::default());
+        let mut replies = Vec::new();
+        for (position, value) in self.applied[..slot as usize].iter().enumerate() {
+            expected.apply(position as Slot + 1, value, &mut replies);
+        }
+        if expected.machine != applier.machine || expected.export_state() != applier.export_state()
+        {
+            self.fail(format!(
+                "replica {id}: {what} at slot {slot} differs from replaying the applied log"
+            ));
         }
     }
 
@@ -1238,19 +1273,11 @@ impl Sim {
             &self.nodes[index].applier,
             &self.nodes[index].applied_config,
         );
-        match self.snapshot_states.get(&applied) {
-            Some(state) if *state != snapshot.machine => {
-                self.fail(format!(
-                    "replica {} has a different state than another replica after slot {applied}",
-                    index + 1
-                ));
-            }
-            Some(_) => {}
-            None => {
-                self.snapshot_states
-                    .insert(applied, snapshot.machine.clone());
-            }
-        }
+        self.check_state(
+            index as NodeId + 1,
+            &self.nodes[index].applier.clone(),
+            "snapshot",
+        );
         let delay = self.rng.range(0, self.options.snapshot_write_ticks_max + 1);
         self.queue_write(index, delay, DiskWrite::SaveSnapshot(snapshot));
     }
@@ -1304,14 +1331,6 @@ impl Sim {
         {
             return;
         }
-        if let Some(state) = self.snapshot_states.get(&snapshot.slot) {
-            if *state != snapshot.machine {
-                self.fail(format!(
-                    "replica {from} sent a snapshot at slot {} that differs from the state applied there",
-                    snapshot.slot
-                ));
-            }
-        }
         let delay = self.rng.range(0, self.options.snapshot_write_ticks_max + 1);
         self.queue_write(index, delay, DiskWrite::InstallSnapshot(snapshot));
     }
@@ -1346,7 +1365,47 @@ impl Sim {
 
     /// Ground truth of "chosen": a quorum durably accepted the same (slot, ballot).
     /// At most one value may ever be chosen per slot.
+    /// Every entry a restarted replica trusts as chosen holds the value applied (or
+    /// known chosen) at that slot.
+    fn check_restarted_log(&mut self, index: usize) {
+        let Some(replica) = &self.nodes[index].replica else {
+            return;
+        };
+        let status = replica.status();
+        let mut wrong = None;
+        for slot in status.log_start..=status.chosen_index {
+            let Some(entry) = replica.entry(slot) else {
+                continue;
+            };
+            if !entry.chosen {
+                continue;
+            }
+            let truth = self
+                .applied
+                .get((slot - 1) as usize)
+                .or_else(|| self.chosen.get(&slot));
+            if truth.is_some_and(|truth| *truth != entry.value) {
+                wrong = Some(slot);
+                break;
+            }
+        }
+        if let Some(slot) = wrong {
+            self.fail(format!(
+                "replica {} restarted with a wrong value marked chosen at slot {slot} (snapshot {}, log start {})",
+                index + 1,
+                status.snapshot_slot,
+                status.log_start
+            ));
+        }
+    }
+
     fn record_durable(&mut self, id: NodeId, record: &PersistRecord) {
+        if self.nodes[(id - 1) as usize].durable.amnesic
+            && !self.options.params.bug_amnesic_replica_votes
+        {
+            // Stored to learn from, never acknowledged: not a vote.
+            return;
+        }
         for (slot, entry) in &record.entries {
             if entry.chosen {
                 continue;
