@@ -43,6 +43,10 @@ pub struct SimArgs {
     /// replaying the persist planted-bug test's seeds.
     #[arg(long, hide = true)]
     pub planted_persist_bug: bool,
+    /// Plant the configuration bug (Phase 1 ignores configurations that promises
+    /// reveal); for replaying the configuration planted-bug test's seeds.
+    #[arg(long, hide = true)]
+    pub planted_config_bug: bool,
     /// Plant the compaction bug (an acceptor promises over slots it compacted away);
     /// for replaying the compaction planted-bug test's seeds.
     #[arg(long, hide = true)]
@@ -76,6 +80,7 @@ pub fn run(args: SimArgs) -> ExitCode {
         options.params.bug_ignore_phase1_values = args.planted_bug;
         options.params.bug_reads_before_ready = args.planted_read_bug;
         options.params.bug_accepted_before_persist = args.planted_persist_bug;
+        options.params.bug_phase1_ignores_revealed_configurations = args.planted_config_bug;
         options.params.bug_promise_over_compacted_slots = args.planted_compaction_bug;
         options.params.bug_amnesic_replica_votes = args.planted_amnesia_bug;
         if args.no_disk_wipes {
@@ -99,6 +104,9 @@ pub fn run(args: SimArgs) -> ExitCode {
         faults.disk_stalls += outcome.faults.disk_stalls;
         faults.stall_crashes += outcome.faults.stall_crashes;
         faults.double_crashes += outcome.faults.double_crashes;
+        faults.changes_accepted += outcome.faults.changes_accepted;
+        faults.changes_refused += outcome.faults.changes_refused;
+        faults.configurations_chosen += outcome.faults.configurations_chosen;
         faults.snapshots_saved += outcome.faults.snapshots_saved;
         faults.snapshots_sent += outcome.faults.snapshots_sent;
         faults.snapshots_installed += outcome.faults.snapshots_installed;
@@ -128,6 +136,10 @@ pub fn run(args: SimArgs) -> ExitCode {
     eprintln!(
         "sim: client partitions {}, disk stalls {} ({} ended in a crash), double crashes {}",
         faults.client_partitions, faults.disk_stalls, faults.stall_crashes, faults.double_crashes
+    );
+    eprintln!(
+        "sim: membership changes {} accepted, {} refused, {} configuration entries chosen",
+        faults.changes_accepted, faults.changes_refused, faults.configurations_chosen
     );
     eprintln!(
         "sim: snapshots saved={} sent={} installed={}; disk wipes (replica back amnesic)={}",

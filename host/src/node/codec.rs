@@ -11,11 +11,13 @@
 //! Store value of an accepted entry: `version u8 = 1`, then a `LogEntry`.
 //! Field layouts are in docs/notes/node.md.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
 use crate::paxos::{
-    Ballot, Batch, Command, IdempotencyKey, LogEntry, Message, Origin, Slot, Value,
+    Ballot, Batch, Command, Configuration, IdempotencyKey, LogEntry, Message, NodeId, Origin, Slot,
+    Value,
 };
 
 use super::snapshot::SnapshotId;
@@ -82,6 +84,10 @@ pub enum DecodeError {
     },
     /// A snapshot chunk whose bytes do not match its CRC-32C.
     BadChecksum,
+    /// Fields that decode but break an invariant of their type.
+    Malformed {
+        field: &'static str,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -96,6 +102,7 @@ impl fmt::Display for DecodeError {
             DecodeError::TrailingBytes(bytes) => write!(f, "{bytes} trailing bytes"),
             DecodeError::BadUtf8 { field } => write!(f, "{field} is not UTF-8"),
             DecodeError::BadChecksum => write!(f, "snapshot chunk checksum mismatch"),
+            DecodeError::Malformed { field } => write!(f, "malformed {field}"),
         }
     }
 }
@@ -251,10 +258,29 @@ fn put_value(out: &mut Vec<u8>, value: &Value) {
                 put_command(out, command);
             }
         }
+        Value::Configuration(config) => {
+            put_u8(out, 2);
+            put_node_set(out, &config.voters);
+            match &config.old_voters {
+                None => put_u8(out, 0),
+                Some(old) => {
+                    put_u8(out, 1);
+                    put_node_set(out, old);
+                }
+            }
+            put_node_set(out, &config.learners);
+        }
         // `Value` is non_exhaustive for later issues; a variant this codec does not
         // know is a build that forgot to extend it.
         #[allow(unreachable_patterns)]
         other => panic!("codec does not know value {other:?}"),
+    }
+}
+
+fn put_node_set(out: &mut Vec<u8>, nodes: &BTreeSet<NodeId>) {
+    put_len(out, nodes.len());
+    for node in nodes {
+        put_u64(out, *node);
     }
 }
 
@@ -537,11 +563,50 @@ impl<'a> Reader<'a> {
                     seed,
                 })))
             }
+            2 => {
+                let voters = self.node_set("configuration voters")?;
+                let old_voters = match self.u8("configuration joint")? {
+                    0 => None,
+                    1 => Some(self.node_set("configuration old voters")?),
+                    tag => {
+                        return Err(DecodeError::UnknownTag {
+                            field: "configuration joint",
+                            tag,
+                        })
+                    }
+                };
+                let learners = self.node_set("configuration learners")?;
+                let config = Configuration {
+                    voters,
+                    old_voters,
+                    learners,
+                };
+                // Only well-formed configurations are ever encoded; anything else is
+                // corrupt input, refused rather than trusted.
+                let well_formed = !config.voters.is_empty()
+                    && config.old_voters.as_ref().is_none_or(|old| !old.is_empty())
+                    && config.learners.is_disjoint(&config.voters);
+                if !well_formed {
+                    return Err(DecodeError::Malformed {
+                        field: "configuration",
+                    });
+                }
+                Ok(Value::Configuration(Arc::new(config)))
+            }
             tag => Err(DecodeError::UnknownTag {
                 field: "value",
                 tag,
             }),
         }
+    }
+
+    fn node_set(&mut self, field: &'static str) -> Result<BTreeSet<NodeId>, DecodeError> {
+        let count = self.count(field, 8)?;
+        let mut nodes = BTreeSet::new();
+        for _ in 0..count {
+            nodes.insert(self.u64(field)?);
+        }
+        Ok(nodes)
     }
 
     fn entry(&mut self) -> Result<LogEntry, DecodeError> {

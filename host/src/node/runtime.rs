@@ -834,6 +834,11 @@ impl Loop {
                     retry_after_ms,
                 }));
             }
+            // The runtime sends no `ChangeMembership` yet (the membership API is a
+            // later step), so no query waits for a membership outcome.
+            (Waiter::Query { .. }, Outcome::ChangeAccepted { .. } | Outcome::ChangeRefused(_)) => {
+                panic!("a query answered with a membership outcome")
+            }
             (Waiter::Command(reply), outcome) => {
                 let _ = reply.send(Err(CommandError::Unavailable {
                     reason: refusal(&outcome),
@@ -977,6 +982,9 @@ fn refusal(outcome: &Outcome) -> String {
         Outcome::NotLeader { .. } => "no leader is known; retry shortly".into(),
         Outcome::Busy => "the leader's proposal queue is full".into(),
         Outcome::ReadReady => panic!("a command answered ReadReady"),
+        Outcome::ChangeAccepted { .. } | Outcome::ChangeRefused(_) => {
+            panic!("a command answered with a membership outcome")
+        }
     }
 }
 

@@ -15,10 +15,12 @@ pub mod rng;
 pub mod types;
 
 #[cfg(test)]
+mod reconfig_tests;
+#[cfg(test)]
 mod tests;
 
 pub use apply::{Applier, ApplierStateError, ApplyContext, StateMachine, STALE_RESULT};
-pub use config::Configuration;
+pub use config::{Configuration, Membership};
 pub use dedup::{DedupCheck, DedupTable, DEDUP_CLIENTS_MAX};
 pub use params::{Params, LEASE_SAFETY_MARGIN_TICKS};
 pub use replica::{Replica, Status};

@@ -30,6 +30,9 @@ pub struct Params {
     /// Catch-up: entries and bytes of client data per `Chosen` message.
     pub catchup_entries_max: usize,
     pub catchup_bytes_max: usize,
+    /// A learner more than this many chosen entries behind the leader is not made a
+    /// voter: it would stall quorums while it catches up.
+    pub learner_lag_entries_max: u64,
     /// Entries kept below a saved snapshot so that a peer lagging by fewer still
     /// catches up from the log instead of by snapshot transfer.
     pub compaction_margin_entries: u64,
@@ -47,6 +50,11 @@ pub struct Params {
     /// so a crash can lose a value the leader counted towards a quorum.
     #[doc(hidden)]
     pub bug_accepted_before_persist: bool,
+    /// PLANTED BUG, for the simulator's teeth test only: a candidate counts only
+    /// quorums of the configuration of its chosen prefix, ignoring configurations
+    /// that promises reveal beyond it.
+    #[doc(hidden)]
+    pub bug_phase1_ignores_revealed_configurations: bool,
     /// PLANTED BUG, for the simulator's teeth test only: an acceptor promises a
     /// candidate that needs slots it has compacted away, so the promise cannot
     /// report them and the candidate may fill chosen slots with no-ops.
@@ -71,10 +79,12 @@ impl Default for Params {
             reads_pending_max: 4096,
             catchup_entries_max: 64,
             catchup_bytes_max: 256 * 1024,
-            compaction_margin_entries: 1000,
+            learner_lag_entries_max: 256,
             bug_ignore_phase1_values: false,
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
+            compaction_margin_entries: 1000,
+            bug_phase1_ignores_revealed_configurations: false,
             bug_promise_over_compacted_slots: false,
             bug_amnesic_replica_votes: false,
         }

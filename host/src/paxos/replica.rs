@@ -15,12 +15,12 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use super::config::Configuration;
+use super::config::{Configuration, Membership};
 use super::params::Params;
 use super::rng::SplitMix64;
 use super::types::{
-    Action, Ballot, Batch, Command, DurableState, Event, LogEntry, Message, NodeId, Origin,
-    Outcome, PersistRecord, ReadMode, RequestId, Slot, Value,
+    Action, Ballot, Batch, ChangeRefusal, Command, DurableState, Event, LogEntry, MembershipChange,
+    Message, NodeId, Origin, Outcome, PersistRecord, ReadMode, RequestId, Slot, Value,
 };
 
 /// A reply held back until the persist with the given token completes.
@@ -60,6 +60,13 @@ struct CandidateState {
     promised_by: BTreeSet<NodeId>,
     /// Per slot, the value Phase 1 must adopt: a chosen one, else the highest ballot's.
     adopted: BTreeMap<Slot, LogEntry>,
+    /// The configuration of the chosen prefix when Phase 1 started: it governs
+    /// `first_slot` and on up to the first configuration entry after it.
+    base: Configuration,
+    /// Every configuration carried by an entry some promise reported from
+    /// `first_slot` on. Any of them may govern recovered slots (it may have been
+    /// chosen), so each must promise too before this candidate leads.
+    revealed: Vec<Configuration>,
 }
 
 #[derive(Debug)]
@@ -102,6 +109,30 @@ struct LeaderState {
     round_wanted: bool,
     /// Per peer: catch-up sent through this slot, at this tick.
     catchup: BTreeMap<NodeId, (Slot, u64)>,
+    /// Slots Phase 1 recovered (re-proposed in this ballot), then the `ready_slot`
+    /// no-op, waiting to be proposed in order: a configuration entry among them
+    /// stalls the rest until it is chosen.
+    backlog: VecDeque<(Slot, Value)>,
+    /// Slot of the latest configuration entry this leader proposed (0: none). No
+    /// slot after it is proposed until the chosen index reaches it.
+    config_pending: Slot,
+    /// Only heartbeat rounds from this one on count for the lease: it is raised when
+    /// the configuration changes, so a lease always rests on a quorum of the
+    /// configuration governing now.
+    lease_floor_seq: u64,
+    /// Per peer: its chosen index and the tick it was last heard from (for the
+    /// learner-lag and running-quorum checks of membership changes).
+    peers: BTreeMap<NodeId, PeerSeen>,
+    /// Nodes a configuration change removed, with the slot of that change: they still
+    /// get heartbeats (hence catch-up) until they report that slot chosen, so they
+    /// learn they were removed and stop campaigning.
+    departing: BTreeMap<NodeId, Slot>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PeerSeen {
+    chosen_index: Slot,
+    heard_tick: u64,
 }
 
 /// What `Replica::status` reports, for tests, the simulator and the status API.
@@ -114,6 +145,9 @@ pub struct Status {
     /// `Some(ballot)` while this replica leads.
     pub leading: Option<Ballot>,
     pub leader_hint: Option<NodeId>,
+    /// This replica in the configuration of its chosen prefix. `Outside` means
+    /// removed (or not added yet): it never campaigns.
+    pub membership: Membership,
     /// First slot still in the log: everything below is covered by a snapshot.
     pub log_start: Slot,
     /// Slot of the newest snapshot this replica saved or installed (0: none).
@@ -134,6 +168,9 @@ pub struct Replica {
     log: BTreeMap<Slot, LogEntry>,
     chosen_index: Slot,
     applied_index: Slot,
+    /// The configuration in force at `applied_index` (what a snapshot taken now must
+    /// store); `config` may be ahead of it.
+    applied_config: Configuration,
     /// First slot still in the log. Every slot below is chosen, applied and covered
     /// by a durable snapshot; compaction and snapshot installs raise it.
     log_start: Slot,
@@ -179,6 +216,10 @@ impl Replica {
     ) -> Replica {
         params.validate();
         let mut log = durable.log;
+        // `config` is the configuration in force at the snapshot (or the first one):
+        // configuration entries chosen after it are applied on top, in slot order.
+        let mut config = config;
+        let applied_config = config.clone();
         let snapshot_slot = durable.snapshot_slot;
         let amnesic = durable.amnesic && !params.bug_amnesic_replica_votes;
         let mut log_start = durable.log_start.max(1);
@@ -203,16 +244,23 @@ impl Replica {
             entry.chosen = true;
         }
         for slot in snapshot_slot + 1..=durable.chosen_index {
-            let entry = log
-                .get_mut(&slot)
-                .expect("durable chosen prefix has a hole");
+            let Some(entry) = log.get_mut(&slot) else {
+                panic!(
+                    "durable chosen prefix has a hole: replica {id} slot {slot} (chosen index {})",
+                    durable.chosen_index
+                );
+            };
             entry.chosen = true;
+            if let Value::Configuration(chosen) = &entry.value {
+                config = Configuration::clone(chosen);
+            }
         }
         let mut rng = SplitMix64::new(seed ^ id.wrapping_mul(0x2545_F491_4F6C_DD1D));
         let election_timeout_ticks =
             rng.range(params.election_ticks_min, params.election_ticks_max);
         Replica {
             id,
+            applied_config: applied_config.clone(),
             config,
             params,
             rng,
@@ -254,15 +302,23 @@ impl Replica {
                 _ => None,
             },
             leader_hint: self.leader_hint,
+            membership: self.config.membership(self.id),
             log_start: self.log_start,
             snapshot_slot: self.snapshot_slot,
             amnesic: self.amnesic,
         }
     }
 
-    /// The configuration whose quorums decide now (stored in snapshots).
+    /// The configuration in force after the chosen prefix: it governs the next slot
+    /// (stored in snapshots).
     pub fn configuration(&self) -> &Configuration {
         &self.config
+    }
+
+    /// The configuration in force at the applied index: the one a snapshot of the
+    /// applied state must store, and what `Apply` of configuration entries reports.
+    pub fn applied_configuration(&self) -> &Configuration {
+        &self.applied_config
     }
 
     /// The log entry this replica holds for `slot`, if any.
@@ -296,8 +352,19 @@ impl Replica {
             Event::Propose { request, command } => self.on_propose(request, command, actions),
             Event::Persisted { token } => self.on_persisted(token, actions),
             Event::Read { request, mode } => self.on_read(request, mode, actions),
+            Event::ChangeMembership {
+                request,
+                change,
+                force,
+            } => {
+                let outcome = self.change_membership(change, force, actions);
+                actions.push(Action::Reply { request, outcome });
+            }
             Event::SnapshotSaved { slot } => self.on_snapshot_saved(slot, actions),
-            Event::SnapshotInstalled { slot } => self.on_snapshot_installed(slot, actions),
+            Event::SnapshotInstalled {
+                slot,
+                configuration,
+            } => self.on_snapshot_installed(slot, configuration, actions),
         }
         while let Some((from, msg)) = self.inbox.pop_front() {
             self.on_message(from, msg, actions);
@@ -494,6 +561,7 @@ impl Replica {
     }
 
     fn on_pre_vote(&mut self, from: NodeId, round: u64, actions: &mut Vec<Action>) {
+        self.probe_outsider(from, actions);
         // Stable leadership: while a leader is live (or we lead), nobody gets support.
         let granted = !matches!(self.role, Role::Leader(_))
             && !self.amnesic
@@ -549,6 +617,8 @@ impl Replica {
             first_slot,
             promised_by: BTreeSet::new(),
             adopted: BTreeMap::new(),
+            base: self.config.clone(),
+            revealed: Vec::new(),
         }));
         self.broadcast(&Message::Prepare { ballot, first_slot }, actions);
     }
@@ -559,8 +629,8 @@ impl Replica {
         };
         let (ballot, first_slot) = (candidate.ballot, candidate.first_slot);
         let missing: Vec<NodeId> = self
-            .config
-            .members()
+            .phase1_members(candidate)
+            .into_iter()
             .filter(|node| !candidate.promised_by.contains(node))
             .collect();
         for to in missing {
@@ -588,7 +658,13 @@ impl Replica {
             } => self.on_promise(from, ballot, first_slot, entries, actions),
             Message::Reject { promised } => {
                 self.observe(promised);
-                self.yield_to(promised, actions);
+                if self.counts_in_my_quorums(from) {
+                    self.yield_to(promised, actions);
+                } else {
+                    // A node outside our configurations (removed, with a stale view
+                    // and a higher promise) cannot depose us; tell it what was chosen.
+                    self.probe_outsider(from, actions);
+                }
             }
             Message::Accept {
                 ballot,
@@ -638,6 +714,7 @@ impl Replica {
         if from != self.id && leader_live {
             // Stable leadership and lease safety: while we (may) have acknowledged a
             // live leader's lease, no other candidate gets our promise.
+            self.probe_outsider(from, actions);
             return;
         }
         if ballot < self.promised {
@@ -758,15 +835,20 @@ impl Replica {
         self.advance_chosen_index(actions);
     }
 
-    /// Moves the chosen index over every contiguous chosen slot and persists it.
+    /// Moves the chosen index over every contiguous chosen slot and persists it. A
+    /// configuration entry it passes governs every slot after its own from now on.
     fn advance_chosen_index(&mut self, actions: &mut Vec<Action>) {
         let before = self.chosen_index;
-        while self
+        while let Some(entry) = self
             .log
             .get(&(self.chosen_index + 1))
-            .is_some_and(|entry| entry.chosen)
+            .filter(|entry| entry.chosen)
         {
             self.chosen_index += 1;
+            if let Value::Configuration(config) = &entry.value {
+                let config = Configuration::clone(config);
+                self.configuration_chosen(self.chosen_index, config, actions);
+            }
         }
         if self.chosen_index > before {
             let record = PersistRecord {
@@ -788,8 +870,14 @@ impl Replica {
                 entry.chosen,
                 "applying slot {slot} that is not known chosen"
             );
-            if let Value::Batch(batch) = &entry.value {
-                self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+            match &entry.value {
+                Value::Batch(batch) => {
+                    self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+                }
+                Value::Configuration(config) => {
+                    self.applied_config = Configuration::clone(config);
+                }
+                Value::Noop => {}
             }
             actions.push(Action::Apply {
                 slot,
@@ -896,7 +984,12 @@ impl Replica {
         self.compact_below(below, actions);
     }
 
-    fn on_snapshot_installed(&mut self, slot: Slot, actions: &mut Vec<Action>) {
+    fn on_snapshot_installed(
+        &mut self,
+        slot: Slot,
+        configuration: Configuration,
+        actions: &mut Vec<Action>,
+    ) {
         if slot <= self.applied_index {
             return;
         }
@@ -912,8 +1005,12 @@ impl Replica {
         }
         self.snapshot_slot = slot;
         self.applied_index = slot;
+        self.applied_config = configuration.clone();
         if self.chosen_index < slot {
+            // The configuration entries up to `slot` are skipped: the snapshot's
+            // configuration is the one in force after them.
             self.chosen_index = slot;
+            self.configuration_chosen(slot, configuration, actions);
         }
         self.compact_below(slot + 1, actions);
         self.advance_chosen_index(actions);
@@ -946,19 +1043,229 @@ impl Replica {
             return;
         }
         candidate.promised_by.insert(from);
+        let mut newly_revealed = Vec::new();
         for (slot, entry) in entries {
+            if slot < first_slot {
+                continue;
+            }
+            if let Value::Configuration(config) = &entry.value {
+                if !candidate.revealed.contains(config) {
+                    candidate.revealed.push(Configuration::clone(config));
+                    newly_revealed.push(Configuration::clone(config));
+                }
+            }
             let adopt = match candidate.adopted.get(&slot) {
                 None => true,
                 Some(held) => !held.chosen && (entry.chosen || entry.ballot > held.ballot),
             };
-            if adopt && slot >= first_slot {
+            if adopt {
                 candidate.adopted.insert(slot, entry);
             }
         }
+        // Ask the members of a newly revealed configuration at once (retransmission
+        // covers losses).
+        for config in newly_revealed {
+            let Role::Candidate(candidate) = &self.role else {
+                unreachable!("still a candidate")
+            };
+            let missing: Vec<NodeId> = config
+                .members()
+                .filter(|node| !candidate.promised_by.contains(node))
+                .collect();
+            for to in missing {
+                self.send(to, Message::Prepare { ballot, first_slot }, actions);
+            }
+        }
+        let Role::Candidate(candidate) = &self.role else {
+            return;
+        };
         let promised_by = &candidate.promised_by;
-        if self.config.is_quorum(|node| promised_by.contains(&node)) {
+        let promised = |node| promised_by.contains(&node);
+        // Every configuration that may govern a slot from `first_slot` on: the one of
+        // the chosen prefix at the start, the current one (catch-up may have moved
+        // it), and every one an acceptor reported.
+        let quorums = self.config.is_quorum(promised)
+            && candidate.base.is_quorum(promised)
+            && (self.params.bug_phase1_ignores_revealed_configurations
+                || candidate
+                    .revealed
+                    .iter()
+                    .all(|config| config.is_quorum(promised)));
+        if quorums {
             self.become_leader(actions);
         }
+    }
+
+    /// Who a candidate asks for promises: members of every configuration its Phase 1
+    /// needs a quorum of.
+    fn phase1_members(&self, candidate: &CandidateState) -> BTreeSet<NodeId> {
+        let mut members: BTreeSet<NodeId> = self.config.members().collect();
+        members.extend(candidate.base.members());
+        for config in &candidate.revealed {
+            members.extend(config.members());
+        }
+        members
+    }
+
+    /// True when `node` is a member of a configuration whose quorums this replica
+    /// counts now (as leader or candidate, or as a follower of its own config).
+    fn counts_in_my_quorums(&self, node: NodeId) -> bool {
+        match &self.role {
+            Role::Candidate(candidate) => self.phase1_members(candidate).contains(&node),
+            _ => self.config.is_member(node),
+        }
+    }
+
+    /// A leader hearing from a node outside its configuration (a removed node that
+    /// still campaigns) starts a catch-up stream to it: an empty `Chosen` makes it
+    /// answer `Learned` with its chosen index, and catch-up follows until it has
+    /// learned the entry that removed it.
+    fn probe_outsider(&mut self, node: NodeId, actions: &mut Vec<Action>) {
+        if node == self.id || self.config.is_member(node) {
+            return;
+        }
+        if let Role::Leader(leader) = &self.role {
+            let msg = Message::Chosen {
+                ballot: leader.ballot,
+                entries: Vec::new(),
+                chosen_index: self.chosen_index,
+            };
+            self.send(node, msg, actions);
+        }
+    }
+
+    /// A configuration entry at `slot` is now in the chosen prefix: it governs every
+    /// slot after `slot`. A leader's lease restarts on quorums of it, the nodes it
+    /// removed are told, and a leader that is no longer a voter steps down.
+    fn configuration_chosen(
+        &mut self,
+        slot: Slot,
+        config: Configuration,
+        actions: &mut Vec<Action>,
+    ) {
+        let previous = std::mem::replace(&mut self.config, config);
+        let voter = self.config.is_voter(self.id);
+        let Role::Leader(leader) = &mut self.role else {
+            if !voter && !matches!(self.role, Role::Follower) {
+                // A campaign of a replica that is no longer a voter stops: it must
+                // never lead (it is not among its own acceptors any more).
+                self.become_follower(actions);
+            }
+            return;
+        };
+        leader.lease_floor_seq = leader.heartbeat_seq + 1;
+        leader.quorum_sent_tick = None;
+        leader.round_wanted = true;
+        for node in previous.members() {
+            if !self.config.is_member(node) && node != self.id {
+                leader.departing.insert(node, slot);
+            }
+        }
+        if !voter {
+            // Hand over: this leader is not in C(new). Voters time out and elect one
+            // of themselves.
+            self.become_follower(actions);
+        }
+    }
+
+    /// An operator's membership change, checked and (when accepted) proposed now.
+    fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        force: bool,
+        actions: &mut Vec<Action>,
+    ) -> Outcome {
+        let refused = |refusal| Outcome::ChangeRefused(refusal);
+        let Role::Leader(leader) = &self.role else {
+            return Outcome::NotLeader {
+                leader_hint: self.leader_hint,
+            };
+        };
+        let current = &self.config;
+        if current.is_joint()
+            || leader.config_pending > self.chosen_index
+            || !leader.backlog.is_empty()
+        {
+            return refused(ChangeRefusal::ChangeInProgress);
+        }
+        let mut target = current.clone();
+        match change {
+            MembershipChange::AddLearner(node) => {
+                if current.is_member(node) {
+                    return refused(ChangeRefusal::AlreadyMember { node });
+                }
+                target.learners.insert(node);
+            }
+            MembershipChange::Promote(node) => {
+                if !target.learners.remove(&node) {
+                    return refused(ChangeRefusal::NotALearner { node });
+                }
+                target.voters.insert(node);
+            }
+            MembershipChange::Remove(node) => {
+                if !current.is_member(node) {
+                    return refused(ChangeRefusal::NotAMember { node });
+                }
+                target.voters.remove(&node);
+                target.learners.remove(&node);
+            }
+            MembershipChange::Replace { voters, learners } => {
+                target.voters = voters;
+                target.learners = learners;
+            }
+        }
+        if target.voters.is_empty() || !target.voters.is_disjoint(&target.learners) {
+            return refused(ChangeRefusal::Invalid);
+        }
+        if target == *current {
+            return refused(ChangeRefusal::NoChange);
+        }
+        for &node in target.voters.difference(&current.voters) {
+            if !current.learners.contains(&node) {
+                return refused(ChangeRefusal::NotALearner { node });
+            }
+            let known = leader.peers.get(&node).map_or(0, |peer| peer.chosen_index);
+            let behind_entries = self.chosen_index.saturating_sub(known);
+            let limit = self.params.learner_lag_entries_max;
+            if behind_entries > limit {
+                return refused(ChangeRefusal::LearnerLags {
+                    node,
+                    behind_entries,
+                    limit,
+                });
+            }
+        }
+        if !force {
+            let running = target
+                .voters
+                .iter()
+                .filter(|&&node| {
+                    node == self.id
+                        || leader.peers.get(&node).is_some_and(|peer| {
+                            self.tick < peer.heard_tick + self.params.election_ticks_min
+                        })
+                })
+                .count();
+            let voters = target.voters.len();
+            if running * 2 <= voters {
+                return refused(ChangeRefusal::NoRunningQuorum { running, voters });
+            }
+        }
+        // Learners do not count in quorums, so a change of learners alone is safe in
+        // one step; a change of voters goes through C(old,new).
+        let value = if target.voters == current.voters {
+            target
+        } else {
+            current.joint_to(&target)
+        };
+        let Role::Leader(leader) = &mut self.role else {
+            unreachable!("checked above")
+        };
+        let slot = leader.next_slot;
+        leader.next_slot += 1;
+        leader.config_pending = slot;
+        self.propose_slot(slot, Value::Configuration(Arc::new(value)), actions);
+        Outcome::ChangeAccepted { slot }
     }
 
     /// Phase 1 done: re-propose every adopted value in this ballot, fill holes with
@@ -967,6 +1274,9 @@ impl Replica {
         let Role::Candidate(candidate) = std::mem::replace(&mut self.role, Role::Follower) else {
             unreachable!("become_leader outside Phase 1")
         };
+        // A leader is always a voter of its own configuration, so its own accepts go
+        // through its acceptor (and are persisted) like everyone else's.
+        assert!(self.config.is_voter(self.id), "a non-voter won Phase 1");
         let CandidateState {
             ballot,
             first_slot,
@@ -991,9 +1301,15 @@ impl Replica {
             reads: Vec::new(),
             round_wanted: false,
             catchup: BTreeMap::new(),
+            backlog: VecDeque::new(),
+            config_pending: 0,
+            lease_floor_seq: 0,
+            peers: BTreeMap::new(),
+            departing: BTreeMap::new(),
         }));
         self.leader_hint = Some(self.id);
         let mut adopted = adopted;
+        let mut backlog = VecDeque::new();
         for slot in first_slot..ready_slot {
             // A slot this replica already knows chosen (catch-up may have arrived
             // during Phase 1) keeps its value; Phase 1 would report the same one.
@@ -1008,9 +1324,14 @@ impl Replica {
                 (None, Some(entry)) => entry.value,
                 (None, None) => Value::Noop,
             };
-            self.propose_slot(slot, value, actions);
+            backlog.push_back((slot, value));
         }
-        self.propose_slot(ready_slot, Value::Noop, actions);
+        backlog.push_back((ready_slot, Value::Noop));
+        let Role::Leader(leader) = &mut self.role else {
+            unreachable!("just became leader")
+        };
+        leader.backlog = backlog;
+        self.propose_queued(actions);
         self.heartbeat_round(actions);
     }
 
@@ -1050,6 +1371,9 @@ impl Replica {
         };
         if leader.ballot != ballot {
             return;
+        }
+        if let Some(peer) = leader.peers.get_mut(&from) {
+            peer.heard_tick = self.tick;
         }
         let Some(in_flight) = leader.in_flight.get_mut(&slot) else {
             return;
@@ -1125,12 +1449,34 @@ impl Replica {
         }
     }
 
-    /// Fills the pipelining window with batches of queued commands.
+    /// Proposes, in slot order: what Phase 1 recovered, then C(new) when C(old,new)
+    /// governs, then batches of queued commands filling the pipelining window. Nothing
+    /// is proposed past a configuration entry until it is chosen (the stall rule).
     fn propose_queued(&mut self, actions: &mut Vec<Action>) {
         loop {
+            let chosen_index = self.chosen_index;
             let Role::Leader(leader) = &mut self.role else {
                 return;
             };
+            if leader.config_pending > chosen_index {
+                return;
+            }
+            if let Some((slot, value)) = leader.backlog.pop_front() {
+                if matches!(value, Value::Configuration(_)) {
+                    leader.config_pending = slot;
+                }
+                self.propose_slot(slot, value, actions);
+                continue;
+            }
+            if self.config.is_joint() {
+                // C(old,new) is chosen and governs: complete the change.
+                let slot = leader.next_slot;
+                leader.next_slot += 1;
+                leader.config_pending = slot;
+                let value = Value::Configuration(Arc::new(self.config.final_config()));
+                self.propose_slot(slot, value, actions);
+                continue;
+            }
             let slots_open = leader.next_slot - 1 - self.chosen_index.min(leader.next_slot - 1);
             if leader.queued.is_empty() || slots_open >= self.params.slots_in_flight_max {
                 return;
@@ -1178,6 +1524,16 @@ impl Replica {
         leader.acked_seq.insert(id, leader.heartbeat_seq);
         let (ballot, seq) = (leader.ballot, leader.heartbeat_seq);
         let mut sends = Vec::new();
+        for &to in leader.departing.keys() {
+            sends.push((
+                to,
+                Message::Heartbeat {
+                    ballot,
+                    seq,
+                    chosen_index,
+                },
+            ));
+        }
         for to in self.config.members().filter(|node| *node != id) {
             sends.push((
                 to,
@@ -1227,6 +1583,20 @@ impl Replica {
         }
         let acked = leader.acked_seq.entry(from).or_insert(0);
         *acked = (*acked).max(seq);
+        leader.peers.insert(
+            from,
+            PeerSeen {
+                chosen_index: follower_chosen_index,
+                heard_tick: self.tick,
+            },
+        );
+        if leader
+            .departing
+            .get(&from)
+            .is_some_and(|slot| follower_chosen_index >= *slot)
+        {
+            leader.departing.remove(&from);
+        }
         self.update_lease();
         if follower_chosen_index >= self.chosen_index {
             return;
@@ -1254,10 +1624,21 @@ impl Replica {
         follower_chosen_index: Slot,
         actions: &mut Vec<Action>,
     ) {
-        let Role::Leader(leader) = &self.role else {
+        let tick = self.tick;
+        let Role::Leader(leader) = &mut self.role else {
             return;
         };
-        if leader.ballot == ballot && follower_chosen_index < self.chosen_index {
+        if leader.ballot != ballot {
+            return;
+        }
+        leader.peers.insert(
+            from,
+            PeerSeen {
+                chosen_index: follower_chosen_index,
+                heard_tick: tick,
+            },
+        );
+        if follower_chosen_index < self.chosen_index {
             self.send_catchup(from, follower_chosen_index + 1, actions);
         }
     }
@@ -1308,10 +1689,14 @@ impl Replica {
         let mut candidates: Vec<u64> = leader.acked_seq.values().copied().collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let acked_seq = &leader.acked_seq;
-        let best = candidates.into_iter().find(|&seq| {
-            self.config
-                .is_quorum(|node| acked_seq.get(&node).is_some_and(|acked| *acked >= seq))
-        });
+        let floor = leader.lease_floor_seq;
+        let best = candidates
+            .into_iter()
+            .filter(|&seq| seq >= floor)
+            .find(|&seq| {
+                self.config
+                    .is_quorum(|node| acked_seq.get(&node).is_some_and(|acked| *acked >= seq))
+            });
         let Some(seq) = best else { return };
         if seq <= leader.quorum_seq {
             return;
@@ -1397,5 +1782,6 @@ fn value_bytes(value: &Value) -> usize {
     match value {
         Value::Batch(batch) => batch.commands.iter().map(Command::size_bytes).sum(),
         Value::Noop => 0,
+        Value::Configuration(config) => std::mem::size_of::<NodeId>() * config.members().count(),
     }
 }

@@ -1418,7 +1418,10 @@ fn installed_snapshot_counts_as_applied_and_the_log_continues_after_it() {
     let actions = follower.step(message(1, early));
     persist_all(&mut follower, &actions);
     assert_eq!(
-        follower.step(Event::SnapshotInstalled { slot: 10 }),
+        follower.step(Event::SnapshotInstalled {
+            slot: 10,
+            configuration: three(),
+        }),
         vec![Action::Compact { below: 11 }],
         "no Apply for the slots the snapshot covers"
     );
@@ -1434,7 +1437,13 @@ fn installed_snapshot_counts_as_applied_and_the_log_continues_after_it() {
     );
     assert_eq!(follower.entry(3), None);
     // An older snapshot arriving late changes nothing.
-    assert_eq!(follower.step(Event::SnapshotInstalled { slot: 7 }), vec![]);
+    assert_eq!(
+        follower.step(Event::SnapshotInstalled {
+            slot: 7,
+            configuration: three(),
+        }),
+        vec![]
+    );
     let value = batch(b"next", 2);
     let accept = Message::Accept {
         ballot: b,

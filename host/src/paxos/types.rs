@@ -1,8 +1,10 @@
 //! Plain data of the protocol: identifiers, ballots, log values, messages, and the
 //! events and actions of the sans-IO interface. No behaviour lives here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+
+use super::config::Configuration;
 
 /// A replica's identity. Stable across restarts and address changes.
 pub type NodeId = u64;
@@ -82,6 +84,10 @@ pub enum Value {
     /// Shared: a value is held in the log, in flight at the leader, in messages to
     /// every peer and in `Apply`, and cloning it must not copy the commands.
     Batch(Arc<Batch>),
+    /// A membership change: C(old,new) while `is_joint()`, else a final C(new) (or a
+    /// change of learners only). It governs every slot after its own once chosen;
+    /// the leader proposes nothing past it before then (see docs/notes/reconfig.md).
+    Configuration(Arc<Configuration>),
 }
 
 /// One slot of an acceptor's log.
@@ -198,7 +204,65 @@ pub enum Event {
     /// when `slot` is not above the applied index.
     SnapshotInstalled {
         slot: Slot,
+        /// The configuration in force at `slot` (stored in the snapshot): the runtime
+        /// takes it from `Replica::applied_configuration()` when it makes a snapshot.
+        configuration: Configuration,
     },
+    /// An operator asks the leader to change the membership. Answered with a `Reply`
+    /// carrying `ChangeAccepted` (proposed at that slot), `ChangeRefused` or
+    /// `NotLeader`.
+    ChangeMembership {
+        request: RequestId,
+        change: MembershipChange,
+        /// Skips the check that a quorum of C(new) is running.
+        force: bool,
+    },
+}
+
+/// The membership changes an operator can ask for. Each becomes a target C(new);
+/// when its voters differ from today's, it goes through C(old,new).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// A non-voter that receives the log and catches up.
+    AddLearner(NodeId),
+    /// A learner becomes a voter.
+    Promote(NodeId),
+    /// A voter or learner leaves.
+    Remove(NodeId),
+    /// Any set change (add several, remove several, replace a majority). Every new
+    /// voter must be a learner today.
+    Replace {
+        voters: BTreeSet<NodeId>,
+        learners: BTreeSet<NodeId>,
+    },
+}
+
+/// Why the leader refused a membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeRefusal {
+    /// A configuration entry is proposed and not chosen, the configuration is joint,
+    /// or this new leader has not yet finished re-proposing what Phase 1 found.
+    ChangeInProgress,
+    /// The change would make `node` a voter, but it is not a learner now.
+    NotALearner { node: NodeId },
+    /// `node` is already a voter or learner.
+    AlreadyMember { node: NodeId },
+    /// `node` is neither a voter nor a learner.
+    NotAMember { node: NodeId },
+    /// The learner is more than `limit` (`Params::learner_lag_entries_max`) chosen
+    /// entries behind the leader.
+    LearnerLags {
+        node: NodeId,
+        behind_entries: u64,
+        limit: u64,
+    },
+    /// Fewer than a majority of C(new)'s voters were heard from within an election
+    /// timeout (the leader counts itself); `force` overrides.
+    NoRunningQuorum { running: usize, voters: usize },
+    /// C(new) would have no voter, or a learner that is also a voter.
+    Invalid,
+    /// C(new) equals the current configuration.
+    NoChange,
 }
 
 /// Durable changes: apply in order. `entries` replace whole slots.
@@ -257,9 +321,17 @@ pub enum Outcome {
     /// `Apply` actions before this one have been performed).
     ReadReady,
     /// This replica cannot serve it; `leader_hint` is the leader it believes in.
-    NotLeader { leader_hint: Option<NodeId> },
+    NotLeader {
+        leader_hint: Option<NodeId>,
+    },
     /// A limit was reached (queued proposals or pending reads); retry later.
     Busy,
+    /// A membership change was proposed at `slot` (its `Apply` tells when it takes
+    /// effect; C(new) follows C(old,new) by itself).
+    ChangeAccepted {
+        slot: Slot,
+    },
+    ChangeRefused(ChangeRefusal),
 }
 
 /// Outputs of `Replica::handle`, to be performed in order.

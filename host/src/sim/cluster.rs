@@ -14,13 +14,19 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use super::kv::{decode_output, encode_input, KvMachine};
 use super::linearizability::{check, CheckResult, KvInput, KvOutput, Operation};
 use crate::paxos::{
-    Action, Applier, Ballot, Command, Configuration, DurableState, Event, IdempotencyKey, Message,
-    NodeId, Origin, Outcome, Params, PersistRecord, ReadMode, Replica, RequestId, Slot, SplitMix64,
-    Value,
+    Action, Applier, Ballot, Command, Configuration, DurableState, Event, IdempotencyKey,
+    MembershipChange, Message, NodeId, Origin, Outcome, Params, PersistRecord, ReadMode, Replica,
+    RequestId, Slot, SplitMix64, Value,
 };
 
 /// Wall-clock milliseconds one simulated tick stands for (batch timestamps only).
 pub const TICK_MS: u64 = 10;
+/// Replicas outside the first configuration in a standard run, for membership
+/// changes to add (3 lets a 3-voter cluster replace its whole majority).
+pub const SPARE_REPLICAS: usize = 3;
+/// Voter counts the random membership changes keep to.
+const VOTERS_MIN: usize = 3;
+const VOTERS_MAX: usize = 5;
 
 /// Fault rates of the fault phase. Probabilities are per million, unit last.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +71,9 @@ pub struct FaultRates {
     /// Each replica's wall clock is ahead of the simulation's by a fixed amount in
     /// `0..clock_offset_ms_max` (batch timestamps come from the leader's clock).
     pub clock_offset_ms_max: u64,
+    /// Per tick: the simulator asks the leader for a random membership change (add
+    /// a learner, promote, remove, replace a majority, remove the leader).
+    pub membership_change_per_million: u64,
     /// Per tick, at most once per run: a replica crashes and loses its whole disk
     /// (log, promises, snapshots). It comes back amnesic: it catches up from the log
     /// or a snapshot but never votes again (`DurableState::amnesic`), so from then on
@@ -97,6 +106,7 @@ impl Default for FaultRates {
             disk_stall_ticks_max: 40,
             double_crash_per_million: 4_000,
             clock_offset_ms_max: 2_000,
+            membership_change_per_million: 10_000,
             disk_wipe_per_million: 1_000,
             crash_after_install_per_million: 100_000,
         }
@@ -128,6 +138,7 @@ impl FaultRates {
             disk_stall_ticks_max: 60,
             double_crash_per_million: 8_000,
             clock_offset_ms_max: 5_000,
+            membership_change_per_million: 20_000,
             disk_wipe_per_million: 2_000,
             crash_after_install_per_million: 200_000,
         }
@@ -137,7 +148,11 @@ impl FaultRates {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimOptions {
     pub seed: u64,
+    /// Voters of the first configuration (ids 1..=replicas).
     pub replicas: usize,
+    /// Further replicas that start outside the configuration (ids after the voters),
+    /// for membership changes to add.
+    pub spare_replicas: usize,
     /// Client operations per run, over all clients.
     pub ops: usize,
     pub clients: usize,
@@ -169,6 +184,7 @@ impl SimOptions {
         SimOptions {
             seed,
             replicas: replicas.unwrap_or(if seed.is_multiple_of(2) { 3 } else { 5 }),
+            spare_replicas: SPARE_REPLICAS,
             ops,
             clients: 4,
             keys: 3,
@@ -215,6 +231,9 @@ impl SimOptions {
         if self.params.bug_accepted_before_persist {
             command.push_str(" --planted-persist-bug");
         }
+        if self.params.bug_phase1_ignores_revealed_configurations {
+            command.push_str(" --planted-config-bug");
+        }
         if self.params.bug_promise_over_compacted_slots {
             command.push_str(" --planted-compaction-bug");
         }
@@ -258,6 +277,11 @@ pub struct FaultCounts {
     pub stall_crashes: u64,
     /// Two replicas crashed in the same tick.
     pub double_crashes: u64,
+    /// Membership changes the leader accepted (proposed) and refused.
+    pub changes_accepted: u64,
+    pub changes_refused: u64,
+    /// Configuration entries chosen (C(old,new), C(new) and learner changes).
+    pub configurations_chosen: u64,
     /// Snapshots made durable, snapshot transfers sent, and snapshots installed by
     /// a receiver (a transfer lost to a drop or a crash is never installed).
     pub snapshots_saved: u64,
@@ -300,14 +324,17 @@ struct SimSnapshot {
     slot: Slot,
     machine: KvMachine,
     applier_state: Vec<u8>,
+    /// The configuration in force at `slot`.
+    configuration: Configuration,
 }
 
 impl SimSnapshot {
-    fn of(applier: &Applier<KvMachine>) -> SimSnapshot {
+    fn of(applier: &Applier<KvMachine>, configuration: &Configuration) -> SimSnapshot {
         SimSnapshot {
             slot: applier.applied_index,
             machine: applier.machine.clone(),
             applier_state: applier.export_state(),
+            configuration: configuration.clone(),
         }
     }
 
@@ -342,6 +369,10 @@ enum DiskWrite {
 struct Node {
     replica: Option<Replica>,
     applier: Applier<KvMachine>,
+    /// The configuration in force at the applier's slot, followed from the applied
+    /// stream (`Apply` of configuration entries) as a runtime would; snapshots
+    /// store it.
+    applied_config: Configuration,
     durable: DurableState,
     /// Newest durable snapshots, oldest first (at most two are kept).
     snapshots: Vec<SimSnapshot>,
@@ -439,8 +470,12 @@ struct Sim {
     issued: usize,
     committed: usize,
     /// Ground truth: per (slot, ballot), the value and the replicas that durably
-    /// accepted it. A quorum makes it chosen.
-    accepted: HashMap<(Slot, Ballot), (Value, BTreeSet<NodeId>)>,
+    /// accepted it. A quorum of the configuration governing the slot makes it chosen.
+    accepted: BTreeMap<(Slot, Ballot), (Value, BTreeSet<NodeId>)>,
+    /// `governing[s - 1]` is the configuration governing slot s, known for every slot
+    /// up to one past the applied prefix: the latest configuration entry before s
+    /// (the core's stall rule), or the first configuration.
+    governing: Vec<Configuration>,
     chosen: BTreeMap<Slot, Value>,
     /// What replicas applied, slot by slot; every replica must apply the same.
     applied: Vec<Value>,
@@ -454,12 +489,15 @@ struct Sim {
 impl Sim {
     fn new(options: SimOptions) -> Sim {
         assert!(options.replicas >= 1);
-        let ids: Vec<NodeId> = (1..=options.replicas as NodeId).collect();
-        let config = Configuration::new(ids.iter().copied());
+        let voters: Vec<NodeId> = (1..=options.replicas as NodeId).collect();
+        let config = Configuration::new(voters.iter().copied());
+        let ids: Vec<NodeId> =
+            (1..=(options.replicas + options.spare_replicas) as NodeId).collect();
         let mut rng = SplitMix64::new(options.seed ^ 0x5EED_0F5A_u64);
         let mut nodes: Vec<Node> = ids
             .iter()
             .map(|&id| Node {
+                applied_config: config.clone(),
                 replica: Some(Replica::new(
                     id,
                     config.clone(),
@@ -495,6 +533,7 @@ impl Sim {
             options,
             rng,
             tick: 0,
+            governing: vec![config.clone()],
             config,
             nodes,
             network: BTreeMap::new(),
@@ -512,7 +551,7 @@ impl Sim {
             next_request: 1,
             issued: 0,
             committed: 0,
-            accepted: HashMap::new(),
+            accepted: BTreeMap::new(),
             chosen: BTreeMap::new(),
             applied: Vec::new(),
             acknowledged_writes: Vec::new(),
@@ -542,13 +581,15 @@ impl Sim {
         loop {
             let done =
                 self.issued == self.options.ops && self.clients.iter().all(|c| c.op.is_none());
+            // Every member of the latest configuration applied the same prefix, and a
+            // change left half-done by the fault phase was completed.
             let converged = {
-                let applied: BTreeSet<Slot> = self
-                    .nodes
-                    .iter()
-                    .map(|node| node.applier.applied_index)
+                let config = self.governing.last().expect("never empty");
+                let applied: BTreeSet<Slot> = config
+                    .members()
+                    .map(|id| self.nodes[(id - 1) as usize].applier.applied_index)
                     .collect();
-                applied.len() == 1
+                applied.len() == 1 && !config.is_joint()
             };
             if done && converged {
                 break;
@@ -560,8 +601,9 @@ impl Sim {
                     .iter()
                     .map(|node| node.applier.applied_index)
                     .collect();
+                let config = self.governing.last().expect("never empty");
                 self.fail(format!(
-                    "liveness: {} ticks after healing, {pending} clients still wait and applied indexes are {applied:?}",
+                    "liveness: {} ticks after healing, {pending} clients still wait and applied indexes are {applied:?} (configuration {config:?})",
                     self.options.liveness_ticks_max
                 ));
                 return self.outcome(false);
@@ -745,23 +787,168 @@ impl Sim {
             self.stall_disk();
         }
         if self.down() == 0
-            && self.nodes.len() >= 5
+            && self.options.replicas >= 5
             && self.rng.chance(faults.double_crash_per_million)
         {
             self.counts.double_crashes += 1;
             self.crash_one(true);
             self.crash_one(false);
         }
-        if self.down() < self.minority()
+        // The budget is checked before drawing, so that without spare replicas and
+        // membership changes a seed draws exactly what it drew before they existed.
+        if self.crash_budget_left()
             && self.counts.disk_wipes == 0
             && self.rng.chance(faults.disk_wipe_per_million)
         {
             self.wipe_one();
         }
-        if self.down() < self.minority() && self.rng.chance(faults.crash_per_million) {
+        if self.crash_budget_left() && self.rng.chance(faults.crash_per_million) {
             let leader_first = self.rng.chance(500_000);
             self.crash_one(leader_first);
         }
+        if faults.membership_change_per_million > 0
+            && self.rng.chance(faults.membership_change_per_million)
+        {
+            self.change_membership();
+        }
+    }
+
+    /// Asks the leader (if any) for a random membership change, as an operator would.
+    /// Most requests are sensible, so changes do happen; refusals are counted.
+    fn change_membership(&mut self) {
+        let Some(leader_index) = self.leader_index() else {
+            return;
+        };
+        let leader = leader_index as NodeId + 1;
+        let config = self.nodes[leader_index]
+            .replica
+            .as_ref()
+            .expect("the leader is up")
+            .configuration()
+            .clone();
+        let all: Vec<NodeId> = (1..=self.nodes.len() as NodeId).collect();
+        let outside: Vec<NodeId> = all
+            .iter()
+            .copied()
+            .filter(|id| !config.is_member(*id))
+            .collect();
+        let learners: Vec<NodeId> = config.learners.iter().copied().collect();
+        let voters: Vec<NodeId> = config.voters.iter().copied().collect();
+        let change = match self.rng.range(0, 6) {
+            0 if !outside.is_empty() => MembershipChange::AddLearner(self.pick(&outside)),
+            1 if !learners.is_empty() && voters.len() < VOTERS_MAX => {
+                MembershipChange::Promote(self.pick(&learners))
+            }
+            2 if voters.len() > VOTERS_MIN => MembershipChange::Remove(self.pick(&voters)),
+            2 if !learners.is_empty() => MembershipChange::Remove(self.pick(&learners)),
+            3 => {
+                // Replace a majority: keep a minority of today's voters and take the
+                // rest from the learners; some removed voters stay as learners.
+                let size = voters.len();
+                let keep = (size - 1) / 2;
+                if learners.len() < size - keep {
+                    match outside.is_empty() {
+                        true => return,
+                        false => MembershipChange::AddLearner(self.pick(&outside)),
+                    }
+                } else {
+                    let mut new_voters = BTreeSet::new();
+                    let mut old = voters.clone();
+                    for _ in 0..keep {
+                        let index = self.rng.range(0, old.len() as u64) as usize;
+                        new_voters.insert(old.swap_remove(index));
+                    }
+                    let mut candidates = learners.clone();
+                    while new_voters.len() < size {
+                        let index = self.rng.range(0, candidates.len() as u64) as usize;
+                        new_voters.insert(candidates.swap_remove(index));
+                    }
+                    let mut new_learners: BTreeSet<NodeId> = candidates.into_iter().collect();
+                    for id in old {
+                        if self.rng.chance(500_000) {
+                            new_learners.insert(id);
+                        }
+                    }
+                    MembershipChange::Replace {
+                        voters: new_voters,
+                        learners: new_learners,
+                    }
+                }
+            }
+            4 | 5 => {
+                // Remove the leader (replacing it by a learner when at the minimum).
+                if voters.len() > VOTERS_MIN {
+                    MembershipChange::Remove(leader)
+                } else if !learners.is_empty() {
+                    let mut new_voters: BTreeSet<NodeId> = config.voters.clone();
+                    new_voters.remove(&leader);
+                    let promoted = self.pick(&learners);
+                    new_voters.insert(promoted);
+                    let mut new_learners = config.learners.clone();
+                    new_learners.remove(&promoted);
+                    MembershipChange::Replace {
+                        voters: new_voters,
+                        learners: new_learners,
+                    }
+                } else if !outside.is_empty() {
+                    MembershipChange::AddLearner(self.pick(&outside))
+                } else {
+                    return;
+                }
+            }
+            _ => return,
+        };
+        let force = self.rng.chance(100_000);
+        let request = self.next_request;
+        self.next_request += 1;
+        self.step_replica(
+            leader,
+            Event::ChangeMembership {
+                request,
+                change,
+                force,
+            },
+        );
+    }
+
+    fn pick(&mut self, ids: &[NodeId]) -> NodeId {
+        ids[self.rng.range(0, ids.len() as u64) as usize]
+    }
+
+    /// Every configuration that may govern a slot not yet applied: the one after the
+    /// applied prefix and each one a replica durably accepted beyond it.
+    fn active_configurations(&self) -> Vec<Configuration> {
+        let mut configs = vec![self.governing.last().expect("never empty").clone()];
+        let next = self.governing.len() as Slot;
+        for ((_, _), (value, _)) in self.accepted.range((next, Ballot::ZERO)..) {
+            if let Value::Configuration(config) = value {
+                if !configs.contains(config) {
+                    configs.push(Configuration::clone(config));
+                }
+            }
+        }
+        configs
+    }
+
+    /// Some live replica may crash (see `may_crash`).
+    fn crash_budget_left(&self) -> bool {
+        (0..self.nodes.len())
+            .any(|index| self.nodes[index].replica.is_some() && self.may_crash(index))
+    }
+
+    /// A crash of `victim` leaves a quorum of every active configuration up (crashes
+    /// of replicas outside them are always allowed), so the fault phase keeps making
+    /// progress now and then.
+    fn may_crash(&self, victim: usize) -> bool {
+        // An amnesic replica (lost its disk) never votes: it counts as down.
+        let up = |id: NodeId| {
+            let index = (id - 1) as usize;
+            let node = &self.nodes[index];
+            index != victim && node.replica.is_some() && !node.durable.amnesic
+        };
+        self.active_configurations()
+            .iter()
+            .all(|config| config.is_quorum(up))
     }
 
     /// Replicas that cannot vote: crashed, or amnesic after a disk wipe.
@@ -777,7 +964,13 @@ impl Sim {
         let live: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].replica.is_some())
             .collect();
+        if live.is_empty() {
+            return;
+        }
         let victim = live[self.rng.range(0, live.len() as u64) as usize];
+        if !self.may_crash(victim) {
+            return;
+        }
         self.crash(victim);
         self.counts.disk_wipes += 1;
         let node = &mut self.nodes[victim];
@@ -787,11 +980,6 @@ impl Sim {
         };
         node.snapshots.clear();
         node.last_promised = Ballot::ZERO;
-    }
-
-    /// Replicas that may be down at once without losing a quorum.
-    fn minority(&self) -> usize {
-        (self.nodes.len() - 1) / 2
     }
 
     fn leader_index(&self) -> Option<usize> {
@@ -804,9 +992,9 @@ impl Sim {
     }
 
     /// Crashes the leader (when `leader` and there is one) or a random live replica,
-    /// if fewer than a minority are down.
+    /// if that leaves a quorum of every active configuration up.
     fn crash_one(&mut self, leader: bool) {
-        if self.down() >= self.minority() {
+        if !self.crash_budget_left() {
             return;
         }
         let live: Vec<usize> = (0..self.nodes.len())
@@ -814,9 +1002,12 @@ impl Sim {
             .collect();
         let victim = match self.leader_index() {
             Some(index) if leader => index,
+            _ if live.is_empty() => return,
             _ => live[self.rng.range(0, live.len() as u64) as usize],
         };
-        self.crash(victim);
+        if self.may_crash(victim) {
+            self.crash(victim);
+        }
     }
 
     /// The replica loses its memory and every persist not yet completed.
@@ -866,7 +1057,7 @@ impl Sim {
                 continue;
             }
             self.nodes[index].disk_stalled = false;
-            if self.rng.chance(500_000) && self.down() < self.minority() {
+            if self.rng.chance(500_000) && self.may_crash(index) {
                 self.counts.stall_crashes += 1;
                 self.crash(index);
             }
@@ -883,14 +1074,14 @@ impl Sim {
             let id = index as NodeId + 1;
             let seed = self.options.seed ^ node.restarts.wrapping_mul(0x9E37_79B9);
             // Like a real replica: restore the newest durable snapshot, then replay.
-            node.applier = match node.snapshots.last() {
-                Some(snapshot) => snapshot.restore(id),
-                None => Applier::new(id, KvMachine::default()),
+            (node.applier, node.applied_config) = match node.snapshots.last() {
+                Some(snapshot) => (snapshot.restore(id), snapshot.configuration.clone()),
+                None => (Applier::new(id, KvMachine::default()), self.config.clone()),
             };
             node.durable.snapshot_slot = node.applier.applied_index;
             let replica = Replica::restart(
                 id,
-                self.config.clone(),
+                node.applied_config.clone(),
                 self.options.params.clone(),
                 seed,
                 node.durable.clone(),
@@ -940,6 +1131,20 @@ impl Sim {
                 self.check_applied(id, slot, &value);
                 let mut replies = std::mem::take(&mut self.replies);
                 self.nodes[index].applier.apply(slot, &value, &mut replies);
+                if let Value::Configuration(config) = &value {
+                    self.nodes[index].applied_config = Configuration::clone(config);
+                }
+                if let Some(replica) = &self.nodes[index].replica {
+                    // The applied stream and the core agree on the configuration
+                    // once the core has applied this far too.
+                    if replica.status().applied_index == slot
+                        && replica.applied_configuration() != &self.nodes[index].applied_config
+                    {
+                        self.fail(format!(
+                            "replica {id} reports another applied configuration at slot {slot}"
+                        ));
+                    }
+                }
                 for (request, result) in replies.drain(..) {
                     self.respond(id, request, Response::Applied(result));
                 }
@@ -991,13 +1196,22 @@ impl Sim {
                     return;
                 }
                 let slot = snapshot.slot;
+                let configuration = snapshot.configuration.clone();
                 self.nodes[index].applier = snapshot.restore(id);
+                self.nodes[index].applied_config = configuration.clone();
                 self.check_state(id, &self.nodes[index].applier.clone(), "installed snapshot");
                 self.keep_snapshot(index, snapshot);
                 self.counts.snapshots_installed += 1;
-                self.step_replica(id, Event::SnapshotInstalled { slot });
+                self.step_replica(
+                    id,
+                    Event::SnapshotInstalled {
+                        slot,
+                        configuration,
+                    },
+                );
                 if self.faults_on
-                    && self.down() < self.minority()
+                    && self.crash_budget_left()
+                    && self.may_crash(index)
                     && self
                         .rng
                         .chance(self.options.faults.crash_after_install_per_million)
@@ -1055,7 +1269,10 @@ impl Sim {
         if every == 0 || !applied.is_multiple_of(every) {
             return;
         }
-        let snapshot = SimSnapshot::of(&self.nodes[index].applier);
+        let snapshot = SimSnapshot::of(
+            &self.nodes[index].applier,
+            &self.nodes[index].applied_config,
+        );
         self.check_state(
             index as NodeId + 1,
             &self.nodes[index].applier.clone(),
@@ -1206,18 +1423,29 @@ impl Sim {
                 return;
             }
             acceptors.insert(id);
-            if !self.config.is_quorum(|node| acceptors.contains(&node)) {
-                continue;
+            self.judge_chosen(*slot, entry.ballot);
+        }
+    }
+
+    /// Marks (slot, ballot) chosen if a quorum of the configuration governing the
+    /// slot durably accepted it. Waits (returns) while that configuration is not
+    /// known yet: it is judged again once the slot before it is applied.
+    fn judge_chosen(&mut self, slot: Slot, ballot: Ballot) {
+        let Some(config) = self.governing.get((slot - 1) as usize) else {
+            return;
+        };
+        let (value, acceptors) = &self.accepted[&(slot, ballot)];
+        if !config.is_quorum(|node| acceptors.contains(&node)) {
+            return;
+        }
+        let value = value.clone();
+        match self.chosen.get(&slot) {
+            Some(chosen) if *chosen != value => {
+                self.fail(format!("two different values chosen for slot {slot}"));
             }
-            let value = value.clone();
-            match self.chosen.get(slot) {
-                Some(chosen) if *chosen != value => {
-                    self.fail(format!("two different values chosen for slot {slot}"));
-                }
-                Some(_) => {}
-                None => {
-                    self.chosen.insert(*slot, value);
-                }
+            Some(_) => {}
+            None => {
+                self.chosen.insert(slot, value);
             }
         }
     }
@@ -1234,6 +1462,23 @@ impl Sim {
             }
         } else if position == self.applied.len() {
             self.applied.push(value.clone());
+            // The configuration governing the next slot is now known: judge it.
+            let next = match value {
+                Value::Configuration(config) => {
+                    self.counts.configurations_chosen += 1;
+                    Configuration::clone(config)
+                }
+                _ => self.governing.last().expect("never empty").clone(),
+            };
+            self.governing.push(next);
+            let ballots: Vec<Ballot> = self
+                .accepted
+                .range((slot + 1, Ballot::ZERO)..(slot + 2, Ballot::ZERO))
+                .map(|((_, ballot), _)| *ballot)
+                .collect();
+            for ballot in ballots {
+                self.judge_chosen(slot + 1, ballot);
+            }
         } else {
             self.fail(format!(
                 "replica {id} applied slot {slot} past the known prefix"
@@ -1488,6 +1733,11 @@ impl Sim {
     /// A replica's answer to a request: a read is served from its state machine now,
     /// and the answer travels back to the client.
     fn on_reply(&mut self, id: NodeId, request: RequestId, outcome: Outcome) {
+        match outcome {
+            Outcome::ChangeAccepted { .. } => self.counts.changes_accepted += 1,
+            Outcome::ChangeRefused(_) => self.counts.changes_refused += 1,
+            _ => {}
+        }
         let Some(&(_, history_index)) = self.requests.get(&request) else {
             return;
         };
@@ -1506,6 +1756,9 @@ impl Sim {
             }
             Outcome::NotLeader { leader_hint } => Response::NotLeader { leader_hint },
             Outcome::Busy => Response::Busy,
+            Outcome::ChangeAccepted { .. } | Outcome::ChangeRefused(_) => {
+                unreachable!("only the simulator's operator asks for membership changes")
+            }
         };
         self.respond(id, request, response);
     }

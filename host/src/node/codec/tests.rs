@@ -286,3 +286,51 @@ fn garbage_and_bit_flips_never_panic() {
         }
     }
 }
+
+fn configuration_values() -> Vec<Value> {
+    let old = Configuration::with_learners([1, 2, 3], [4, 5]);
+    let target = Configuration::with_learners([3, 4, 5], [1]);
+    vec![
+        Value::Configuration(std::sync::Arc::new(old.clone())),
+        Value::Configuration(std::sync::Arc::new(old.joint_to(&target))),
+        Value::Configuration(std::sync::Arc::new(target)),
+    ]
+}
+
+#[test]
+fn configuration_entries_round_trip_in_entries_and_messages() {
+    for value in configuration_values() {
+        let stored = LogEntry {
+            ballot: ballot(9, 4),
+            value: value.clone(),
+            chosen: false,
+        };
+        assert_eq!(decode_entry(&encode_entry(&stored)).unwrap(), stored);
+        let msg = Message::Accept {
+            ballot: ballot(9, 4),
+            slot: 31,
+            value,
+            chosen_index: 30,
+        };
+        let wire = WireMessage::Paxos(msg);
+        assert_eq!(decode_wire(&encode_wire(&wire)).unwrap(), wire);
+    }
+}
+
+#[test]
+fn malformed_configuration_is_refused() {
+    // A configuration with no voter: tag 2, zero voters, not joint, zero learners.
+    let mut bytes = vec![ENTRY_VERSION];
+    put_ballot(&mut bytes, ballot(1, 1));
+    bytes.extend_from_slice(&[2]);
+    put_len(&mut bytes, 0);
+    bytes.push(0);
+    put_len(&mut bytes, 0);
+    bytes.push(0);
+    assert_eq!(
+        decode_entry(&bytes),
+        Err(DecodeError::Malformed {
+            field: "configuration"
+        })
+    );
+}

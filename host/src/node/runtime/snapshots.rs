@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
-use crate::paxos::{Event, NodeId, Slot, Value};
+use crate::paxos::{Configuration, Event, NodeId, Slot, Value};
 
 use super::super::app::WasmApp;
 use super::super::codec::{self, WireMessage};
@@ -81,6 +81,7 @@ pub(crate) enum Done {
         file: SnapshotFile,
         applier_state: Vec<u8>,
         app: Box<WasmApp>,
+        configuration: Configuration,
         forced: bool,
     },
     InstallFailed {
@@ -184,10 +185,11 @@ fn worker(
                 }
             }
             Job::Install { id, forced } => match install(&dir, &compiler, &id) {
-                Ok((file, applier_state, app)) => Done::Installed {
+                Ok((file, applier_state, app, configuration)) => Done::Installed {
                     file,
                     applier_state,
                     app: Box::new(app),
+                    configuration,
                     forced,
                 },
                 Err(reason) => {
@@ -210,11 +212,18 @@ fn install(
     dir: &SnapshotDir,
     compiler: &Arc<Compiler>,
     id: &SnapshotId,
-) -> Result<(SnapshotFile, Vec<u8>, WasmApp), String> {
+) -> Result<(SnapshotFile, Vec<u8>, WasmApp, Configuration), String> {
     let snapshot = dir.verify_partial(id).map_err(|e| e.to_string())?;
+    if snapshot.voters.is_empty() {
+        return Err("snapshot names no voters".to_string());
+    }
     let app = WasmApp::from_snapshot(compiler, &snapshot)?;
     let file = dir.adopt_partial(id).map_err(|e| e.to_string())?;
-    Ok((file, snapshot.applier_state, app))
+    // The file stores the voters of the configuration applied at its slot. Learners
+    // and joint configurations only arise from membership requests, which this
+    // runtime does not issue yet (issue 6, node side): the format grows with them.
+    let configuration = Configuration::new(snapshot.voters.iter().copied());
+    Ok((file, snapshot.applier_state, app, configuration))
 }
 
 /// Bytes of client data in a value, for the log-bytes trigger.
@@ -256,7 +265,14 @@ impl Loop {
         let applier_state = self.core.applier.export_state();
         let contents = SnapshotContents {
             slot: applied,
-            voters: self.core.replica.configuration().members().collect(),
+            voters: self
+                .core
+                .replica
+                .applied_configuration()
+                .voters
+                .iter()
+                .copied()
+                .collect(),
             applier_state,
             app: capture.meta,
             module_bytes: capture.module_bytes,
@@ -313,8 +329,9 @@ impl Loop {
                 file,
                 applier_state,
                 app,
+                configuration,
                 forced,
-            } => self.on_installed(file, applier_state, *app, forced),
+            } => self.on_installed(file, applier_state, *app, configuration, forced),
             Done::InstallFailed { id, reason } => {
                 self.snap.receiver.installed(false);
                 self.core
@@ -330,6 +347,7 @@ impl Loop {
         file: SnapshotFile,
         applier_state: Vec<u8>,
         app: WasmApp,
+        configuration: Configuration,
         forced: bool,
     ) {
         let slot = file.id.slot;
@@ -338,7 +356,10 @@ impl Loop {
         self.snap.add_file(file);
         if slot > applied {
             self.replace_state(app, &applier_state);
-            self.step(Event::SnapshotInstalled { slot });
+            self.step(Event::SnapshotInstalled {
+                slot,
+                configuration,
+            });
         } else if forced {
             // Repair of a replica that is not behind: install the snapshot, then apply
             // again the chosen entries after it, which the log still holds.
