@@ -449,3 +449,23 @@ fn a_reused_reader_sees_each_new_committed_state_not_its_own_writes() {
     assert_eq!(snapshot.memory[..4], 20u32.to_le_bytes());
     assert_eq!(snapshot.memory[30000..30004], [0; 4]);
 }
+
+#[test]
+fn a_module_with_megabytes_of_data_segments_loads_and_runs() {
+    // 4 MiB of initialised data: instantiation copies it, and that must not count
+    // against any per-command budget.
+    let data_bytes = 4 << 20;
+    let bytes = wat::parse_str(format!(
+        r#"(module
+             (memory (export "memory") 80)
+             (data (i32.const 65536) "{}")
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 1024))
+             (func (export "paxwasm_apply") (param $ptr i32) (param $len i32) (result i64)
+               {}))"#,
+        "x".repeat(data_bytes),
+        result(65536 + data_bytes as u32 - 4, 4)
+    ))
+    .unwrap();
+    let mut machine = load(&bytes);
+    assert_eq!(machine.apply(b"", entry()).unwrap(), b"xxxx");
+}

@@ -13,8 +13,11 @@ use super::module::{
 use super::snapshot::GlobalValue;
 use super::{ApplyError, EntryContext, GuestLog};
 
-/// Fuel for instantiation, which evaluates only constant expressions.
-const INSTANTIATION_FUEL: u64 = 1_000_000;
+/// Fuel for instantiation. It runs no guest code, but wasmtime meters constant
+/// expressions and the copying of data segments, which are bounded by the module's
+/// size (itself capped by `module_bytes_max`). A smaller budget would turn a valid
+/// module with a few MiB of data into a failed instantiation.
+const INSTANTIATION_FUEL: u64 = u64::MAX / 4;
 
 /// Per-store host data: what the imports read and what the limiter records.
 pub struct HostState {
