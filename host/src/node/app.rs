@@ -314,6 +314,16 @@ impl WasmApp {
         if chunk.data.is_empty() {
             return AppResult::Rejected("empty module chunk".into());
         }
+        let end = chunk.offset.checked_add(chunk.data.len() as u64);
+        if end.is_none_or(|end| end > chunk.total_bytes) {
+            // Checked before the staging area is touched: a bad chunk changes nothing.
+            return AppResult::Rejected(format!(
+                "chunk at offset {} of {} bytes overruns module {name} of {} bytes",
+                chunk.offset,
+                chunk.data.len(),
+                chunk.total_bytes
+            ));
+        }
         let continues = matches!(&self.staging,
             Some(staging) if staging.sha256 == chunk.sha256 && staging.total_bytes == chunk.total_bytes);
         if !continues {

@@ -637,6 +637,22 @@ impl SnapshotDir {
     }
 
     /// Removes all but the newest `SNAPSHOTS_KEPT` complete snapshots.
+    /// Deletes every snapshot of a slot above `slot` (used by a repair).
+    pub fn remove_newer_than(&self, slot: Slot) -> Result<(), SnapshotError> {
+        let mut removed = false;
+        for (newer, path) in self.list()? {
+            if newer > slot {
+                tracing::warn!(slot = newer, path = %path.display(), "removing a snapshot of the diverged state");
+                fs::remove_file(&path).map_err(io_error(&path))?;
+                removed = true;
+            }
+        }
+        if removed {
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
     pub fn prune(&self) -> Result<(), SnapshotError> {
         for (slot, path) in self.list()?.into_iter().skip(SNAPSHOTS_KEPT) {
             tracing::debug!(slot, path = %path.display(), "removing an old snapshot");
@@ -932,6 +948,20 @@ mod tests {
         for len in [0, 7, 39, out.len() / 2, out.len() - 1] {
             assert!(decode_snapshot(&out[..len]).is_err(), "length {len}");
         }
+    }
+
+    #[test]
+    fn a_repair_removes_every_snapshot_newer_than_the_installed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = SnapshotDir::open(dir.path()).unwrap();
+        for slot in [10, 20] {
+            snapshots.write(&contents(slot, None)).unwrap();
+        }
+        snapshots.remove_newer_than(15).unwrap();
+        let slots: Vec<Slot> = snapshots.list().unwrap().iter().map(|f| f.0).collect();
+        assert_eq!(slots, vec![10]);
+        snapshots.remove_newer_than(10).unwrap();
+        assert_eq!(snapshots.list().unwrap().len(), 1, "the slot itself stays");
     }
 
     #[test]

@@ -470,7 +470,12 @@ impl Receiver {
         if *current != id || *current_from != from {
             return ChunkVerdict::Ignore;
         }
-        if offset < *received || len == 0 || offset + len > id.file_bytes {
+        if offset < *received
+            || len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > id.file_bytes)
+        {
             // A chunk sent again after a resend; we already hold it.
             return ChunkVerdict::Ignore;
         }

@@ -207,9 +207,18 @@ impl Compiler {
                 let outcome = if compiler.refuse {
                     Err("compilation refused by the test hook --debug-refuse-compiles".into())
                 } else {
-                    Machine::compile_module(&bytes, &compiler.config)
-                        .map(Arc::new)
-                        .map_err(|error| error.to_string())
+                    // A panic in the compiler must still end in a recorded outcome,
+                    // or the switch slot would wait for it forever.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        Machine::compile_module(&bytes, &compiler.config)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(crate::machine::LoadError(
+                            "the compiler panicked on this module".into(),
+                        ))
+                    })
+                    .map(Arc::new)
+                    .map_err(|error| error.to_string())
                 };
                 tracing::info!(
                     module = %module_name(&sha256),

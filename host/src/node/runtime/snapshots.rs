@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
-use crate::paxos::{Configuration, Event, NodeId, Slot, Value};
+use crate::paxos::{
+    Applier, ApplyContext, Configuration, Event, NodeId, Slot, StateMachine, Value,
+};
 
 use super::super::app::WasmApp;
 use super::super::codec::{self, WireMessage};
@@ -184,7 +186,7 @@ fn worker(
                     },
                 }
             }
-            Job::Install { id, forced } => match install(&dir, &compiler, &id) {
+            Job::Install { id, forced } => match install(&dir, &compiler, &id, forced) {
                 Ok((file, applier_state, app, configuration)) => Done::Installed {
                     file,
                     applier_state,
@@ -212,18 +214,47 @@ fn install(
     dir: &SnapshotDir,
     compiler: &Arc<Compiler>,
     id: &SnapshotId,
+    forced: bool,
 ) -> Result<(SnapshotFile, Vec<u8>, WasmApp, Configuration), String> {
     let snapshot = dir.verify_partial(id).map_err(|e| e.to_string())?;
     if snapshot.voters.is_empty() {
         return Err("snapshot names no voters".to_string());
     }
+    // A checksum only proves the sender's file arrived intact: the applier state must
+    // also decode and be of the same slot, or installing it would stop the core.
+    let mut applier = Applier::new(0, NoMachine);
+    applier
+        .import_state(&snapshot.applier_state)
+        .map_err(|error| error.to_string())?;
+    if applier.applied_index != id.slot {
+        return Err(format!(
+            "snapshot of slot {} holds an applier state of slot {}",
+            id.slot, applier.applied_index
+        ));
+    }
     let app = WasmApp::from_snapshot(compiler, &snapshot)?;
+    if forced {
+        // A repair: local snapshots newer than the majority's were taken from the
+        // diverged state. Left in place they would be served to peers and loaded at
+        // the next restart, bringing the divergence back (or spreading it).
+        dir.remove_newer_than(id.slot)
+            .map_err(|error| error.to_string())?;
+    }
     let file = dir.adopt_partial(id).map_err(|e| e.to_string())?;
     // The file stores the voters of the configuration applied at its slot. Learners
     // and joint configurations only arise from membership requests, which this
     // runtime does not issue yet (issue 6, node side): the format grows with them.
     let configuration = Configuration::new(snapshot.voters.iter().copied());
     Ok((file, snapshot.applier_state, app, configuration))
+}
+
+/// Stands in for the application when only an applier state is decoded and checked.
+struct NoMachine;
+
+impl StateMachine for NoMachine {
+    fn apply(&mut self, _payload: &[u8], _context: &ApplyContext) -> Vec<u8> {
+        unreachable!("a checked applier state is never applied to")
+    }
 }
 
 /// Bytes of client data in a value, for the log-bytes trigger.
@@ -353,6 +384,10 @@ impl Loop {
         let slot = file.id.slot;
         let applied = self.core.applier.applied_index;
         self.snap.receiver.installed(true);
+        if forced {
+            // The worker deleted the newer (diverged) files; forget them here too.
+            self.snap.files.retain(|f| f.id.slot <= slot);
+        }
         self.snap.add_file(file);
         if slot > applied {
             self.replace_state(app, &applier_state);
