@@ -296,6 +296,81 @@ pub unsafe fn discard_private_pages(ptr: *mut u8, len: usize) {
     );
 }
 
+/// Ranges per `process_madvise` call (the kernel's `UIO_MAXIOV`).
+const DISCARD_RANGES_PER_CALL: usize = 1024;
+
+/// Drops the private pages of many ranges in few system calls:
+/// `process_madvise` on this process (any advice allowed since Linux 6.13,
+/// one TLB flush per call), else one `madvise` per range.
+pub struct Discarder {
+    /// A pidfd of this process; `None` where pidfds or `process_madvise`
+    /// are missing, or after a call failed.
+    own_pid: Option<OwnedFd>,
+    iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs are scratch space, filled and used within one call.
+unsafe impl Send for Discarder {}
+
+impl Discarder {
+    pub fn new() -> Discarder {
+        // SAFETY: pidfd_open takes a pid and flags; a returned fd is checked
+        // and then owned by `OwnedFd`.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        Discarder {
+            // SAFETY: a fresh descriptor nobody else owns.
+            own_pid: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) }),
+            iovecs: Vec::new(),
+        }
+    }
+
+    /// Drops the private pages of each `[ptr + start, ptr + end)` of `runs`.
+    ///
+    /// # Safety
+    /// As [`discard_private_pages`], for every run.
+    pub unsafe fn discard(&mut self, ptr: *mut u8, runs: &[(usize, usize)]) {
+        if let Some(pid) = &self.own_pid {
+            let mut batched = true;
+            for chunk in runs.chunks(DISCARD_RANGES_PER_CALL) {
+                self.iovecs.clear();
+                self.iovecs
+                    .extend(chunk.iter().map(|&(start, end)| libc::iovec {
+                        // SAFETY: inside the range per the function contract.
+                        iov_base: unsafe { ptr.add(start) }.cast(),
+                        iov_len: end - start,
+                    }));
+                let total: usize = chunk.iter().map(|&(start, end)| end - start).sum();
+                // SAFETY: `iovecs` holds `chunk.len()` valid iovecs of our
+                // own private file mapping, for which MADV_DONTNEED reverts
+                // pages to the file's contents (the function contract).
+                let advised = unsafe {
+                    libc::syscall(
+                        libc::SYS_process_madvise,
+                        pid.as_raw_fd(),
+                        self.iovecs.as_ptr(),
+                        self.iovecs.len(),
+                        libc::MADV_DONTNEED,
+                        0,
+                    )
+                };
+                if advised != total as libc::c_long {
+                    batched = false;
+                    break;
+                }
+            }
+            if batched {
+                return;
+            }
+            // Dropping a run twice is harmless: the retry below covers them all.
+            self.own_pid = None;
+        }
+        for &(start, end) in runs {
+            // SAFETY: per the function contract.
+            unsafe { discard_private_pages(ptr.add(start), end - start) };
+        }
+    }
+}
+
 pub fn os_page_bytes() -> usize {
     // SAFETY: sysconf has no preconditions.
     let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -46,7 +46,7 @@ pub use snapshot::{GlobalValue, Snapshot, SnapshotDecodeError};
 use hash::PageHashes;
 use image::{PageSet, Shadow, StreamError};
 use instance::{Call, HostState, Instance};
-use memory::{DirtyScanner, Memfd, MemfdCreator, Uffd};
+use memory::{DirtyScanner, Discarder, Memfd, MemfdCreator, Uffd};
 use module::CheckedModule;
 
 /// Where the guest's `paxwasm.log` output goes. It is never part of state.
@@ -286,9 +286,12 @@ pub struct Machine {
     /// pages, which costs time per populated page (see `memory.rs`).
     tracker: Option<Arc<Uffd>>,
     scanner: DirtyScanner,
+    discarder: Discarder,
     runs: Vec<(usize, usize)>,
     /// Reused output buffer of `apply`.
     scratch: Vec<u8>,
+    /// Reused buffer of the copies into shadows.
+    copy_buffer: Vec<u8>,
     /// Memfds holding earlier images, for incremental images (`image.rs`).
     shadows: Vec<Shadow>,
 }
@@ -368,8 +371,10 @@ impl Machine {
             hashes: PageHashes::new(),
             tracker,
             scanner: DirtyScanner::new(),
+            discarder: Discarder::new(),
             runs: Vec::new(),
             scratch: Vec::new(),
+            copy_buffer: Vec::new(),
             shadows: Vec::new(),
         };
         machine.checkpoint();
@@ -501,10 +506,7 @@ impl Machine {
     pub fn snapshot_image(&mut self) -> SnapshotImage {
         self.checkpoint();
         let bytes = self.base.memory_bytes;
-        // After a checkpoint the primary has no private page: its memory
-        // reads exactly the base.
-        let memory = self.primary.memory();
-        assert_eq!(memory.len(), bytes);
+        assert_eq!(self.primary.memory_bytes(), bytes);
         // A shadow no image holds any more is ours to bring up to date; images
         // are only made here, so a count that is unique stays unique.
         let free = self
@@ -515,21 +517,20 @@ impl Machine {
             Some(index) => {
                 let shadow = &mut self.shadows[index];
                 shadow.stale.drain_runs(bytes, &mut self.runs);
-                for &(start, end) in &self.runs {
-                    shadow
-                        .memfd
-                        .write_at(start, &memory[start..end])
-                        .unwrap_or_else(|e| host_failure("writing shadow memfd", e));
-                }
+                image::copy_runs(
+                    &self.base.memfd,
+                    &shadow.memfd,
+                    &self.runs,
+                    &mut self.copy_buffer,
+                )
+                .unwrap_or_else(|e| host_failure("copying into shadow memfd", e));
                 shadow.memfd.clone()
             }
             None => {
                 let memfd = new_memfd(&self.config);
-                for (start, end) in self.base.memfd.data_runs(bytes) {
-                    memfd
-                        .write_at(start, &memory[start..end])
-                        .unwrap_or_else(|e| host_failure("writing shadow memfd", e));
-                }
+                let runs = self.base.memfd.data_runs(bytes);
+                image::copy_runs(&self.base.memfd, &memfd, &runs, &mut self.copy_buffer)
+                    .unwrap_or_else(|e| host_failure("copying into shadow memfd", e));
                 if self.shadows.len() < SHADOWS_MAX {
                     self.shadows.push(Shadow {
                         memfd: memfd.clone(),
@@ -804,14 +805,14 @@ impl Machine {
                 .memfd
                 .write_at(start, written)
                 .unwrap_or_else(|e| host_failure("writing memfd", e));
-            // SAFETY: as above; the bytes are now in the memfd, so dropping the
-            // private copies does not change what the memory reads.
-            unsafe { memory::discard_private_pages(ptr.add(start), end - start) };
             self.hashes.mark_written(start, end);
             for shadow in &mut self.shadows {
                 shadow.stale.mark(start, end);
             }
         }
+        // SAFETY: as above; the bytes are now in the memfd, so dropping the
+        // private copies does not change what the memory reads.
+        unsafe { self.discarder.discard(ptr, &self.runs) };
         self.base.globals = self.primary.globals();
         self.base.memory_bytes = bytes;
         self.replay.clear();
