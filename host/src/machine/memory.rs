@@ -54,6 +54,43 @@ impl Memfd {
         self.file.read_exact_at(bytes, offset as u64)
     }
 
+    /// Copies `[start, end)` of this memfd into the same range of `to`, in
+    /// the kernel (`copy_file_range`: one copy, no buffer, no page table).
+    /// `Ok(false)` where the kernel refuses it for these files; nothing
+    /// may have been copied then, or part of the range: the caller copies
+    /// the whole range another way.
+    pub fn copy_range_to(&self, to: &Memfd, start: usize, end: usize) -> io::Result<bool> {
+        assert!(end <= self.bytes_max && end <= to.bytes_max);
+        let mut offset = start;
+        while offset < end {
+            let (mut from_off, mut to_off) = (offset as libc::loff_t, offset as libc::loff_t);
+            // SAFETY: both descriptors are ours; the kernel reads and writes
+            // the files at the given offsets only, and updates the offsets.
+            let copied = unsafe {
+                libc::copy_file_range(
+                    self.file.as_raw_fd(),
+                    &mut from_off,
+                    to.file.as_raw_fd(),
+                    &mut to_off,
+                    end - offset,
+                    0,
+                )
+            };
+            if copied < 0 {
+                let error = io::Error::last_os_error();
+                return match error.raw_os_error() {
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+                    _ => Err(error),
+                };
+            }
+            if copied == 0 {
+                return Err(io::Error::other("copy_file_range: memfd ended early"));
+            }
+            offset += copied as usize;
+        }
+        Ok(true)
+    }
+
     /// The byte ranges of `[0, len)` that hold pages (`SEEK_DATA` /
     /// `SEEK_HOLE`); the holes between them read as zero. Where the kernel
     /// does not answer, the whole range counts as data (correct, slower).
