@@ -97,6 +97,36 @@ impl SnapshotImage {
     }
 }
 
+/// Copies the byte ranges `runs` of `from` into `to`: in the kernel
+/// (`copy_file_range`) where it can, else through `buffer` (`pread` +
+/// `pwrite`, at most [`IMAGE_CHUNK_BYTES`] at a time). Reading the memfd
+/// rather than an instance's mapping of it takes no page fault per page (a
+/// tracked mapping faults in one page at a time: userfaultfd turns off
+/// fault-around).
+pub(super) fn copy_runs(
+    from: &Memfd,
+    to: &Memfd,
+    runs: &[(usize, usize)],
+    buffer: &mut Vec<u8>,
+) -> io::Result<()> {
+    for &(start, end) in runs {
+        if from.copy_range_to(to, start, end)? {
+            continue;
+        }
+        let mut offset = start;
+        while offset < end {
+            let len = (end - offset).min(IMAGE_CHUNK_BYTES);
+            if buffer.len() < len {
+                buffer.resize(len, 0);
+            }
+            from.read_at(offset, &mut buffer[..len])?;
+            to.write_at(offset, &buffer[..len])?;
+            offset += len;
+        }
+    }
+    Ok(())
+}
+
 /// A memfd holding the memory of an earlier image.
 pub(super) struct Shadow {
     pub memfd: Arc<Memfd>,
