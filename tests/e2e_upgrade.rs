@@ -672,8 +672,17 @@ fn a_replica_that_cannot_compile_a_chosen_module_halts() {
         deployed.index
     );
     assert!(log.contains(&line), "{log}");
-    // The other two still form a quorum with the module installed.
-    let reply = submit(&addrs[0], b"put a 1", "after-halt").unwrap();
+    // The other two still form a quorum with the module installed. If the halted
+    // replica led, the first attempt can time out (504) or find no leader (503)
+    // while the others elect one: retry with the same key, as a client would.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        let reply = submit(&addrs[0], b"put a 1", "after-halt").unwrap();
+        if !matches!(reply.status, 503 | 504) || Instant::now() > deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!((reply.status, reply.text()), (200, "OK".to_string()));
     assert_eq!(query(&addrs[1], b"get a").text(), "1");
 }
