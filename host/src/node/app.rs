@@ -566,13 +566,9 @@ mod tests {
 
     #[test]
     fn applied_output_is_encoded_like_an_output_result() {
-        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let kv = example("kv");
         let mut app = WasmApp::new(MachineConfig::default());
-        let context = ApplyContext {
-            slot: 1,
-            timestamp_ms: 0,
-            seed: 0,
-        };
+        let context = ctx(1);
         app.apply(&install_envelope(&kv, false), &context);
         let result = app.apply(&command_envelope(b"put a 1"), &context);
         assert_eq!(result, AppResult::Output(b"OK".to_vec()).encode());
@@ -582,15 +578,11 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_changes_the_state_hash_and_flipping_back_restores_it() {
-        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let kv = example("kv");
         let mut app = WasmApp::new(MachineConfig::default());
         assert_eq!(app.state_hash_bytes(), None);
         assert!(app.debug_flip_byte(0).is_err(), "no module yet");
-        let context = ApplyContext {
-            slot: 1,
-            timestamp_ms: 0,
-            seed: 0,
-        };
+        let context = ctx(1);
         app.apply(&install_envelope(&kv, false), &context);
         app.apply(&command_envelope(b"put a 1"), &context);
         let before = app.state_hash_bytes().unwrap();
@@ -608,13 +600,9 @@ mod tests {
 
     #[test]
     fn a_captured_app_restores_to_the_same_state_and_metadata() {
-        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
+        let kv = example("kv");
         let mut app = WasmApp::new(MachineConfig::default());
-        let context = ApplyContext {
-            slot: 3,
-            timestamp_ms: 0,
-            seed: 0,
-        };
+        let context = ctx(3);
         app.apply(&install_envelope(&kv, false), &context);
         app.apply(&command_envelope(b"put a 1"), &context);
         app.apply(&command_envelope(b"put b 2"), &context);
@@ -647,6 +635,11 @@ mod tests {
         assert!(capture.image.is_none() && capture.module_bytes.is_none());
     }
 
+    /// The bytes of an example guest (built on first use).
+    fn example(name: &str) -> Vec<u8> {
+        std::fs::read(crate::examples::example_module(name).unwrap()).unwrap()
+    }
+
     fn ctx(slot: u64) -> ApplyContext {
         ApplyContext {
             slot,
@@ -670,8 +663,8 @@ mod tests {
 
     #[test]
     fn a_staged_module_is_switched_to_at_its_upgrade_slot_with_migration() {
-        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
-        let kv_v2 = std::fs::read(crate::examples::example_module("kv_v2").unwrap()).unwrap();
+        let kv = example("kv");
+        let kv_v2 = example("kv_v2");
         let kv_sha = crate::machine::ModuleId::of(&kv).0;
         let v2_sha = crate::machine::ModuleId::of(&kv_v2).0;
         let mut app = WasmApp::new(MachineConfig::default());
@@ -759,8 +752,8 @@ mod tests {
 
     #[test]
     fn a_failed_migration_keeps_the_old_module_and_a_new_upload_replaces_the_staging() {
-        let kv = std::fs::read(crate::examples::example_module("kv").unwrap()).unwrap();
-        let counter = std::fs::read(crate::examples::example_module("counter").unwrap()).unwrap();
+        let kv = example("kv");
+        let counter = example("counter");
         let kv_sha = crate::machine::ModuleId::of(&kv).0;
         let counter_sha = crate::machine::ModuleId::of(&counter).0;
         let mut app = WasmApp::new(MachineConfig::default());
@@ -770,7 +763,7 @@ mod tests {
         app.apply(&command_envelope(b"put a 1"), &ctx(slot + 1));
         let hash = app.state_hash();
         // An upload of kv_v2 left half done is replaced by an upload of counter.
-        let kv_v2 = std::fs::read(crate::examples::example_module("kv_v2").unwrap()).unwrap();
+        let kv_v2 = example("kv_v2");
         let v2_sha = crate::machine::ModuleId::of(&kv_v2).0;
         let half = upgrade::chunk_envelope(&v2_sha, kv_v2.len() as u64, 0, &kv_v2[..100]);
         app.apply(&half, &ctx(slot + 2));
@@ -813,11 +806,7 @@ mod tests {
     #[test]
     fn commands_before_any_module_say_so_and_garbage_is_rejected() {
         let mut app = WasmApp::new(MachineConfig::default());
-        let context = ApplyContext {
-            slot: 1,
-            timestamp_ms: 0,
-            seed: 0,
-        };
+        let context = ctx(1);
         let result = app.apply(&command_envelope(b"get a"), &context);
         assert_eq!(AppResult::decode(&result), AppResult::NoModule);
         let result = app.apply(&[9, 1, 2], &context);
