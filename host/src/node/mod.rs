@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod handle;
+pub mod members;
 pub mod probe;
 mod runtime;
 mod service;

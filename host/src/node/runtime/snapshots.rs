@@ -103,6 +103,9 @@ pub(crate) struct Snapshots {
     pub last_slot: Slot,
     pub log_bytes_since: u64,
     pub writing: bool,
+    /// A peer asked for a snapshot this replica does not have (a node joining the
+    /// cluster, docs/notes/members.md): take one at the next turn, whatever the triggers.
+    pub wanted: bool,
     jobs: std_mpsc::SyncSender<Job>,
     pub done: mpsc::UnboundedReceiver<Done>,
     pub senders: Senders,
@@ -141,6 +144,7 @@ impl Snapshots {
             last_slot: restored_slot,
             log_bytes_since: 0,
             writing: false,
+            wanted: false,
             jobs,
             done,
             open_files: HashMap::new(),
@@ -217,9 +221,6 @@ fn install(
     forced: bool,
 ) -> Result<(SnapshotFile, Vec<u8>, WasmApp, Configuration), String> {
     let snapshot = dir.verify_partial(id).map_err(|e| e.to_string())?;
-    if snapshot.voters.is_empty() {
-        return Err("snapshot names no voters".to_string());
-    }
     // A checksum only proves the sender's file arrived intact: the applier state must
     // also decode and be of the same slot, or installing it would stop the core.
     let mut applier = Applier::new(0, NoMachine);
@@ -241,11 +242,9 @@ fn install(
             .map_err(|error| error.to_string())?;
     }
     let file = dir.adopt_partial(id).map_err(|e| e.to_string())?;
-    // The file stores the voters of the configuration applied at its slot. Learners
-    // and joint configurations only arise from membership requests, which this
-    // runtime does not issue yet (issue 6, node side): the format grows with them.
-    let configuration = Configuration::new(snapshot.voters.iter().copied());
-    Ok((file, snapshot.applier_state, app, configuration))
+    // The configuration applied at its slot (whole since format version 3; the decoder
+    // refuses one without voters).
+    Ok((file, snapshot.applier_state, app, snapshot.configuration))
 }
 
 /// Stands in for the application when only an applier state is decoded and checked.
@@ -283,7 +282,8 @@ impl Loop {
         let applied = self.core.applier.applied_index;
         let snap = &self.snap;
         let due = applied >= snap.last_slot + snap.config.entries
-            || (snap.log_bytes_since >= snap.config.log_bytes && applied > snap.last_slot);
+            || ((snap.log_bytes_since >= snap.config.log_bytes || snap.wanted)
+                && applied > snap.last_slot);
         if !due || snap.writing {
             return;
         }
@@ -296,14 +296,8 @@ impl Loop {
         let applier_state = self.core.applier.export_state();
         let contents = SnapshotContents {
             slot: applied,
-            voters: self
-                .core
-                .replica
-                .applied_configuration()
-                .voters
-                .iter()
-                .copied()
-                .collect(),
+            configuration: self.core.replica.applied_configuration().clone(),
+            addresses: capture.addresses,
             applier_state,
             app: capture.meta,
             module_bytes: capture.module_bytes,
@@ -322,6 +316,7 @@ impl Loop {
             "snapshot captured; writing it in the background"
         );
         self.snap.writing = true;
+        self.snap.wanted = false;
         self.snap.last_slot = applied;
         self.snap.log_bytes_since = 0;
         self.snap
@@ -512,7 +507,19 @@ impl Loop {
         let now = self.snap.now_ms();
         match message {
             TransferMessage::Request { slot_min } => {
-                let Some(newest) = self.snap.newest().map(|f| f.id) else {
+                let Some(newest) = self
+                    .snap
+                    .newest()
+                    .map(|f| f.id)
+                    .filter(|newest| newest.slot >= slot_min)
+                else {
+                    // The asker retries; by then the snapshot taken for it is durable.
+                    tracing::info!(
+                        from,
+                        slot_min,
+                        "a peer asks for a snapshot and none covers it here: taking one"
+                    );
+                    self.snap.wanted = true;
                     return;
                 };
                 if self.core.checkpoints.diverged().is_some() {

@@ -1,0 +1,397 @@
+//! The core task's membership duties (docs/notes/members.md): turning membership
+//! requests into an address entry and a `ChangeMembership` event, answering them once
+//! the change is applied here, pointing the transport at the members of the applied
+//! configuration, publishing the membership, and the amnesia rule.
+//!
+//! It never decides a change (the core checks and proposes it) and never answers
+//! before the change is applied on this replica.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use tokio::sync::oneshot;
+
+use crate::paxos::{
+    Command, Configuration, Event, Membership, MembershipChange, NodeId, Origin, Outcome,
+    RequestId, Slot, Value,
+};
+use crate::storage::WriteBatch;
+
+use super::super::handle::{ClusterView, MemberChange, MemberError, MemberView};
+use super::super::members::{self, AddressBook};
+use super::super::service::{Published, META_AMNESIC};
+use super::{Loop, PeerSeen, Waiter};
+
+pub(crate) type MemberReply = oneshot::Sender<Result<ClusterView, MemberError>>;
+
+/// What the core task tracks for membership.
+#[derive(Default)]
+pub(crate) struct MemberState {
+    /// Changes the core accepted, by slot, with the value it proposed there: answered
+    /// when that slot applies (or refused when another value was chosen there).
+    accepted: BTreeMap<Slot, (Value, MemberReply)>,
+    /// Voter changes whose C(old,new) applied, waiting for C(new) to apply.
+    awaiting_final: Vec<MemberReply>,
+    /// The configuration applied before the current one: its members stay reachable
+    /// until the next change, so the nodes a change removed learn of it.
+    previous: Option<Configuration>,
+    /// Where the transport points now.
+    peers: BTreeMap<NodeId, SocketAddr>,
+    /// Amnesia rule: the chosen index the first peer reported to this incarnation. A
+    /// configuration entry below it may be history replayed from before the data loss.
+    amnesic_floor: Option<Slot>,
+    /// Address-book version the transport was last pointed at.
+    refreshed_addresses: u64,
+}
+
+/// The cluster as the API shows it: every member of `config` with its role and
+/// addresses (from the book, else the HTTP address the member announced itself).
+pub(crate) fn cluster_view(
+    config: &Configuration,
+    book: &AddressBook,
+    http_seen: impl Fn(NodeId) -> Option<String>,
+    leader: Option<NodeId>,
+) -> ClusterView {
+    let members = config
+        .members()
+        .map(|id| {
+            let role = if config.voters.contains(&id) {
+                "voter"
+            } else if config.learners.contains(&id) {
+                "learner"
+            } else {
+                "old-voter"
+            };
+            let address = book.get(id);
+            let http = address
+                .map(|a| a.http.clone())
+                .filter(|http| !http.is_empty())
+                .or_else(|| http_seen(id))
+                .unwrap_or_default();
+            MemberView {
+                id,
+                role: role.into(),
+                peer: address.map(|a| a.peer.to_string()).unwrap_or_default(),
+                http,
+            }
+        })
+        .collect();
+    ClusterView {
+        members,
+        leader,
+        voters: config.voters.iter().copied().collect(),
+        old_voters: config
+            .old_voters
+            .as_ref()
+            .map(|old| old.iter().copied().collect()),
+        learners: config.learners.iter().copied().collect(),
+    }
+}
+
+impl Loop {
+    fn member_cluster_view(&self) -> ClusterView {
+        let own_http = self.core.http_advertise.clone();
+        let own = self.core.id;
+        let peers = &self.peers;
+        cluster_view(
+            self.core.replica.applied_configuration(),
+            self.core.applier.machine.addresses(),
+            |id| {
+                if id == own {
+                    Some(own_http.clone())
+                } else {
+                    peers.get(&id).and_then(|seen: &PeerSeen| seen.http.clone())
+                }
+            },
+            self.leader_seen,
+        )
+    }
+
+    /// A membership request from the API. Only the leader takes it: a follower's `api`
+    /// forwards the HTTP request to the leader on `NotLeader`.
+    pub(super) fn on_member_request(
+        &mut self,
+        request: RequestId,
+        origin: Origin,
+        change: MemberChange,
+        reply: MemberReply,
+    ) {
+        let status = self.core.replica.status();
+        if status.leading.is_none() {
+            let answer = match self.leader_hint(status.leader_hint) {
+                Some(leader) => MemberError::NotLeader {
+                    leader: Some(leader),
+                },
+                None => MemberError::Unavailable {
+                    reason: "no leader is known; retry shortly".into(),
+                    retry_after_ms: self.core.retry_after_ms,
+                },
+            };
+            let _ = reply.send(Err(answer));
+            return;
+        }
+        let change = match change {
+            MemberChange::Add { id, peer, http } => {
+                let address = match members::check_address(&peer, &http) {
+                    Ok(address) if id != 0 => address,
+                    Ok(_) => {
+                        let _ = reply.send(Err(MemberError::Invalid {
+                            reason: "node id 0 is reserved; ids start at 1".into(),
+                        }));
+                        return;
+                    }
+                    Err(reason) => {
+                        let _ = reply.send(Err(MemberError::Invalid { reason }));
+                        return;
+                    }
+                };
+                // Checked before the address entry, so a refused add never rewrites
+                // the address of a member (the core checks again when it proposes).
+                if self.core.replica.configuration().is_member(id) {
+                    let refusal = crate::paxos::ChangeRefusal::AlreadyMember { node: id };
+                    let _ = reply.send(Err(MemberError::Refused {
+                        reason: refusal.to_string(),
+                    }));
+                    return;
+                }
+                // The address entry first: every replica knows how to reach the
+                // learner from the slot that makes it one.
+                self.waiters.insert(request, Waiter::Address { id, reply });
+                let command = Command {
+                    payload: members::address_envelope(id, &address),
+                    idempotency_key: None,
+                    origin,
+                };
+                self.step(Event::Propose { request, command });
+                return;
+            }
+            MemberChange::Promote { id } => (MembershipChange::Promote(id), false),
+            MemberChange::Remove { id, force } => (MembershipChange::Remove(id), force),
+        };
+        self.propose_change(request, change, reply);
+    }
+
+    fn propose_change(
+        &mut self,
+        request: RequestId,
+        (change, force): (MembershipChange, bool),
+        reply: MemberReply,
+    ) {
+        self.waiters.insert(request, Waiter::Change(reply));
+        self.step(Event::ChangeMembership {
+            request,
+            change,
+            force,
+        });
+    }
+
+    /// The address entry of an add applied here: now the learner itself.
+    pub(super) fn on_address_recorded(&mut self, id: NodeId, reply: MemberReply) {
+        let request = self.new_request_id();
+        self.propose_change(request, (MembershipChange::AddLearner(id), false), reply);
+    }
+
+    /// The core's answer to a `ChangeMembership`.
+    pub(super) fn on_change_outcome(&mut self, reply: MemberReply, outcome: Outcome) {
+        let answer = match outcome {
+            Outcome::ChangeAccepted { slot } => {
+                let proposed = self
+                    .core
+                    .replica
+                    .entry(slot)
+                    .map(|entry| entry.value.clone())
+                    .expect("the leader holds the entry it just proposed");
+                self.members.accepted.insert(slot, (proposed, reply));
+                return;
+            }
+            Outcome::ChangeRefused(refusal) => MemberError::Refused {
+                reason: refusal.to_string(),
+            },
+            Outcome::NotLeader { leader_hint } => match self.leader_hint(leader_hint) {
+                Some(leader) => MemberError::NotLeader {
+                    leader: Some(leader),
+                },
+                None => MemberError::Unavailable {
+                    reason: "no leader is known; retry shortly".into(),
+                    retry_after_ms: self.core.retry_after_ms,
+                },
+            },
+            Outcome::Busy | Outcome::ReadReady => {
+                panic!("a membership change answered {outcome:?}")
+            }
+        };
+        let _ = reply.send(Err(answer));
+    }
+
+    /// After each applied slot: answers the changes waiting for it, re-points the
+    /// transport when the configuration or an address changed, and applies the amnesia
+    /// rule.
+    pub(super) fn after_apply_membership(&mut self, slot: Slot, value: &Value) {
+        if let Some((proposed, reply)) = self.members.accepted.remove(&slot) {
+            if proposed != *value {
+                let _ = reply.send(Err(MemberError::Unavailable {
+                    reason: format!(
+                        "the leader changed before the configuration entry was chosen: slot \
+                         {slot} holds another value and the membership is unchanged; retry"
+                    ),
+                    retry_after_ms: self.core.retry_after_ms,
+                }));
+            } else if matches!(value, Value::Configuration(config) if config.is_joint()) {
+                self.members.awaiting_final.push(reply);
+            } else {
+                let _ = reply.send(Ok(self.member_cluster_view()));
+            }
+        }
+        let Value::Configuration(config) = value else {
+            if self.core.applier.machine.addresses_version != self.members.refreshed_addresses {
+                self.refresh_peers();
+            }
+            return;
+        };
+        if !config.is_joint() && !self.members.awaiting_final.is_empty() {
+            let view = self.member_cluster_view();
+            for reply in self.members.awaiting_final.drain(..) {
+                let _ = reply.send(Ok(view.clone()));
+            }
+        }
+        tracing::info!(
+            node = self.core.id,
+            slot,
+            voters = ?config.voters,
+            old_voters = ?config.old_voters,
+            learners = ?config.learners,
+            "configuration applied"
+        );
+        self.refresh_peers();
+        self.members.previous = Some(Configuration::clone(config));
+        self.amnesia_rule(slot, config);
+    }
+
+    /// Points the transport at every member of the configurations in force (applied and
+    /// chosen) and of the one before, at the addresses of the book.
+    pub(super) fn refresh_peers(&mut self) {
+        self.members.refreshed_addresses = self.core.applier.machine.addresses_version;
+        let book = self.core.applier.machine.addresses();
+        let mut ids: Vec<NodeId> = self
+            .core
+            .replica
+            .applied_configuration()
+            .members()
+            .collect();
+        ids.extend(self.core.replica.configuration().members());
+        if let Some(previous) = &self.members.previous {
+            ids.extend(previous.members());
+        }
+        let mut peers = BTreeMap::new();
+        for id in ids {
+            if id == self.core.id {
+                continue;
+            }
+            match book.get(id) {
+                Some(address) => {
+                    peers.insert(id, address.peer);
+                }
+                None => tracing::warn!(
+                    node = self.core.id,
+                    member = id,
+                    "a member has no address in the address book; it cannot be reached"
+                ),
+            }
+        }
+        if peers != self.members.peers {
+            tracing::info!(
+                node = self.core.id,
+                ?peers,
+                "peer set follows the configuration"
+            );
+            self.core.transport.set_peers(peers.clone());
+            self.members.peers = peers;
+        }
+    }
+
+    /// Peer info from `from`: the first chosen index reported fixes the amnesia floor.
+    pub(super) fn on_peer_chosen_index(&mut self, chosen_index: Slot) {
+        if self.members.amnesic_floor.is_none() && chosen_index > 0 {
+            self.members.amnesic_floor = Some(chosen_index);
+        }
+    }
+
+    /// The amnesia rule. A replica that lost its data (`--rejoin`) forgot promises and
+    /// accepts it gave, so it must not vote under its id while any configuration that
+    /// counted those votes can still decide anything. Once a configuration that excludes
+    /// it is chosen *after* the loss, every later configuration descends from one whose
+    /// quorums never included it: a leader relying on a forgotten promise would need a
+    /// quorum of the configurations chosen since, whose members all saw the removal (and
+    /// the higher ballot that chose it), so the forgotten state cannot be used against
+    /// it any more. It is then a new member under an old id: its vote comes back when it
+    /// is added and promoted again. "After the loss" is checked by the slot: the entry
+    /// must lie beyond the chosen index the first peer reported to this incarnation
+    /// (earlier entries may be history replayed from before the loss, e.g. an old
+    /// removal followed by a re-add that this replica then voted in and forgot).
+    fn amnesia_rule(&mut self, slot: Slot, config: &Configuration) {
+        let id = self.core.id;
+        if !self.core.replica.status().amnesic
+            || config.is_member(id)
+            || self.members.amnesic_floor.is_none_or(|floor| slot <= floor)
+            || self.core.replica.configuration().is_voter(id)
+        {
+            return;
+        }
+        // The mark is cleared in the store without waiting: a crash before that write is
+        // durable restarts the replica amnesic again, which is only more cautious.
+        let store = self.core.store.clone();
+        tokio::spawn(async move {
+            let batch = WriteBatch {
+                meta: vec![(META_AMNESIC.to_string(), vec![0])],
+                ..Default::default()
+            };
+            if let Err(error) = store.write(batch).await {
+                tracing::error!(%error, "clearing the amnesic mark failed; the replica will be amnesic again after a restart");
+            }
+        });
+        self.core.replica.restore_vote();
+        tracing::warn!(
+            node = id,
+            slot,
+            "this replica, amnesic since it lost its data, was removed after the loss: \
+             it may vote again once it is added and promoted"
+        );
+    }
+
+    /// The membership part of what the core task publishes.
+    pub(super) fn publish_membership(&self, published: &mut Published) {
+        let status = self.core.replica.status();
+        published.membership = match status.membership {
+            Membership::Voter => "voter",
+            Membership::Learner => "learner",
+            Membership::Outside => "outside",
+        };
+        if status.leading.is_none() {
+            published.role = match status.membership {
+                Membership::Voter => "follower",
+                Membership::Learner => "learner",
+                Membership::Outside => "removed",
+            };
+        }
+        published.voting = !status.amnesic && status.membership == Membership::Voter;
+        let config = self.core.replica.applied_configuration();
+        if published.configuration.as_ref() != Some(config) {
+            published.configuration = Some(config.clone());
+        }
+        let book = self.core.applier.machine.addresses();
+        if published.addresses != *book {
+            published.addresses = book.clone();
+        }
+    }
+
+    /// Changes still waiting when the leader changed: the ones not yet accepted by the
+    /// core may or may not happen (504); accepted ones are answered when their slot
+    /// applies.
+    pub(super) fn fail_member_waiter(waiter: Waiter, reason: String) {
+        match waiter {
+            Waiter::Address { reply, .. } | Waiter::Change(reply) => {
+                let _ = reply.send(Err(MemberError::Unknown { reason }));
+            }
+            _ => unreachable!("only membership waiters are passed"),
+        }
+    }
+}
