@@ -561,8 +561,16 @@ impl Loop {
                 Action::Compact { below } => self.compact(below).await,
             }
         }
+        if !self.actions.is_empty() {
+            // A step taken while performing (a membership change proposed once its
+            // address entry applied, `runtime/membership.rs`) queued actions after
+            // these: perform them now, in order, rather than drop them.
+            Box::pin(self.perform()).await;
+        }
         // Keep the allocation for the next turn.
-        self.actions = actions;
+        if self.actions.is_empty() {
+            self.actions = actions;
+        }
     }
 
     /// Deletes the log below `below`. The snapshot covering it is already durable, so

@@ -103,9 +103,10 @@ pub(crate) struct Snapshots {
     pub last_slot: Slot,
     pub log_bytes_since: u64,
     pub writing: bool,
-    /// A peer asked for a snapshot this replica does not have (a node joining the
-    /// cluster, docs/notes/members.md): take one at the next turn, whatever the triggers.
-    pub wanted: bool,
+    /// Peers that asked for a snapshot this replica does not have (nodes joining the
+    /// cluster, docs/notes/members.md): one is taken at the next turn, whatever the
+    /// triggers, and offered to them once durable.
+    pub wanted_by: Vec<NodeId>,
     jobs: std_mpsc::SyncSender<Job>,
     pub done: mpsc::UnboundedReceiver<Done>,
     pub senders: Senders,
@@ -144,7 +145,7 @@ impl Snapshots {
             last_slot: restored_slot,
             log_bytes_since: 0,
             writing: false,
-            wanted: false,
+            wanted_by: Vec::new(),
             jobs,
             done,
             open_files: HashMap::new(),
@@ -282,7 +283,7 @@ impl Loop {
         let applied = self.core.applier.applied_index;
         let snap = &self.snap;
         let due = applied >= snap.last_slot + snap.config.entries
-            || ((snap.log_bytes_since >= snap.config.log_bytes || snap.wanted)
+            || ((snap.log_bytes_since >= snap.config.log_bytes || !snap.wanted_by.is_empty())
                 && applied > snap.last_slot);
         if !due || snap.writing {
             return;
@@ -316,7 +317,6 @@ impl Loop {
             "snapshot captured; writing it in the background"
         );
         self.snap.writing = true;
-        self.snap.wanted = false;
         self.snap.last_slot = applied;
         self.snap.log_bytes_since = 0;
         self.snap
@@ -343,8 +343,15 @@ impl Loop {
                     "snapshot durable"
                 );
                 let slot = file.id.slot;
+                let id = file.id;
                 self.snap.add_file(file);
                 self.step(Event::SnapshotSaved { slot });
+                let now = self.snap.now_ms();
+                for peer in std::mem::take(&mut self.snap.wanted_by) {
+                    tracing::info!(peer, ?id, "offering the snapshot taken for a peer");
+                    let _ = self.snap.senders.offer(peer, id, now);
+                    self.send_transfer(peer, &TransferMessage::Offer { id });
+                }
             }
             Done::SaveFailed { slot, reason } => {
                 // Not fatal: the log is simply not compacted; the next trigger retries.
@@ -519,7 +526,9 @@ impl Loop {
                         slot_min,
                         "a peer asks for a snapshot and none covers it here: taking one"
                     );
-                    self.snap.wanted = true;
+                    if !self.snap.wanted_by.contains(&from) {
+                        self.snap.wanted_by.push(from);
+                    }
                     return;
                 };
                 if self.core.checkpoints.diverged().is_some() {
