@@ -28,6 +28,8 @@ const TOKEN: &str = "members-e2e-token";
 /// Small enough that the originals snapshot and compact during the test, so a joining
 /// node's catch-up after its snapshot may need the compacted log too.
 const SNAPSHOT_ENTRIES: u64 = 300;
+/// Low, so that a learner promoted right after it was added is refused as lagging.
+const LEARNER_LAG_ENTRIES_MAX: u64 = 20;
 
 struct Node {
     id: u64,
@@ -91,6 +93,10 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize, cluster_arg: Option<&str>) {
+        self.spawn_with(i, cluster_arg, &[]);
+    }
+
+    fn spawn_with(&mut self, i: usize, cluster_arg: Option<&str>, extra: &[&str]) {
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -107,7 +113,12 @@ impl Cluster {
             .args(["--peer", &node.peer])
             .args(["--cluster-id", "e2e-members"])
             .args(["--token", TOKEN])
-            .args(["--snapshot-entries", &SNAPSHOT_ENTRIES.to_string()]);
+            .args(["--snapshot-entries", &SNAPSHOT_ENTRIES.to_string()])
+            .args([
+                "--learner-lag-entries-max",
+                &LEARNER_LAG_ENTRIES_MAX.to_string(),
+            ])
+            .args(extra);
         if let Some(cluster_arg) = cluster_arg {
             command.args(["--cluster", cluster_arg]);
         }
@@ -198,14 +209,16 @@ fn leader(cluster: &Cluster) -> Option<u64> {
 }
 
 /// Sends a membership change to the running members in turn until one answers 200;
-/// 503/504 and the refusals in `retry_on` are retried. Returns the cluster JSON.
+/// 503/504 and the refusals in `retry_on` are retried. Returns the cluster JSON and
+/// the refusals (409 bodies) seen.
 fn change(
     cluster: &Cluster,
     method: &str,
     path: &str,
     body: &[u8],
     retry_on: &[&str],
-) -> serde_json::Value {
+) -> (serde_json::Value, Vec<String>) {
+    let mut refusals = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempt = 0;
     loop {
@@ -214,13 +227,15 @@ fn change(
         attempt += 1;
         if let Some(reply) = request(addr, method, path, body) {
             match reply.status {
-                200 => return serde_json::from_slice(&reply.body).unwrap(),
+                200 => return (serde_json::from_slice(&reply.body).unwrap(), refusals),
                 503 | 504 => eprintln!(
                     "e2e_members: {method} {path} via {addr}: {} {} (retried)",
                     reply.status,
                     reply.text()
                 ),
-                409 if retry_on.iter().any(|text| reply.text().contains(text)) => {}
+                409 if retry_on.iter().any(|text| reply.text().contains(text)) => {
+                    refusals.push(reply.text())
+                }
                 other => panic!(
                     "{method} {path} via {addr} answered {other}: {}\n{}",
                     reply.text(),
@@ -315,6 +330,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     std::thread::sleep(Duration::from_secs(1));
 
     let mut removed_leader = false;
+    let mut lag_refusals = Vec::new();
     let mut figures = Vec::new();
     for round in 0..ORIGINALS {
         let new = ORIGINALS + round;
@@ -337,7 +353,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
             "http": cluster.nodes[new].http,
         })
         .to_string();
-        let added = change(
+        let (added, _) = change(
             &cluster,
             "POST",
             "/v1/cluster/members",
@@ -353,7 +369,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         );
         let add_ms = add_started.elapsed().as_millis();
         let promote_started = Instant::now();
-        let promoted = change(
+        let (promoted, refusals) = change(
             &cluster,
             "POST",
             &format!("/v1/cluster/members/{new_id}/promote"),
@@ -369,6 +385,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         );
         assert_eq!(promoted["joint"], false, "answered once C(new) applied");
         let promote_ms = promote_started.elapsed().as_millis();
+        lag_refusals.extend(refusals.into_iter().filter(|text| text.contains("lags")));
         let applied = wait_until(
             "the new voter to catch up",
             &cluster,
@@ -404,7 +421,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         let old_http = cluster.nodes[old].http.clone();
         targets.lock().unwrap().retain(|addr| *addr != old_http);
         let remove_started = Instant::now();
-        let after = change(
+        let (after, _) = change(
             &cluster,
             "DELETE",
             &format!("/v1/cluster/members/{old_id}"),
@@ -439,6 +456,17 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         ));
     }
     assert!(removed_leader, "no round removed the leader");
+    // The core's precise text, e.g. {"error":"learner 4 lags the leader by 75 entries
+    // (more than 20); retry once it has caught up"}.
+    assert!(
+        lag_refusals
+            .iter()
+            .any(|text| text.contains("lags the leader by")
+                && text.contains(&format!(
+                    "(more than {LEARNER_LAG_ENTRIES_MAX}); retry once it has caught up"
+                ))),
+        "no promotion was refused as lagging: {lag_refusals:?}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for writer in writers {
@@ -510,6 +538,82 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         "e2e_members: {} writes acknowledged, all read back through nodes 4, 5, 6; state {hash} \
          at {index}; {:.1} s",
         acknowledged.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // An amnesic replica gets its vote back by remove + add + promote. Node 4 loses its
+    // data and comes back empty with --rejoin: it learns but does not vote.
+    let four = ORIGINALS;
+    cluster.kill(four);
+    std::fs::remove_dir_all(dir.path().join("node-4")).unwrap();
+    cluster.spawn_with(four, None, &["--rejoin"]);
+    wait_until(
+        "node 4 back, amnesic",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&cluster.nodes[four].http, "/v1/status")?;
+            (status["membership"] == "voter" && status["voting"] == false).then_some(())
+        },
+    );
+    change(
+        &cluster,
+        "DELETE",
+        "/v1/cluster/members/4",
+        b"",
+        &["in progress", "running"],
+    );
+    wait_until(
+        "node 4 to learn its removal",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&cluster.nodes[four].http, "/v1/status")?;
+            (status["membership"] == "outside").then_some(())
+        },
+    );
+    let body = serde_json::json!({
+        "id": 4,
+        "peer": cluster.nodes[four].peer,
+        "http": cluster.nodes[four].http,
+    })
+    .to_string();
+    change(
+        &cluster,
+        "POST",
+        "/v1/cluster/members",
+        body.as_bytes(),
+        &["in progress"],
+    );
+    change(
+        &cluster,
+        "POST",
+        "/v1/cluster/members/4/promote",
+        b"",
+        &["lags", "in progress", "running"],
+    );
+    wait_until(
+        "node 4 to vote again",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&cluster.nodes[four].http, "/v1/status")?;
+            (status["membership"] == "voter" && status["voting"] == true).then_some(())
+        },
+    );
+    // It really votes: with node 5 stopped, writes need node 4's acknowledgements.
+    cluster.kill(ORIGINALS + 1);
+    let six = cluster.nodes[ORIGINALS + 2].http.clone();
+    let reply = wait_until(
+        "a write acknowledged by nodes 4 and 6",
+        &cluster,
+        Duration::from_secs(30),
+        || submit(&six, "put amnesia over", "amnesia-over").filter(|r| r.status == 200),
+    );
+    assert_eq!(reply.text(), "OK");
+    eprintln!(
+        "e2e_members: node 4 wiped, rejoined amnesic, removed, re-added and promoted: it votes \
+         again; {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
 }
