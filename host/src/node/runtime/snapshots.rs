@@ -60,13 +60,11 @@ impl Default for SnapshotConfig {
 
 /// Work for the snapshot worker thread.
 pub(crate) enum Job {
-    Write(SnapshotContents),
+    /// Boxed: the capture is large beside the other variant.
+    Write(Box<SnapshotContents>),
     /// Verify the complete partial file of `id`, rebuild the application from it and make
     /// it the newest durable snapshot.
-    Install {
-        id: SnapshotId,
-        forced: bool,
-    },
+    Install { id: SnapshotId, forced: bool },
 }
 
 /// What the worker reports back.
@@ -321,7 +319,7 @@ impl Loop {
         self.snap.log_bytes_since = 0;
         self.snap
             .jobs
-            .send(Job::Write(contents))
+            .send(Job::Write(Box::new(contents)))
             .expect("the snapshot worker lives as long as the core");
     }
 
