@@ -19,4 +19,4 @@ pub mod transfer;
 pub mod upgrade;
 
 pub use config::NodeConfig;
-pub use service::{idempotency_key, start, Node, Running};
+pub use service::{idempotency_key, start, Node, Running, REMOVED_READINESS};

@@ -470,6 +470,10 @@ async fn launch(
     Ok((core, snapshots))
 }
 
+/// Start of the `/readyz` reason of a replica removed from the configuration (`paxwasm
+/// dev` does not wait for such a replica to become ready).
+pub const REMOVED_READINESS: &str = "removed from the cluster";
+
 /// Metadata key of a store recreated after its member's data was lost (`--rejoin`);
 /// value `[1]`. Never removed by this build (issue 6 re-adds such a member).
 pub const META_AMNESIC: &str = "amnesic";
@@ -926,6 +930,8 @@ impl NodeApi for Node {
         let published = self.published();
         let reason = if published.configuration.is_none() {
             Some("not a member of a cluster yet".to_string())
+        } else if published.role == "removed" {
+            Some(format!("{REMOVED_READINESS}: it takes no part any more"))
         } else if let Some(diverged) = published.diverged {
             Some(diverged)
         } else if published.leader.is_none() {
