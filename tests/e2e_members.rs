@@ -345,6 +345,20 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         );
         assert_eq!(joining["role"], "joining");
         assert_eq!(joining["membership"], "outside");
+        // Until its core runs it refuses at once what needs one.
+        let asked = Instant::now();
+        let reply = probe::request(
+            &cluster.nodes[new].http,
+            "POST",
+            "/v1/queries?consistency=stale",
+            &[],
+            b"get x",
+            REQUEST_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(reply.text().contains("not a member of a cluster yet"));
+        assert!(asked.elapsed() < Duration::from_secs(2));
 
         let add_started = Instant::now();
         let body = serde_json::json!({

@@ -101,6 +101,8 @@ struct Inner {
     id: NodeId,
     http_advertise: String,
     requests: mpsc::Sender<Request>,
+    /// False while a node that joins without `--cluster` waits for its snapshot.
+    core_running: Arc<std::sync::atomic::AtomicBool>,
     published: Arc<Mutex<Published>>,
     counters: Arc<Counters>,
     store: Arc<Store>,
@@ -249,7 +251,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     let counters = Arc::new(Counters::default());
     let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let core_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let parts = CoreParts {
+        core_running: core_running.clone(),
         config: config.clone(),
         store: store.clone(),
         recovered,
@@ -290,6 +294,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
             id: config.id,
             http_advertise: config.http_advertise.clone(),
             requests: requests_tx,
+            core_running,
             published,
             counters,
             store,
@@ -325,6 +330,7 @@ struct CoreParts {
     counters: Arc<Counters>,
     requests: mpsc::Receiver<Request>,
     shutdown: watch::Receiver<bool>,
+    core_running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A node started without `--cluster` on an empty store: waits for a peer to contact
@@ -467,6 +473,7 @@ async fn launch(
         checkpoints: Checkpoints::new(config.id, configuration, config.checkpoint.clone()),
         checkpoint_repair_delay_ms: config.checkpoint_repair_delay_ms,
     };
+    parts.core_running.store(true, Ordering::Relaxed);
     Ok((core, snapshots))
 }
 
@@ -628,6 +635,10 @@ impl Node {
         request: Request,
         answer: oneshot::Receiver<T>,
     ) -> Result<T, Option<String>> {
+        if !self.inner.core_running.load(Ordering::Relaxed) {
+            // A joining node's core does not run yet: nothing would answer.
+            return Err(Some(self.unavailable_reason()));
+        }
         match self.inner.requests.try_send(request) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
