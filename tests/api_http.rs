@@ -1441,6 +1441,76 @@ async fn cli_submit_query_and_deploy() {
 }
 
 #[tokio::test]
+async fn cli_members_lists_adds_promotes_and_removes() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let endpoint = server.endpoint();
+    let at = ["--endpoint", endpoint.as_str()];
+    let token = [("PAXWASM_TOKEN", "s3cret")];
+
+    let (code, out, _) = paxwasm(&[&["members", "list"][..], &at].concat(), &[], b"").await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            "ID     ROLE       PEER                   HTTP                  ",
+            "1*     voter      127.0.0.1:7101         127.0.0.1:7001        ",
+            "4      learner    127.0.0.1:7104         127.0.0.1:7004        ",
+            "voters {1} learners {4} (* leader)",
+        ]
+    );
+    let add = [
+        "members",
+        "add",
+        "5",
+        "--peer",
+        "127.0.0.1:7105",
+        "--http",
+        "h:5",
+    ];
+    let (code, _, err) = paxwasm(&[&add[..], &at].concat(), &[], b"").await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error: 401 Unauthorized"), "{err}");
+    let (code, out, _) = paxwasm(&[&add[..], &at, &["--json"]].concat(), &token, b"").await;
+    assert_eq!(code, 0);
+    let view: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["joint"], json!(false));
+    let (code, _, err) = paxwasm(
+        &[&["members", "promote", "7"][..], &at].concat(),
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            1,
+            "error: 409 Conflict: learner 7 lags the leader by 900 entries\n"
+        )
+    );
+    let (code, _, _) = paxwasm(
+        &[&["members", "remove", "3", "--force"][..], &at].concat(),
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        node.state().changes,
+        vec![
+            MemberChange::Add {
+                id: 5,
+                peer: "127.0.0.1:7105".into(),
+                http: "h:5".into(),
+            },
+            MemberChange::Promote { id: 7 },
+            MemberChange::Remove { id: 3, force: true },
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn cli_status_all_reads_every_member() {
     let first = FakeNode::leader(1);
     let server = Server::start(first.clone(), config()).await;

@@ -27,7 +27,7 @@ pub struct EndpointArgs {
     /// Base URL of a replica's HTTP API.
     #[arg(long, env = "PAXWASM_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
-    /// Bearer token for admin calls (deploy), if the cluster was started with one.
+    /// Bearer token for admin calls (deploy, members), if the cluster was started with one.
     #[arg(long, env = "PAXWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }

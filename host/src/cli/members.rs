@@ -41,6 +41,7 @@ pub enum MembersCommand {
         /// Its HTTP address (host:port).
         #[arg(long)]
         http: String,
+        /// The JSON answer instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -50,6 +51,7 @@ pub enum MembersCommand {
     /// (POST /v1/cluster/members/ID/promote).
     Promote {
         id: u64,
+        /// The JSON answer instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -61,6 +63,7 @@ pub enum MembersCommand {
         /// Remove even if fewer than a majority of the remaining voters are running.
         #[arg(long)]
         force: bool,
+        /// The JSON answer instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]

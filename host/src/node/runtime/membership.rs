@@ -395,3 +395,45 @@ impl Loop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::members::check_address;
+
+    #[test]
+    fn the_view_names_old_voters_learners_and_falls_back_on_announced_http() {
+        let joint =
+            Configuration::new([1, 2, 3]).joint_to(&Configuration::with_learners([2, 3, 4], [5]));
+        let mut book = AddressBook::seeded(&[(1, "127.0.0.1:7101".parse().unwrap())].into());
+        book.record(
+            4,
+            check_address("127.0.0.1:7104", "127.0.0.1:7004").unwrap(),
+        );
+        let view = cluster_view(
+            &joint,
+            &book,
+            |id| (id == 1).then(|| "h1:1".to_string()),
+            Some(2),
+        );
+        let rows: Vec<(NodeId, &str, &str, &str)> = view
+            .members
+            .iter()
+            .map(|m| (m.id, m.role.as_str(), m.peer.as_str(), m.http.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (1, "old-voter", "127.0.0.1:7101", "h1:1"),
+                (2, "voter", "", ""),
+                (3, "voter", "", ""),
+                (4, "voter", "127.0.0.1:7104", "127.0.0.1:7004"),
+                (5, "learner", "", ""),
+            ]
+        );
+        assert_eq!(view.voters, vec![2, 3, 4]);
+        assert_eq!(view.old_voters, Some(vec![1, 2, 3]));
+        assert_eq!(view.learners, vec![5]);
+        assert_eq!(view.leader, Some(2));
+    }
+}
