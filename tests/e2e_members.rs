@@ -615,7 +615,22 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
             (status["membership"] == "voter" && status["voting"] == true).then_some(())
         },
     );
-    // It really votes: with node 5 stopped, writes need node 4's acknowledgements.
+    // It really votes: with node 5 stopped, writes need node 4's acknowledgements. Stop
+    // node 5 only once nodes 4 and 6 applied C(new): while they know only C(old,new),
+    // whose old voters are {5, 6}, losing 5 leaves no old majority (joint consensus: a
+    // change is not complete for a replica until it applied C(new)).
+    for survivor in [ORIGINALS, ORIGINALS + 2] {
+        wait_until(
+            "C(new) applied on the survivors",
+            &cluster,
+            Duration::from_secs(30),
+            || {
+                let view = json(&cluster.nodes[survivor].http, "/v1/cluster")?;
+                (view["joint"] == false && view["voters"] == serde_json::json!([4, 5, 6]))
+                    .then_some(())
+            },
+        );
+    }
     cluster.kill(ORIGINALS + 1);
     let six = cluster.nodes[ORIGINALS + 2].http.clone();
     let reply = wait_until(
