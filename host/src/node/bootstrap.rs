@@ -40,7 +40,7 @@ pub(crate) async fn fetch_snapshot(
     transport: &Transport,
     inbound: &mut InboundReceiver,
     dir: &SnapshotDir,
-    slot_min: Slot,
+    mut slot_min: Slot,
     mut peers: Vec<NodeId>,
 ) -> anyhow::Result<()> {
     if peers.is_empty() {
@@ -86,7 +86,14 @@ pub(crate) async fn fetch_snapshot(
         let message = match codec::decode_wire(&payload) {
             Ok(WireMessage::Transfer(message)) => message,
             Ok(WireMessage::Info(info)) => {
-                learn_peer(transport, &mut peers, from, &info.peer);
+                if learn_peer(transport, &mut peers, from, &info.peer) {
+                    // It contacted this node because it applied the configuration that
+                    // added it: only a snapshot at least that recent carries that
+                    // configuration and the addresses of its members (an older one would
+                    // leave this node outside, unable to answer the leader). A member
+                    // without one takes one when asked.
+                    slot_min = slot_min.max(info.applied_index);
+                }
                 continue;
             }
             _ => continue,
@@ -158,17 +165,22 @@ pub(crate) async fn fetch_snapshot(
     }
 }
 
-/// A member told this node where it listens: answer it there, and ask it too.
-fn learn_peer(transport: &Transport, peers: &mut Vec<NodeId>, from: NodeId, addr: &str) {
+/// A member told this node where it listens: answer it there, and ask it too. True
+/// when the peer is new.
+fn learn_peer(transport: &Transport, peers: &mut Vec<NodeId>, from: NodeId, addr: &str) -> bool {
     if peers.contains(&from) || from == transport.node_id() {
-        return;
+        return false;
     }
     match addr.parse() {
         Ok(addr) => {
             tracing::info!(peer = from, %addr, "a member contacted this node");
             transport.update_peer(from, addr);
             peers.push(from);
+            true
         }
-        Err(_) => tracing::warn!(peer = from, addr, "a peer announced an unusable address"),
+        Err(_) => {
+            tracing::warn!(peer = from, addr, "a peer announced an unusable address");
+            false
+        }
     }
 }

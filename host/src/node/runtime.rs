@@ -362,7 +362,7 @@ impl Loop {
         match codec::decode_wire(payload) {
             Ok(WireMessage::Paxos(msg)) => self.step(Event::Message { from, msg }),
             Ok(WireMessage::Info(info)) => {
-                self.on_peer_chosen_index(info.chosen_index);
+                self.on_peer_chosen_index(from, info.chosen_index);
                 let seen = self.peers.entry(from).or_default();
                 seen.http = Some(info.http);
                 seen.chosen_index = Some(info.chosen_index);
@@ -950,7 +950,7 @@ impl Loop {
         }
     }
 
-    fn send_peer_info(&mut self) {
+    pub(super) fn send_peer_info(&mut self) {
         let status = self.core.replica.status();
         let peer = match self.core.applier.machine.addresses().get(self.core.id) {
             Some(address) => address.peer.to_string(),

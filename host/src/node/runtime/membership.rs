@@ -31,6 +31,12 @@ pub(crate) struct MemberState {
     accepted: BTreeMap<Slot, (Value, MemberReply)>,
     /// Voter changes whose C(old,new) applied, waiting for C(new) to apply.
     awaiting_final: Vec<MemberReply>,
+    /// Voter changes whose C(new) applied here (at the slot), waiting until a majority of
+    /// C(new)'s voters reported a chosen index at or past it (peer info): from then on
+    /// those voters can elect a leader without C(old), so an operator may stop C(old)'s
+    /// members once answered. Before, losing an old majority (e.g. one of two old
+    /// voters) would leave replicas that know only C(old,new) unable to elect anyone.
+    confirming: Vec<(Slot, Configuration, MemberReply)>,
     /// The configuration applied before the current one: its members stay reachable
     /// until the next change, so the nodes a change removed learn of it.
     previous: Option<Configuration>,
@@ -247,11 +253,13 @@ impl Loop {
             }
             return;
         };
-        if !config.is_joint() && !self.members.awaiting_final.is_empty() {
-            let view = self.member_cluster_view();
-            for reply in self.members.awaiting_final.drain(..) {
-                let _ = reply.send(Ok(view.clone()));
+        if !config.is_joint() {
+            for reply in std::mem::take(&mut self.members.awaiting_final) {
+                self.members
+                    .confirming
+                    .push((slot, Configuration::clone(config), reply));
             }
+            self.confirm_changes(None);
         }
         tracing::info!(
             node = self.core.id,
@@ -262,6 +270,9 @@ impl Loop {
             "configuration applied"
         );
         self.refresh_peers();
+        // Tell the peers at once how far this replica got: a leader answering a voter
+        // change waits for a majority of C(new) to report it (`confirm_changes`).
+        self.send_peer_info();
         self.members.previous = Some(Configuration::clone(config));
         self.amnesia_rule(slot, config);
     }
@@ -308,10 +319,47 @@ impl Loop {
         }
     }
 
-    /// Peer info from `from`: the first chosen index reported fixes the amnesia floor.
-    pub(super) fn on_peer_chosen_index(&mut self, chosen_index: Slot) {
+    /// Peer info from `from`: the first chosen index reported fixes the amnesia floor,
+    /// and voter changes may now be known chosen by a majority of C(new).
+    pub(super) fn on_peer_chosen_index(&mut self, from: NodeId, chosen_index: Slot) {
         if self.members.amnesic_floor.is_none() && chosen_index > 0 {
             self.members.amnesic_floor = Some(chosen_index);
+        }
+        if !self.members.confirming.is_empty() {
+            self.confirm_changes(Some((from, chosen_index)));
+        }
+    }
+
+    /// Answers the voter changes whose C(new) a majority of its voters knows chosen
+    /// (`heard`: a report not yet in `self.peers`).
+    fn confirm_changes(&mut self, heard: Option<(NodeId, Slot)>) {
+        let own = (self.core.id, self.core.replica.status().chosen_index);
+        let knows = |peers: &BTreeMap<NodeId, PeerSeen>, id: NodeId, slot: Slot| {
+            let chosen = if id == own.0 {
+                Some(own.1)
+            } else {
+                match heard {
+                    Some((from, chosen)) if from == id => Some(chosen),
+                    _ => peers.get(&id).and_then(|seen| seen.chosen_index),
+                }
+            };
+            chosen.is_some_and(|chosen| chosen >= slot)
+        };
+        let mut waiting = Vec::new();
+        let mut answered = Vec::new();
+        for (slot, config, reply) in std::mem::take(&mut self.members.confirming) {
+            if config.is_quorum(|id| knows(&self.peers, id, slot)) {
+                answered.push(reply);
+            } else {
+                waiting.push((slot, config, reply));
+            }
+        }
+        self.members.confirming = waiting;
+        if !answered.is_empty() {
+            let view = self.member_cluster_view();
+            for reply in answered {
+                let _ = reply.send(Ok(view.clone()));
+            }
         }
     }
 
