@@ -76,7 +76,8 @@ pub struct NodeArgs {
     pub snapshot_transfer_bytes_per_sec: u64,
     /// This member's data directory was lost: start it empty with this flag. It restores
     /// the state from its peers (snapshot transfer) but never votes again under this id,
-    /// because it forgot the promises and accepts it gave; membership changes re-add it.
+    /// because it forgot the promises and accepts it gave. To get a voter back, remove
+    /// this id and add a node started on an empty directory under a new id instead.
     #[arg(long)]
     pub rejoin: bool,
     /// A learner more than this many chosen entries behind the leader is not promoted

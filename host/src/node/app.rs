@@ -255,6 +255,13 @@ impl WasmApp {
         &self.addresses
     }
 
+    /// A configuration was applied at this slot: its members' ids are taken for good
+    /// (`AddressBook::was_member`). Called by the runtime at the configuration's slot on
+    /// every replica, so the book stays a function of the log.
+    pub fn note_members(&mut self, config: &crate::paxos::Configuration) {
+        self.addresses.note_members(config.members());
+    }
+
     /// Replaces the address book: the seed from `--cluster` (the book at slot 0), or the
     /// book of a version-1/2 snapshot, which did not hold one.
     pub fn seed_addresses(&mut self, book: AddressBook) {
@@ -563,12 +570,15 @@ impl StateMachine for WasmApp {
                 None => AppResult::Rejected("malformed upgrade envelope".into()),
             },
             Some((&ENVELOPE_ADDRESS, body)) => match members::decode_address(body) {
-                Ok((id, address)) => {
-                    if self.addresses.record(id, address) {
-                        self.addresses_version += 1;
+                Ok((id, address)) => match self.addresses.record(id, address) {
+                    Ok(changed) => {
+                        if changed {
+                            self.addresses_version += 1;
+                        }
+                        AppResult::AddressRecorded
                     }
-                    AppResult::AddressRecorded
-                }
+                    Err(reason) => AppResult::Rejected(reason),
+                },
                 Err(reason) => AppResult::Rejected(format!("malformed address entry: {reason}")),
             },
             // Only this node's front end builds envelopes, so this is a command from a
@@ -649,6 +659,7 @@ mod tests {
         let recorded = app.apply(&members::address_envelope(4, &address), &context);
         assert_eq!(AppResult::decode(&recorded), AppResult::AddressRecorded);
         assert_eq!(app.addresses().get(4), Some(&address));
+        app.note_members(&crate::paxos::Configuration::with_learners([1], [4]));
         let capture = app.capture();
         let contents = crate::node::snapshot::SnapshotContents {
             slot: 3,
@@ -665,6 +676,13 @@ mod tests {
         let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
         let mut restored = WasmApp::from_snapshot(app.compiler(), &snapshot).unwrap();
         assert_eq!(restored.addresses(), app.addresses());
+        // Ids are never reused, across snapshots too.
+        assert!(restored.addresses().was_member.contains(&4));
+        let again = restored.apply(&members::address_envelope(4, &address), &context);
+        assert_eq!(
+            AppResult::decode(&again),
+            AppResult::Rejected(members::reused_id(4))
+        );
         assert_eq!(restored.state_hash(), app.state_hash());
         assert_eq!(restored.current(), app.current());
         assert_eq!(restored.history(), app.history());

@@ -10,15 +10,22 @@
 //!
 //! The book is part of the replicated state (in node snapshots, format version 3); the
 //! original members are seeded from `--cluster` (with no HTTP address: they announce it
-//! in their peer info). An entry for an id already in the book replaces it (a member
-//! that moved). Entries are never removed: a removed member's address costs a few bytes
-//! and lets it learn its removal.
+//! in their peer info). Entries are never removed: a removed member's address costs a
+//! few bytes and lets it learn its removal.
+//!
+//! **Node ids are never reused.** The book also remembers every id that was ever a
+//! member of an applied configuration (the runtime tells it at each configuration's
+//! slot, `note_members`), and refuses an address entry for such an id, identically on
+//! every replica. A replica that lost its data (it forgot promises and accepts it gave)
+//! therefore never votes again under its id; it joins under a new id, which never
+//! promised or accepted anything, so nothing it forgot can matter. An entry for an id
+//! that was never a member replaces the previous one (a retried or corrected add).
 //!
 //! This file owns the envelope layout, the book and its encoding. It never decides a
 //! membership change (the core does) and never opens a connection (the runtime points
 //! the transport at the book).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use crate::paxos::NodeId;
@@ -38,10 +45,22 @@ pub struct Address {
     pub http: String,
 }
 
-/// Member id → address, identical on every replica at the same applied index.
+/// Member id → address, and the ids ever members; identical on every replica at the
+/// same applied index.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AddressBook {
     pub entries: BTreeMap<NodeId, Address>,
+    /// Every id that was a member of an applied configuration: never given an address
+    /// again (ids are never reused).
+    pub was_member: BTreeSet<NodeId>,
+}
+
+/// Why an address entry for a former member is refused (409 at the API).
+pub fn reused_id(id: NodeId) -> String {
+    format!(
+        "node id {id} was a member before; ids are never reused: a replica that lost its \
+         data joins under a new id"
+    )
 }
 
 impl AddressBook {
@@ -60,6 +79,7 @@ impl AddressBook {
                     )
                 })
                 .collect(),
+            was_member: members.keys().copied().collect(),
         }
     }
 
@@ -67,21 +87,35 @@ impl AddressBook {
         self.entries.get(&id)
     }
 
-    /// Records an entry; true when the book changed.
-    pub fn record(&mut self, id: NodeId, address: Address) -> bool {
+    /// Records an entry; `Ok(true)` when the book changed, `Err` for a former member.
+    pub fn record(&mut self, id: NodeId, address: Address) -> Result<bool, String> {
+        if self.was_member.contains(&id) {
+            return Err(reused_id(id));
+        }
         if self.entries.get(&id) == Some(&address) {
-            return false;
+            return Ok(false);
         }
         self.entries.insert(id, address);
-        true
+        Ok(true)
     }
 
-    /// `count u32 | (id u64 | peer str | http str)*`, the snapshot section.
+    /// The members of a configuration applied now: their ids are taken for good.
+    pub fn note_members(&mut self, ids: impl Iterator<Item = NodeId>) {
+        self.was_member.extend(ids);
+    }
+
+    /// `count u32 | (id u64 | peer str | http str)* | count u32 | id u64*` (entries, then
+    /// the ids ever members), the snapshot section.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let count = u32::try_from(self.entries.len()).expect("address count fits u32");
         out.extend_from_slice(&count.to_le_bytes());
         for (id, address) in &self.entries {
             put_entry(out, *id, &address.peer.to_string(), &address.http);
+        }
+        let count = u32::try_from(self.was_member.len()).expect("member count fits u32");
+        out.extend_from_slice(&count.to_le_bytes());
+        for id in &self.was_member {
+            out.extend_from_slice(&id.to_le_bytes());
         }
     }
 
@@ -97,6 +131,17 @@ impl AddressBook {
             let (id, address, after) = take_entry(rest)?;
             if book.entries.insert(id, address).is_some() {
                 return Err(format!("address of node {id} listed twice"));
+            }
+            rest = after;
+        }
+        let (count, mut rest) = take_u32(rest, "member count")?;
+        if (count as usize).saturating_mul(8) > rest.len() {
+            return Err("member count exceeds the input".into());
+        }
+        for _ in 0..count {
+            let (id, after) = take_u64(rest, "former member")?;
+            if !book.was_member.insert(id) {
+                return Err(format!("member {id} listed twice"));
             }
             rest = after;
         }
@@ -241,9 +286,32 @@ mod tests {
         ]
         .into();
         let mut book = AddressBook::seeded(&seeds);
-        assert!(book.record(4, address("127.0.0.1:7104", "127.0.0.1:7004")));
-        assert!(!book.record(4, address("127.0.0.1:7104", "127.0.0.1:7004")));
-        assert!(book.record(4, address("127.0.0.1:7204", "127.0.0.1:7004")));
+        assert_eq!(
+            book.record(4, address("127.0.0.1:7104", "127.0.0.1:7004")),
+            Ok(true)
+        );
+        assert_eq!(
+            book.record(4, address("127.0.0.1:7104", "127.0.0.1:7004")),
+            Ok(false)
+        );
+        // Not a member yet: a corrected address replaces the entry.
+        assert_eq!(
+            book.record(4, address("127.0.0.1:7204", "127.0.0.1:7004")),
+            Ok(true)
+        );
+        book.note_members([2, 4].into_iter());
+        for id in [1, 2, 4] {
+            assert_eq!(
+                book.record(id, address("127.0.0.1:7304", "127.0.0.1:7004")),
+                Err(reused_id(id)),
+                "id {id} was a member"
+            );
+        }
+        assert_eq!(
+            reused_id(4),
+            "node id 4 was a member before; ids are never reused: a replica that lost its \
+             data joins under a new id"
+        );
         let mut bytes = Vec::new();
         book.encode(&mut bytes);
         bytes.push(9);

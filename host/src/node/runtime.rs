@@ -840,11 +840,11 @@ impl Loop {
             }
             Waiter::Address { id, reply } => match result {
                 AppResult::AddressRecorded => self.on_address_recorded(id, reply),
-                other => {
-                    let _ = reply.send(Err(MemberError::Invalid {
-                        reason: format!("the address entry was refused: {other:?}"),
-                    }));
+                // A former member's id (ids are never reused), refused at apply.
+                AppResult::Rejected(reason) => {
+                    let _ = reply.send(Err(MemberError::Refused { reason }));
                 }
+                other => panic!("an address entry produced {other:?}"),
             },
             Waiter::Change(_) => panic!("a membership change answered by an applied command"),
             Waiter::Query { .. } => {

@@ -482,7 +482,9 @@ async fn launch(
 pub const REMOVED_READINESS: &str = "removed from the cluster";
 
 /// Metadata key of a store recreated after its member's data was lost (`--rejoin`);
-/// value `[1]`. Never removed by this build (issue 6 re-adds such a member).
+/// value `[1]`. Never removed: such a replica never votes again under its id (it forgot
+/// promises and accepts it gave); it is replaced by a node under a new id (node ids are
+/// never reused, docs/notes/members.md).
 pub const META_AMNESIC: &str = "amnesic";
 
 /// Whether this replica lost its acceptor state: its store carries the amnesic mark, or

@@ -898,10 +898,13 @@ mod tests {
                 .into_iter()
                 .collect(),
         );
-        addresses.record(
-            4,
-            crate::node::members::check_address("127.0.0.1:7104", "127.0.0.1:7004").unwrap(),
-        );
+        addresses
+            .record(
+                4,
+                crate::node::members::check_address("127.0.0.1:7104", "127.0.0.1:7004").unwrap(),
+            )
+            .unwrap();
+        addresses.note_members([1, 4].into_iter());
         SnapshotContents {
             slot,
             configuration: Configuration::new([1, 2, 3])
@@ -1007,13 +1010,9 @@ mod tests {
         let body = &v3[..v3.len() - SHA256_BYTES];
         let voters_end = 8 + 4 + 8 + 4 + 3 * 8;
         assert_eq!(body[voters_end..voters_end + 5], [0, 0, 0, 0, 0]);
-        assert_eq!(
-            body[body.len() - 4..],
-            [0, 0, 0, 0],
-            "the empty address book"
-        );
+        assert_eq!(body[body.len() - 8..], [0; 8], "the empty address book");
         let mut v2 = body[..voters_end].to_vec();
-        v2.extend_from_slice(&body[voters_end + 5..body.len() - 4]);
+        v2.extend_from_slice(&body[voters_end + 5..body.len() - 8]);
         v2[8..12].copy_from_slice(&2u32.to_le_bytes());
         assert_eq!(v2[v2.len() - 1], 0, "the empty staged section");
         let mut v1 = v2[..v2.len() - 1].to_vec();

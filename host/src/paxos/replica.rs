@@ -321,22 +321,6 @@ impl Replica {
         &self.applied_config
     }
 
-    /// Gives an amnesic replica (`DurableState::amnesic`) its vote back. Only the runtime's
-    /// amnesia rule calls it (docs/notes/members.md): a configuration that excludes this
-    /// replica was chosen after it lost its data, so no configuration from then on
-    /// counts the promises and accepts it forgot, and it can start over like a new
-    /// member. The caller has made that durable (the store's amnesic mark is cleared).
-    /// A voter is never re-enabled in place: that is the unsafe case this rule exists for.
-    pub fn restore_vote(&mut self) {
-        assert!(
-            !self.config.is_voter(self.id),
-            "replica {} would get its vote back while it is a voter of {:?}",
-            self.id,
-            self.config
-        );
-        self.amnesic = false;
-    }
-
     /// The log entry this replica holds for `slot`, if any.
     pub fn entry(&self, slot: Slot) -> Option<&LogEntry> {
         self.log.get(&slot)

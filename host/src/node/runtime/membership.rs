@@ -1,7 +1,8 @@
 //! The core task's membership duties (docs/notes/members.md): turning membership
 //! requests into an address entry and a `ChangeMembership` event, answering them once
 //! the change is applied here, pointing the transport at the members of the applied
-//! configuration, publishing the membership, and the amnesia rule.
+//! configuration, publishing the membership, and telling the address book which ids
+//! became members (ids are never reused).
 //!
 //! It never decides a change (the core checks and proposes it) and never answers
 //! before the change is applied on this replica.
@@ -14,11 +15,10 @@ use crate::paxos::{
     Command, Configuration, Event, Membership, MembershipChange, NodeId, Origin, Outcome,
     RequestId, Slot, Value,
 };
-use crate::storage::WriteBatch;
 
 use super::super::handle::{ClusterView, MemberChange, MemberError, MemberView};
 use super::super::members::{self, AddressBook};
-use super::super::service::{Published, META_AMNESIC};
+use super::super::service::Published;
 use super::{Loop, PeerSeen, Waiter};
 
 pub(crate) type MemberReply = oneshot::Sender<Result<ClusterView, MemberError>>;
@@ -42,9 +42,6 @@ pub(crate) struct MemberState {
     previous: Option<Configuration>,
     /// Where the transport points now.
     peers: BTreeMap<NodeId, SocketAddr>,
-    /// Amnesia rule: the chosen index the first peer reported to this incarnation. A
-    /// configuration entry below it may be history replayed from before the data loss.
-    amnesic_floor: Option<Slot>,
     /// Address-book version the transport was last pointed at.
     refreshed_addresses: u64,
 }
@@ -159,6 +156,21 @@ impl Loop {
                     }));
                     return;
                 }
+                // The applied entry refuses it too (`AddressBook::record`); checked here
+                // so nothing is proposed for it.
+                if self
+                    .core
+                    .applier
+                    .machine
+                    .addresses()
+                    .was_member
+                    .contains(&id)
+                {
+                    let _ = reply.send(Err(MemberError::Refused {
+                        reason: members::reused_id(id),
+                    }));
+                    return;
+                }
                 // The address entry first: every replica knows how to reach the
                 // learner from the slot that makes it one.
                 self.waiters.insert(request, Waiter::Address { id, reply });
@@ -228,9 +240,9 @@ impl Loop {
         let _ = reply.send(Err(answer));
     }
 
-    /// After each applied slot: answers the changes waiting for it, re-points the
-    /// transport when the configuration or an address changed, and applies the amnesia
-    /// rule.
+    /// After each applied slot: answers the changes waiting for it, records the members
+    /// of an applied configuration in the address book, and re-points the transport when
+    /// the configuration or an address changed.
     pub(super) fn after_apply_membership(&mut self, slot: Slot, value: &Value) {
         if let Some((proposed, reply)) = self.members.accepted.remove(&slot) {
             if proposed != *value {
@@ -261,6 +273,7 @@ impl Loop {
             }
             self.confirm_changes(None);
         }
+        self.core.applier.machine.note_members(config);
         tracing::info!(
             node = self.core.id,
             slot,
@@ -274,7 +287,6 @@ impl Loop {
         // change waits for a majority of C(new) to report it (`confirm_changes`).
         self.send_peer_info();
         self.members.previous = Some(Configuration::clone(config));
-        self.amnesia_rule(slot, config);
     }
 
     /// Points the transport at every member of the configurations in force (applied and
@@ -319,12 +331,9 @@ impl Loop {
         }
     }
 
-    /// Peer info from `from`: the first chosen index reported fixes the amnesia floor,
-    /// and voter changes may now be known chosen by a majority of C(new).
+    /// Peer info from `from`: voter changes may now be known chosen by a majority of
+    /// C(new).
     pub(super) fn on_peer_chosen_index(&mut self, from: NodeId, chosen_index: Slot) {
-        if self.members.amnesic_floor.is_none() && chosen_index > 0 {
-            self.members.amnesic_floor = Some(chosen_index);
-        }
         if !self.members.confirming.is_empty() {
             self.confirm_changes(Some((from, chosen_index)));
         }
@@ -361,48 +370,6 @@ impl Loop {
                 let _ = reply.send(Ok(view.clone()));
             }
         }
-    }
-
-    /// The amnesia rule. A replica that lost its data (`--rejoin`) forgot promises and
-    /// accepts it gave, so it must not vote under its id while any configuration that
-    /// counted those votes can still decide anything. Once a configuration that excludes
-    /// it is chosen *after* the loss, every later configuration descends from one whose
-    /// quorums never included it: a leader relying on a forgotten promise would need a
-    /// quorum of the configurations chosen since, whose members all saw the removal (and
-    /// the higher ballot that chose it), so the forgotten state cannot be used against
-    /// it any more. It is then a new member under an old id: its vote comes back when it
-    /// is added and promoted again. "After the loss" is checked by the slot: the entry
-    /// must lie beyond the chosen index the first peer reported to this incarnation
-    /// (earlier entries may be history replayed from before the loss, e.g. an old
-    /// removal followed by a re-add that this replica then voted in and forgot).
-    fn amnesia_rule(&mut self, slot: Slot, config: &Configuration) {
-        let id = self.core.id;
-        if !self.core.replica.status().amnesic
-            || config.is_member(id)
-            || self.members.amnesic_floor.is_none_or(|floor| slot <= floor)
-            || self.core.replica.configuration().is_voter(id)
-        {
-            return;
-        }
-        // The mark is cleared in the store without waiting: a crash before that write is
-        // durable restarts the replica amnesic again, which is only more cautious.
-        let store = self.core.store.clone();
-        tokio::spawn(async move {
-            let batch = WriteBatch {
-                meta: vec![(META_AMNESIC.to_string(), vec![0])],
-                ..Default::default()
-            };
-            if let Err(error) = store.write(batch).await {
-                tracing::error!(%error, "clearing the amnesic mark failed; the replica will be amnesic again after a restart");
-            }
-        });
-        self.core.replica.restore_vote();
-        tracing::warn!(
-            node = id,
-            slot,
-            "this replica, amnesic since it lost its data, was removed after the loss: \
-             it may vote again once it is added and promoted"
-        );
     }
 
     /// The membership part of what the core task publishes.
@@ -457,7 +424,8 @@ mod tests {
         book.record(
             4,
             check_address("127.0.0.1:7104", "127.0.0.1:7004").unwrap(),
-        );
+        )
+        .unwrap();
         let view = cluster_view(
             &joint,
             &book,
