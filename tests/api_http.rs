@@ -18,8 +18,8 @@ use paxwasm::api::client::{Connection, Reply};
 use paxwasm::api::{serve, ApiConfig};
 use paxwasm::node::handle::{
     AppInfo, ClusterView, CommandError, CommandOk, CommandRequest, Consistency, DeployError,
-    DeployOk, LeaderHint, MemberView, ModuleEvent, NodeApi, PeerView, QueryError, QueryOk,
-    Readiness, StatusView,
+    DeployOk, LeaderHint, MemberChange, MemberError, MemberView, ModuleEvent, NodeApi, PeerView,
+    QueryError, QueryOk, Readiness, StatusView,
 };
 use paxwasm::paxos::NodeId;
 use serde_json::{json, Value};
@@ -48,6 +48,8 @@ struct FakeState {
     app: AppInfo,
     readiness: Readiness,
     members: Vec<MemberView>,
+    /// Membership changes received, in order.
+    changes: Vec<MemberChange>,
 }
 
 impl FakeNode {
@@ -69,6 +71,7 @@ impl FakeNode {
                 ready: true,
                 reason: None,
             },
+            changes: Vec::new(),
             members: vec![
                 MemberView {
                     id: 1,
@@ -237,6 +240,7 @@ impl NodeApi for FakeNode {
                 "follower"
             }
             .into(),
+            membership: "voter".into(),
             leader: state.leader.as_ref().map(|leader| leader.id),
             ballot: (3, 1),
             commit_index: state.next_index - 1,
@@ -264,6 +268,46 @@ impl NodeApi for FakeNode {
         ClusterView {
             members: self.state().members.clone(),
             leader: Some(1),
+            voters: vec![1],
+            old_voters: None,
+            learners: vec![4],
+        }
+    }
+
+    /// Chosen by the change: id 7 is refused (409), id 8 has no leader (503), id 9 times
+    /// out (504); a follower answers `NotLeader` with its hint.
+    fn change_members(
+        &self,
+        change: MemberChange,
+    ) -> impl Future<Output = Result<ClusterView, MemberError>> + Send {
+        let node = self.clone();
+        async move {
+            let (is_leader, leader) = {
+                let mut state = node.state();
+                state.changes.push(change.clone());
+                (state.is_leader, state.leader.clone())
+            };
+            if !is_leader {
+                return Err(MemberError::NotLeader { leader });
+            }
+            let id = match &change {
+                MemberChange::Add { id, .. }
+                | MemberChange::Promote { id }
+                | MemberChange::Remove { id, .. } => *id,
+            };
+            match id {
+                7 => Err(MemberError::Refused {
+                    reason: "learner 7 lags the leader by 900 entries".into(),
+                }),
+                8 => Err(MemberError::Unavailable {
+                    reason: "no leader is known".into(),
+                    retry_after_ms: 2000,
+                }),
+                9 => Err(MemberError::Unknown {
+                    reason: "no outcome".into(),
+                }),
+                _ => Ok(node.cluster()),
+            }
         }
     }
 
@@ -741,6 +785,207 @@ async fn a_follower_without_a_reachable_leader_answers_503() {
 }
 
 #[tokio::test]
+async fn membership_routes_check_token_path_and_json_and_map_outcomes() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let add = br#"{"id":5,"peer":"127.0.0.1:7105","http":"127.0.0.1:7005"}"#;
+    let reply = call(&server, Method::POST, "/v1/cluster/members", &[], add).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = call(&server, Method::DELETE, "/v1/cluster/members/5", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(node.state().changes.is_empty());
+
+    let token = [("authorization", "Bearer s3cret")];
+    let reply = call(&server, Method::POST, "/v1/cluster/members", &token, add).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(json_of(&reply)["learners"], json!([4]));
+    for (body, message) in [
+        (
+            &b"{"[..],
+            "malformed JSON: EOF while parsing an object at line 1 column 1",
+        ),
+        (b"[1]", "malformed JSON: expected an object"),
+        (
+            br#"{"id":-1,"peer":"a","http":"b"}"#,
+            "malformed JSON: \"id\" must be an unsigned integer",
+        ),
+        (
+            br#"{"id":5,"http":"b"}"#,
+            "malformed JSON: \"peer\" must be a string",
+        ),
+        (
+            br#"{"id":5,"peer":"a","http":"b","x":1}"#,
+            "malformed JSON: unknown field \"x\"",
+        ),
+    ] {
+        let reply = call(&server, Method::POST, "/v1/cluster/members", &token, body).await;
+        assert_error(
+            &reply,
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "{message}; expected {{\"id\":4,\"peer\":\"IP:PORT\",\"http\":\"HOST:PORT\"}}"
+            ),
+        );
+    }
+    let reply = call(
+        &server,
+        Method::POST,
+        "/v1/cluster/members/4/promote",
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = call(
+        &server,
+        Method::DELETE,
+        "/v1/cluster/members/3?force=true",
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = call(
+        &server,
+        Method::POST,
+        "/v1/cluster/members/7/promote",
+        &token,
+        b"",
+    )
+    .await;
+    assert_error(
+        &reply,
+        StatusCode::CONFLICT,
+        "learner 7 lags the leader by 900 entries",
+    );
+    let reply = call(
+        &server,
+        Method::DELETE,
+        "/v1/cluster/members/8",
+        &token,
+        b"",
+    )
+    .await;
+    assert_error(
+        &reply,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no leader is known",
+    );
+    assert_eq!(reply.header("retry-after"), Some("2"));
+    let reply = call(
+        &server,
+        Method::DELETE,
+        "/v1/cluster/members/9",
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    let reply = call(
+        &server,
+        Method::DELETE,
+        "/v1/cluster/members/x",
+        &token,
+        b"",
+    )
+    .await;
+    assert_error(
+        &reply,
+        StatusCode::BAD_REQUEST,
+        "the member id must be an unsigned integer, not \"x\"",
+    );
+    let reply = call(
+        &server,
+        Method::DELETE,
+        "/v1/cluster/members/3?force=yes",
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = call(&server, Method::GET, "/v1/cluster/members/3", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), Some("DELETE"));
+    let reply = call(
+        &server,
+        Method::POST,
+        "/v1/cluster/members/3/promote/x",
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        node.state().changes,
+        vec![
+            MemberChange::Add {
+                id: 5,
+                peer: "127.0.0.1:7105".into(),
+                http: "127.0.0.1:7005".into(),
+            },
+            MemberChange::Promote { id: 4 },
+            MemberChange::Remove { id: 3, force: true },
+            MemberChange::Promote { id: 7 },
+            MemberChange::Remove {
+                id: 8,
+                force: false
+            },
+            MemberChange::Remove {
+                id: 9,
+                force: false
+            },
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_follower_forwards_membership_changes_to_the_leader_with_the_token() {
+    let leader_node = FakeNode::leader(1);
+    let leader = Server::start(leader_node.clone(), config()).await;
+    let hint = LeaderHint {
+        id: 1,
+        http: leader.addr.to_string(),
+    };
+    let follower_node = FakeNode::new(2, false, Some(hint));
+    let follower = Server::start(follower_node.clone(), config()).await;
+    let token = [("authorization", "Bearer s3cret")];
+    let reply = call(
+        &follower,
+        Method::POST,
+        "/v1/cluster/members/4/promote",
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("paxwasm-forwarded-to"), Some("1"));
+    assert_eq!(json_of(&reply)["voters"], json!([1]));
+    let reply = call(
+        &follower,
+        Method::POST,
+        "/v1/cluster/members/7/promote",
+        &token,
+        b"",
+    )
+    .await;
+    assert_error(
+        &reply,
+        StatusCode::CONFLICT,
+        "learner 7 lags the leader by 900 entries",
+    );
+    assert_eq!(
+        leader_node.state().changes,
+        vec![
+            MemberChange::Promote { id: 4 },
+            MemberChange::Promote { id: 7 }
+        ]
+    );
+    follower.stop().await;
+    leader.stop().await;
+}
+
+#[tokio::test]
 async fn deploy_requires_the_admin_token_and_maps_outcomes() {
     let node = FakeNode::leader(1);
     let server = Server::start(node.clone(), config()).await;
@@ -887,7 +1132,7 @@ async fn status_cluster_and_probes() {
     assert_eq!(
         json_of(&reply),
         json!({
-            "id": 1, "role": "leader", "leader": null,
+            "id": 1, "role": "leader", "membership": "voter", "leader": null,
             "ballot": { "round": 3, "node": 1 },
             "commit_index": 0, "applied_index": 0,
             "snapshot_index": 0, "voting": true,
@@ -917,6 +1162,10 @@ async fn status_cluster_and_probes() {
                 { "id": 4, "role": "learner", "peer": "127.0.0.1:7104", "http": "127.0.0.1:7004" },
             ],
             "leader": 1,
+            "voters": [1],
+            "old_voters": null,
+            "learners": [4],
+            "joint": false,
         })
     );
 
@@ -1188,6 +1437,76 @@ async fn cli_submit_query_and_deploy() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cli_members_lists_adds_promotes_and_removes() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let endpoint = server.endpoint();
+    let at = ["--endpoint", endpoint.as_str()];
+    let token = [("PAXWASM_TOKEN", "s3cret")];
+
+    let (code, out, _) = paxwasm(&[&["members", "list"][..], &at].concat(), &[], b"").await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            "ID     ROLE       PEER                   HTTP                  ",
+            "1*     voter      127.0.0.1:7101         127.0.0.1:7001        ",
+            "4      learner    127.0.0.1:7104         127.0.0.1:7004        ",
+            "voters {1} learners {4} (* leader)",
+        ]
+    );
+    let add = [
+        "members",
+        "add",
+        "5",
+        "--peer",
+        "127.0.0.1:7105",
+        "--http",
+        "h:5",
+    ];
+    let (code, _, err) = paxwasm(&[&add[..], &at].concat(), &[], b"").await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error: 401 Unauthorized"), "{err}");
+    let (code, out, _) = paxwasm(&[&add[..], &at, &["--json"]].concat(), &token, b"").await;
+    assert_eq!(code, 0);
+    let view: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["joint"], json!(false));
+    let (code, _, err) = paxwasm(
+        &[&["members", "promote", "7"][..], &at].concat(),
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            1,
+            "error: 409 Conflict: learner 7 lags the leader by 900 entries\n"
+        )
+    );
+    let (code, _, _) = paxwasm(
+        &[&["members", "remove", "3", "--force"][..], &at].concat(),
+        &token,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        node.state().changes,
+        vec![
+            MemberChange::Add {
+                id: 5,
+                peer: "127.0.0.1:7105".into(),
+                http: "h:5".into(),
+            },
+            MemberChange::Promote { id: 7 },
+            MemberChange::Remove { id: 3, force: true },
+        ]
+    );
     server.stop().await;
 }
 

@@ -71,6 +71,7 @@ impl NodeApi for InstantNode {
         StatusView {
             id: 1,
             role: "leader".into(),
+            membership: "voter".into(),
             leader: Some(1),
             ballot: (1, 1),
             commit_index: 0,
@@ -87,6 +88,9 @@ impl NodeApi for InstantNode {
         ClusterView {
             members: Vec::new(),
             leader: Some(1),
+            voters: vec![1],
+            old_voters: None,
+            learners: Vec::new(),
         }
     }
     fn readiness(&self) -> Readiness {

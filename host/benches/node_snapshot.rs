@@ -124,7 +124,8 @@ fn main() {
             pauses.push(started.elapsed());
             let contents = SnapshotContents {
                 slot: round,
-                voters: vec![1, 2, 3],
+                configuration: paxwasm::paxos::Configuration::new([1, 2, 3]),
+                addresses: Default::default(),
                 applier_state,
                 app: capture.meta,
                 module_bytes: capture.module_bytes,

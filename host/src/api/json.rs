@@ -48,6 +48,7 @@ pub fn status(status: &StatusView) -> Value {
     json!({
         "id": status.id,
         "role": status.role,
+        "membership": status.membership,
         "leader": status.leader,
         "ballot": { "round": round, "node": node },
         "commit_index": status.commit_index,
@@ -82,6 +83,10 @@ pub fn cluster(cluster: &ClusterView) -> Value {
             "http": member.http,
         })).collect::<Vec<_>>(),
         "leader": cluster.leader,
+        "voters": cluster.voters,
+        "old_voters": cluster.old_voters,
+        "learners": cluster.learners,
+        "joint": cluster.old_voters.is_some(),
     })
 }
 
@@ -94,6 +99,7 @@ mod tests {
         let mut view = StatusView {
             id: 2,
             role: "follower".into(),
+            membership: "voter".into(),
             leader: Some(1),
             ballot: (1, 1),
             commit_index: 2000,

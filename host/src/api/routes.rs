@@ -26,8 +26,8 @@ use super::{
     HEADER_IDEMPOTENCY_KEY, HEADER_INDEX,
 };
 use crate::node::handle::{
-    CommandError, CommandRequest, Consistency, DeployError, FlipError, LeaderHint, NodeApi,
-    QueryError,
+    CommandError, CommandRequest, Consistency, DeployError, FlipError, LeaderHint, MemberChange,
+    MemberError, NodeApi, QueryError,
 };
 
 /// `Retry-After` when no module is deployed yet: a deploy takes a round trip or two.
@@ -80,10 +80,16 @@ pub enum Route {
     Unmatched,
     /// Test hook, served only by a node started with `--test-hooks` (else 404).
     DebugFlipByte,
+    /// `POST /v1/cluster/members`: add a learner.
+    Members,
+    /// `DELETE /v1/cluster/members/{id}`.
+    Member,
+    /// `POST /v1/cluster/members/{id}/promote`.
+    MemberPromote,
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 13] = [
         Route::Commands,
         Route::Queries,
         Route::App,
@@ -94,6 +100,9 @@ impl Route {
         Route::Metrics,
         Route::Unmatched,
         Route::DebugFlipByte,
+        Route::Members,
+        Route::Member,
+        Route::MemberPromote,
     ];
 
     fn of(path: &str) -> Route {
@@ -107,7 +116,12 @@ impl Route {
             "/readyz" => Route::Readyz,
             "/metrics" => Route::Metrics,
             "/v1/debug/flip-byte" => Route::DebugFlipByte,
-            _ => Route::Unmatched,
+            "/v1/cluster/members" => Route::Members,
+            _ => match member_path(path) {
+                Some((_, false)) => Route::Member,
+                Some((_, true)) => Route::MemberPromote,
+                None => Route::Unmatched,
+            },
         }
     }
 
@@ -130,13 +144,21 @@ impl Route {
             Route::Metrics => "/metrics",
             Route::Unmatched => "unmatched",
             Route::DebugFlipByte => "/v1/debug/flip-byte",
+            Route::Members => "/v1/cluster/members",
+            Route::Member => "/v1/cluster/members/{id}",
+            Route::MemberPromote => "/v1/cluster/members/{id}/promote",
         }
     }
 
     /// The `Allow` header of a 405 on this route.
     fn allow(self) -> &'static str {
         match self {
-            Route::Commands | Route::Queries | Route::DebugFlipByte => "POST",
+            Route::Commands
+            | Route::Queries
+            | Route::DebugFlipByte
+            | Route::Members
+            | Route::MemberPromote => "POST",
+            Route::Member => "DELETE",
             Route::App => "GET, PUT",
             Route::Status | Route::Cluster | Route::Livez | Route::Readyz | Route::Metrics => "GET",
             Route::Unmatched => unreachable!("an unmatched path answers 404, never 405"),
@@ -190,6 +212,9 @@ async fn dispatch<N: NodeApi>(
         )),
         (Route::DebugFlipByte, Method::POST) => debug_flip_byte(shared, request).await,
         (Route::Queries, Method::POST) => queries(shared, request).await,
+        (Route::Members, Method::POST)
+        | (Route::MemberPromote, Method::POST)
+        | (Route::Member, Method::DELETE) => members(shared, route, request).await,
         (Route::App, Method::PUT) => deploy(shared, request).await,
         (Route::App, Method::GET) => Ok(json_response(
             StatusCode::OK,
@@ -728,4 +753,190 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
 /// The one error shape of the API: `{"error":"<sentence>"}` on one line.
 fn error(status: StatusCode, message: &str) -> Response<Body> {
     json_response(status, &json::error(message))
+}
+
+// ---- membership changes (docs/notes/members.md) ---------------------------------------
+
+/// `(id, promote)` of `/v1/cluster/members/{id}` and `/v1/cluster/members/{id}/promote`;
+/// `id` is any path segment here (checked by the handler, so a bad one is a 400).
+fn member_path(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/v1/cluster/members/")?;
+    let (id, promote) = match rest.strip_suffix("/promote") {
+        Some(id) => (id, true),
+        None => (rest, false),
+    };
+    (!id.is_empty() && !id.contains('/')).then_some((id, promote))
+}
+
+/// The body of `POST /v1/cluster/members`: exactly `{"id":N,"peer":"IP:PORT","http":"HOST:PORT"}`.
+fn add_member_body(body: &[u8]) -> Result<MemberChange, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|failure| format!("malformed JSON: {failure}"))?;
+    let object = value
+        .as_object()
+        .ok_or("malformed JSON: expected an object")?;
+    if let Some(unknown) = object
+        .keys()
+        .find(|key| !matches!(key.as_str(), "id" | "peer" | "http"))
+    {
+        return Err(format!("malformed JSON: unknown field {unknown:?}"));
+    }
+    let id = object
+        .get("id")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("malformed JSON: \"id\" must be an unsigned integer")?;
+    let text = |field: &str| {
+        object
+            .get(field)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("malformed JSON: \"{field}\" must be a string"))
+    };
+    Ok(MemberChange::Add {
+        id,
+        peer: text("peer")?,
+        http: text("http")?,
+    })
+}
+
+/// `POST /v1/cluster/members`, `POST /v1/cluster/members/{id}/promote`, `DELETE
+/// /v1/cluster/members/{id}[?force=true]`: admin routes (bearer token as for `PUT
+/// /v1/app`). A follower forwards the request to the leader once; the answer is the
+/// cluster after the change is applied (for a voter change: after C(new)).
+async fn members<N: NodeApi>(
+    shared: &Shared<N>,
+    route: Route,
+    request: Request<Incoming>,
+) -> Handled {
+    authorize(request.headers(), &shared.config)?;
+    let mut force = false;
+    for (name, value) in query_pairs(&request)? {
+        match (route, name, value) {
+            (Route::Member, "force", "true") => force = true,
+            (Route::Member, "force", "false") => force = false,
+            (Route::Member, "force", other) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("force must be true or false, not {other:?}"),
+                ))
+            }
+            (Route::Member, other, _) => return Err(unknown_parameter(other, "force")),
+            (_, other, _) => return Err(unknown_parameter(other, "(none)")),
+        }
+    }
+    let path_id = match member_path(request.uri().path()) {
+        Some((id, _)) => Some(id.parse::<u64>().map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("the member id must be an unsigned integer, not {id:?}"),
+            )
+        })?),
+        None => None,
+    };
+    let forwarded_by = request.headers().get(HEADER_FORWARDED_BY).cloned();
+    let authorization = request.headers().get(AUTHORIZATION).cloned();
+    let method = request.method().clone();
+    let path_and_query = request.uri().path_and_query().map_or_else(
+        || request.uri().path().to_owned(),
+        |pq| pq.as_str().to_owned(),
+    );
+    let body = read_body(request, shared.config.body_bytes_max, "body_bytes_max").await?;
+    let change = match (route, path_id) {
+        (Route::Members, _) => add_member_body(&body).map_err(|reason| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "{reason}; expected {{\"id\":4,\"peer\":\"IP:PORT\",\"http\":\"HOST:PORT\"}}"
+                ),
+            )
+        })?,
+        (Route::MemberPromote, Some(id)) => MemberChange::Promote { id },
+        (Route::Member, Some(id)) => MemberChange::Remove { id, force },
+        _ => unreachable!("dispatch sends only membership routes here"),
+    };
+    let changed = shared.node.change_members(change);
+    let outcome = tokio::time::timeout(request_timeout(&shared.config), changed)
+        .await
+        .map_err(|_| timeout_unknown(&shared.config, "the membership change"))?;
+    match outcome {
+        Ok(view) => Ok(json_response(StatusCode::OK, &json::cluster(&view))),
+        Err(MemberError::Invalid { reason }) => Err(error(StatusCode::BAD_REQUEST, &reason)),
+        Err(MemberError::Refused { reason }) => Err(error(StatusCode::CONFLICT, &reason)),
+        Err(MemberError::Unavailable {
+            reason,
+            retry_after_ms,
+        }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
+        Err(MemberError::Unknown { reason }) => {
+            Err(outcome_unknown("the membership change", &reason))
+        }
+        Err(MemberError::NotLeader { leader }) => match (forwarded_by, leader) {
+            (Some(_), _) | (None, None) => Err(unavailable(
+                "this replica is not the leader (and the request was already forwarded, or no \
+                 leader is known); retry",
+                NO_LEADER_RETRY_AFTER_SECS,
+            )),
+            (None, Some(leader)) => {
+                let this_node = shared.node.status().id;
+                let mut headers = vec![(
+                    HeaderName::from_static(HEADER_FORWARDED_BY),
+                    HeaderValue::from(this_node),
+                )];
+                if let Some(authorization) = authorization {
+                    headers.push((AUTHORIZATION, authorization));
+                }
+                forward(shared, &leader, method, &path_and_query, &headers, body).await
+            }
+        },
+    }
+}
+
+/// Forwards an admin request to the leader (one hop) and relays its status and body.
+async fn forward<N: NodeApi>(
+    shared: &Shared<N>,
+    leader: &LeaderHint,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Handled {
+    let forwarded =
+        shared
+            .forward_pool
+            .request(&leader.http, method, path_and_query, headers, body);
+    // The leader waits up to its own request timeout for the change to apply.
+    let timeout = request_timeout(&shared.config)
+        .max(Duration::from_millis(shared.config.forward_timeout_ms));
+    let reply = match tokio::time::timeout(timeout, forwarded).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(failure)) => {
+            return Err(unavailable(
+                &format!(
+                    "cannot forward to the leader (node {} at {}): {failure}",
+                    leader.id, leader.http
+                ),
+                NO_LEADER_RETRY_AFTER_SECS,
+            ))
+        }
+        Err(_) => {
+            return Err(outcome_unknown(
+                "the membership change",
+                &format!(
+                    "the leader (node {} at {}) did not answer in time",
+                    leader.id, leader.http
+                ),
+            ))
+        }
+    };
+    let mut response = Response::new(Full::new(reply.body));
+    *response.status_mut() = reply.status;
+    for name in [CONTENT_TYPE, RETRY_AFTER] {
+        if let Some(value) = reply.headers.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response.headers_mut().insert(
+        HeaderName::from_static(HEADER_FORWARDED_TO),
+        HeaderValue::from(leader.id),
+    );
+    Ok(response)
 }

@@ -27,7 +27,7 @@ pub struct EndpointArgs {
     /// Base URL of a replica's HTTP API.
     #[arg(long, env = "PAXWASM_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
-    /// Bearer token for admin calls (deploy), if the cluster was started with one.
+    /// Bearer token for admin calls (deploy, members), if the cluster was started with one.
     #[arg(long, env = "PAXWASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
@@ -37,7 +37,7 @@ impl EndpointArgs {
         Connection::new(&self.endpoint, RESPONSE_BYTES_MAX)
     }
 
-    fn authorization(&self) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    pub(super) fn authorization(&self) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
         match &self.token {
             None => Ok(Vec::new()),
             Some(token) => {
@@ -121,7 +121,7 @@ pub struct StatusArgs {
 }
 
 /// Runs `body` on a single-threaded runtime and turns an `Err` into `error: …`, exit 1.
-fn run(body: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+pub(super) fn run(body: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -136,7 +136,7 @@ fn run(body: impl std::future::Future<Output = Result<(), String>>) -> ExitCode 
 }
 
 /// An error line for a non-2xx reply: `409 Conflict: migration failed …`.
-fn failed(reply: &Reply) -> String {
+pub(super) fn failed(reply: &Reply) -> String {
     format!("{}: {}", reply.status, reply.error_message())
 }
 
@@ -314,7 +314,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
     })
 }
 
-fn pretty(value: &Value) -> String {
+pub(super) fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes")
 }
 

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod client;
 pub mod dev;
+pub mod members;
 pub mod node;
 
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     Node(node::NodeArgs),
     /// Run a local cluster of replicas on loopback.
     Dev(dev::DevArgs),
+    /// List the cluster's members, or add, promote or remove one.
+    Members(members::MembersArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -53,5 +56,6 @@ pub fn main() -> ExitCode {
         Command::Exec(args) => exec::run(args),
         Command::Node(args) => node::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::Members(args) => members::members(args),
     }
 }

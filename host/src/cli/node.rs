@@ -32,7 +32,9 @@ pub struct NodeArgs {
     #[arg(long)]
     pub peer: SocketAddr,
     /// Every voter's peer address, this node included: `1=ADDR,2=ADDR,3=ADDR`. Without
-    /// it the node waits to be added by a membership change.
+    /// it the node waits to be added by a membership change (`POST /v1/cluster/members`
+    /// on a member), then starts from a snapshot of the first member that contacts it;
+    /// give it the cluster's `--cluster-id`.
     #[arg(long, value_parser = parse_cluster)]
     pub cluster: Option<Members>,
     /// Name of the cluster; a data directory or peer of another cluster is refused.
@@ -74,9 +76,14 @@ pub struct NodeArgs {
     pub snapshot_transfer_bytes_per_sec: u64,
     /// This member's data directory was lost: start it empty with this flag. It restores
     /// the state from its peers (snapshot transfer) but never votes again under this id,
-    /// because it forgot the promises and accepts it gave; membership changes re-add it.
+    /// because it forgot the promises and accepts it gave. To get a voter back, remove
+    /// this id and add a node started on an empty directory under a new id instead.
     #[arg(long)]
     pub rejoin: bool,
+    /// A learner more than this many chosen entries behind the leader is not promoted
+    /// to voter (`POST /v1/cluster/members/{id}/promote` answers 409 until it catches up).
+    #[arg(long, default_value_t = crate::paxos::Params::default().learner_lag_entries_max)]
+    pub learner_lag_entries_max: u64,
     /// Test hook: pause this long in the middle of every snapshot write (after the
     /// temporary file is written, before it is synced and renamed).
     #[arg(long, default_value_t = 0, hide = true)]
@@ -186,6 +193,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.snapshot.transfer.bytes_per_sec = args.snapshot_transfer_bytes_per_sec;
     config.snapshot.write_pause_ms = args.snapshot_write_pause_ms;
     config.rejoin = args.rejoin;
+    config.params.learner_lag_entries_max = args.learner_lag_entries_max;
     config.debug_refuse_compiles = args.debug_refuse_compiles;
     let listener = TcpListener::bind(args.http)
         .await

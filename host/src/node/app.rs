@@ -7,7 +7,8 @@
 //! - `1`, then `migrate u8` (0 or 1), then the module bytes: install or replace the module
 //!   in one entry (the first format; still applied, so old logs replay, but no longer
 //!   proposed: a module of several MiB would be one giant entry compiled on the core task);
-//! - `2`, a module chunk, and `3`, an upgrade naming a staged module: see `upgrade.rs`.
+//! - `2`, a module chunk, and `3`, an upgrade naming a staged module: see `upgrade.rs`;
+//! - `4`, a member's addresses: see `members.rs`.
 //!
 //! Result bytes (what the applier stores in the dedup table and hands back), first byte:
 //! - `0` output: the module's output follows;
@@ -15,7 +16,8 @@
 //! - `2` no module deployed yet;
 //! - `3` installed: the module id (`sha256:…`) follows;
 //! - `4` install failed: the reason follows (the previous module stays);
-//! - `5` chunk staged: the staged byte count (u64) follows.
+//! - `5` chunk staged: the staged byte count (u64) follows;
+//! - `6` address recorded in the address book.
 //!
 //! Everything here is deterministic: the same log gives the same results and state on
 //! every replica. It never reads a clock or does I/O.
@@ -27,6 +29,7 @@ use crate::machine::{EntryContext, Machine, MachineConfig, Migration};
 use crate::paxos::{ApplyContext, StateMachine, STALE_RESULT};
 
 use super::handle::ModuleEvent;
+use super::members::{self, AddressBook, ENVELOPE_ADDRESS};
 use super::snapshot::{AppMeta, ImageSource, NodeSnapshot};
 use super::upgrade::{self, Chunk, Compiler, Staging, ENVELOPE_CHUNK, ENVELOPE_UPGRADE};
 
@@ -39,6 +42,7 @@ const RESULT_NO_MODULE: u8 = 2;
 const RESULT_INSTALLED: u8 = 3;
 const RESULT_INSTALL_FAILED: u8 = 4;
 const RESULT_STAGED: u8 = 5;
+const RESULT_ADDRESS: u8 = 6;
 
 /// Exit status of a replica that cannot load a module the log chose (see `halt`).
 pub const HALT_EXIT_CODE: i32 = 70;
@@ -82,6 +86,8 @@ pub enum AppResult {
     },
     /// A retry of an idempotency key whose result was evicted from the dedup table.
     StaleDuplicate,
+    /// An address entry was recorded in the address book.
+    AddressRecorded,
 }
 
 impl AppResult {
@@ -98,6 +104,7 @@ impl AppResult {
                 return out;
             }
             AppResult::StaleDuplicate => return STALE_RESULT.to_vec(),
+            AppResult::AddressRecorded => (RESULT_ADDRESS, b""),
         };
         let mut out = Vec::with_capacity(body.len() + 1);
         out.push(kind);
@@ -119,6 +126,7 @@ impl AppResult {
             RESULT_NO_MODULE => AppResult::NoModule,
             RESULT_INSTALLED => AppResult::Installed { module: text() },
             RESULT_INSTALL_FAILED => AppResult::InstallFailed { reason: text() },
+            RESULT_ADDRESS => AppResult::AddressRecorded,
             RESULT_STAGED => AppResult::Staged {
                 staged_bytes: u64::from_le_bytes(body.try_into().expect("a staged count")),
             },
@@ -144,6 +152,10 @@ pub struct WasmApp {
     module_bytes: Option<Arc<Vec<u8>>>,
     /// Bumped on every module event, so the runtime republishes `history` only then.
     pub version: u64,
+    /// Where every member listens (replicated state: in snapshots).
+    addresses: AddressBook,
+    /// Bumped when the address book changes, so the runtime re-points the transport.
+    pub addresses_version: u64,
 }
 
 /// What a snapshot takes from the application at one slot.
@@ -152,6 +164,7 @@ pub struct AppCapture {
     pub module_bytes: Option<Arc<Vec<u8>>>,
     pub image: Option<Box<dyn ImageSource>>,
     pub staged: Option<Staging>,
+    pub addresses: AddressBook,
 }
 
 impl WasmApp {
@@ -170,6 +183,8 @@ impl WasmApp {
             history: Vec::new(),
             module_bytes: None,
             version: 0,
+            addresses: AddressBook::default(),
+            addresses_version: 0,
         }
     }
 
@@ -180,6 +195,7 @@ impl WasmApp {
         snapshot: &NodeSnapshot,
     ) -> Result<WasmApp, String> {
         let mut app = WasmApp::with_compiler(compiler.clone());
+        app.addresses = snapshot.addresses.clone().unwrap_or_default();
         if let Some(staged) = &snapshot.staged {
             if staged.is_complete() {
                 // Compile it now: its upgrade entry may be among the next to apply.
@@ -230,7 +246,27 @@ impl WasmApp {
                 .as_mut()
                 .map(|machine| Box::new(machine.snapshot_image()) as Box<dyn ImageSource>),
             staged: self.staging.clone(),
+            addresses: self.addresses.clone(),
         }
+    }
+
+    /// The address book at the applied index.
+    pub fn addresses(&self) -> &AddressBook {
+        &self.addresses
+    }
+
+    /// A configuration was applied at this slot: its members' ids are taken for good
+    /// (`AddressBook::was_member`). Called by the runtime at the configuration's slot on
+    /// every replica, so the book stays a function of the log.
+    pub fn note_members(&mut self, config: &crate::paxos::Configuration) {
+        self.addresses.note_members(config.members());
+    }
+
+    /// Replaces the address book: the seed from `--cluster` (the book at slot 0), or the
+    /// book of a version-1/2 snapshot, which did not hold one.
+    pub fn seed_addresses(&mut self, book: AddressBook) {
+        self.addresses = book;
+        self.addresses_version += 1;
     }
 
     /// The machine, for test hooks and checkpoints.
@@ -533,6 +569,18 @@ impl StateMachine for WasmApp {
                 Some((migrate, sha256)) => self.upgrade(sha256, migrate, context.slot),
                 None => AppResult::Rejected("malformed upgrade envelope".into()),
             },
+            Some((&ENVELOPE_ADDRESS, body)) => match members::decode_address(body) {
+                Ok((id, address)) => match self.addresses.record(id, address) {
+                    Ok(changed) => {
+                        if changed {
+                            self.addresses_version += 1;
+                        }
+                        AppResult::AddressRecorded
+                    }
+                    Err(reason) => AppResult::Rejected(reason),
+                },
+                Err(reason) => AppResult::Rejected(format!("malformed address entry: {reason}")),
+            },
             // Only this node's front end builds envelopes, so this is a command from a
             // replica of another version; refuse it the same way everywhere.
             _ => AppResult::Rejected("malformed command envelope".into()),
@@ -559,6 +607,7 @@ mod tests {
                 reason: "upgrade failed".into(),
             },
             AppResult::StaleDuplicate,
+            AppResult::AddressRecorded,
         ] {
             assert_eq!(AppResult::decode(&result.encode()), result);
         }
@@ -606,10 +655,16 @@ mod tests {
         app.apply(&install_envelope(&kv, false), &context);
         app.apply(&command_envelope(b"put a 1"), &context);
         app.apply(&command_envelope(b"put b 2"), &context);
+        let address = members::check_address("127.0.0.1:7104", "127.0.0.1:7004").unwrap();
+        let recorded = app.apply(&members::address_envelope(4, &address), &context);
+        assert_eq!(AppResult::decode(&recorded), AppResult::AddressRecorded);
+        assert_eq!(app.addresses().get(4), Some(&address));
+        app.note_members(&crate::paxos::Configuration::with_learners([1], [4]));
         let capture = app.capture();
         let contents = crate::node::snapshot::SnapshotContents {
             slot: 3,
-            voters: vec![1],
+            configuration: crate::paxos::Configuration::new([1]),
+            addresses: capture.addresses,
             applier_state: Vec::new(),
             app: capture.meta,
             module_bytes: capture.module_bytes,
@@ -620,6 +675,14 @@ mod tests {
         crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
         let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
         let mut restored = WasmApp::from_snapshot(app.compiler(), &snapshot).unwrap();
+        assert_eq!(restored.addresses(), app.addresses());
+        // Ids are never reused, across snapshots too.
+        assert!(restored.addresses().was_member.contains(&4));
+        let again = restored.apply(&members::address_envelope(4, &address), &context);
+        assert_eq!(
+            AppResult::decode(&again),
+            AppResult::Rejected(members::reused_id(4))
+        );
         assert_eq!(restored.state_hash(), app.state_hash());
         assert_eq!(restored.current(), app.current());
         assert_eq!(restored.history(), app.history());
@@ -715,7 +778,8 @@ mod tests {
         let capture = app.capture();
         let contents = crate::node::snapshot::SnapshotContents {
             slot: slot + 2,
-            voters: vec![1],
+            configuration: crate::paxos::Configuration::new([1]),
+            addresses: capture.addresses,
             applier_state: Vec::new(),
             app: capture.meta,
             module_bytes: capture.module_bytes,

@@ -2,6 +2,11 @@
 //! compacted past every valid local snapshot (the newest one was corrupt, say), the
 //! state below the store's `log_start` exists only in a peer's snapshot.
 //!
+//! It also serves a node that joins a cluster (started without `--cluster`): it knows no
+//! peer, so it waits for one to contact it; every member sends peer info (which carries
+//! the sender's peer address) to the members of its configuration, so once the joining
+//! node is a learner they all do, and it asks them for a snapshot.
+//!
 //! It runs the receiving side of the transfer protocol (`transfer::Receiver`) over the
 //! transport on its own, asking the peers in turn for their newest snapshot, until one
 //! arrives whole, checks out (sha256) and covers `slot_min`; it is then the newest
@@ -27,26 +32,23 @@ const PEER_ANSWER_MS: u64 = 2_000;
 /// How often the receiver's retries are polled while no message arrives.
 const POLL_MS: u64 = 20;
 
-/// Fetches a snapshot at or above `slot_min` from one of the peers and makes it the
-/// newest snapshot in `dir`. Retries until it succeeds; a failure to verify or restore
-/// one snapshot moves on to the next offer.
+/// Fetches a snapshot at or above `slot_min` from one of `peers`, or from any peer whose
+/// peer info arrives meanwhile, and makes it the newest snapshot in `dir`. Retries until
+/// it succeeds; a failure to verify or restore one snapshot moves on to the next offer.
 pub(crate) async fn fetch_snapshot(
     config: &NodeConfig,
     transport: &Transport,
     inbound: &mut InboundReceiver,
     dir: &SnapshotDir,
-    slot_min: Slot,
+    mut slot_min: Slot,
+    mut peers: Vec<NodeId>,
 ) -> anyhow::Result<()> {
-    let peers: Vec<NodeId> = config
-        .members
-        .keys()
-        .copied()
-        .filter(|id| *id != config.id)
-        .collect();
-    anyhow::ensure!(
-        !peers.is_empty(),
-        "the store was compacted past every valid snapshot and there is no peer to ask"
-    );
+    if peers.is_empty() {
+        tracing::info!(
+            node = config.id,
+            "no peer known: waiting for a member to contact this node"
+        );
+    }
     let started = Instant::now();
     let now_ms = || started.elapsed().as_millis() as u64;
     let send = |to: NodeId, message: &TransferMessage| {
@@ -59,7 +61,8 @@ pub(crate) async fn fetch_snapshot(
     loop {
         let now = now_ms();
         let waiting = matches!(receiver.state, Incoming::Requested { .. });
-        if receiver.is_idle() || (waiting && now.saturating_sub(asked_ms) >= PEER_ANSWER_MS) {
+        let ask = receiver.is_idle() || (waiting && now.saturating_sub(asked_ms) >= PEER_ANSWER_MS);
+        if ask && !peers.is_empty() {
             let peer = peers[next_peer % peers.len()];
             next_peer += 1;
             asked_ms = now;
@@ -80,8 +83,20 @@ pub(crate) async fn fetch_snapshot(
         else {
             continue;
         };
-        let Ok(WireMessage::Transfer(message)) = codec::decode_wire(&payload) else {
-            continue;
+        let message = match codec::decode_wire(&payload) {
+            Ok(WireMessage::Transfer(message)) => message,
+            Ok(WireMessage::Info(info)) => {
+                if learn_peer(transport, &mut peers, from, &info.peer) {
+                    // It contacted this node because it applied the configuration that
+                    // added it: only a snapshot at least that recent carries that
+                    // configuration and the addresses of its members (an older one would
+                    // leave this node outside, unable to answer the leader). A member
+                    // without one takes one when asked.
+                    slot_min = slot_min.max(info.applied_index);
+                }
+                continue;
+            }
+            _ => continue,
         };
         let now = now_ms();
         match message {
@@ -146,6 +161,26 @@ pub(crate) async fn fetch_snapshot(
                 }
             }
             TransferMessage::Request { .. } | TransferMessage::Fetch { .. } => {}
+        }
+    }
+}
+
+/// A member told this node where it listens: answer it there, and ask it too. True
+/// when the peer is new.
+fn learn_peer(transport: &Transport, peers: &mut Vec<NodeId>, from: NodeId, addr: &str) -> bool {
+    if peers.contains(&from) || from == transport.node_id() {
+        return false;
+    }
+    match addr.parse() {
+        Ok(addr) => {
+            tracing::info!(peer = from, %addr, "a member contacted this node");
+            transport.update_peer(from, addr);
+            peers.push(from);
+            true
+        }
+        Err(_) => {
+            tracing::warn!(peer = from, addr, "a peer announced an unusable address");
+            false
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct CheckpointReport {
 pub struct PeerInfo {
     /// `host:port` of the sender's HTTP API.
     pub http: String,
+    /// `ip:port` of the sender's peer transport: a node that joins without `--cluster`
+    /// knows nobody, and learns from this where to answer (docs/notes/members.md).
+    pub peer: String,
     pub chosen_index: Slot,
     pub applied_index: Slot,
 }
@@ -124,6 +127,7 @@ pub fn encode_wire(message: &WireMessage) -> Vec<u8> {
             put_bytes(&mut out, info.http.as_bytes());
             put_u64(&mut out, info.chosen_index);
             put_u64(&mut out, info.applied_index);
+            put_bytes(&mut out, info.peer.as_bytes());
         }
         WireMessage::Transfer(message) => {
             out.push(2);
@@ -165,10 +169,23 @@ pub fn decode_wire(input: &[u8]) -> Result<WireMessage, DecodeError> {
             }
             let http = String::from_utf8(http.to_vec())
                 .map_err(|_| DecodeError::BadUtf8 { field: "peer http" })?;
+            let chosen_index = reader.u64("chosen index")?;
+            let applied_index = reader.u64("applied index")?;
+            let peer = reader.bytes("peer address")?;
+            if peer.len() > PEER_HTTP_BYTES_MAX {
+                return Err(DecodeError::BadLength {
+                    field: "peer address",
+                    length: peer.len() as u64,
+                });
+            }
+            let peer = String::from_utf8(peer.to_vec()).map_err(|_| DecodeError::BadUtf8 {
+                field: "peer address",
+            })?;
             WireMessage::Info(PeerInfo {
                 http,
-                chosen_index: reader.u64("chosen index")?,
-                applied_index: reader.u64("applied index")?,
+                peer,
+                chosen_index,
+                applied_index,
             })
         }
         2 => WireMessage::Transfer(reader.transfer()?),

@@ -139,8 +139,12 @@ pub struct PeerView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusView {
     pub id: NodeId,
-    /// `leader`, `follower`, `candidate`, `learner` or `removed`.
+    /// `leader`, `follower`, `candidate`, `learner`, `removed`, or `joining` (started
+    /// without `--cluster`, waiting to be added and to receive a snapshot).
     pub role: String,
+    /// This replica in the configuration it knows chosen: `voter`, `learner` or
+    /// `outside` (removed, or not added yet: it takes no part).
+    pub membership: String,
     pub leader: Option<NodeId>,
     /// `(round, node id)`.
     pub ballot: (u64, NodeId),
@@ -192,9 +196,13 @@ pub enum FlipError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberView {
     pub id: NodeId,
-    /// `voter` or `learner`.
+    /// `voter`, `learner`, or `old-voter` (while joint: a voter of C(old) only, which
+    /// leaves when C(new) is chosen).
     pub role: String,
+    /// From the replicated address book (empty when it has no entry for the member).
     pub peer: String,
+    /// From the address book, else from the member's own peer info (original members
+    /// seeded from `--cluster` have no HTTP address in the book); empty when unknown.
     pub http: String,
 }
 
@@ -202,6 +210,41 @@ pub struct MemberView {
 pub struct ClusterView {
     pub members: Vec<MemberView>,
     pub leader: Option<NodeId>,
+    /// The voters of C(new) (the only voters when not joint).
+    pub voters: Vec<NodeId>,
+    /// `Some(C(old) voters)` while a voter change is in progress (joint consensus).
+    pub old_voters: Option<Vec<NodeId>>,
+    pub learners: Vec<NodeId>,
+}
+
+/// A membership change asked through `POST /v1/cluster/members`, `POST
+/// /v1/cluster/members/{id}/promote` or `DELETE /v1/cluster/members/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Record the member's addresses, then add it as a non-voting learner.
+    Add {
+        id: NodeId,
+        peer: String,
+        http: String,
+    },
+    /// Make a learner a voter (joint consensus).
+    Promote { id: NodeId },
+    /// Remove a voter or learner; `force` skips the running-quorum check.
+    Remove { id: NodeId, force: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberError {
+    /// The request is malformed (400).
+    Invalid { reason: String },
+    /// The leader refused the change (409), with the core's precise reason.
+    Refused { reason: String },
+    /// This replica is not the leader; `api` forwards the request to it.
+    NotLeader { leader: Option<LeaderHint> },
+    /// No leader or no room now (503 with `Retry-After`).
+    Unavailable { reason: String, retry_after_ms: u64 },
+    /// No outcome in time: the change may or may not take effect (504).
+    Unknown { reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,6 +271,18 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
         module: Vec<u8>,
         migrate: bool,
     ) -> impl Future<Output = Result<DeployOk, DeployError>> + Send;
+    /// Changes the membership and answers with the resulting cluster once the change is
+    /// applied here (for a voter change: once C(new) is).
+    fn change_members(
+        &self,
+        change: MemberChange,
+    ) -> impl Future<Output = Result<ClusterView, MemberError>> + Send {
+        let _ = change;
+        std::future::ready(Err(MemberError::Unavailable {
+            reason: "this node does not change memberships".into(),
+            retry_after_ms: 1000,
+        }))
+    }
     fn app(&self) -> AppInfo;
     fn status(&self) -> StatusView;
     fn cluster(&self) -> ClusterView;

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod handle;
+pub mod members;
 pub mod probe;
 mod runtime;
 mod service;
@@ -18,4 +19,4 @@ pub mod transfer;
 pub mod upgrade;
 
 pub use config::NodeConfig;
-pub use service::{idempotency_key, start, Node, Running};
+pub use service::{idempotency_key, start, Node, Running, REMOVED_READINESS};

@@ -36,13 +36,16 @@ use super::app::{AppResult, WasmApp};
 use super::checkpoint::{Checkpoints, Finding, StateHash};
 use super::codec::{self, CheckpointReport, PeerInfo, WireMessage};
 use super::handle::{
-    CommandError, CommandOk, DeployError, DeployOk, FlipError, FlipOk, LeaderHint, QueryError,
-    QueryOk,
+    CommandError, CommandOk, DeployError, DeployOk, FlipError, FlipOk, LeaderHint, MemberChange,
+    MemberError, QueryError, QueryOk,
 };
 use super::service::{Counters, Published};
 
+mod membership;
 mod snapshots;
 
+pub(crate) use membership::cluster_view;
+use membership::{MemberReply, MemberState};
 pub use snapshots::SnapshotConfig;
 pub(crate) use snapshots::{value_bytes, Snapshots};
 
@@ -68,6 +71,11 @@ pub(crate) enum Request {
         mode: Option<ReadMode>,
         reply: oneshot::Sender<Result<QueryOk, QueryError>>,
     },
+    /// A membership change (`POST`/`DELETE /v1/cluster/members...`).
+    Member {
+        change: MemberChange,
+        reply: MemberReply,
+    },
     /// Test hook (`--test-hooks`): flip a byte of the committed memory.
     DebugFlipByte {
         offset: u64,
@@ -87,6 +95,13 @@ enum Waiter {
         payload: Vec<u8>,
         reply: oneshot::Sender<Result<QueryOk, QueryError>>,
     },
+    /// The address entry of a member being added; the change follows once it applies.
+    Address {
+        id: NodeId,
+        reply: MemberReply,
+    },
+    /// A `ChangeMembership` waiting for the core's answer.
+    Change(MemberReply),
 }
 
 impl Waiter {
@@ -96,6 +111,7 @@ impl Waiter {
             Waiter::Deploy(reply) => reply.is_closed(),
             Waiter::Stage(reply) => reply.is_closed(),
             Waiter::Query { reply, .. } => reply.is_closed(),
+            Waiter::Address { reply, .. } | Waiter::Change(reply) => reply.is_closed(),
         }
     }
 }
@@ -115,6 +131,9 @@ pub(crate) struct Core {
     pub store: Arc<Store>,
     pub transport: Arc<Transport>,
     pub http_advertise: String,
+    /// Where this node's transport listens: announced in peer info when the address
+    /// book has no entry for this node (a joining node learns its peers from it).
+    pub peer_listen: std::net::SocketAddr,
     pub requests: mpsc::Receiver<Request>,
     pub inbound: InboundReceiver,
     pub published: Arc<Mutex<Published>>,
@@ -153,6 +172,7 @@ struct Loop {
     diverged_since: Option<Instant>,
     findings: Vec<Finding>,
     snap: Snapshots,
+    members: MemberState,
 }
 
 /// Logical ticks derived from the monotonic clock. The core's leases are counted in
@@ -226,7 +246,9 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
         diverged_since: None,
         findings: Vec::new(),
         snap,
+        members: MemberState::default(),
     };
+    state.refresh_peers();
     state.main().await;
     drop(state);
     // The waiter ends once the queue is closed and every completion has arrived.
@@ -340,6 +362,7 @@ impl Loop {
         match codec::decode_wire(payload) {
             Ok(WireMessage::Paxos(msg)) => self.step(Event::Message { from, msg }),
             Ok(WireMessage::Info(info)) => {
+                self.on_peer_chosen_index(from, info.chosen_index);
                 let seen = self.peers.entry(from).or_default();
                 seen.http = Some(info.http);
                 seen.chosen_index = Some(info.chosen_index);
@@ -440,6 +463,9 @@ impl Loop {
                     mode,
                 });
             }
+            Request::Member { change, reply } => {
+                self.on_member_request(request_id, origin, change, reply);
+            }
             Request::DebugFlipByte { offset, reply } => {
                 let _ = reply.send(self.debug_flip_byte(offset));
             }
@@ -480,6 +506,12 @@ impl Loop {
             }
             Request::Query { reply, .. } => {
                 let _ = reply.send(Err(QueryError::Unavailable {
+                    reason,
+                    retry_after_ms,
+                }));
+            }
+            Request::Member { reply, .. } => {
+                let _ = reply.send(Err(MemberError::Unavailable {
                     reason,
                     retry_after_ms,
                 }));
@@ -529,8 +561,16 @@ impl Loop {
                 Action::Compact { below } => self.compact(below).await,
             }
         }
+        if !self.actions.is_empty() {
+            // A step taken while performing (a membership change proposed once its
+            // address entry applied, `runtime/membership.rs`) queued actions after
+            // these: perform them now, in order, rather than drop them.
+            Box::pin(self.perform()).await;
+        }
         // Keep the allocation for the next turn.
-        self.actions = actions;
+        if self.actions.is_empty() {
+            self.actions = actions;
+        }
     }
 
     /// Deletes the log below `below`. The snapshot covering it is already durable, so
@@ -609,6 +649,7 @@ impl Loop {
         if self.core.checkpoints.is_checkpoint(slot) {
             self.take_checkpoint(slot);
         }
+        self.after_apply_membership(slot, value);
     }
 
     /// Hashes the state at `slot` (a checkpoint index), compares it with what peers
@@ -724,6 +765,8 @@ impl Loop {
     /// The machine was replaced by an installed snapshot (plus, for a forced install,
     /// the log after it applied again): hashes computed before are of another state.
     pub(super) fn on_state_replaced(&mut self) {
+        // The address book and the applied configuration came with the snapshot.
+        self.refresh_peers();
         if let Some(divergence) = self.core.checkpoints.on_snapshot_installed() {
             self.repair_requested = None;
             tracing::warn!(
@@ -761,8 +804,9 @@ impl Loop {
                     }),
                     AppResult::Installed { .. }
                     | AppResult::InstallFailed { .. }
-                    | AppResult::Staged { .. } => {
-                        panic!("a command envelope produced a module result")
+                    | AppResult::Staged { .. }
+                    | AppResult::AddressRecorded => {
+                        panic!("a command envelope produced a module or address result")
                     }
                 };
                 let _ = reply.send(answer);
@@ -794,6 +838,15 @@ impl Loop {
                 };
                 let _ = reply.send(answer);
             }
+            Waiter::Address { id, reply } => match result {
+                AppResult::AddressRecorded => self.on_address_recorded(id, reply),
+                // A former member's id (ids are never reused), refused at apply.
+                AppResult::Rejected(reason) => {
+                    let _ = reply.send(Err(MemberError::Refused { reason }));
+                }
+                other => panic!("an address entry produced {other:?}"),
+            },
+            Waiter::Change(_) => panic!("a membership change answered by an applied command"),
             Waiter::Query { .. } => {
                 panic!("query request {request} answered by an applied command")
             }
@@ -834,10 +887,15 @@ impl Loop {
                     retry_after_ms,
                 }));
             }
-            // The runtime sends no `ChangeMembership` yet (the membership API is a
-            // later step), so no query waits for a membership outcome.
             (Waiter::Query { .. }, Outcome::ChangeAccepted { .. } | Outcome::ChangeRefused(_)) => {
                 panic!("a query answered with a membership outcome")
+            }
+            (Waiter::Change(reply), outcome) => self.on_change_outcome(reply, outcome),
+            (Waiter::Address { reply, .. }, outcome) => {
+                let _ = reply.send(Err(MemberError::Unavailable {
+                    reason: refusal(&outcome),
+                    retry_after_ms,
+                }));
             }
             (Waiter::Command(reply), outcome) => {
                 let _ = reply.send(Err(CommandError::Unavailable {
@@ -884,14 +942,22 @@ impl Loop {
                 Some(Waiter::Stage(reply)) => {
                     let _ = reply.send(Err(DeployError::Unknown { reason }));
                 }
+                Some(waiter @ (Waiter::Address { .. } | Waiter::Change(_))) => {
+                    Loop::fail_member_waiter(waiter, reason);
+                }
                 _ => unreachable!("only commands and deploys were selected"),
             }
         }
     }
 
-    fn send_peer_info(&mut self) {
+    pub(super) fn send_peer_info(&mut self) {
         let status = self.core.replica.status();
+        let peer = match self.core.applier.machine.addresses().get(self.core.id) {
+            Some(address) => address.peer.to_string(),
+            None => self.core.peer_listen.to_string(),
+        };
         let info = WireMessage::Info(PeerInfo {
+            peer,
             http: self.core.http_advertise.clone(),
             chosen_index: status.chosen_index,
             applied_index: self.core.applier.applied_index,
@@ -958,6 +1024,7 @@ impl Loop {
         } else {
             "follower"
         };
+        self.publish_membership(&mut published);
         published.leader = leader;
         published.ballot = status.leading.unwrap_or(status.promised);
         published.commit_index = status.chosen_index;

@@ -24,9 +24,10 @@ use super::checkpoint::{CheckpointStatus, Checkpoints};
 use super::config::NodeConfig;
 use super::handle::{
     AppInfo, CheckpointView, ClusterView, CommandError, CommandOk, CommandRequest, Consistency,
-    DeployError, DeployOk, FlipError, FlipOk, MemberView, ModuleEvent, NodeApi, PeerView,
-    QueryError, QueryOk, Readiness, StatusView,
+    DeployError, DeployOk, FlipError, FlipOk, MemberChange, MemberError, ModuleEvent, NodeApi,
+    PeerView, QueryError, QueryOk, Readiness, StatusView,
 };
+use super::members::AddressBook;
 use super::runtime::{self, Core, PeerSeen, Request, Snapshots};
 use super::snapshot::{SnapshotDir, SnapshotFile};
 use super::upgrade::{self, Compiler, MODULE_CHUNK_BYTES};
@@ -71,6 +72,12 @@ impl Counters {
 #[derive(Clone, Debug)]
 pub(crate) struct Published {
     pub role: &'static str,
+    /// `voter`, `learner` or `outside` in the configuration this replica knows chosen.
+    pub membership: &'static str,
+    /// The applied configuration (`None` before the core runs: a joining node).
+    pub configuration: Option<Configuration>,
+    /// The address book at the applied index.
+    pub addresses: AddressBook,
     pub leader: Option<NodeId>,
     pub ballot: Ballot,
     pub commit_index: u64,
@@ -93,8 +100,9 @@ pub(crate) struct Published {
 struct Inner {
     id: NodeId,
     http_advertise: String,
-    members: BTreeMap<NodeId, std::net::SocketAddr>,
     requests: mpsc::Sender<Request>,
+    /// False while a node that joins without `--cluster` waits for its snapshot.
+    core_running: Arc<std::sync::atomic::AtomicBool>,
     published: Arc<Mutex<Published>>,
     counters: Arc<Counters>,
     store: Arc<Store>,
@@ -153,6 +161,13 @@ pub fn idempotency_key(key: &str) -> IdempotencyKey {
 pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    if !config.members.is_empty() {
+        anyhow::ensure!(
+            config.members.contains_key(&config.id),
+            "--cluster does not name this node's id {}",
+            config.id
+        );
+    }
     let (store, recovered) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
@@ -172,6 +187,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
 
     let mut transport_config =
         TransportConfig::new(config.id, config.cluster_hash(), config.peer_listen);
+    // The peers of `--cluster` to begin with; once the core runs, the transport follows
+    // the applied configuration and the address book (`runtime/membership.rs`).
     transport_config.peers = config
         .members
         .iter()
@@ -182,7 +199,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     transport_config.queue_bytes_max = transport_config
         .queue_bytes_max
         .max(2 * config.frame_bytes_max as usize);
-    let (transport, mut inbound) = Transport::start(transport_config).await?;
+    let (transport, inbound) = Transport::start(transport_config).await?;
     let transport = Arc::new(transport);
 
     let compiler = if config.debug_refuse_compiles {
@@ -190,52 +207,37 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     } else {
         Compiler::new(config.machine.clone())
     };
-    let mut restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
-    if recovered.log_start > restored.slot() + 1 {
-        // The log before `log_start` is gone and no local snapshot covers it: the state
-        // up to there can only come from a peer. Until it arrives this replica does not
-        // take part (its promises and accepted entries stay on disk, untouched).
-        tracing::error!(
-            log_start = recovered.log_start,
-            snapshot_slot = restored.slot(),
-            "the store was compacted past the newest valid local snapshot; fetching a snapshot from a peer"
+    let restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
+    let store_is_empty = recovered.promised.is_none()
+        && recovered.accepted.is_empty()
+        && recovered.chosen.is_none()
+        && recovered.log_start <= 1;
+    let joining = config.members.is_empty() && restored.state.is_none();
+    if joining {
+        anyhow::ensure!(
+            store_is_empty,
+            "{} holds acceptor state but no snapshot, and no --cluster was given: start it \
+             with the --cluster it was started with",
+            config.data_dir.display()
         );
-        let dir =
-            SnapshotDir::open(&config.data_dir).map_err(|error| anyhow::anyhow!("{error}"))?;
-        super::bootstrap::fetch_snapshot(
-            &config,
-            &transport,
-            &mut inbound,
-            &dir,
-            recovered.log_start - 1,
-        )
-        .await?;
-        restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
     }
-    let snapshot_slot = restored.slot();
-    let mut durable = runtime::durable_state(&recovered, snapshot_slot)?;
-    durable.amnesic = amnesic;
-    tracing::info!(
-        node = config.id,
-        promised = ?durable.promised,
-        entries = durable.log.len(),
-        chosen_index = durable.chosen_index,
-        snapshot_slot,
-        log_start = durable.log_start,
-        "recovered acceptor state; chosen slots after the snapshot are replayed through the machine"
-    );
 
     let published = Arc::new(Mutex::new(Published {
-        role: if config.members.is_empty() {
-            "learner"
-        } else {
-            "follower"
-        },
+        role: if joining { "joining" } else { "follower" },
+        membership: "outside",
+        configuration: None,
+        addresses: AddressBook::default(),
         leader: None,
-        ballot: durable.promised,
-        commit_index: durable.chosen_index.max(snapshot_slot),
-        applied_index: snapshot_slot,
-        snapshot_index: snapshot_slot,
+        ballot: recovered
+            .promised
+            .map(|b| Ballot {
+                round: b.round,
+                node: b.node,
+            })
+            .unwrap_or(Ballot::ZERO),
+        commit_index: recovered.chosen.unwrap_or(0).max(restored.slot()),
+        applied_index: restored.slot(),
+        snapshot_index: restored.slot(),
         module: None,
         history: Vec::new(),
         state_hash: None,
@@ -244,92 +246,55 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         dedup_clients: 0,
         checkpoint: None,
         diverged: None,
-        voting: !amnesic && config.members.contains_key(&config.id),
+        voting: false,
     }));
     let counters = Arc::new(Counters::default());
     let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
-    let core = if config.members.is_empty() {
+    let core_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let parts = CoreParts {
+        core_running: core_running.clone(),
+        config: config.clone(),
+        store: store.clone(),
+        recovered,
+        amnesic,
+        transport: transport.clone(),
+        inbound,
+        compiler: compiler.clone(),
+        published: published.clone(),
+        counters: counters.clone(),
+        requests: requests_rx,
+        shutdown: shutdown_rx,
+    };
+    let core = if joining {
         tracing::info!(
             node = config.id,
-            "no --cluster given: waiting to be added to a cluster by a membership change"
+            "no --cluster given: waiting to be added to a cluster by a membership change \
+             (the first peer that contacts this node is asked for a snapshot)"
         );
-        drop(requests_rx);
-        None
+        tokio::spawn(async move {
+            let mut shutdown = parts.shutdown.clone();
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                launched = join_and_launch(parts, restored) => {
+                    if let Err(error) = launched {
+                        tracing::error!(error = %format!("{error:#}"), "joining the cluster failed; stopping");
+                        eprintln!("paxwasm: joining the cluster failed: {error:#}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+        })
     } else {
-        anyhow::ensure!(
-            config.members.contains_key(&config.id),
-            "--cluster does not name this node's id {}",
-            config.id
-        );
-        let seed = SplitMix64::new(runtime::first_request_id(config.id)).next_u64();
-        let replica = Replica::restart(
-            config.id,
-            Configuration::new(config.members.keys().copied()),
-            config.params.clone(),
-            seed,
-            durable,
-        );
-        let RestoredSnapshot {
-            dir: snapshot_dir,
-            files: snapshot_files,
-            state,
-        } = restored;
-        let mut applier = Applier::new(config.id, WasmApp::with_compiler(compiler.clone()));
-        if let Some((app, applier_state)) = state {
-            applier.machine = app;
-            applier.import_state(&applier_state).map_err(|error| {
-                anyhow::anyhow!("restoring the snapshot at {snapshot_slot}: {error}")
-            })?;
-            anyhow::ensure!(
-                applier.applied_index == snapshot_slot,
-                "the snapshot at slot {snapshot_slot} holds an applier state at {}",
-                applier.applied_index
-            );
-        }
-        let snapshots = Snapshots::start(
-            snapshot_dir,
-            config.snapshot.clone(),
-            compiler.clone(),
-            snapshot_files,
-            snapshot_slot,
-        )
-        .context("starting the snapshot worker")?;
-        let core = Core {
-            id: config.id,
-            replica,
-            applier,
-            store: store.clone(),
-            transport: transport.clone(),
-            http_advertise: config.http_advertise.clone(),
-            requests: requests_rx,
-            inbound,
-            published: published.clone(),
-            counters: counters.clone(),
-            shutdown: shutdown_rx,
-            tick_ms: config.tick_ms,
-            retry_after_ms: config.retry_after_ms,
-            requests_pending_max: config.requests_pending_max,
-            peer_info_interval_ms: config.peer_info_interval_ms,
-            state_hash_interval_ms: config.state_hash_interval_ms,
-            events_per_turn_max: config.events_per_turn_max,
-            next_request: runtime::first_request_id(config.id),
-            checkpoints: Checkpoints::new(
-                config.id,
-                Configuration::new(config.members.keys().copied()),
-                config.checkpoint.clone(),
-            ),
-            checkpoint_repair_delay_ms: config.checkpoint_repair_delay_ms,
-        };
-        Some(tokio::spawn(runtime::run(core, snapshots)))
+        let (core, snapshots) = launch(parts, restored).await?;
+        tokio::spawn(runtime::run(core, snapshots))
     };
     let node = Node {
         inner: Arc::new(Inner {
             id: config.id,
             http_advertise: config.http_advertise.clone(),
-            members: config.members.clone(),
             requests: requests_tx,
+            core_running,
             published,
             counters,
             store,
@@ -347,13 +312,179 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         node,
         Running {
             shutdown: shutdown_tx,
-            core,
+            core: Some(core),
         },
     ))
 }
 
+/// What building the core task needs from `start`.
+struct CoreParts {
+    config: NodeConfig,
+    store: Arc<Store>,
+    recovered: crate::storage::Recovered,
+    amnesic: bool,
+    transport: Arc<Transport>,
+    inbound: crate::net::InboundReceiver,
+    compiler: Arc<Compiler>,
+    published: Arc<Mutex<Published>>,
+    counters: Arc<Counters>,
+    requests: mpsc::Receiver<Request>,
+    shutdown: watch::Receiver<bool>,
+    core_running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A node started without `--cluster` on an empty store: waits for a peer to contact
+/// it (the members point their transports at it once it is a learner), fetches that
+/// peer's snapshot, then starts its core from the configuration and address book in it.
+async fn join_and_launch(mut parts: CoreParts, restored: RestoredSnapshot) -> anyhow::Result<()> {
+    let RestoredSnapshot { dir, .. } = restored;
+    super::bootstrap::fetch_snapshot(
+        &parts.config,
+        &parts.transport,
+        &mut parts.inbound,
+        &dir,
+        1,
+        Vec::new(),
+    )
+    .await?;
+    let restored = restore_newest_snapshot_blocking(&parts.config, &parts.compiler).await?;
+    anyhow::ensure!(
+        restored.state.is_some(),
+        "the fetched snapshot did not restore"
+    );
+    let (core, snapshots) = launch(parts, restored).await?;
+    runtime::run(core, snapshots).await;
+    Ok(())
+}
+
+/// Builds the core from the store and the restored snapshot: fetches a peer's snapshot
+/// first when the store was compacted past every valid local one.
+async fn launch(
+    mut parts: CoreParts,
+    mut restored: RestoredSnapshot,
+) -> anyhow::Result<(Core, Snapshots)> {
+    let config = parts.config.clone();
+    let recovered = &parts.recovered;
+    if recovered.log_start > restored.slot() + 1 {
+        // The log before `log_start` is gone and no local snapshot covers it: the state
+        // up to there can only come from a peer. Until it arrives this replica does not
+        // take part (its promises and accepted entries stay on disk, untouched).
+        tracing::error!(
+            log_start = recovered.log_start,
+            snapshot_slot = restored.slot(),
+            "the store was compacted past the newest valid local snapshot; fetching a snapshot from a peer"
+        );
+        let dir =
+            SnapshotDir::open(&config.data_dir).map_err(|error| anyhow::anyhow!("{error}"))?;
+        let peers = config
+            .members
+            .keys()
+            .copied()
+            .filter(|id| *id != config.id)
+            .collect();
+        super::bootstrap::fetch_snapshot(
+            &config,
+            &parts.transport,
+            &mut parts.inbound,
+            &dir,
+            recovered.log_start - 1,
+            peers,
+        )
+        .await?;
+        restored = restore_newest_snapshot_blocking(&config, &parts.compiler).await?;
+    }
+    let snapshot_slot = restored.slot();
+    let mut durable = runtime::durable_state(recovered, snapshot_slot)?;
+    durable.amnesic = parts.amnesic;
+    tracing::info!(
+        node = config.id,
+        promised = ?durable.promised,
+        entries = durable.log.len(),
+        chosen_index = durable.chosen_index,
+        snapshot_slot,
+        log_start = durable.log_start,
+        "recovered acceptor state; chosen slots after the snapshot are replayed through the machine"
+    );
+    let RestoredSnapshot {
+        dir: snapshot_dir,
+        files: snapshot_files,
+        state,
+    } = restored;
+    let mut applier = Applier::new(config.id, WasmApp::with_compiler(parts.compiler.clone()));
+    // The configuration in force at the snapshot (the first one, from `--cluster`, when
+    // there is none); configuration entries after it come from the log.
+    let configuration = match state {
+        Some((app, applier_state, configuration)) => {
+            applier.machine = app;
+            applier.import_state(&applier_state).map_err(|error| {
+                anyhow::anyhow!("restoring the snapshot at {snapshot_slot}: {error}")
+            })?;
+            anyhow::ensure!(
+                applier.applied_index == snapshot_slot,
+                "the snapshot at slot {snapshot_slot} holds an applier state at {}",
+                applier.applied_index
+            );
+            configuration
+        }
+        None => Configuration::new(config.members.keys().copied()),
+    };
+    if applier.machine.addresses().entries.is_empty() {
+        // The book at slot 0, or a version-1/2 snapshot's (which had none).
+        applier
+            .machine
+            .seed_addresses(AddressBook::seeded(&config.members));
+    }
+    let seed = SplitMix64::new(runtime::first_request_id(config.id)).next_u64();
+    let replica = Replica::restart(
+        config.id,
+        configuration.clone(),
+        config.params.clone(),
+        seed,
+        durable,
+    );
+    let snapshots = Snapshots::start(
+        snapshot_dir,
+        config.snapshot.clone(),
+        parts.compiler.clone(),
+        snapshot_files,
+        snapshot_slot,
+    )
+    .context("starting the snapshot worker")?;
+    let core = Core {
+        id: config.id,
+        replica,
+        applier,
+        store: parts.store,
+        transport: parts.transport,
+        http_advertise: config.http_advertise.clone(),
+        peer_listen: config.peer_listen,
+        requests: parts.requests,
+        inbound: parts.inbound,
+        published: parts.published,
+        counters: parts.counters,
+        shutdown: parts.shutdown,
+        tick_ms: config.tick_ms,
+        retry_after_ms: config.retry_after_ms,
+        requests_pending_max: config.requests_pending_max,
+        peer_info_interval_ms: config.peer_info_interval_ms,
+        state_hash_interval_ms: config.state_hash_interval_ms,
+        events_per_turn_max: config.events_per_turn_max,
+        next_request: runtime::first_request_id(config.id),
+        checkpoints: Checkpoints::new(config.id, configuration, config.checkpoint.clone()),
+        checkpoint_repair_delay_ms: config.checkpoint_repair_delay_ms,
+    };
+    parts.core_running.store(true, Ordering::Relaxed);
+    Ok((core, snapshots))
+}
+
+/// Start of the `/readyz` reason of a replica removed from the configuration (`paxwasm
+/// dev` does not wait for such a replica to become ready).
+pub const REMOVED_READINESS: &str = "removed from the cluster";
+
 /// Metadata key of a store recreated after its member's data was lost (`--rejoin`);
-/// value `[1]`. Never removed by this build (issue 6 re-adds such a member).
+/// value `[1]`. Never removed: such a replica never votes again under its id (it forgot
+/// promises and accepts it gave); it is replaced by a node under a new id (node ids are
+/// never reused, docs/notes/members.md).
 pub const META_AMNESIC: &str = "amnesic";
 
 /// Whether this replica lost its acceptor state: its store carries the amnesic mark, or
@@ -410,8 +541,8 @@ struct RestoredSnapshot {
     dir: SnapshotDir,
     /// The durable snapshots, newest first.
     files: Vec<SnapshotFile>,
-    /// The application and applier state of the newest valid snapshot.
-    state: Option<(WasmApp, Vec<u8>)>,
+    /// The application, applier state and configuration of the newest valid snapshot.
+    state: Option<(WasmApp, Vec<u8>, Configuration)>,
 }
 
 impl RestoredSnapshot {
@@ -468,7 +599,7 @@ fn restore_newest_snapshot(
                 return Ok(RestoredSnapshot {
                     dir,
                     files,
-                    state: Some((app, snapshot.applier_state)),
+                    state: Some((app, snapshot.applier_state, snapshot.configuration)),
                 });
             }
             Err(reason) => {
@@ -491,7 +622,7 @@ impl Node {
     }
 
     fn unavailable_reason(&self) -> String {
-        if self.inner.members.is_empty() {
+        if self.published().configuration.is_none() {
             "this node is not a member of a cluster yet".into()
         } else {
             "the replica is shutting down".into()
@@ -506,6 +637,10 @@ impl Node {
         request: Request,
         answer: oneshot::Receiver<T>,
     ) -> Result<T, Option<String>> {
+        if !self.inner.core_running.load(Ordering::Relaxed) {
+            // A joining node's core does not run yet: nothing would answer.
+            return Err(Some(self.unavailable_reason()));
+        }
         match self.inner.requests.try_send(request) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -714,20 +849,24 @@ impl NodeApi for Node {
     fn status(&self) -> StatusView {
         let published = self.published();
         let transport = self.inner.transport.as_ref().map(|t| t.metrics());
-        let peers = self
-            .inner
-            .members
+        let peers = published
+            .configuration
             .iter()
-            .filter(|(id, _)| **id != self.inner.id)
-            .map(|(id, addr)| {
-                let seen = published.peers.get(id).cloned().unwrap_or_default();
+            .flat_map(|config| config.members())
+            .filter(|id| *id != self.inner.id)
+            .map(|id| {
+                let seen = published.peers.get(&id).cloned().unwrap_or_default();
+                let address = published.addresses.get(id);
                 PeerView {
-                    id: *id,
-                    peer: addr.to_string(),
-                    http: seen.http.unwrap_or_default(),
+                    id,
+                    peer: address.map(|a| a.peer.to_string()).unwrap_or_default(),
+                    http: seen
+                        .http
+                        .or_else(|| address.map(|a| a.http.clone()))
+                        .unwrap_or_default(),
                     connected: transport
                         .as_ref()
-                        .and_then(|t| t.peers.get(id))
+                        .and_then(|t| t.peers.get(&id))
                         .is_some_and(|p| p.connected),
                     chosen_index: seen.chosen_index,
                 }
@@ -736,6 +875,7 @@ impl NodeApi for Node {
         StatusView {
             id: self.inner.id,
             role: published.role.to_string(),
+            membership: published.membership.to_string(),
             leader: published.leader,
             ballot: (published.ballot.round, published.ballot.node),
             commit_index: published.commit_index,
@@ -755,35 +895,56 @@ impl NodeApi for Node {
 
     fn cluster(&self) -> ClusterView {
         let published = self.published();
-        let members = self
-            .inner
-            .members
-            .iter()
-            .map(|(id, addr)| MemberView {
-                id: *id,
-                role: "voter".into(),
-                peer: addr.to_string(),
-                http: if *id == self.inner.id {
-                    self.inner.http_advertise.clone()
+        let Some(configuration) = &published.configuration else {
+            return ClusterView {
+                members: Vec::new(),
+                leader: None,
+                voters: Vec::new(),
+                old_voters: None,
+                learners: Vec::new(),
+            };
+        };
+        runtime::cluster_view(
+            configuration,
+            &published.addresses,
+            |id| {
+                if id == self.inner.id {
+                    Some(self.inner.http_advertise.clone())
                 } else {
-                    published
-                        .peers
-                        .get(id)
-                        .and_then(|seen| seen.http.clone())
-                        .unwrap_or_default()
-                },
+                    published.peers.get(&id).and_then(|seen| seen.http.clone())
+                }
+            },
+            published.leader,
+        )
+    }
+
+    async fn change_members(&self, change: MemberChange) -> Result<ClusterView, MemberError> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Request::Member { change, reply }, answer)
+            .await
+            .unwrap_or_else(|error: AskError| {
+                Err(match error {
+                    Some(reason) => MemberError::Unavailable {
+                        reason,
+                        retry_after_ms: self.inner.retry_after_ms,
+                    },
+                    None => MemberError::Unknown {
+                        reason: format!(
+                            "no outcome within {} ms; the membership change may or may not \
+                             take effect (GET /v1/cluster tells)",
+                            self.inner.request_timeout.as_millis()
+                        ),
+                    },
+                })
             })
-            .collect();
-        ClusterView {
-            members,
-            leader: published.leader,
-        }
     }
 
     fn readiness(&self) -> Readiness {
         let published = self.published();
-        let reason = if self.inner.members.is_empty() {
+        let reason = if published.configuration.is_none() {
             Some("not a member of a cluster yet".to_string())
+        } else if published.role == "removed" {
+            Some(format!("{REMOVED_READINESS}: it takes no part any more"))
         } else if let Some(diverged) = published.diverged {
             Some(diverged)
         } else if published.leader.is_none() {

@@ -10,17 +10,25 @@
 //! length + UTF-8):
 //!
 //! ```text
-//! magic "PXWNSNAP" | format version u32 (= 2; 1 is still read) | slot u64
+//! magic "PXWNSNAP" | format version u32 (= 3; 1 and 2 are still read) | slot u64
 //! | voters: count u32, node id u64 each
+//! | (version 3) old voters: 0 | 1 count u32 node id u64 each   (1: joint C(old,new))
+//! | (version 3) learners: count u32, node id u64 each
 //! | applier state: bytes            (Applier::export_state)
 //! | current module: 0 | 1 id str index u64
 //! | history: count u32, per event: module str | index u64 | migrated u8 | 0 / 1 failed str
 //! | module bytes: bytes             (empty when no module is installed)
 //! | machine image: bytes            (machine::Snapshot::to_bytes; empty without a module)
-//! | staged module (version 2 only): 0 | 1 sha256 [32] total u64 bytes
+//! | staged module (version 2 and 3): 0 | 1 sha256 [32] total u64 bytes
 //!                                   (the upgrade staging area, see node/upgrade.rs)
+//! | address book (version 3): count u32, per member id u64 | peer str | http str
+//!                                   (see node/members.rs)
 //! | sha256 (32 bytes) of everything before it
 //! ```
+//!
+//! The configuration is the one in force at the slot (`Replica::applied_configuration`),
+//! whole: voters, old voters while joint, learners. Versions 1 and 2 stored the voters
+//! only (there were no learners then) and no address book.
 //!
 //! The trailing sha256 identifies the file: a transfer names a snapshot by (slot, sha256),
 //! and a file whose content does not hash to its trailer is corrupt and never loaded.
@@ -35,9 +43,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::paxos::{NodeId, Slot};
+use crate::paxos::{Configuration, NodeId, Slot};
 
 use super::handle::ModuleEvent;
+use super::members::AddressBook;
 use super::upgrade::Staging;
 
 /// Name of the snapshot folder inside the node's data directory.
@@ -47,10 +56,15 @@ pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
 pub const SNAPSHOTS_KEPT: usize = 2;
 const MAGIC: &[u8; 8] = b"PXWNSNAP";
 /// Version of the file layout this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// The first layout (no staged module), still read: files written before upgrades
 /// travelled in chunks restore as snapshots with an empty staging area.
 const SNAPSHOT_FORMAT_VERSION_1: u32 = 1;
+/// The second layout (voters only, no address book), still read: its configuration is
+/// its voters, and the address book is seeded from `--cluster`.
+const SNAPSHOT_FORMAT_VERSION_2: u32 = 2;
+/// Most node ids in one set of a stored configuration.
+const CONFIGURATION_IDS_MAX: usize = 4096;
 const FILE_PREFIX: &str = "snapshot-";
 const FILE_SUFFIX: &str = ".pxsnap";
 const TEMP_SUFFIX: &str = ".tmp";
@@ -100,7 +114,10 @@ pub struct AppMeta {
 #[derive(Clone, PartialEq, Eq)]
 pub struct NodeSnapshot {
     pub slot: Slot,
-    pub voters: Vec<NodeId>,
+    /// The configuration in force at `slot`.
+    pub configuration: Configuration,
+    /// `None` in a version-1 or -2 file (no address book then).
+    pub addresses: Option<AddressBook>,
     pub applier_state: Vec<u8>,
     pub app: AppMeta,
     pub module_bytes: Vec<u8>,
@@ -114,7 +131,8 @@ impl fmt::Debug for NodeSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeSnapshot")
             .field("slot", &self.slot)
-            .field("voters", &self.voters)
+            .field("configuration", &self.configuration)
+            .field("addresses", &self.addresses)
             .field("applier_state_bytes", &self.applier_state.len())
             .field("app", &self.app)
             .field("module_bytes", &self.module_bytes.len())
@@ -165,7 +183,8 @@ impl ImageSource for crate::machine::Snapshot {
 /// What the core captured at `slot`, to be written by the background writer.
 pub struct SnapshotContents {
     pub slot: Slot,
-    pub voters: Vec<NodeId>,
+    pub configuration: Configuration,
+    pub addresses: AddressBook,
     pub applier_state: Vec<u8>,
     pub app: AppMeta,
     pub module_bytes: Option<std::sync::Arc<Vec<u8>>>,
@@ -268,18 +287,32 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Everything before the module bytes (small: no module, no memory).
-fn encode_head(slot: Slot, voters: &[NodeId], applier_state: &[u8], app: &AppMeta) -> Vec<u8> {
+fn put_ids<'a>(out: &mut Vec<u8>, ids: impl ExactSizeIterator<Item = &'a NodeId>) {
+    put_u32(out, u32::try_from(ids.len()).expect("id count fits u32"));
+    for id in ids {
+        put_u64(out, *id);
+    }
+}
+
+fn encode_head(
+    slot: Slot,
+    configuration: &Configuration,
+    applier_state: &[u8],
+    app: &AppMeta,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + applier_state.len());
     out.extend_from_slice(MAGIC);
     put_u32(&mut out, SNAPSHOT_FORMAT_VERSION);
     put_u64(&mut out, slot);
-    put_u32(
-        &mut out,
-        u32::try_from(voters.len()).expect("voter count fits u32"),
-    );
-    for voter in voters {
-        put_u64(&mut out, *voter);
+    put_ids(&mut out, configuration.voters.iter());
+    match &configuration.old_voters {
+        None => out.push(0),
+        Some(old) => {
+            out.push(1);
+            put_ids(&mut out, old.iter());
+        }
     }
+    put_ids(&mut out, configuration.learners.iter());
     put_bytes(&mut out, applier_state);
     match &app.current {
         None => out.push(0),
@@ -321,7 +354,7 @@ pub fn write_snapshot(
     };
     writer.write_all(&encode_head(
         contents.slot,
-        &contents.voters,
+        &contents.configuration,
         &contents.applier_state,
         &contents.app,
     ))?;
@@ -359,6 +392,9 @@ pub fn write_snapshot(
             }
         }
     }
+    let mut book = Vec::new();
+    contents.addresses.encode(&mut book);
+    writer.write_all(&book)?;
     let sha256: [u8; 32] = writer.hasher.finalize_reset().into();
     writer.inner.write_all(&sha256)?;
     writer.inner.flush()?;
@@ -384,20 +420,37 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
         return Err("not a paxwasm node snapshot (wrong magic)".into());
     }
     let version = reader.u32("format version")?;
-    if version != SNAPSHOT_FORMAT_VERSION && version != SNAPSHOT_FORMAT_VERSION_1 {
+    if !(SNAPSHOT_FORMAT_VERSION_1..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION_1} and \
+            "format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION_1} to \
              {SNAPSHOT_FORMAT_VERSION}"
         ));
     }
     let slot = reader.u64("slot")?;
-    let voter_count = reader.u32("voter count")? as usize;
-    if voter_count.saturating_mul(8) > reader.input.len() {
-        return Err("voter count exceeds the file".into());
-    }
-    let mut voters = Vec::with_capacity(voter_count);
-    for _ in 0..voter_count {
-        voters.push(reader.u64("voter")?);
+    let voters = reader.ids("voter")?;
+    let (old_voters, learners) = if version > SNAPSHOT_FORMAT_VERSION_2 {
+        let old_voters = match reader.u8("joint")? {
+            0 => None,
+            1 => Some(reader.ids("old voter")?),
+            tag => return Err(format!("bad joint tag {tag}")),
+        };
+        (old_voters, reader.ids("learner")?)
+    } else {
+        (None, Vec::new())
+    };
+    let configuration = Configuration {
+        voters: voters.into_iter().collect(),
+        old_voters: old_voters.map(|old| old.into_iter().collect()),
+        learners: learners.into_iter().collect(),
+    };
+    if configuration.voters.is_empty()
+        || configuration
+            .old_voters
+            .as_ref()
+            .is_some_and(|old| old.is_empty())
+        || !configuration.voters.is_disjoint(&configuration.learners)
+    {
+        return Err(format!("invalid configuration {configuration:?}"));
     }
     let applier_state = reader.bytes("applier state")?.to_vec();
     let current = match reader.u8("current module")? {
@@ -458,6 +511,13 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
             tag => return Err(format!("bad staged-module tag {tag}")),
         }
     };
+    let addresses = if version > SNAPSHOT_FORMAT_VERSION_2 {
+        let (book, rest) = AddressBook::decode(reader.input)?;
+        reader.input = rest;
+        Some(book)
+    } else {
+        None
+    };
     if !reader.input.is_empty() {
         return Err(format!(
             "{} bytes after the last section",
@@ -475,7 +535,8 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
     Ok((
         NodeSnapshot {
             slot,
-            voters,
+            configuration,
+            addresses,
             applier_state,
             app: AppMeta { current, history },
             module_bytes,
@@ -498,6 +559,17 @@ impl<'a> Reader<'a> {
         let (head, tail) = self.input.split_at(count);
         self.input = tail;
         Ok(head)
+    }
+
+    /// `count u32 | id u64 *` of a configuration set.
+    fn ids(&mut self, field: &str) -> Result<Vec<NodeId>, String> {
+        let count = self.u32(field)? as usize;
+        if count > CONFIGURATION_IDS_MAX || count.saturating_mul(8) > self.input.len() {
+            return Err(format!(
+                "{field} count {count} exceeds the file or the limit"
+            ));
+        }
+        (0..count).map(|_| self.u64(field)).collect()
     }
 
     fn u8(&mut self, field: &str) -> Result<u8, String> {
@@ -821,9 +893,23 @@ mod tests {
     use std::sync::Arc;
 
     fn contents(slot: Slot, image: Option<crate::machine::Snapshot>) -> SnapshotContents {
+        let mut addresses = AddressBook::seeded(
+            &[(1, "127.0.0.1:7101".parse().unwrap())]
+                .into_iter()
+                .collect(),
+        );
+        addresses
+            .record(
+                4,
+                crate::node::members::check_address("127.0.0.1:7104", "127.0.0.1:7004").unwrap(),
+            )
+            .unwrap();
+        addresses.note_members([1, 4].into_iter());
         SnapshotContents {
             slot,
-            voters: vec![1, 2, 3],
+            configuration: Configuration::new([1, 2, 3])
+                .joint_to(&Configuration::with_learners([1, 2, 4], [5])),
+            addresses,
             applier_state: vec![7; 40],
             app: AppMeta {
                 current: Some(("sha256:ab".into(), 5)),
@@ -883,7 +969,12 @@ mod tests {
         let (loaded, id) = snapshots.load(&written.path).unwrap();
         assert_eq!(id, written.id);
         assert_eq!(loaded.slot, 42);
-        assert_eq!(loaded.voters, vec![1, 2, 3]);
+        assert_eq!(loaded.configuration, contents(42, None).configuration);
+        assert_eq!(
+            loaded.configuration.old_voters,
+            Some([1, 2, 3].into_iter().collect())
+        );
+        assert_eq!(loaded.addresses, Some(contents(42, None).addresses));
         assert_eq!(loaded.applier_state, vec![7; 40]);
         assert_eq!(loaded.app, contents(42, None).app);
         assert_eq!(loaded.module_bytes, b"\0asm-module");
@@ -897,31 +988,49 @@ mod tests {
         assert_eq!(staged.bytes(), b"012345");
     }
 
+    /// Re-hashes a body edited into an older layout.
+    fn with_trailer(mut body: Vec<u8>) -> Vec<u8> {
+        let trailer: [u8; 32] = Sha256::digest(&body).into();
+        body.extend_from_slice(&trailer);
+        body
+    }
+
     #[test]
-    fn a_version_1_file_still_decodes_with_nothing_staged() {
-        // A version-1 file is a version-2 file without the staged section (one 0 byte
-        // when nothing is staged), with version 1 and its own trailer.
+    fn version_1_and_2_files_still_decode_with_their_voters_and_no_address_book() {
+        // A version-2 file is a version-3 file of a plain configuration without the
+        // joint tag and learner count after the voters and without the address book
+        // at the end; a version-1 file also lacks the staged section (one 0 byte when
+        // nothing is staged).
         let mut contents = contents(5, Some(machine_snapshot()));
         contents.staged = None;
-        let mut v2 = Vec::new();
-        write_snapshot(&contents, &mut v2).unwrap();
-        let body_end = v2.len() - SHA256_BYTES;
-        assert_eq!(v2[body_end - 1], 0, "the empty staged section");
-        let mut v1 = v2[..body_end - 1].to_vec();
+        contents.configuration = Configuration::new([1, 2, 3]);
+        contents.addresses = AddressBook::default();
+        let mut v3 = Vec::new();
+        write_snapshot(&contents, &mut v3).unwrap();
+        let body = &v3[..v3.len() - SHA256_BYTES];
+        let voters_end = 8 + 4 + 8 + 4 + 3 * 8;
+        assert_eq!(body[voters_end..voters_end + 5], [0, 0, 0, 0, 0]);
+        assert_eq!(body[body.len() - 8..], [0; 8], "the empty address book");
+        let mut v2 = body[..voters_end].to_vec();
+        v2.extend_from_slice(&body[voters_end + 5..body.len() - 8]);
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(v2[v2.len() - 1], 0, "the empty staged section");
+        let mut v1 = v2[..v2.len() - 1].to_vec();
         v1[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let trailer: [u8; 32] = Sha256::digest(&v1).into();
-        v1.extend_from_slice(&trailer);
-        let (old, _) = decode_snapshot(&v1).unwrap();
-        let (new, _) = decode_snapshot(&v2).unwrap();
-        assert_eq!(old, new);
-        assert!(old.staged.is_none());
-        v1[8..12].copy_from_slice(&3u32.to_le_bytes());
-        let body_end = v1.len() - SHA256_BYTES;
-        let trailer: [u8; 32] = Sha256::digest(&v1[..body_end]).into();
-        v1[body_end..].copy_from_slice(&trailer);
-        assert!(decode_snapshot(&v1)
+        let (new, _) = decode_snapshot(&v3).unwrap();
+        assert_eq!(new.addresses, Some(AddressBook::default()));
+        for old in [v1.clone(), v2] {
+            let (old, _) = decode_snapshot(&with_trailer(old)).unwrap();
+            assert_eq!(old.configuration, Configuration::new([1, 2, 3]));
+            assert_eq!(old.addresses, None);
+            assert!(old.staged.is_none());
+            assert_eq!(old.machine_image, new.machine_image);
+            assert_eq!(old.applier_state, new.applier_state);
+        }
+        v1[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert!(decode_snapshot(&with_trailer(v1))
             .unwrap_err()
-            .contains("format version 3"));
+            .contains("format version 4"));
     }
 
     #[test]

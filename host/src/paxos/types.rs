@@ -265,6 +265,48 @@ pub enum ChangeRefusal {
     NoChange,
 }
 
+/// The precise text operators see (HTTP 409 bodies, CLI errors).
+impl std::fmt::Display for ChangeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeRefusal::ChangeInProgress => write!(
+                f,
+                "a membership change is in progress (a configuration entry is not chosen yet, \
+                 the configuration is joint, or a new leader is still re-proposing); retry"
+            ),
+            ChangeRefusal::NotALearner { node } => write!(
+                f,
+                "node {node} is not a learner: only a learner can become a voter (add it first)"
+            ),
+            ChangeRefusal::AlreadyMember { node } => {
+                write!(f, "node {node} is already a voter or learner")
+            }
+            ChangeRefusal::NotAMember { node } => {
+                write!(f, "node {node} is neither a voter nor a learner")
+            }
+            ChangeRefusal::LearnerLags {
+                node,
+                behind_entries,
+                limit,
+            } => write!(
+                f,
+                "learner {node} lags the leader by {behind_entries} entries (more than \
+                 {limit}); retry once it has caught up"
+            ),
+            ChangeRefusal::NoRunningQuorum { running, voters } => write!(
+                f,
+                "only {running} of the {voters} voters of the new configuration are running \
+                 (heard from within an election timeout), not a majority; force=true overrides"
+            ),
+            ChangeRefusal::Invalid => write!(
+                f,
+                "the new configuration would have no voter, or a node both voter and learner"
+            ),
+            ChangeRefusal::NoChange => write!(f, "the configuration already is what was asked"),
+        }
+    }
+}
+
 /// Durable changes: apply in order. `entries` replace whole slots.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PersistRecord {

@@ -112,6 +112,7 @@ fn every_message() -> Vec<WireMessage> {
     let mut all: Vec<WireMessage> = msgs.into_iter().map(WireMessage::Paxos).collect();
     all.push(WireMessage::Info(PeerInfo {
         http: "127.0.0.1:7001".into(),
+        peer: "127.0.0.1:7101".into(),
         chosen_index: 44,
         applied_index: 43,
     }));

@@ -60,13 +60,11 @@ impl Default for SnapshotConfig {
 
 /// Work for the snapshot worker thread.
 pub(crate) enum Job {
-    Write(SnapshotContents),
+    /// Boxed: the capture is large beside the other variant.
+    Write(Box<SnapshotContents>),
     /// Verify the complete partial file of `id`, rebuild the application from it and make
     /// it the newest durable snapshot.
-    Install {
-        id: SnapshotId,
-        forced: bool,
-    },
+    Install { id: SnapshotId, forced: bool },
 }
 
 /// What the worker reports back.
@@ -103,6 +101,10 @@ pub(crate) struct Snapshots {
     pub last_slot: Slot,
     pub log_bytes_since: u64,
     pub writing: bool,
+    /// Peers that asked for a snapshot this replica does not have (nodes joining the
+    /// cluster, docs/notes/members.md): one is taken at the next turn, whatever the
+    /// triggers, and offered to them once durable.
+    pub wanted_by: Vec<NodeId>,
     jobs: std_mpsc::SyncSender<Job>,
     pub done: mpsc::UnboundedReceiver<Done>,
     pub senders: Senders,
@@ -141,6 +143,7 @@ impl Snapshots {
             last_slot: restored_slot,
             log_bytes_since: 0,
             writing: false,
+            wanted_by: Vec::new(),
             jobs,
             done,
             open_files: HashMap::new(),
@@ -217,9 +220,6 @@ fn install(
     forced: bool,
 ) -> Result<(SnapshotFile, Vec<u8>, WasmApp, Configuration), String> {
     let snapshot = dir.verify_partial(id).map_err(|e| e.to_string())?;
-    if snapshot.voters.is_empty() {
-        return Err("snapshot names no voters".to_string());
-    }
     // A checksum only proves the sender's file arrived intact: the applier state must
     // also decode and be of the same slot, or installing it would stop the core.
     let mut applier = Applier::new(0, NoMachine);
@@ -241,11 +241,9 @@ fn install(
             .map_err(|error| error.to_string())?;
     }
     let file = dir.adopt_partial(id).map_err(|e| e.to_string())?;
-    // The file stores the voters of the configuration applied at its slot. Learners
-    // and joint configurations only arise from membership requests, which this
-    // runtime does not issue yet (issue 6, node side): the format grows with them.
-    let configuration = Configuration::new(snapshot.voters.iter().copied());
-    Ok((file, snapshot.applier_state, app, configuration))
+    // The configuration applied at its slot (whole since format version 3; the decoder
+    // refuses one without voters).
+    Ok((file, snapshot.applier_state, app, snapshot.configuration))
 }
 
 /// Stands in for the application when only an applier state is decoded and checked.
@@ -283,7 +281,8 @@ impl Loop {
         let applied = self.core.applier.applied_index;
         let snap = &self.snap;
         let due = applied >= snap.last_slot + snap.config.entries
-            || (snap.log_bytes_since >= snap.config.log_bytes && applied > snap.last_slot);
+            || ((snap.log_bytes_since >= snap.config.log_bytes || !snap.wanted_by.is_empty())
+                && applied > snap.last_slot);
         if !due || snap.writing {
             return;
         }
@@ -296,14 +295,8 @@ impl Loop {
         let applier_state = self.core.applier.export_state();
         let contents = SnapshotContents {
             slot: applied,
-            voters: self
-                .core
-                .replica
-                .applied_configuration()
-                .voters
-                .iter()
-                .copied()
-                .collect(),
+            configuration: self.core.replica.applied_configuration().clone(),
+            addresses: capture.addresses,
             applier_state,
             app: capture.meta,
             module_bytes: capture.module_bytes,
@@ -326,7 +319,7 @@ impl Loop {
         self.snap.log_bytes_since = 0;
         self.snap
             .jobs
-            .send(Job::Write(contents))
+            .send(Job::Write(Box::new(contents)))
             .expect("the snapshot worker lives as long as the core");
     }
 
@@ -348,8 +341,15 @@ impl Loop {
                     "snapshot durable"
                 );
                 let slot = file.id.slot;
+                let id = file.id;
                 self.snap.add_file(file);
                 self.step(Event::SnapshotSaved { slot });
+                let now = self.snap.now_ms();
+                for peer in std::mem::take(&mut self.snap.wanted_by) {
+                    tracing::info!(peer, ?id, "offering the snapshot taken for a peer");
+                    let _ = self.snap.senders.offer(peer, id, now);
+                    self.send_transfer(peer, &TransferMessage::Offer { id });
+                }
             }
             Done::SaveFailed { slot, reason } => {
                 // Not fatal: the log is simply not compacted; the next trigger retries.
@@ -512,7 +512,21 @@ impl Loop {
         let now = self.snap.now_ms();
         match message {
             TransferMessage::Request { slot_min } => {
-                let Some(newest) = self.snap.newest().map(|f| f.id) else {
+                let Some(newest) = self
+                    .snap
+                    .newest()
+                    .map(|f| f.id)
+                    .filter(|newest| newest.slot >= slot_min)
+                else {
+                    // The asker retries; by then the snapshot taken for it is durable.
+                    tracing::info!(
+                        from,
+                        slot_min,
+                        "a peer asks for a snapshot and none covers it here: taking one"
+                    );
+                    if !self.snap.wanted_by.contains(&from) {
+                        self.snap.wanted_by.push(from);
+                    }
                     return;
                 };
                 if self.core.checkpoints.diverged().is_some() {
