@@ -336,8 +336,8 @@ fn fuel_per_apply(
 /// docs/notes/guest.md).
 #[test]
 fn the_apply_path_stays_lean() {
-    const COUNTER_ADD_FUEL_MAX: u64 = 1_000;
-    const KV_PUT_FUEL_MAX: u64 = 7_000;
+    const COUNTER_ADD_FUEL_MAX: u64 = 650;
+    const KV_PUT_FUEL_MAX: u64 = 4_800;
     let counter = fuel_per_apply("counter", &[], |_| "add 1".to_owned(), 1000);
     let keys: Vec<String> = (0..1000)
         .map(|i| format!("put key{i:04} value{i}"))
@@ -378,7 +378,11 @@ fn input_descriptor(guest: &mut Guest) -> (u32, u32) {
 fn the_input_descriptor_names_a_buffer_the_guest_accepts_without_alloc() {
     let engine = Engine::default();
     let mut guest = Guest::load(&engine, "counter");
-    assert_eq!(input_descriptor(&mut guest).1, 0, "no buffer before any alloc");
+    assert_eq!(
+        input_descriptor(&mut guest).1,
+        0,
+        "no buffer before any alloc"
+    );
     assert_eq!(guest.apply("add 40"), "40");
     let (ptr, capacity) = input_descriptor(&mut guest);
     assert_eq!(capacity, 6, "the buffer of the last alloc");

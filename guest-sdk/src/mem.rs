@@ -18,6 +18,8 @@ use core::cmp::Ordering;
 
 /// Bytes compared per step of the word loop.
 const WORD_BYTES: usize = 8;
+/// Bytes per step for strings of 4..8 bytes.
+const HALF_WORD_BYTES: usize = 4;
 
 /// The lexicographic order of two byte strings, as `a.cmp(b)` (a proper
 /// prefix sorts first).
@@ -38,24 +40,44 @@ pub fn equal(a: &[u8], b: &[u8]) -> bool {
 /// `memcmp` over the first `min(a.len(), b.len())` bytes: negative, zero or
 /// positive as `a` sorts before, equal to or after `b` there (the
 /// difference of the first differing bytes, like the C function).
+///
+/// Every length takes whole-word loads: 8 bytes per step, and the last word
+/// overlapping the one before (its bytes before the overlap are known equal,
+/// so its first difference is the first one); 4..8 bytes as two overlapping
+/// 4-byte words; only 1..3 bytes go one at a time.
 #[inline(always)]
 fn compare_prefix(a: &[u8], b: &[u8]) -> i32 {
     let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + WORD_BYTES <= n {
-        let x = u64::from_le_bytes(a[i..i + WORD_BYTES].try_into().unwrap());
-        let y = u64::from_le_bytes(b[i..i + WORD_BYTES].try_into().unwrap());
-        if x != y {
-            return first_difference(x, y);
+    let (a, b) = (&a[..n], &b[..n]);
+    if n >= WORD_BYTES {
+        let mut i = 0;
+        loop {
+            let x = u64::from_le_bytes(a[i..i + WORD_BYTES].try_into().unwrap());
+            let y = u64::from_le_bytes(b[i..i + WORD_BYTES].try_into().unwrap());
+            if x != y {
+                return first_difference(x, y);
+            }
+            i += WORD_BYTES;
+            if i >= n {
+                return 0;
+            }
+            // The last step overlaps the previous one.
+            i = i.min(n - WORD_BYTES);
         }
-        i += WORD_BYTES;
     }
-    if i < n {
-        // The tail (1..=7 bytes): one more word, assembled from the bytes
-        // that exist; missing bytes are equal zeros on both sides.
-        let (x, y) = (tail_word(&a[i..n]), tail_word(&b[i..n]));
-        if x != y {
-            return first_difference(x, y);
+    if n >= HALF_WORD_BYTES {
+        for i in [0, n - HALF_WORD_BYTES] {
+            let x = u32::from_le_bytes(a[i..i + HALF_WORD_BYTES].try_into().unwrap());
+            let y = u32::from_le_bytes(b[i..i + HALF_WORD_BYTES].try_into().unwrap());
+            if x != y {
+                return first_difference(u64::from(x), u64::from(y));
+            }
+        }
+        return 0;
+    }
+    for i in 0..n {
+        if a[i] != b[i] {
+            return i32::from(a[i]) - i32::from(b[i]);
         }
     }
     0
@@ -67,18 +89,6 @@ fn compare_prefix(a: &[u8], b: &[u8]) -> i32 {
 fn first_difference(x: u64, y: u64) -> i32 {
     let shift = (x ^ y).trailing_zeros() & !7;
     ((x >> shift) & 0xff) as i32 - ((y >> shift) & 0xff) as i32
-}
-
-/// Up to 7 bytes as the low bytes of a little-endian word.
-#[inline(always)]
-fn tail_word(bytes: &[u8]) -> u64 {
-    // A shift loop, not a copy into a zeroed array: a variable-length copy
-    // would become a `memory.copy`, a call into the host.
-    let mut word = 0;
-    for (k, &byte) in bytes.iter().enumerate() {
-        word |= u64::from(byte) << (8 * k);
-    }
-    word
 }
 
 #[cfg(test)]

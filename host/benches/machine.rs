@@ -20,7 +20,9 @@
 //! `snapshot`;
 //! all by default): `cargo bench -p paxwasm --bench machine -- counter`.
 //! `PAXWASM_BENCH_DIVISOR=N` divides the iteration counts and runs one round,
-//! for a run under `valgrind --tool=callgrind`.
+//! for a run under `valgrind --tool=callgrind`. `PAXWASM_BENCH_GUESTS=DIR`
+//! takes the example modules from `DIR/<name>.wasm` instead of building them
+//! (to compare guests built from another commit against this host).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -116,8 +118,18 @@ fn main() {
     }
 }
 
+/// The example module `name`: built from this workspace, or taken from
+/// `$PAXWASM_BENCH_GUESTS`.
+fn example_bytes(name: &str) -> Vec<u8> {
+    let path = match std::env::var_os("PAXWASM_BENCH_GUESTS") {
+        Some(dir) => std::path::Path::new(&dir).join(format!("{name}.wasm")),
+        None => example_module(name).unwrap(),
+    };
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
 fn bench_counter(config: &MachineConfig, scale: Scale) {
-    let bytes = std::fs::read(example_module("counter").unwrap()).unwrap();
+    let bytes = example_bytes("counter");
     let mut machine = Machine::load(&bytes, config).unwrap();
     let n = scale.iterations(1_000_000);
     let mut out = Vec::with_capacity(64);
@@ -250,7 +262,7 @@ fn kv_commands(keys: usize) -> Vec<Vec<u8>> {
 }
 
 fn bench_kv(config: &MachineConfig, scale: Scale) {
-    let bytes = std::fs::read(example_module("kv").unwrap()).unwrap();
+    let bytes = example_bytes("kv");
     let commands = kv_commands(1000);
     let n = scale.iterations(commands.len() as u64);
     let mut machine = Machine::load(&bytes, config).unwrap();
@@ -279,7 +291,7 @@ fn bench_kv(config: &MachineConfig, scale: Scale) {
 }
 
 fn bench_query(config: &MachineConfig, scale: Scale) {
-    let bytes = std::fs::read(example_module("counter").unwrap()).unwrap();
+    let bytes = example_bytes("counter");
     let mut machine = Machine::load(&bytes, config).unwrap();
     let n = scale.iterations(10_000);
     let only = best(scale.rounds, || {
