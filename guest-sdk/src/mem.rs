@@ -25,6 +25,17 @@ const HALF_WORD_BYTES: usize = 4;
 /// prefix sorts first).
 #[inline(always)]
 pub fn compare(a: &[u8], b: &[u8]) -> Ordering {
+    // The common case of map keys: the first 8 bytes already differ. Only
+    // the byte at the lowest differing position decides, so compare just it
+    // (masked in place, no shifts back).
+    if a.len() >= WORD_BYTES && b.len() >= WORD_BYTES {
+        let x = u64::from_le_bytes(a[..WORD_BYTES].try_into().unwrap());
+        let y = u64::from_le_bytes(b[..WORD_BYTES].try_into().unwrap());
+        if x != y {
+            let byte = 0xffu64 << ((x ^ y).trailing_zeros() & !7);
+            return (x & byte).cmp(&(y & byte));
+        }
+    }
     let n = a.len().min(b.len());
     compare_prefix(&a[..n], &b[..n])
         .cmp(&0)
