@@ -142,10 +142,15 @@ fn every_example_builds_and_keeps_the_abi() {
     ]);
     // rustc always exports these two immutable linker globals for
     // wasm32-unknown-unknown; ABI.md says the host ignores extra exports.
+    // The SDK adds the input descriptor (ABI.md, "Input buffer").
     let toolchain_exports = BTreeMap::from([
         ("memory".to_owned(), "Memory".to_owned()),
         ("__data_end".to_owned(), "global mutable=false".to_owned()),
         ("__heap_base".to_owned(), "global mutable=false".to_owned()),
+        (
+            "paxwasm_input_buffer".to_owned(),
+            "global mutable=false".to_owned(),
+        ),
     ]);
 
     assert_eq!(example_names(), ["counter", "kv", "kv_v2", "bank"]);

@@ -336,8 +336,8 @@ fn fuel_per_apply(
 /// docs/notes/guest.md).
 #[test]
 fn the_apply_path_stays_lean() {
-    const COUNTER_ADD_FUEL_MAX: u64 = 1_000;
-    const KV_PUT_FUEL_MAX: u64 = 7_000;
+    const COUNTER_ADD_FUEL_MAX: u64 = 650;
+    const KV_PUT_FUEL_MAX: u64 = 4_800;
     let counter = fuel_per_apply("counter", &[], |_| "add 1".to_owned(), 1000);
     let keys: Vec<String> = (0..1000)
         .map(|i| format!("put key{i:04} value{i}"))
@@ -356,4 +356,49 @@ fn the_apply_path_stays_lean() {
         "counter add costs {counter} fuel"
     );
     assert!(kv <= KV_PUT_FUEL_MAX, "kv put costs {kv} fuel");
+}
+
+/// The input descriptor (ABI.md, "Input buffer") the SDK exports as
+/// `paxwasm_input_buffer`: (address, capacity) of its input buffer, u32 LE.
+fn input_descriptor(guest: &mut Guest) -> (u32, u32) {
+    let global = guest
+        .instance
+        .get_global(&mut guest.store, "paxwasm_input_buffer")
+        .expect("the SDK exports the input descriptor");
+    assert!(!global.ty(&guest.store).mutability().is_var());
+    let at = global.get(&mut guest.store).unwrap_i32() as u32 as usize;
+    let bytes = &guest.memory.data(&guest.store)[at..at + 8];
+    (
+        u32::from_le_bytes(bytes[..4].try_into().unwrap()),
+        u32::from_le_bytes(bytes[4..].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn the_input_descriptor_names_a_buffer_the_guest_accepts_without_alloc() {
+    let engine = Engine::default();
+    let mut guest = Guest::load(&engine, "counter");
+    assert_eq!(
+        input_descriptor(&mut guest).1,
+        0,
+        "no buffer before any alloc"
+    );
+    assert_eq!(guest.apply("add 40"), "40");
+    let (ptr, capacity) = input_descriptor(&mut guest);
+    assert_eq!(capacity, 6, "the buffer of the last alloc");
+    // What the host does when an input fits: write it there, no alloc.
+    let apply = guest.func::<(i32, i32), i64>("paxwasm_apply");
+    guest
+        .memory
+        .write(&mut guest.store, ptr as usize, b"add 2")
+        .unwrap();
+    let packed = apply.call(&mut guest.store, (ptr as i32, 5)).unwrap();
+    assert_eq!(guest.read_packed(packed), b"42");
+    assert_eq!(input_descriptor(&mut guest), (ptr, capacity), "unchanged");
+    // After an input larger than the retained size, the buffer is freed and
+    // the descriptor says so (capacity 0), so the host calls alloc again.
+    let big = format!("add {}x", "0".repeat(70_000));
+    assert_eq!(guest.apply(&big), "ERR usage: add N");
+    assert_eq!(input_descriptor(&mut guest).1, 0);
+    assert_eq!(guest.query("get"), "42");
 }

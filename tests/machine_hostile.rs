@@ -469,3 +469,115 @@ fn a_module_with_megabytes_of_data_segments_loads_and_runs() {
     let mut machine = load(&bytes);
     assert_eq!(machine.apply(b"", entry()).unwrap(), b"xxxx");
 }
+
+/// A guest with an input descriptor (ABI.md, "Input buffer") at address 64
+/// holding `descriptor` (8 bytes: buffer address, capacity; u32 LE), exported
+/// as `global`. `paxwasm_alloc` counts its calls and hands out 1024. Apply
+/// answers `[input address u32][alloc calls u32][first input byte]`.
+fn descriptor_guest(global: &str, descriptor: [u32; 2]) -> Vec<u8> {
+    let bytes: String = descriptor
+        .iter()
+        .flat_map(|word| word.to_le_bytes())
+        .map(|b| format!("\\{b:02x}"))
+        .collect();
+    wat::parse_str(format!(
+        r#"(module
+             (memory (export "memory") 1)
+             {global}
+             (global $allocs (mut i32) (i32.const 0))
+             (data (i32.const 64) "{bytes}")
+             (func (export "paxwasm_alloc") (param i32) (result i32)
+               (global.set $allocs (i32.add (global.get $allocs) (i32.const 1)))
+               (i32.const 1024))
+             (func (export "paxwasm_apply") (param $ptr i32) (param $len i32) (result i64)
+               (i32.store (i32.const 0) (local.get $ptr))
+               (i32.store (i32.const 4) (global.get $allocs))
+               (i32.store8 (i32.const 8) (i32.load8_u (local.get $ptr)))
+               (i64.const 9)))"#
+    ))
+    .unwrap()
+}
+
+const DESCRIPTOR_GLOBAL: &str = r#"(global (export "paxwasm_input_buffer") i32 (i32.const 64))"#;
+
+/// (input address, alloc calls so far, first input byte) from an apply.
+fn placed(out: Vec<u8>) -> (u32, u32, u8) {
+    (
+        u32::from_le_bytes(out[..4].try_into().unwrap()),
+        u32::from_le_bytes(out[4..8].try_into().unwrap()),
+        out[8],
+    )
+}
+
+#[test]
+fn an_input_that_fits_the_descriptor_skips_alloc_and_anything_else_falls_back() {
+    let mut machine = load(&descriptor_guest(DESCRIPTOR_GLOBAL, [2048, 16]));
+    // Fits: written at 2048, no alloc call.
+    assert_eq!(
+        placed(machine.apply(b"hello", entry()).unwrap()),
+        (2048, 0, b'h')
+    );
+    assert_eq!(
+        placed(machine.apply(&[b'x'; 16], entry()).unwrap()),
+        (2048, 0, b'x')
+    );
+    // Larger than the capacity: alloc as before.
+    assert_eq!(
+        placed(machine.apply(&[b'y'; 17], entry()).unwrap()),
+        (1024, 1, b'y')
+    );
+    // Queries and rollbacks replay the same choice (it is state): a failing
+    // command after these leaves the hash unchanged.
+    let before = machine.state_hash();
+    machine.apply(&[b'z'; 70_000], entry()).unwrap_err(); // 1024 + 70000 > 64 KiB
+    assert_eq!(machine.state_hash(), before);
+}
+
+#[test]
+fn a_descriptor_outside_memory_is_ignored_not_trusted() {
+    // The buffer it names runs past the end of memory, or wraps around.
+    for descriptor in [[65_530, 16], [u32::MAX - 3, 100], [128, u32::MAX]] {
+        let mut machine = load(&descriptor_guest(DESCRIPTOR_GLOBAL, descriptor));
+        let out = machine.apply(b"hello-world", entry()).unwrap();
+        let (ptr, allocs, first) = placed(out);
+        if descriptor == [128, u32::MAX] {
+            // A capacity beyond memory is harmless: the input itself fits.
+            assert_eq!((ptr, allocs, first), (128, 0, b'h'));
+        } else {
+            assert_eq!((ptr, allocs, first), (1024, 1, b'h'), "{descriptor:?}");
+        }
+    }
+    // The descriptor itself outside memory.
+    let far = r#"(global (export "paxwasm_input_buffer") i32 (i32.const -4))"#;
+    let mut machine = load(&descriptor_guest(far, [2048, 16]));
+    assert_eq!(
+        placed(machine.apply(b"hi", entry()).unwrap()),
+        (1024, 1, b'h')
+    );
+}
+
+#[test]
+fn a_descriptor_export_of_the_wrong_kind_is_refused() {
+    for global in [
+        r#"(global (export "paxwasm_input_buffer") (mut i32) (i32.const 64))"#,
+        r#"(global (export "paxwasm_input_buffer") i64 (i64.const 64))"#,
+    ] {
+        let error = Machine::load(&descriptor_guest(global, [2048, 16]), &config()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "module refused: export `paxwasm_input_buffer` must be an immutable i32 global (the address of the input descriptor)"
+        );
+    }
+    let function = wat::parse_str(
+        r#"(module
+             (memory (export "memory") 1)
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 0))
+             (func (export "paxwasm_apply") (param i32 i32) (result i64) (i64.const 0))
+             (func (export "paxwasm_input_buffer")))"#,
+    )
+    .unwrap();
+    assert!(Machine::load(&function, &config())
+        .unwrap_err()
+        .to_string()
+        .contains("`paxwasm_input_buffer` must be an immutable i32 global"));
+}

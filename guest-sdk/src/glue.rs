@@ -112,6 +112,13 @@ impl<A: App> Guest<A> {
     pub fn app(&self) -> Option<&A> {
         self.app.as_ref()
     }
+
+    /// Address and length of the input buffer: what the input descriptor
+    /// publishes (ABI.md, "Input buffer"). Any input of at most that length
+    /// written there is accepted by `apply`/`query` without an `alloc`.
+    pub fn input_buffer(&self) -> (usize, usize) {
+        (self.input.as_ptr() as usize, self.input.len())
+    }
 }
 
 impl<A: Migrate> Guest<A> {
@@ -139,6 +146,7 @@ impl<A: Migrate> Guest<A> {
 
 /// Empties the result buffer for the next call, keeping its allocation
 /// unless a large result grew it.
+#[inline(always)]
 fn reuse(output: &mut Vec<u8>) {
     if output.capacity() > OUTPUT_RETAINED_BYTES_MAX {
         *output = Vec::new();
@@ -149,15 +157,24 @@ fn reuse(output: &mut Vec<u8>) {
 
 /// The input named by the host. Anything but the last `alloc` buffer is a host
 /// bug (a programmer error on the other side of the ABI), so it traps.
+#[inline(always)]
 fn checked_input(input: &[u8], addr: usize, len: usize) -> &[u8] {
     if len == 0 {
         return &[];
     }
-    assert!(
-        addr == input.as_ptr() as usize && len <= input.len(),
-        "paxwasm ABI violation: input ({addr:#x}, {len}) is not within the buffer from the last paxwasm_alloc"
-    );
+    if addr != input.as_ptr() as usize || len > input.len() {
+        abi_violation(addr, len);
+    }
     &input[..len]
+}
+
+/// Out of line, so that the check on every call stays a compare and a branch.
+#[cold]
+#[inline(never)]
+fn abi_violation(addr: usize, len: usize) -> ! {
+    panic!(
+        "paxwasm ABI violation: input ({addr:#x}, {len}) is not within the buffer from the last paxwasm_alloc"
+    )
 }
 
 fn new_app<A: App>() -> A {
@@ -173,6 +190,40 @@ mod wasm {
     use super::{pack, Guest};
     use crate::{App, Migrate};
     use core::cell::UnsafeCell;
+
+    /// The input descriptor the module exports as `paxwasm_input_buffer`
+    /// (ABI.md, "Input buffer"): the address (u32 LE) and capacity (u32 LE)
+    /// of a buffer the host may write the next input into without calling
+    /// `paxwasm_alloc`. Republished after every call that may move or free
+    /// the input buffer, so it is always current between calls.
+    #[repr(C)]
+    pub struct InputBuffer(UnsafeCell<[u32; 2]>);
+
+    // SAFETY: as for `GuestCell`: one thread per module, so the cell is never
+    // reached from two threads.
+    #[cfg(not(target_feature = "atomics"))]
+    unsafe impl Sync for InputBuffer {}
+
+    impl Default for InputBuffer {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl InputBuffer {
+        pub const fn new() -> Self {
+            Self(UnsafeCell::new([0, 0]))
+        }
+
+        #[inline(always)]
+        fn publish<A: App>(&self, guest: &Guest<A>) {
+            let (ptr, len) = guest.input_buffer();
+            // SAFETY: the only access from the guest; exports do not overlap
+            // (see `GuestCell::with`), and the host reads it between calls.
+            // On wasm32 `usize` is `u32`.
+            unsafe { *self.0.get() = [ptr as u32, len as u32] }
+        }
+    }
 
     /// The static behind the exports: one `Guest` per module.
     pub struct GuestCell<A>(UnsafeCell<Guest<A>>);
@@ -214,18 +265,40 @@ mod wasm {
     }
 
     #[inline]
-    pub fn alloc<A: App>(cell: &'static GuestCell<A>, len: i32) -> i32 {
-        cell.with(|guest| guest.alloc(len as u32 as usize).as_mut_ptr() as usize as u32 as i32)
+    pub fn alloc<A: App>(cell: &'static GuestCell<A>, input: &InputBuffer, len: i32) -> i32 {
+        cell.with(|guest| {
+            let ptr = guest.alloc(len as u32 as usize).as_mut_ptr() as usize as u32 as i32;
+            input.publish(guest);
+            ptr
+        })
     }
 
     #[inline]
-    pub fn apply<A: App>(cell: &'static GuestCell<A>, ptr: i32, len: i32) -> i64 {
-        cell.with(|guest| packed(guest.apply(ptr as u32 as usize, len as u32 as usize)))
+    pub fn apply<A: App>(
+        cell: &'static GuestCell<A>,
+        input: &InputBuffer,
+        ptr: i32,
+        len: i32,
+    ) -> i64 {
+        cell.with(|guest| {
+            let out = packed(guest.apply(ptr as u32 as usize, len as u32 as usize));
+            input.publish(guest);
+            out
+        })
     }
 
     #[inline]
-    pub fn query<A: App>(cell: &'static GuestCell<A>, ptr: i32, len: i32) -> i64 {
-        cell.with(|guest| packed(guest.query(ptr as u32 as usize, len as u32 as usize)))
+    pub fn query<A: App>(
+        cell: &'static GuestCell<A>,
+        input: &InputBuffer,
+        ptr: i32,
+        len: i32,
+    ) -> i64 {
+        cell.with(|guest| {
+            let out = packed(guest.query(ptr as u32 as usize, len as u32 as usize));
+            input.publish(guest);
+            out
+        })
     }
 
     #[inline]
@@ -239,8 +312,16 @@ mod wasm {
     }
 
     #[inline]
-    pub fn import_state<A: Migrate>(cell: &'static GuestCell<A>, ptr: i32, len: i32) {
-        cell.with(|guest| guest.import_state(ptr as u32 as usize, len as u32 as usize))
+    pub fn import_state<A: Migrate>(
+        cell: &'static GuestCell<A>,
+        input: &InputBuffer,
+        ptr: i32,
+        len: i32,
+    ) {
+        cell.with(|guest| {
+            guest.import_state(ptr as u32 as usize, len as u32 as usize);
+            input.publish(guest);
+        })
     }
 }
 

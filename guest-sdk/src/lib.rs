@@ -42,6 +42,8 @@
 #[doc(hidden)]
 pub mod glue;
 mod host;
+pub mod key;
+pub mod mem;
 pub mod text;
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -128,7 +130,9 @@ macro_rules! export_app {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             static GUEST: $crate::glue::GuestCell<$app> = $crate::glue::GuestCell::new();
-            $crate::__export_core!(GUEST);
+            #[unsafe(export_name = "paxwasm_input_buffer")]
+            static INPUT: $crate::glue::InputBuffer = $crate::glue::InputBuffer::new();
+            $crate::__export_core!(GUEST, INPUT);
         };
     };
     ($app:ty, migrate) => {
@@ -137,8 +141,10 @@ macro_rules! export_app {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             static GUEST: $crate::glue::GuestCell<$app> = $crate::glue::GuestCell::new();
-            $crate::__export_core!(GUEST);
-            $crate::__export_migrate!(GUEST);
+            #[unsafe(export_name = "paxwasm_input_buffer")]
+            static INPUT: $crate::glue::InputBuffer = $crate::glue::InputBuffer::new();
+            $crate::__export_core!(GUEST, INPUT);
+            $crate::__export_migrate!(GUEST, INPUT);
         };
     };
 }
@@ -146,20 +152,20 @@ macro_rules! export_app {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_core {
-    ($guest:ident) => {
+    ($guest:ident, $input:ident) => {
         #[unsafe(no_mangle)]
         extern "C" fn paxwasm_alloc(len: i32) -> i32 {
-            $crate::glue::alloc(&$guest, len)
+            $crate::glue::alloc(&$guest, &$input, len)
         }
 
         #[unsafe(no_mangle)]
         extern "C" fn paxwasm_apply(ptr: i32, len: i32) -> i64 {
-            $crate::glue::apply(&$guest, ptr, len)
+            $crate::glue::apply(&$guest, &$input, ptr, len)
         }
 
         #[unsafe(no_mangle)]
         extern "C" fn paxwasm_query(ptr: i32, len: i32) -> i64 {
-            $crate::glue::query(&$guest, ptr, len)
+            $crate::glue::query(&$guest, &$input, ptr, len)
         }
 
         #[unsafe(no_mangle)]
@@ -172,7 +178,7 @@ macro_rules! __export_core {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_migrate {
-    ($guest:ident) => {
+    ($guest:ident, $input:ident) => {
         #[unsafe(no_mangle)]
         extern "C" fn paxwasm_export_state() -> i64 {
             $crate::glue::export_state(&$guest)
@@ -180,7 +186,7 @@ macro_rules! __export_migrate {
 
         #[unsafe(no_mangle)]
         extern "C" fn paxwasm_import_state(ptr: i32, len: i32) {
-            $crate::glue::import_state(&$guest, ptr, len)
+            $crate::glue::import_state(&$guest, &$input, ptr, len)
         }
     };
 }

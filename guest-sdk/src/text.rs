@@ -2,28 +2,164 @@
 //! cheap enough for the apply path: no formatting machinery, no allocation
 //! beyond the output itself.
 
+/// `"00" "01" .. "99"`: two decimal digits per table entry, so formatting
+/// takes one division per two digits.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Decimal digits of `u64::MAX`.
+const U64_DIGITS_MAX: usize = 20;
+
+/// Powers of ten, `POW10[k] = 10^k`, for counting digits.
+const POW10: [u64; U64_DIGITS_MAX] = {
+    let mut table = [1u64; U64_DIGITS_MAX];
+    let mut k = 1;
+    while k < U64_DIGITS_MAX {
+        table[k] = table[k - 1] * 10;
+        k += 1;
+    }
+    table
+};
+
+/// Number of decimal digits of `value` (1 for 0): from the bit length
+/// (`1233 / 4096` ≈ log10 2) and one table lookup, no division. `value | 1`
+/// counts 0 as 1 and changes no other count (powers of ten above 1 are even).
+#[inline]
+fn decimal_digits(value: u64) -> usize {
+    let value = value | 1;
+    let bits = 64 - value.leading_zeros() as usize;
+    let guess = (bits * 1233) >> 12;
+    guess + 1 - usize::from(value < POW10[guess])
+}
+
+/// `n / 100` as a multiplication and a shift: wasm32 code gets a real
+/// division instruction for `/ 100` otherwise. `2^37 / 100` rounded up is
+/// exact for every u32 (the rounding error, 28 / 2^37 per unit of `n`, stays
+/// below 1 / 100 for `n < 2^32`).
+#[inline(always)]
+fn div100(n: u32) -> u32 {
+    ((u64::from(n) * 1_374_389_535) >> 37) as u32
+}
+
 /// Appends the decimal form of `value`.
-pub fn push_u64(out: &mut Vec<u8>, mut value: u64) {
-    // u64::MAX has 20 digits.
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
+///
+/// Written for wasm32 guests, where it runs on every command of the
+/// examples: two digits per division, 32-bit divisions (which compile to a
+/// multiplication) below 2^32, and one fixed-size copy into `out` (a
+/// variable-length copy would be a `memory.copy`, a call into the host).
+pub fn push_u64(out: &mut Vec<u8>, value: u64) {
+    let len = decimal_digits(value);
+    let mut digits = [0u8; U64_DIGITS_MAX];
+    let mut end = len;
+    let mut rest = value;
+    // At most two rounds: u64::MAX / 10^8 / 10^8 < 2^32.
+    while rest > u64::from(u32::MAX) {
+        let mut low = (rest % 100_000_000) as u32;
+        rest /= 100_000_000;
+        for _ in 0..4 {
+            end -= 2;
+            let quotient = div100(low);
+            let pair = (low - quotient * 100) as usize * 2;
+            low = quotient;
+            digits[end..end + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
         }
     }
-    out.extend_from_slice(&digits[start..]);
+    let mut rest = rest as u32;
+    while rest >= 100 {
+        end -= 2;
+        let quotient = div100(rest);
+        let pair = (rest - quotient * 100) as usize * 2;
+        rest = quotient;
+        digits[end..end + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if rest >= 10 {
+        let pair = rest as usize * 2;
+        digits[..2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
+        digits[0] = b'0' + rest as u8;
+    }
+    let start = out.len();
+    out.extend_from_slice(&digits);
+    out.truncate(start + len);
 }
 
 /// Appends the decimal form of `value`, with a leading `-` when negative.
+#[inline]
 pub fn push_i64(out: &mut Vec<u8>, value: i64) {
     if value < 0 {
         out.push(b'-');
     }
     push_u64(out, value.unsigned_abs());
+}
+
+/// Reads a decimal `u64` exactly as `u64::from_str` does (an optional `+`,
+/// then one or more ASCII digits, no overflow), without the UTF-8 check and
+/// the generic parser: the examples' fast paths read numbers with it.
+#[inline]
+pub fn parse_u64(text: &[u8]) -> Option<u64> {
+    match text {
+        [b'+', digits @ ..] => parse_digits(digits),
+        digits => parse_digits(digits),
+    }
+}
+
+/// Reads a decimal `i64` exactly as `i64::from_str` does (an optional `+` or
+/// `-`, then one or more ASCII digits, within range).
+#[inline]
+pub fn parse_i64(text: &[u8]) -> Option<i64> {
+    match text {
+        [b'-', digits @ ..] => {
+            let magnitude = parse_digits(digits)?;
+            // -(2^63) is i64::MIN; anything larger does not fit.
+            (magnitude <= i64::MIN.unsigned_abs()).then(|| 0i64.wrapping_sub_unsigned(magnitude))
+        }
+        [b'+', digits @ ..] => i64::try_from(parse_digits(digits)?).ok(),
+        digits => i64::try_from(parse_digits(digits)?).ok(),
+    }
+}
+
+/// Decimal digits that cannot overflow a u64 (10^19 - 1 < 2^64).
+const U64_DIGITS_SAFE: usize = 19;
+
+/// One or more ASCII digits as a u64, `None` on anything else or overflow.
+#[inline]
+fn parse_digits(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > U64_DIGITS_SAFE {
+        return parse_digits_checked(digits);
+    }
+    let mut value: u64 = 0;
+    for &byte in digits {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value * 10 + u64::from(digit);
+    }
+    Some(value)
+}
+
+/// [`parse_digits`] for the rare inputs that may overflow (long runs of
+/// leading zeros included): out of line, so the common path needs no
+/// 128-bit multiplication and no stack frame.
+#[cold]
+#[inline(never)]
+fn parse_digits_checked(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for &byte in digits {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+    }
+    Some(value)
 }
 
 /// The decimal form of `value` as a fresh result buffer.
@@ -72,19 +208,56 @@ impl<'a, const N: usize> Words<'a, N> {
 /// Choose `N` one larger than the longest command so that a command with one
 /// word too many still reaches the caller's usage message.
 pub fn words<const N: usize>(cmd: &[u8]) -> Result<Words<'_, N>, Vec<u8>> {
-    let text = std::str::from_utf8(cmd).map_err(|_| err("not UTF-8"))?;
+    let text = utf8(cmd).ok_or_else(|| err("not UTF-8"))?;
+    let bytes = text.as_bytes();
     let mut words = Words {
         words: [""; N],
         len: 0,
     };
-    for word in text.split_ascii_whitespace() {
+    // `split_ascii_whitespace` by hand: its iterator adapters cost several
+    // times this loop in a wasm32 guest.
+    let mut i = 0;
+    loop {
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == bytes.len() {
+            return Ok(words);
+        }
+        let start = i;
+        while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
         if words.len == N {
             return Err(err("too many words"));
         }
-        words.words[words.len] = word;
+        // Both ends are at ASCII bytes (or the end), so on char boundaries.
+        words.words[words.len] = &text[start..i];
         words.len += 1;
     }
-    Ok(words)
+}
+
+/// Bytes checked per step of the ASCII test.
+const ASCII_WORD_BYTES: usize = 8;
+
+/// `cmd` as UTF-8: all-ASCII input (the examples' protocols) is recognised
+/// 8 bytes per step; anything else goes through `str::from_utf8`.
+#[inline]
+fn utf8(cmd: &[u8]) -> Option<&str> {
+    let mut chunks = cmd.chunks_exact(ASCII_WORD_BYTES);
+    let mut high_bits = 0u64;
+    for chunk in &mut chunks {
+        high_bits |= u64::from_le_bytes(chunk.try_into().unwrap());
+    }
+    for &byte in chunks.remainder() {
+        high_bits |= u64::from(byte);
+    }
+    if high_bits & 0x8080_8080_8080_8080 == 0 {
+        // SAFETY: every byte is below 0x80, i.e. ASCII, which is valid UTF-8.
+        Some(unsafe { core::str::from_utf8_unchecked(cmd) })
+    } else {
+        core::str::from_utf8(cmd).ok()
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +269,34 @@ mod tests {
         let split = words::<4>(b"  put\tk   v\n").unwrap();
         assert_eq!(split.as_slice(), ["put", "k", "v"]);
         assert_eq!(words::<4>(b"").unwrap().as_slice(), [] as [&str; 0]);
+    }
+
+    #[test]
+    fn words_split_like_split_ascii_whitespace() {
+        let samples = [
+            "",
+            " ",
+            "a",
+            " a",
+            "a ",
+            "a  b",
+            "\ta\nb\x0cc\rd e",
+            "put k v",
+            "put  k\u{a0}v",
+            "é ü",
+            "cas key00001 value-1 value-2",
+            "x\x0by",
+            "a\u{2003}b",
+            "12345678 9",
+        ];
+        for sample in samples {
+            let expected: Vec<&str> = sample.split_ascii_whitespace().collect();
+            let got = words::<8>(sample.as_bytes()).unwrap();
+            assert_eq!(got.as_slice(), expected.as_slice(), "{sample:?}");
+        }
+        // Invalid UTF-8 after 8 ASCII bytes, and in the tail.
+        assert_eq!(words::<4>(b"abcdefgh\xc3(").unwrap_err(), b"ERR not UTF-8");
+        assert_eq!(words::<4>(b"ab\x80").unwrap_err(), b"ERR not UTF-8");
     }
 
     #[test]
@@ -112,6 +313,125 @@ mod tests {
         }
         for value in [0, -1, 1, -10, 42, i64::MIN, i64::MAX, i64::MIN + 1] {
             assert_eq!(i64_bytes(value), value.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn div100_is_exact() {
+        let mut state = 0x9e37_79b9u32;
+        for n in (0..1_000_000u32).chain(u32::MAX - 1_000_000..=u32::MAX) {
+            assert_eq!(div100(n), n / 100, "{n}");
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            assert_eq!(div100(state), state / 100, "{state}");
+        }
+    }
+
+    #[test]
+    fn digit_counts_are_exact_at_every_power_of_ten() {
+        for (k, &p) in POW10.iter().enumerate() {
+            assert_eq!(decimal_digits(p), k + 1, "{p}");
+            if p > 1 {
+                assert_eq!(decimal_digits(p - 1), k, "{}", p - 1);
+            }
+        }
+        assert_eq!(decimal_digits(0), 1);
+        assert_eq!(decimal_digits(u64::MAX), 20);
+    }
+
+    #[test]
+    fn integers_format_like_display_around_every_power_of_ten() {
+        let mut values = vec![0u64, u64::MAX, u64::from(u32::MAX), u64::from(u32::MAX) + 1];
+        for p in POW10 {
+            for delta in [-2i64, -1, 0, 1, 2] {
+                values.push(p.wrapping_add_signed(delta));
+                values.push((p / 3).saturating_mul(7).wrapping_add_signed(delta));
+            }
+        }
+        for value in values {
+            assert_eq!(u64_bytes(value), value.to_string().into_bytes(), "{value}");
+            let signed = value as i64;
+            assert_eq!(
+                i64_bytes(signed),
+                signed.to_string().into_bytes(),
+                "{signed}"
+            );
+        }
+    }
+
+    /// The parsers must accept and refuse exactly what `from_str` does: the
+    /// examples' fast paths rely on it for identical results.
+    #[test]
+    fn parsers_agree_with_from_str() {
+        let mut inputs: Vec<String> = [
+            "",
+            "+",
+            "-",
+            "0",
+            "-0",
+            "+0",
+            "00",
+            "007",
+            "1",
+            "+1",
+            "-1",
+            "++1",
+            "+-1",
+            "-+1",
+            "--1",
+            " 1",
+            "1 ",
+            "1a",
+            "a1",
+            "12x3",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551615",
+            "18446744073709551616",
+            "+18446744073709551615",
+            "99999999999999999999",
+            "0000000000000000000000001",
+            "-0000000000000000000000001",
+            "١",
+            "1\u{0}",
+            "/",
+            ":",
+            "1/",
+            "1:",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let digits = (state % 22) as usize;
+            let mut text = match state >> 60 {
+                0 => "-".to_string(),
+                1 => "+".to_string(),
+                _ => String::new(),
+            };
+            for i in 0..digits {
+                text.push(char::from(b'0' + ((state >> (i * 2 % 56)) % 10) as u8));
+            }
+            inputs.push(text);
+        }
+        for text in inputs {
+            assert_eq!(
+                parse_u64(text.as_bytes()),
+                text.parse::<u64>().ok(),
+                "u64 {text:?}"
+            );
+            assert_eq!(
+                parse_i64(text.as_bytes()),
+                text.parse::<i64>().ok(),
+                "i64 {text:?}"
+            );
         }
     }
 

@@ -1,9 +1,13 @@
 //! Benchmark of the Wasm state machine: `cargo bench -p paxwasm --bench machine`.
 //!
 //! Prints, measured in the same run:
-//! - apply ns/op for counter and kv through the machine (alloc + input copy +
-//!   apply + output copy + fuel + rollback readiness + checkpoints), the same
-//!   app logic as native Rust, and their ratio;
+//! - apply ns/op for counter and kv through the machine (input copy + apply +
+//!   output copy + fuel + rollback readiness + checkpoints), the same app
+//!   logic as native Rust, and their ratio. The native side runs the very
+//!   code the guest runs: the SDK's glue (`paxwasm_guest::glue::Guest`: input
+//!   buffer, reused result buffer) around the app, with the input copied in
+//!   and the result copied out as the machine does; the figure of the app's
+//!   plain `apply` (a fresh `Vec` per command) is printed too;
 //! - a bare wasmtime loop over the same counter module (no fuel, no machine)
 //!   as the floor the machine's bookkeeping adds to;
 //! - query ns/op; rollback cost; checkpoint and state hash cost at 16 MiB and
@@ -16,7 +20,9 @@
 //! `snapshot`;
 //! all by default): `cargo bench -p paxwasm --bench machine -- counter`.
 //! `PAXWASM_BENCH_DIVISOR=N` divides the iteration counts and runs one round,
-//! for a run under `valgrind --tool=callgrind`.
+//! for a run under `valgrind --tool=callgrind`. `PAXWASM_BENCH_GUESTS=DIR`
+//! takes the example modules from `DIR/<name>.wasm` instead of building them
+//! (to compare guests built from another commit against this host).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -46,10 +52,18 @@ fn best<F: FnMut() -> f64>(rounds: u32, mut f: F) -> f64 {
 /// Rounds per figure (the best one is reported) on a normal run.
 const ROUNDS_DEFAULT: u32 = 5;
 
+/// Rounds of the per-command figures (counter, kv; machine, bare and
+/// native alike), each short (10–40 ms): on a machine shared with other
+/// work, many short rounds make it likelier that one of them runs
+/// undisturbed, which is what the best-of figure is meant to show.
+const APPLY_ROUNDS: u32 = 20;
+
 /// How a run is scaled: full figures, or a short run for a profiler.
 #[derive(Clone, Copy)]
 struct Scale {
     rounds: u32,
+    /// Rounds of the per-command figures.
+    apply_rounds: u32,
     divisor: u64,
 }
 
@@ -58,6 +72,7 @@ impl Scale {
         match std::env::var("PAXWASM_BENCH_DIVISOR") {
             Ok(d) => Scale {
                 rounds: 1,
+                apply_rounds: 1,
                 divisor: d
                     .parse()
                     .ok()
@@ -66,6 +81,7 @@ impl Scale {
             },
             Err(_) => Scale {
                 rounds: ROUNDS_DEFAULT,
+                apply_rounds: APPLY_ROUNDS,
                 divisor: 1,
             },
         }
@@ -112,12 +128,22 @@ fn main() {
     }
 }
 
+/// The example module `name`: built from this workspace, or taken from
+/// `$PAXWASM_BENCH_GUESTS`.
+fn example_bytes(name: &str) -> Vec<u8> {
+    let path = match std::env::var_os("PAXWASM_BENCH_GUESTS") {
+        Some(dir) => std::path::Path::new(&dir).join(format!("{name}.wasm")),
+        None => example_module(name).unwrap(),
+    };
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
 fn bench_counter(config: &MachineConfig, scale: Scale) {
-    let bytes = std::fs::read(example_module("counter").unwrap()).unwrap();
+    let bytes = example_bytes("counter");
     let mut machine = Machine::load(&bytes, config).unwrap();
-    let n = scale.iterations(1_000_000);
+    let n = scale.iterations(250_000);
     let mut out = Vec::with_capacity(64);
-    let wasm = best(scale.rounds, || {
+    let wasm = best(scale.apply_rounds, || {
         ns_per(
             time(n, || {
                 out.clear();
@@ -128,22 +154,65 @@ fn bench_counter(config: &MachineConfig, scale: Scale) {
             n,
         )
     });
-    let mut native_app = counter::Counter::default();
-    let native = best(scale.rounds, || {
+    let commands = [b"add 1".to_vec()];
+    let native = native_glue::<counter::Counter>(&commands, n, scale.apply_rounds);
+    let native_plain = native_plain::<counter::Counter>(&commands, n, scale.apply_rounds);
+    let bare = bare_wasmtime_counter(&bytes, n, false, scale.apply_rounds);
+    let bare_fuel = bare_wasmtime_counter(&bytes, n, true, scale.apply_rounds);
+    println!("counter apply: machine {wasm:.0} ns/op ({:.2} M/s), bare wasmtime loop alloc+apply {bare:.0} ns/op (with fuel {bare_fuel:.0} ns/op), native (same glue, copies in and out) {native:.0} ns/op, native/wasm speed ratio {:.2}; native plain apply() {native_plain:.0} ns/op",
+        1e3 / wasm, native / wasm);
+}
+
+/// The guest's code run natively, as the machine runs it in Wasm: the SDK's
+/// glue around the app (input buffer from `alloc`, result in the reused
+/// buffer), the command copied in and the result copied out to a reused
+/// `Vec`. Commands are taken round robin.
+#[inline(never)]
+fn native_glue<A: App>(commands: &[Vec<u8>], n: u64, rounds: u32) -> f64 {
+    let mut guest = paxwasm_guest::glue::Guest::<A>::new();
+    let mut out = Vec::with_capacity(256);
+    best(rounds, || {
+        let mut i = 0;
         ns_per(
-            time(n, || drop(black_box(native_app.apply(black_box(b"add 1"))))),
+            time(n, || {
+                let command = black_box(&commands[i % commands.len()]);
+                let buffer = guest.alloc(command.len());
+                buffer.copy_from_slice(command);
+                let addr = buffer.as_ptr() as usize;
+                let result = guest.apply(addr, command.len());
+                out.clear();
+                out.extend_from_slice(result);
+                black_box(&out);
+                i += 1;
+            }),
             n,
         )
-    });
-    let bare = bare_wasmtime_counter(&bytes, n, false, scale.rounds);
-    let bare_fuel = bare_wasmtime_counter(&bytes, n, true, scale.rounds);
-    println!("counter apply: machine {wasm:.0} ns/op ({:.2} M/s), bare wasmtime loop {bare:.0} ns/op (with fuel {bare_fuel:.0} ns/op), native {native:.0} ns/op, native/wasm speed ratio {:.2}",
-        1e3 / wasm, native / wasm);
+    })
+}
+
+/// The app's plain `apply` natively (a fresh result `Vec` per command, no
+/// copies): the baseline of earlier runs, kept for comparison.
+#[inline(never)]
+fn native_plain<A: App>(commands: &[Vec<u8>], n: u64, rounds: u32) -> f64 {
+    let mut app = A::default();
+    best(rounds, || {
+        let mut i = 0;
+        ns_per(
+            time(n, || {
+                drop(black_box(
+                    app.apply(black_box(&commands[i % commands.len()])),
+                ));
+                i += 1;
+            }),
+            n,
+        )
+    })
 }
 
 /// The floor: the same counter module on a default wasmtime engine (no fuel,
 /// no host memory, no replay log): alloc + write + apply + read; with `fuel`,
 /// fuel metering on and the budget reset per command as the machine does.
+#[inline(never)]
 fn bare_wasmtime_counter(bytes: &[u8], n: u64, fuel: bool, rounds: u32) -> f64 {
     use wasmtime::{Config, Engine, Linker, Module, Store};
     let engine = Engine::new(Config::new().consume_fuel(fuel)).unwrap();
@@ -203,12 +272,12 @@ fn kv_commands(keys: usize) -> Vec<Vec<u8>> {
 }
 
 fn bench_kv(config: &MachineConfig, scale: Scale) {
-    let bytes = std::fs::read(example_module("kv").unwrap()).unwrap();
+    let bytes = example_bytes("kv");
     let commands = kv_commands(1000);
     let n = scale.iterations(commands.len() as u64);
     let mut machine = Machine::load(&bytes, config).unwrap();
     let mut out = Vec::with_capacity(256);
-    let wasm = best(scale.rounds, || {
+    let wasm = best(scale.apply_rounds, || {
         let mut i = 0;
         ns_per(
             time(n * 10, || {
@@ -225,25 +294,14 @@ fn bench_kv(config: &MachineConfig, scale: Scale) {
             n * 10,
         )
     });
-    let mut native_app = kv::Kv::default();
-    let native = best(scale.rounds, || {
-        let mut i = 0;
-        ns_per(
-            time(n * 10, || {
-                drop(black_box(
-                    native_app.apply(black_box(&commands[i % commands.len()])),
-                ));
-                i += 1;
-            }),
-            n * 10,
-        )
-    });
-    println!("kv apply (1000 keys, put/get/cas/get): machine {wasm:.0} ns/op ({:.2} M/s), native {native:.0} ns/op, native/wasm speed ratio {:.2}",
+    let native = native_glue::<kv::Kv>(&commands, n * 10, scale.apply_rounds);
+    let native_plain = native_plain::<kv::Kv>(&commands, n * 10, scale.apply_rounds);
+    println!("kv apply (1000 keys, put/get/cas/get): machine {wasm:.0} ns/op ({:.2} M/s), native (same glue, copies in and out) {native:.0} ns/op, native/wasm speed ratio {:.2}; native plain apply() {native_plain:.0} ns/op",
         1e3 / wasm, native / wasm);
 }
 
 fn bench_query(config: &MachineConfig, scale: Scale) {
-    let bytes = std::fs::read(example_module("counter").unwrap()).unwrap();
+    let bytes = example_bytes("counter");
     let mut machine = Machine::load(&bytes, config).unwrap();
     let n = scale.iterations(10_000);
     let only = best(scale.rounds, || {

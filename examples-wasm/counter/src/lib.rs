@@ -5,7 +5,7 @@
 //! Malformed input → `ERR <reason>` and no change (guest-sdk/ABI.md, "Examples").
 #![forbid(unsafe_code)]
 
-use paxwasm_guest::text::{err, i64_bytes, push_err, push_i64, words};
+use paxwasm_guest::text::{err, i64_bytes, parse_i64, push_err, push_i64, words};
 use paxwasm_guest::{export_app, App};
 
 #[derive(Debug, Default)]
@@ -70,11 +70,6 @@ impl App for Counter {
             _ => err("unknown query"),
         }
     }
-}
-
-/// A signed decimal, as `i64::from_str` reads it (optional `+`/`-`).
-fn parse_i64(digits: &[u8]) -> Option<i64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 export_app!(Counter);

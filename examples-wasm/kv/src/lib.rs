@@ -17,6 +17,8 @@
 
 use std::collections::BTreeMap;
 
+use paxwasm_guest::key::{Key, KeyStr};
+use paxwasm_guest::mem;
 use paxwasm_guest::text::{err, push_err, words};
 use paxwasm_guest::{export_app, App, Migrate};
 
@@ -26,8 +28,9 @@ pub const STATE_TAG: &[u8; 4] = b"KV1\0";
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Kv {
     /// Ordered, so that iteration (and so the exported state) is the same on
-    /// every replica.
-    entries: BTreeMap<String, String>,
+    /// every replica. `Key` orders like `String`, with a comparison that is
+    /// cheaper in a wasm32 guest (see `paxwasm_guest::key`).
+    entries: BTreeMap<Key, String>,
 }
 
 const OK: &[u8] = b"OK";
@@ -35,7 +38,7 @@ const NOT_FOUND: &[u8] = b"NOT_FOUND";
 
 impl Kv {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.get(key).map(String::as_str)
+        self.entries.get(KeyStr::new(key)).map(String::as_str)
     }
 
     pub fn len(&self) -> usize {
@@ -48,7 +51,7 @@ impl Kv {
 
     /// The value of `key`, or `NOT_FOUND`.
     fn get_result(&self, key: &str) -> &[u8] {
-        match self.entries.get(key) {
+        match self.entries.get(KeyStr::new(key)) {
             Some(value) => value.as_bytes(),
             None => NOT_FOUND,
         }
@@ -73,22 +76,22 @@ impl App for Kv {
             ["put", key, value] => {
                 // Reuse the key's allocation when it exists: overwrites are
                 // the common case in a benchmark and in real use.
-                match self.entries.get_mut(key) {
+                match self.entries.get_mut(KeyStr::new(key)) {
                     Some(slot) => value.clone_into(slot),
                     None => {
-                        self.entries.insert(key.to_owned(), value.to_owned());
+                        self.entries.insert(Key::from(key), value.to_owned());
                     }
                 }
                 out.extend_from_slice(OK);
             }
             ["get", key] => out.extend_from_slice(self.get_result(key)),
-            ["del", key] => match self.entries.remove(key) {
+            ["del", key] => match self.entries.remove(KeyStr::new(key)) {
                 Some(_) => out.extend_from_slice(OK),
                 None => out.extend_from_slice(NOT_FOUND),
             },
-            ["cas", key, expected, new] => match self.entries.get_mut(key) {
+            ["cas", key, expected, new] => match self.entries.get_mut(KeyStr::new(key)) {
                 None => out.extend_from_slice(NOT_FOUND),
-                Some(current) if current == expected => {
+                Some(current) if mem::equal(current.as_bytes(), expected.as_bytes()) => {
                     new.clone_into(current);
                     out.extend_from_slice(OK);
                 }
@@ -98,13 +101,13 @@ impl App for Kv {
                 }
             },
             ["append", key, value] => {
-                match self.entries.get_mut(key) {
+                match self.entries.get_mut(KeyStr::new(key)) {
                     Some(list) => {
                         list.push(',');
                         list.push_str(value);
                     }
                     None => {
-                        self.entries.insert(key.to_owned(), value.to_owned());
+                        self.entries.insert(Key::from(key), value.to_owned());
                     }
                 }
                 out.extend_from_slice(OK);
@@ -137,7 +140,10 @@ impl Migrate for Kv {
     }
 
     fn import_state(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.entries = decode_state(bytes)?.into_iter().collect();
+        self.entries = decode_state(bytes)?
+            .into_iter()
+            .map(|(key, value)| (Key::from(key), value))
+            .collect();
         Ok(())
     }
 }
@@ -331,7 +337,7 @@ mod tests {
         assert_eq!(kv.apply(b"put a b c d e f"), b"ERR too many words");
         assert_eq!(
             kv.entries,
-            BTreeMap::from([("k".to_owned(), "v".to_owned())])
+            BTreeMap::from([(Key::from("k"), "v".to_owned())])
         );
     }
 

@@ -7,8 +7,8 @@ use wasmtime::{
 
 use super::module::{
     CheckedModule, GlobalKind, EXPORT_ALLOC, EXPORT_APPLY, EXPORT_EXPORT_STATE,
-    EXPORT_IMPORT_STATE, EXPORT_INIT, EXPORT_MEMORY, EXPORT_QUERY, IMPORT_ENTRY_SEED,
-    IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE, START_EXPORT,
+    EXPORT_IMPORT_STATE, EXPORT_INIT, EXPORT_INPUT_BUFFER, EXPORT_MEMORY, EXPORT_QUERY,
+    IMPORT_ENTRY_SEED, IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE, START_EXPORT,
 };
 use super::snapshot::GlobalValue;
 use super::{ApplyError, EntryContext, GuestLog};
@@ -115,6 +115,22 @@ fn guest_slice(memory: &[u8], ptr: u32, len: u32) -> Option<&[u8]> {
     memory.get(start..start.checked_add(len as usize)?)
 }
 
+/// The address of the buffer the input descriptor at `at` names, if the
+/// descriptor lies in memory, the buffer holds at least `len` bytes and lies
+/// in memory too. Whatever the guest stored there, the host only writes
+/// inside linear memory; a descriptor that does not qualify means "call
+/// `paxwasm_alloc`", which every replica decides alike (it is state).
+fn described_buffer(memory: &[u8], at: u32, len: u32) -> Option<u32> {
+    let descriptor = guest_slice(memory, at, INPUT_DESCRIPTOR_BYTES)?;
+    let ptr = u32::from_le_bytes(descriptor[..4].try_into().unwrap());
+    let capacity = u32::from_le_bytes(descriptor[4..].try_into().unwrap());
+    if len > capacity {
+        return None;
+    }
+    guest_slice(memory, ptr, len)?;
+    Some(ptr)
+}
+
 /// A live instance and its typed entry points.
 pub struct Instance {
     pub store: Store<HostState>,
@@ -126,8 +142,14 @@ pub struct Instance {
     start: Option<TypedFunc<(), ()>>,
     export_state: Option<TypedFunc<(), i64>>,
     import_state: Option<TypedFunc<(i32, i32), ()>>,
+    /// Address of the guest's input descriptor, if it exports one
+    /// (`paxwasm_input_buffer`, an immutable global: read once).
+    input_descriptor: Option<u32>,
     globals: Vec<(Global, GlobalKind)>,
 }
+
+/// Bytes of the input descriptor: buffer address (u32 LE), capacity (u32 LE).
+const INPUT_DESCRIPTOR_BYTES: u32 = 8;
 
 /// Which guest function takes an input buffer and returns an output buffer.
 #[derive(Clone, Copy, Debug)]
@@ -164,7 +186,19 @@ impl Instance {
                 )
             })
             .collect();
+        let input_descriptor = if checked.has_input_buffer {
+            let global = instance
+                .get_global(&mut store, EXPORT_INPUT_BUFFER)
+                .expect("checked at load");
+            match global.get(&mut store) {
+                Val::I32(address) => Some(address as u32),
+                other => unreachable!("checked at load to be an i32 global: {other:?}"),
+            }
+        } else {
+            None
+        };
         Ok(Instance {
+            input_descriptor,
             alloc: instance.get_typed_func(&mut store, EXPORT_ALLOC)?,
             apply: instance.get_typed_func(&mut store, EXPORT_APPLY)?,
             query: optional(
@@ -300,8 +334,19 @@ impl Instance {
         Ok(self.fuel_used(fuel))
     }
 
+    /// Puts `input` into guest memory and returns its address: into the
+    /// buffer the guest's input descriptor names when it fits (no guest
+    /// call), else into a buffer from `paxwasm_alloc`.
     fn write_input(&mut self, input: &[u8]) -> Result<u32, ApplyError> {
         let len = i32::try_from(input.len()).map_err(|_| ApplyError::InputTooLarge)?;
+        if let Some(at) = self.input_descriptor {
+            let memory = self.memory.data_mut(&mut self.store);
+            if let Some(ptr) = described_buffer(memory, at, len as u32) {
+                let start = ptr as usize;
+                memory[start..start + input.len()].copy_from_slice(input);
+                return Ok(ptr);
+            }
+        }
         let ptr = self
             .alloc
             .call(&mut self.store, len)

@@ -33,6 +33,10 @@ pub const EXPORT_QUERY: &str = "paxwasm_query";
 pub const EXPORT_INIT: &str = "paxwasm_init";
 pub const EXPORT_EXPORT_STATE: &str = "paxwasm_export_state";
 pub const EXPORT_IMPORT_STATE: &str = "paxwasm_import_state";
+/// Optional immutable i32 global: the address of the guest's input
+/// descriptor (ABI.md, "Input buffer"), which lets the host skip
+/// `paxwasm_alloc` when the input fits the buffer it names.
+pub const EXPORT_INPUT_BUFFER: &str = "paxwasm_input_buffer";
 
 pub const IMPORT_LOG: &str = "log";
 pub const IMPORT_ENTRY_TIME_MS: &str = "entry_time_ms";
@@ -122,6 +126,7 @@ pub struct CheckedModule {
     pub has_init: bool,
     pub has_export_state: bool,
     pub has_import_state: bool,
+    pub has_input_buffer: bool,
 }
 
 /// Why a module was refused at load.
@@ -194,6 +199,8 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
     let mut global_kinds = Vec::new();
     let mut global_indices = Vec::new();
     let mut global_count = 0u32;
+    // (type, mutable) of every global, in index order (none are imported).
+    let mut global_types: Vec<(ValType, bool)> = Vec::new();
     let mut exports: Vec<(String, ExternalKind, u32)> = Vec::new();
     let mut start: Option<u32> = None;
 
@@ -270,6 +277,7 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
                     let global = global.map_err(|e| LoadError(e.to_string()))?;
                     let index = global_count;
                     global_count += 1;
+                    global_types.push((global.ty.content_type, global.ty.mutable));
                     if !global.ty.mutable {
                         continue;
                     }
@@ -358,6 +366,19 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
     let has_init = export_func(EXPORT_INIT, false, &[], &[])?;
     let has_export_state = export_func(EXPORT_EXPORT_STATE, false, &[], &[I64])?;
     let has_import_state = export_func(EXPORT_IMPORT_STATE, false, &[I32, I32], &[])?;
+    let has_input_buffer = match find(EXPORT_INPUT_BUFFER) {
+        None => false,
+        Some((_, ExternalKind::Global, index))
+            if global_types.get(*index as usize) == Some(&(I32, false)) =>
+        {
+            true
+        }
+        Some(_) => {
+            return refuse(format!(
+                "export `{EXPORT_INPUT_BUFFER}` must be an immutable i32 global (the address of the input descriptor)"
+            ))
+        }
+    };
     let _ = imported_funcs;
 
     let global_exports: Vec<String> = global_indices
@@ -375,6 +396,7 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
         has_init,
         has_export_state,
         has_import_state,
+        has_input_buffer,
     })
 }
 
