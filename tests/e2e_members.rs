@@ -565,6 +565,19 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     let seven = 2 * ORIGINALS;
     cluster.kill(four);
     std::fs::remove_dir_all(dir.path().join("node-4")).unwrap();
+    // Restarted with its usual command (no --cluster, no --rejoin) on the empty
+    // directory, it joins like a new node, but the snapshot it fetches lists id 4 as a
+    // voter: it must notice that it lost its data and never vote.
+    cluster.spawn(four, None);
+    wait_until(
+        "the wiped node 4 to catch up without a vote",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&cluster.nodes[four].http, "/v1/status")?;
+            (status["membership"] == "voter" && status["voting"] == false).then_some(())
+        },
+    );
     cluster.spawn(seven, None);
     wait_until("node 7's API", &cluster, Duration::from_secs(30), || {
         json(&cluster.nodes[seven].http, "/v1/status")

@@ -792,11 +792,14 @@ fn add_member_body(body: &[u8]) -> Result<MemberChange, String> {
             .map(str::to_owned)
             .ok_or_else(|| format!("malformed JSON: \"{field}\" must be a string"))
     };
-    Ok(MemberChange::Add {
-        id,
-        peer: text("peer")?,
-        http: text("http")?,
-    })
+    if id == 0 {
+        return Err("node id 0 is reserved; ids start at 1".to_string());
+    }
+    let (peer, http) = (text("peer")?, text("http")?);
+    // The same check runs where the change is proposed; running it here too answers
+    // 400 on any replica, before forwarding and whether or not a leader is known.
+    crate::node::members::check_address(&peer, &http)?;
+    Ok(MemberChange::Add { id, peer, http })
 }
 
 /// `POST /v1/cluster/members`, `POST /v1/cluster/members/{id}/promote`, `DELETE

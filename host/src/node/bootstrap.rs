@@ -101,6 +101,12 @@ pub(crate) async fn fetch_snapshot(
         let now = now_ms();
         match message {
             TransferMessage::Offer { id } => {
+                if !peers.contains(&from) {
+                    // A joining node takes a snapshot only from a peer whose peer info
+                    // told it which configuration to expect (`slot_min` above): an offer
+                    // that overtook that info may predate this node's addition.
+                    continue;
+                }
                 if id.slot < slot_min {
                     tracing::warn!(
                         from,

@@ -160,7 +160,10 @@ pub fn check_address(peer: &str, http: &str) -> Result<Address, String> {
     let peer: SocketAddr = peer.parse().map_err(|_| {
         format!("peer must be an ip:port socket address (names are not resolved), not {peer:?}")
     })?;
-    if http.is_empty() || http.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    let has_port = http
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !has_port || http.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("http must be a host:port address, not {http:?}"));
     }
     Ok(Address {
@@ -274,6 +277,9 @@ mod tests {
             "http must be a host:port address, not \"\""
         );
         assert!(check_address("127.0.0.1:1", "a b").is_err());
+        assert!(check_address("127.0.0.1:1", "abc").is_err());
+        assert!(check_address("127.0.0.1:1", ":7004").is_err());
+        assert!(check_address("127.0.0.1:1", "host:http").is_err());
         assert!(check_address("127.0.0.1:1", &"h".repeat(ADDRESS_BYTES_MAX + 1)).is_err());
         assert!(check_address("[::1]:7104", "localhost:7004").is_ok());
     }

@@ -338,20 +338,51 @@ struct CoreParts {
 /// peer's snapshot, then starts its core from the configuration and address book in it.
 async fn join_and_launch(mut parts: CoreParts, restored: RestoredSnapshot) -> anyhow::Result<()> {
     let RestoredSnapshot { dir, .. } = restored;
-    super::bootstrap::fetch_snapshot(
-        &parts.config,
-        &parts.transport,
-        &mut parts.inbound,
-        &dir,
-        1,
-        Vec::new(),
-    )
-    .await?;
-    let restored = restore_newest_snapshot_blocking(&parts.config, &parts.compiler).await?;
-    anyhow::ensure!(
-        restored.state.is_some(),
-        "the fetched snapshot did not restore"
-    );
+    let id = parts.config.id;
+    let mut slot_min = 1;
+    let restored = loop {
+        super::bootstrap::fetch_snapshot(
+            &parts.config,
+            &parts.transport,
+            &mut parts.inbound,
+            &dir,
+            slot_min,
+            Vec::new(),
+        )
+        .await?;
+        let restored = restore_newest_snapshot_blocking(&parts.config, &parts.compiler).await?;
+        let Some((_, _, configuration)) = &restored.state else {
+            anyhow::bail!("the fetched snapshot did not restore");
+        };
+        if configuration.is_member(id) {
+            break restored;
+        }
+        // Taken before this node was added: starting from it would leave the core
+        // outside a configuration it never learns, unable to answer the leader.
+        tracing::warn!(
+            node = id,
+            slot = restored.slot(),
+            "the fetched snapshot predates this node's addition; asking for a newer one"
+        );
+        slot_min = restored.slot() + 1;
+    };
+    if let Some((_, _, configuration)) = &restored.state {
+        if configuration.is_voter(id) && !parts.amnesic {
+            // An empty store, yet the cluster counts this id as a voter: this member lost
+            // its data and was restarted as if new. It forgot the promises and accepts it
+            // gave, so it must never vote again under this id (Paxos is only safe if
+            // acceptors never forget): the same mark `--rejoin` writes, before the core
+            // starts. The operator replaces it under a new id (ids are never reused).
+            tracing::error!(
+                node = id,
+                "this node's store is empty but the cluster lists it as a voter: it lost its \
+                 data; it will learn but never vote again under this id (remove it and add \
+                 the host back under a new id)"
+            );
+            mark_amnesic(&parts.store).await?;
+            parts.amnesic = true;
+        }
+    }
     let (core, snapshots) = launch(parts, restored).await?;
     runtime::run(core, snapshots).await;
     Ok(())
@@ -487,6 +518,18 @@ pub const REMOVED_READINESS: &str = "removed from the cluster";
 /// never reused, docs/notes/members.md).
 pub const META_AMNESIC: &str = "amnesic";
 
+/// Writes the durable mark of a replica that lost its acceptor state (it never votes
+/// again, `DurableState::amnesic`), synced before the core starts.
+async fn mark_amnesic(store: &Store) -> anyhow::Result<()> {
+    store
+        .write(crate::storage::WriteBatch {
+            meta: vec![(META_AMNESIC.to_string(), vec![1])],
+            ..Default::default()
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("marking the store amnesic: {error}"))
+}
+
 /// Whether this replica lost its acceptor state: its store carries the amnesic mark, or
 /// it is empty and started with `--rejoin` (then the mark is written, durably, before
 /// anything else, so a crash during the recovery that follows cannot forget it).
@@ -522,13 +565,7 @@ async fn amnesia(
         recovered.accepted.len(),
         recovered.chosen
     );
-    store
-        .write(crate::storage::WriteBatch {
-            meta: vec![(META_AMNESIC.to_string(), vec![1])],
-            ..Default::default()
-        })
-        .await
-        .map_err(|error| anyhow::anyhow!("marking the store amnesic: {error}"))?;
+    mark_amnesic(store).await?;
     tracing::warn!(
         node = config.id,
         "rejoining after data loss: this member restores its state from its peers and does not vote"

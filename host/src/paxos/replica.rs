@@ -1224,7 +1224,12 @@ impl Replica {
             if !current.learners.contains(&node) {
                 return refused(ChangeRefusal::NotALearner { node });
             }
-            let known = leader.peers.get(&node).map_or(0, |peer| peer.chosen_index);
+            // A learner never heard from may not even hold its first snapshot yet: as a
+            // voter it could then not acknowledge anything (and a node that lost its data
+            // would find itself a voter in its first snapshot instead of a learner).
+            let Some(known) = leader.peers.get(&node).map(|peer| peer.chosen_index) else {
+                return refused(ChangeRefusal::LearnerNotHeard { node });
+            };
             let behind_entries = self.chosen_index.saturating_sub(known);
             let limit = self.params.learner_lag_entries_max;
             if behind_entries > limit {

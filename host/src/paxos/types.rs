@@ -256,6 +256,8 @@ pub enum ChangeRefusal {
         behind_entries: u64,
         limit: u64,
     },
+    /// The learner has not answered this leader yet, so its lag is unknown.
+    LearnerNotHeard { node: NodeId },
     /// Fewer than a majority of C(new)'s voters were heard from within an election
     /// timeout (the leader counts itself); `force` overrides.
     NoRunningQuorum { running: usize, voters: usize },
@@ -284,6 +286,12 @@ impl std::fmt::Display for ChangeRefusal {
             ChangeRefusal::NotAMember { node } => {
                 write!(f, "node {node} is neither a voter nor a learner")
             }
+            ChangeRefusal::LearnerNotHeard { node } => write!(
+                f,
+                "learner {node} has not reported to the leader yet, so how far it lags is \
+                 unknown (not running, unreachable, or still fetching its snapshot); retry \
+                 once it has caught up"
+            ),
             ChangeRefusal::LearnerLags {
                 node,
                 behind_entries,
@@ -296,7 +304,8 @@ impl std::fmt::Display for ChangeRefusal {
             ChangeRefusal::NoRunningQuorum { running, voters } => write!(
                 f,
                 "only {running} of the {voters} voters of the new configuration are running \
-                 (heard from within an election timeout), not a majority; force=true overrides"
+                 (heard from within an election timeout), not a majority; a removal can be forced \
+                 (DELETE ...?force=true, `paxwasm members remove --force`)"
             ),
             ChangeRefusal::Invalid => write!(
                 f,

@@ -345,7 +345,13 @@ impl Loop {
                 self.snap.add_file(file);
                 self.step(Event::SnapshotSaved { slot });
                 let now = self.snap.now_ms();
-                for peer in std::mem::take(&mut self.snap.wanted_by) {
+                let wanted_by = std::mem::take(&mut self.snap.wanted_by);
+                if self.core.checkpoints.diverged().is_some() {
+                    // Diverged since the peers asked: they ask again and someone else
+                    // answers.
+                    return;
+                }
+                for peer in wanted_by {
                     tracing::info!(peer, ?id, "offering the snapshot taken for a peer");
                     let _ = self.snap.senders.offer(peer, id, now);
                     self.send_transfer(peer, &TransferMessage::Offer { id });
@@ -413,6 +419,13 @@ impl Loop {
             for (next, value) in values {
                 // Clients of these slots were answered when they were first applied.
                 self.core.applier.apply(next, &value, &mut replies);
+                if let Value::Configuration(config) = &value {
+                    // The former-member set is application state kept by the runtime
+                    // (`Loop::apply` does this for every applied configuration): skipping
+                    // it here would let this replica's set, and its later snapshots,
+                    // forget an id and allow it to be reused.
+                    self.core.applier.machine.note_members(config);
+                }
             }
             tracing::info!(
                 slot,
@@ -512,6 +525,10 @@ impl Loop {
         let now = self.snap.now_ms();
         match message {
             TransferMessage::Request { slot_min } => {
+                if self.core.checkpoints.diverged().is_some() {
+                    // Never seed a peer from state a checkpoint showed to be wrong.
+                    return;
+                }
                 let Some(newest) = self
                     .snap
                     .newest()
@@ -529,9 +546,6 @@ impl Loop {
                     }
                     return;
                 };
-                if self.core.checkpoints.diverged().is_some() {
-                    return;
-                }
                 if newest.slot >= slot_min {
                     let _ = self.snap.senders.offer(from, newest, now);
                     self.send_transfer(from, &TransferMessage::Offer { id: newest });
