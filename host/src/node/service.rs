@@ -834,7 +834,7 @@ impl NodeApi for Node {
         metric(
             "paxwasm_persists_total",
             "counter",
-            "Persist actions issued by the core.",
+            "Store writes for the core's persists (a chosen-index-only persist rides with the next one).",
             get(&c.persists),
         );
         metric(
