@@ -52,6 +52,9 @@ pub(crate) enum Request {
         payload: Vec<u8>,
         key: Option<IdempotencyKey>,
         reply: oneshot::Sender<Result<CommandOk, CommandError>>,
+        /// When the API handed it over: the core's share of a command's latency is
+        /// measured from here (`paxwasm_command_core_us_total`).
+        received: Instant,
     },
     Deploy {
         payload: Vec<u8>,
@@ -80,7 +83,8 @@ pub(crate) enum Request {
 const REPAIR_RETRY_MS: u64 = 5_000;
 
 enum Waiter {
-    Command(oneshot::Sender<Result<CommandOk, CommandError>>),
+    /// The reply, and when the API handed the command over.
+    Command(oneshot::Sender<Result<CommandOk, CommandError>>, Instant),
     Deploy(oneshot::Sender<Result<DeployOk, DeployError>>),
     Stage(oneshot::Sender<Result<u64, DeployError>>),
     Query {
@@ -92,7 +96,7 @@ enum Waiter {
 impl Waiter {
     fn is_closed(&self) -> bool {
         match self {
-            Waiter::Command(reply) => reply.is_closed(),
+            Waiter::Command(reply, _) => reply.is_closed(),
             Waiter::Deploy(reply) => reply.is_closed(),
             Waiter::Stage(reply) => reply.is_closed(),
             Waiter::Query { reply, .. } => reply.is_closed(),
@@ -421,8 +425,10 @@ impl Loop {
                 payload,
                 key,
                 reply,
+                received,
             } => {
-                self.waiters.insert(request_id, Waiter::Command(reply));
+                self.waiters
+                    .insert(request_id, Waiter::Command(reply, received));
                 let command = Command {
                     payload,
                     idempotency_key: key,
@@ -816,7 +822,13 @@ impl Loop {
             return;
         };
         match waiter {
-            Waiter::Command(reply) => {
+            Waiter::Command(reply, received) => {
+                let counters = &self.core.counters;
+                counters.add(&counters.commands_answered, 1);
+                counters.add(
+                    &counters.command_core_us,
+                    received.elapsed().as_micros() as u64,
+                );
                 let answer = match result {
                     AppResult::Output(output) => Ok(CommandOk {
                         index: slot,
@@ -911,7 +923,7 @@ impl Loop {
             (Waiter::Query { .. }, Outcome::ChangeAccepted { .. } | Outcome::ChangeRefused(_)) => {
                 panic!("a query answered with a membership outcome")
             }
-            (Waiter::Command(reply), outcome) => {
+            (Waiter::Command(reply, _), outcome) => {
                 let _ = reply.send(Err(CommandError::Unavailable {
                     reason: refusal(&outcome),
                     retry_after_ms,
@@ -947,7 +959,7 @@ impl Loop {
                           applied (retry with the same Idempotency-Key)"
                 .to_string();
             match self.waiters.remove(&request) {
-                Some(Waiter::Command(reply)) => {
+                Some(Waiter::Command(reply, _)) => {
                     let _ = reply.send(Err(CommandError::Unknown { reason }));
                 }
                 Some(Waiter::Deploy(reply)) => {
