@@ -793,7 +793,7 @@ fn leader_holds_batches_while_its_own_accept_is_being_persisted() {
     };
     let mut leader = Replica::new(1, three(), params, SEED);
     let elected = elect(&mut leader);
-    let mut propose = |leader: &mut Replica, request| {
+    let propose = |leader: &mut Replica, request| {
         leader.step(Event::Propose {
             request,
             command: command(b"12345678", 0, 0),
