@@ -27,7 +27,9 @@ pub struct Params {
     /// still wait for its own accept to be durable, unless a full batch is queued.
     /// Commands arriving meanwhile go out together once that persist completes: a
     /// slot proposed earlier would wait behind the same sync at the leader anyway, and
-    /// every slot costs a persist and messages on every replica. `u64::MAX`: off.
+    /// every slot costs a persist and messages on every replica. 2 (not 1) keeps the
+    /// next batch queued at the store while one syncs, so a slow leader disk does not
+    /// also idle the followers. `u64::MAX`: off.
     pub slots_unpersisted_max: u64,
     /// Client proposals a leader queues while the window is full; beyond, `Busy`.
     pub proposals_queued_max: usize,
@@ -81,7 +83,7 @@ impl Default for Params {
             lease_ticks: 14,
             batch_bytes_max: 64 * 1024,
             slots_in_flight_max: 8,
-            slots_unpersisted_max: 1,
+            slots_unpersisted_max: 2,
             proposals_queued_max: 4096,
             reads_pending_max: 4096,
             catchup_entries_max: 64,

@@ -789,6 +789,7 @@ fn batches_to_2(actions: &[Action]) -> Vec<(Slot, usize)> {
 fn leader_holds_batches_while_its_own_accept_is_being_persisted() {
     let params = Params {
         batch_bytes_max: 3 * (8 + COMMAND_OVERHEAD_BYTES),
+        slots_unpersisted_max: 1,
         ..Params::default()
     };
     let mut leader = Replica::new(1, three(), params, SEED);
@@ -813,6 +814,21 @@ fn leader_holds_batches_while_its_own_accept_is_being_persisted() {
     assert_eq!(batches_to_2(&held), vec![]);
     let full = propose(&mut leader, 4);
     assert_eq!(batches_to_2(&full), vec![(3, 3)]);
+    // With two unpersisted slots allowed, one more batch goes out while the first is
+    // being persisted; the next waits.
+    let two = Params {
+        slots_unpersisted_max: 2,
+        ..Params::default()
+    };
+    let mut overlapped = Replica::new(1, three(), two, SEED);
+    let elected = elect(&mut overlapped);
+    let mut actions = propose(&mut overlapped, 0);
+    actions.extend(propose(&mut overlapped, 1));
+    assert_eq!(batches_to_2(&actions), vec![(2, 1)]);
+    assert_eq!(
+        batches_to_2(&persist_all(&mut overlapped, &elected)),
+        vec![(3, 1)]
+    );
     // Without the hold, every proposal takes a slot of its own at once.
     let mut eager = Replica::new(1, three(), one_slot_per_proposal(), SEED);
     elect(&mut eager);
