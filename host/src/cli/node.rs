@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::api::{self, ApiConfig};
 use crate::node::checkpoint::CHECKPOINT_ENTRIES_DEFAULT;
@@ -131,6 +131,24 @@ fn parse_cluster(text: &str) -> Result<Members, String> {
     Ok(Members(members))
 }
 
+/// Accept queue of the HTTP listener. `TcpListener::bind` asks for 128: when more
+/// clients connect at once (256 bench clients), the kernel drops the overflow's SYNs
+/// and those clients retry only after the 1 s SYN timeout. The kernel caps it at
+/// `net.core.somaxconn`.
+const HTTP_LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted node may rebind while old connections
+    // linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_LISTEN_BACKLOG)
+}
+
 pub fn run(args: NodeArgs) -> ExitCode {
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -195,9 +213,8 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.rejoin = args.rejoin;
     config.params.learner_lag_entries_max = args.learner_lag_entries_max;
     config.debug_refuse_compiles = args.debug_refuse_compiles;
-    let listener = TcpListener::bind(args.http)
-        .await
-        .with_context(|| format!("binding the HTTP API on {}", args.http))?;
+    let listener =
+        bind_http(args.http).with_context(|| format!("binding the HTTP API on {}", args.http))?;
     let (node, running) = node::start(config).await?;
     let api_config = ApiConfig {
         body_bytes_max: args.body_bytes_max,

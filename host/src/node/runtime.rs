@@ -55,6 +55,9 @@ pub(crate) enum Request {
         payload: Vec<u8>,
         key: Option<IdempotencyKey>,
         reply: oneshot::Sender<Result<CommandOk, CommandError>>,
+        /// When the API handed it over: the core's share of a command's latency is
+        /// measured from here (`paxwasm_command_core_us_total`).
+        received: Instant,
     },
     Deploy {
         payload: Vec<u8>,
@@ -88,7 +91,8 @@ pub(crate) enum Request {
 const REPAIR_RETRY_MS: u64 = 5_000;
 
 enum Waiter {
-    Command(oneshot::Sender<Result<CommandOk, CommandError>>),
+    /// The reply, and when the API handed the command over.
+    Command(oneshot::Sender<Result<CommandOk, CommandError>>, Instant),
     Deploy(oneshot::Sender<Result<DeployOk, DeployError>>),
     Stage(oneshot::Sender<Result<u64, DeployError>>),
     Query {
@@ -107,7 +111,7 @@ enum Waiter {
 impl Waiter {
     fn is_closed(&self) -> bool {
         match self {
-            Waiter::Command(reply) => reply.is_closed(),
+            Waiter::Command(reply, _) => reply.is_closed(),
             Waiter::Deploy(reply) => reply.is_closed(),
             Waiter::Stage(reply) => reply.is_closed(),
             Waiter::Query { reply, .. } => reply.is_closed(),
@@ -157,6 +161,10 @@ pub(crate) struct Core {
 struct Loop {
     core: Core,
     persist_queue: mpsc::UnboundedSender<(u64, Pending)>,
+    /// A persist that only moves the chosen index, held back to ride with the next
+    /// persist (see `persist`): its token and the chosen index, and the tick it was
+    /// held at.
+    chosen_held: Option<HeldChosen>,
     persisted: mpsc::UnboundedReceiver<u64>,
     waiters: HashMap<RequestId, Waiter>,
     actions: Vec<Action>,
@@ -173,6 +181,14 @@ struct Loop {
     findings: Vec<Finding>,
     snap: Snapshots,
     members: MemberState,
+}
+
+/// A chosen-index-only persist not yet handed to the store.
+#[derive(Clone, Copy, Debug)]
+struct HeldChosen {
+    token: u64,
+    chosen_index: Slot,
+    since_tick: u64,
 }
 
 /// Logical ticks derived from the monotonic clock. The core's leases are counted in
@@ -233,6 +249,7 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
     let mut state = Loop {
         core,
         persist_queue,
+        chosen_held: None,
         persisted,
         waiters: HashMap::new(),
         actions: Vec::new(),
@@ -250,6 +267,7 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
     };
     state.refresh_peers();
     state.main().await;
+    state.flush_held_chosen().await;
     drop(state);
     // The waiter ends once the queue is closed and every completion has arrived.
     let _ = waiter.await;
@@ -304,6 +322,13 @@ impl Loop {
             self.deliver_due_ticks();
             self.drain_ready();
             self.perform().await;
+            if self
+                .chosen_held
+                .is_some_and(|held| held.since_tick < self.clock.delivered)
+            {
+                // Nothing else was persisted for a tick: write it on its own.
+                self.flush_held_chosen().await;
+            }
             self.maybe_snapshot();
             self.publish();
         }
@@ -423,8 +448,10 @@ impl Loop {
                 payload,
                 key,
                 reply,
+                received,
             } => {
-                self.waiters.insert(request_id, Waiter::Command(reply));
+                self.waiters
+                    .insert(request_id, Waiter::Command(reply, received));
                 let command = Command {
                     payload,
                     idempotency_key: key,
@@ -589,7 +616,37 @@ impl Loop {
         }
     }
 
+    /// Hands a persist to the store (group commit) and its completion to the waiter.
+    ///
+    /// A persist that only moves the chosen index is held back and merged into the
+    /// next persist (or written alone a tick later): on its own it would cost a sync
+    /// that every later accept waits behind, although no reply depends on it. This
+    /// changes nothing the core relies on: its completion is reported only once the
+    /// write that carries it is durable, under the later token (completions cover every
+    /// earlier token, `Replica::on_persisted`); the chosen index still reaches the disk
+    /// in the same atomic batch as, or after, the entries it covers; and a crash before
+    /// that is the crash before a sync the core already survives (a lower durable
+    /// chosen index is learned again from the leader).
     async fn persist(&mut self, token: u64, record: PersistRecord) {
+        if let (None, true, Some(chosen_index)) = (
+            record.promised,
+            record.entries.is_empty(),
+            record.chosen_index,
+        ) {
+            let held = self.chosen_held.get_or_insert(HeldChosen {
+                token,
+                chosen_index,
+                since_tick: self.clock.delivered,
+            });
+            held.token = token;
+            held.chosen_index = held.chosen_index.max(chosen_index);
+            return;
+        }
+        let held = self.chosen_held.take();
+        let chosen = match (record.chosen_index, held) {
+            (Some(own), Some(held)) => Some(own.max(held.chosen_index)),
+            (own, held) => own.or(held.map(|held| held.chosen_index)),
+        };
         let entries = record.entries.len() as u64;
         let batch = WriteBatch {
             promised: record.promised.map(|b| storage::Ballot {
@@ -601,13 +658,34 @@ impl Loop {
                 .iter()
                 .map(|(slot, entry)| (*slot, codec::encode_entry(entry)))
                 .collect(),
-            chosen: record.chosen_index,
+            chosen,
             meta: Vec::new(),
             delete_below: None,
         };
         let counters = &self.core.counters;
         counters.add(&counters.persists, 1);
         counters.add(&counters.persist_entries, entries);
+        self.submit_persist(token, batch).await;
+    }
+
+    /// Writes a held chosen index on its own (idle replica, or shutdown).
+    async fn flush_held_chosen(&mut self) {
+        let Some(held) = self.chosen_held.take() else {
+            return;
+        };
+        let batch = WriteBatch {
+            promised: None,
+            accepted: Vec::new(),
+            chosen: Some(held.chosen_index),
+            meta: Vec::new(),
+            delete_below: None,
+        };
+        let counters = &self.core.counters;
+        counters.add(&counters.persists, 1);
+        self.submit_persist(held.token, batch).await;
+    }
+
+    async fn submit_persist(&mut self, token: u64, batch: WriteBatch) {
         match self.core.store.submit(batch).await {
             Ok(pending) => {
                 self.persist_queue
@@ -787,7 +865,13 @@ impl Loop {
             return;
         };
         match waiter {
-            Waiter::Command(reply) => {
+            Waiter::Command(reply, received) => {
+                let counters = &self.core.counters;
+                counters.add(&counters.commands_answered, 1);
+                counters.add(
+                    &counters.command_core_us,
+                    received.elapsed().as_micros() as u64,
+                );
                 let answer = match result {
                     AppResult::Output(output) => Ok(CommandOk {
                         index: slot,
@@ -897,7 +981,7 @@ impl Loop {
                     retry_after_ms,
                 }));
             }
-            (Waiter::Command(reply), outcome) => {
+            (Waiter::Command(reply, _), outcome) => {
                 let _ = reply.send(Err(CommandError::Unavailable {
                     reason: refusal(&outcome),
                     retry_after_ms,
@@ -933,7 +1017,7 @@ impl Loop {
                           applied (retry with the same Idempotency-Key)"
                 .to_string();
             match self.waiters.remove(&request) {
-                Some(Waiter::Command(reply)) => {
+                Some(Waiter::Command(reply, _)) => {
                     let _ = reply.send(Err(CommandError::Unknown { reason }));
                 }
                 Some(Waiter::Deploy(reply)) => {

@@ -41,6 +41,11 @@ pub(crate) struct Counters {
     pub apply_us: AtomicU64,
     pub persists: AtomicU64,
     pub persist_entries: AtomicU64,
+    /// Commands of this replica's clients answered from an applied slot, and the time
+    /// from the API handing each over to its answer, summed (queueing, consensus,
+    /// syncs and apply; not HTTP).
+    pub commands_answered: AtomicU64,
+    pub command_core_us: AtomicU64,
     pub leader_changes: AtomicU64,
     pub decode_errors: AtomicU64,
     /// Peer checkpoint reports whose hash differed from this replica's.
@@ -730,6 +735,7 @@ impl NodeApi for Node {
             payload: command_envelope(&request.payload),
             key: request.idempotency_key.as_deref().map(idempotency_key),
             reply,
+            received: std::time::Instant::now(),
         };
         self.ask(request, answer)
             .await
@@ -1032,7 +1038,7 @@ impl NodeApi for Node {
         metric(
             "paxwasm_persists_total",
             "counter",
-            "Persist actions issued by the core.",
+            "Store writes for the core's persists (a chosen-index-only persist rides with the next one).",
             get(&c.persists),
         );
         metric(
@@ -1040,6 +1046,18 @@ impl NodeApi for Node {
             "counter",
             "Log entries in those persists.",
             get(&c.persist_entries),
+        );
+        metric(
+            "paxwasm_commands_answered_total",
+            "counter",
+            "Commands of this replica's clients answered from an applied slot.",
+            get(&c.commands_answered),
+        );
+        metric(
+            "paxwasm_command_core_us_total",
+            "counter",
+            "Microseconds from the API handing those commands over to their answers, summed.",
+            get(&c.command_core_us),
         );
         metric(
             "paxwasm_storage_syncs_total",

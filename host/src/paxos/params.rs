@@ -23,6 +23,14 @@ pub struct Params {
     pub batch_bytes_max: usize,
     /// Slots a leader may have proposed but not yet seen chosen.
     pub slots_in_flight_max: u64,
+    /// Group commit at the leader: it proposes no new batch while this many open slots
+    /// still wait for its own accept to be durable, unless a full batch is queued.
+    /// Commands arriving meanwhile go out together once that persist completes: a
+    /// slot proposed earlier would wait behind the same sync at the leader anyway, and
+    /// every slot costs a persist and messages on every replica. 2 (not 1) keeps the
+    /// next batch queued at the store while one syncs, so a slow leader disk does not
+    /// also idle the followers. `u64::MAX`: off.
+    pub slots_unpersisted_max: u64,
     /// Client proposals a leader queues while the window is full; beyond, `Busy`.
     pub proposals_queued_max: usize,
     /// Reads waiting for a read-index round or for apply; beyond, `Busy`.
@@ -75,6 +83,7 @@ impl Default for Params {
             lease_ticks: 14,
             batch_bytes_max: 64 * 1024,
             slots_in_flight_max: 8,
+            slots_unpersisted_max: 2,
             proposals_queued_max: 4096,
             reads_pending_max: 4096,
             catchup_entries_max: 64,
@@ -100,6 +109,7 @@ impl Params {
         assert!(self.election_ticks_max > self.election_ticks_min);
         assert!(self.lease_ticks + LEASE_SAFETY_MARGIN_TICKS <= self.election_ticks_min);
         assert!(self.slots_in_flight_max >= 1);
+        assert!(self.slots_unpersisted_max >= 1);
         assert!(self.batch_bytes_max >= 1);
         assert!(self.catchup_entries_max >= 1);
     }

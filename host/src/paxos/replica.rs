@@ -1386,6 +1386,10 @@ impl Replica {
         in_flight.acked.insert(from);
         let acked = &in_flight.acked;
         if !self.config.is_quorum(|node| acked.contains(&node)) {
+            if from == self.id {
+                // Our own accept is durable: batches held for it may go out.
+                self.propose_queued(actions);
+            }
             return;
         }
         let in_flight = leader.in_flight.remove(&slot).expect("present above");
@@ -1484,6 +1488,17 @@ impl Replica {
             }
             let slots_open = leader.next_slot - 1 - self.chosen_index.min(leader.next_slot - 1);
             if leader.queued.is_empty() || slots_open >= self.params.slots_in_flight_max {
+                return;
+            }
+            let id = self.id;
+            let unpersisted = leader
+                .in_flight
+                .values()
+                .filter(|in_flight| !in_flight.acked.contains(&id))
+                .count() as u64;
+            if unpersisted >= self.params.slots_unpersisted_max
+                && !queue_fills_batch(&leader.queued, self.params.batch_bytes_max)
+            {
                 return;
             }
             let mut commands = Vec::new();
@@ -1783,6 +1798,15 @@ impl Replica {
 }
 
 /// Client bytes of a value, for catch-up message bounds.
+/// Whether the queued commands fill one batch (`batch_bytes_max`).
+fn queue_fills_batch(queued: &VecDeque<Command>, batch_bytes_max: usize) -> bool {
+    let mut bytes = 0;
+    queued.iter().any(|command| {
+        bytes += command.size_bytes();
+        bytes >= batch_bytes_max
+    })
+}
+
 fn value_bytes(value: &Value) -> usize {
     match value {
         Value::Batch(batch) => batch.commands.iter().map(Command::size_bytes).sum(),

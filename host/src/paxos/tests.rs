@@ -758,6 +758,85 @@ fn live_leader_blocks_pre_votes_and_prepares_from_others() {
     );
 }
 
+/// Default parameters, except that the leader proposes each command as soon as the
+/// window allows, without waiting for its own persists (so tests get a slot each).
+fn one_slot_per_proposal() -> Params {
+    Params {
+        slots_unpersisted_max: u64::MAX,
+        ..Params::default()
+    }
+}
+
+/// The batches (slot, command count) in the accepts sent to node 2.
+fn batches_to_2(actions: &[Action]) -> Vec<(Slot, usize)> {
+    sends(actions)
+        .into_iter()
+        .filter_map(|(to, msg)| match (to, msg) {
+            (
+                2,
+                Message::Accept {
+                    slot,
+                    value: Value::Batch(batch),
+                    ..
+                },
+            ) => Some((slot, batch.commands.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn leader_holds_batches_while_its_own_accept_is_being_persisted() {
+    let params = Params {
+        batch_bytes_max: 3 * (8 + COMMAND_OVERHEAD_BYTES),
+        slots_unpersisted_max: 1,
+        ..Params::default()
+    };
+    let mut leader = Replica::new(1, three(), params, SEED);
+    let elected = elect(&mut leader);
+    let propose = |leader: &mut Replica, request| {
+        leader.step(Event::Propose {
+            request,
+            command: command(b"12345678", 0, 0),
+        })
+    };
+    // The ready no-op (slot 1) waits for the leader's own persist: commands queue.
+    let mut held = propose(&mut leader, 0);
+    held.extend(propose(&mut leader, 1));
+    assert_eq!(batches_to_2(&held), vec![]);
+    // Its own accept is durable: both go out together, in one slot.
+    let released = persist_all(&mut leader, &elected);
+    assert_eq!(batches_to_2(&released), vec![(2, 2)]);
+    // Slot 2 waits for its persist now; a third command is held, but not a full batch.
+    let held = propose(&mut leader, 2);
+    assert_eq!(batches_to_2(&held), vec![]);
+    let held = propose(&mut leader, 3);
+    assert_eq!(batches_to_2(&held), vec![]);
+    let full = propose(&mut leader, 4);
+    assert_eq!(batches_to_2(&full), vec![(3, 3)]);
+    // With two unpersisted slots allowed, one more batch goes out while the first is
+    // being persisted; the next waits.
+    let two = Params {
+        slots_unpersisted_max: 2,
+        ..Params::default()
+    };
+    let mut overlapped = Replica::new(1, three(), two, SEED);
+    let elected = elect(&mut overlapped);
+    let mut actions = propose(&mut overlapped, 0);
+    actions.extend(propose(&mut overlapped, 1));
+    assert_eq!(batches_to_2(&actions), vec![(2, 1)]);
+    assert_eq!(
+        batches_to_2(&persist_all(&mut overlapped, &elected)),
+        vec![(3, 1)]
+    );
+    // Without the hold, every proposal takes a slot of its own at once.
+    let mut eager = Replica::new(1, three(), one_slot_per_proposal(), SEED);
+    elect(&mut eager);
+    let mut actions = propose(&mut eager, 0);
+    actions.extend(propose(&mut eager, 1));
+    assert_eq!(batches_to_2(&actions), vec![(2, 1), (3, 1)]);
+}
+
 #[test]
 fn batching_respects_batch_bytes_max_and_the_pipelining_window() {
     let params = Params {
@@ -937,7 +1016,7 @@ fn dedup_forgets_the_client_applied_longest_ago_beyond_its_limit() {
 fn catch_up_sends_chosen_entries_in_bounded_chunks() {
     let params = Params {
         catchup_entries_max: 2,
-        ..Params::default()
+        ..one_slot_per_proposal()
     };
     let mut leader = Replica::new(1, three(), params, SEED);
     let mut pending = elect(&mut leader);
@@ -1182,7 +1261,7 @@ fn new_leader_never_stamps_a_batch_earlier_than_a_batch_it_recovered() {
     // A previous leader's clock ran ahead: it stamped slot 1 at 5 000 ms. The new
     // leader's clock says 1 000 ms; its first batch goes after slot 1 in the log, and
     // the state machine must never see time go backwards.
-    let mut leader = Replica::new(1, three(), Params::default(), SEED);
+    let mut leader = Replica::new(1, three(), one_slot_per_proposal(), SEED);
     let actions = start_phase1(&mut leader);
     persist_all(&mut leader, &actions);
     let recovered = Value::Batch(Arc::new(Batch {
@@ -1306,6 +1385,10 @@ fn restarted_leader_whose_own_promise_was_lost_never_reuses_its_ballot() {
 // ---- snapshots and compaction ----------------------------------------------------------
 
 fn leader_with_four_chosen_slots(params: Params) -> Replica {
+    let params = Params {
+        slots_unpersisted_max: u64::MAX,
+        ..params
+    };
     let mut leader = Replica::new(1, three(), params, SEED);
     let mut pending = elect(&mut leader);
     for request in 0..3 {
