@@ -13,62 +13,32 @@
 //!
 //! Migration: `export_state` writes the v1 state format (see [`encode_state`]),
 //! which `import_state` here and kv_v2's `import_state` read.
-//!
-//! The table is a hash map with a keyed hash (SipHash-1-3, see
-//! `paxwasm_guest::hash`): its key comes from the entry seed of the first
-//! command this module applies (or of its state import), so it is the same on
-//! every replica but clients cannot choose keys that collide.
 #![forbid(unsafe_code)]
 
-use hashbrown::HashTable;
-use paxwasm_guest::hash::{hash_bytes, HashKey};
+use std::collections::BTreeMap;
+
+use paxwasm_guest::key::{Key, KeyStr};
 use paxwasm_guest::mem;
 use paxwasm_guest::text::{err, push_err, words};
-use paxwasm_guest::{entry_seed, export_app, App, Migrate};
+use paxwasm_guest::{export_app, App, Migrate};
 
 /// The first bytes of an exported v1 state.
 pub const STATE_TAG: &[u8; 4] = b"KV1\0";
 
-#[derive(Debug)]
-struct Entry {
-    key: String,
-    value: String,
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Kv {
-    /// Hashed with `hash_key`. Its layout and iteration order depend on the
-    /// hash key and the insertion history, both the same on every replica
-    /// (nothing per process, no `RandomState`); the exported state sorts the
-    /// keys, so its bytes depend on neither.
-    entries: HashTable<Entry>,
-    /// SipHash-1-3 key of `entries`, taken once (see `key_once`) and kept
-    /// here, in linear memory, so snapshots, restores and replays keep it.
-    hash_key: HashKey,
-    /// Whether `hash_key` is taken yet.
-    keyed: bool,
+    /// Ordered, so that iteration (and so the exported state) is the same on
+    /// every replica. `Key` orders like `String`, with a comparison that is
+    /// cheaper in a wasm32 guest (see `paxwasm_guest::key`).
+    entries: BTreeMap<Key, String>,
 }
-
-/// Two stores are equal when they hold the same entries, whatever their
-/// hash keys and layouts.
-impl PartialEq for Kv {
-    fn eq(&self, other: &Kv) -> bool {
-        self.len() == other.len()
-            && self
-                .entries
-                .iter()
-                .all(|entry| other.get(&entry.key) == Some(entry.value.as_str()))
-    }
-}
-
-impl Eq for Kv {}
 
 const OK: &[u8] = b"OK";
 const NOT_FOUND: &[u8] = b"NOT_FOUND";
 
 impl Kv {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.find(key).map(|entry| entry.value.as_str())
+        self.entries.get(KeyStr::new(key)).map(String::as_str)
     }
 
     pub fn len(&self) -> usize {
@@ -79,80 +49,10 @@ impl Kv {
         self.entries.is_empty()
     }
 
-    /// The hash key of the table (all zero until taken).
-    pub fn hash_key(&self) -> HashKey {
-        self.hash_key
-    }
-
-    /// The entries in ascending key order (the exported state's order).
-    pub fn sorted(&self) -> Vec<(&str, &str)> {
-        let mut entries: Vec<(&str, &str)> = self
-            .entries
-            .iter()
-            .map(|entry| (entry.key.as_str(), entry.value.as_str()))
-            .collect();
-        // Keys are unique, so an unstable sort is deterministic.
-        entries.sort_unstable_by(|a, b| mem::compare(a.0.as_bytes(), b.0.as_bytes()));
-        entries
-    }
-
-    /// Takes the hash key, once, from the current entry's seed: the first
-    /// time anything may be stored (the first command applied, or an
-    /// imported state). Not in `paxwasm_init`: the host runs that at install
-    /// with the default entry context (seed 0), which every client knows.
-    /// The leader's seed of a later entry is not known to clients before it
-    /// is chosen, so they cannot pick keys that collide. Until then the table
-    /// is empty, so the placeholder key never hashed a stored key.
-    #[inline(always)]
-    fn key_once(&mut self) {
-        if !self.keyed {
-            self.take_hash_key();
-        }
-    }
-
-    #[cold]
-    fn take_hash_key(&mut self) {
-        assert!(self.entries.is_empty(), "an unkeyed table is empty");
-        self.hash_key = HashKey::from_seed(entry_seed());
-        self.keyed = true;
-    }
-
-    #[inline(always)]
-    fn hash(&self, key: &str) -> u64 {
-        hash_bytes(self.hash_key, key.as_bytes())
-    }
-
-    #[inline(always)]
-    fn find(&self, key: &str) -> Option<&Entry> {
-        self.entries.find(self.hash(key), |entry| {
-            mem::equal(entry.key.as_bytes(), key.as_bytes())
-        })
-    }
-
-    #[inline(always)]
-    fn find_mut(&mut self, hash: u64, key: &str) -> Option<&mut Entry> {
-        self.entries.find_mut(hash, |entry| {
-            mem::equal(entry.key.as_bytes(), key.as_bytes())
-        })
-    }
-
-    /// Stores a key known to be absent, under its precomputed hash.
-    fn insert_new(&mut self, hash: u64, key: &str, value: &str) {
-        let hash_key = self.hash_key;
-        self.entries.insert_unique(
-            hash,
-            Entry {
-                key: key.to_owned(),
-                value: value.to_owned(),
-            },
-            |entry| hash_bytes(hash_key, entry.key.as_bytes()),
-        );
-    }
-
     /// The value of `key`, or `NOT_FOUND`.
     fn get_result(&self, key: &str) -> &[u8] {
-        match self.find(key) {
-            Some(entry) => entry.value.as_bytes(),
+        match self.entries.get(KeyStr::new(key)) {
+            Some(value) => value.as_bytes(),
             None => NOT_FOUND,
         }
     }
@@ -168,55 +68,47 @@ impl App for Kv {
     /// The real `apply`: writes into the SDK's reused buffer, so a command
     /// allocates only what the map itself needs.
     fn apply_into(&mut self, cmd: &[u8], out: &mut Vec<u8>) {
-        self.key_once();
         let words = match words::<5>(cmd) {
             Ok(words) => words,
             Err(refusal) => return *out = refusal,
         };
         match *words.as_slice() {
             ["put", key, value] => {
-                let hash = self.hash(key);
-                // Reuse the value's allocation when the key exists:
-                // overwrites are the common case in a benchmark and in real use.
-                match self.find_mut(hash, key) {
-                    Some(entry) => value.clone_into(&mut entry.value),
-                    None => self.insert_new(hash, key, value),
+                // Reuse the key's allocation when it exists: overwrites are
+                // the common case in a benchmark and in real use.
+                match self.entries.get_mut(KeyStr::new(key)) {
+                    Some(slot) => value.clone_into(slot),
+                    None => {
+                        self.entries.insert(Key::from(key), value.to_owned());
+                    }
                 }
                 out.extend_from_slice(OK);
             }
             ["get", key] => out.extend_from_slice(self.get_result(key)),
-            ["del", key] => {
-                let hash = self.hash(key);
-                let found = self.entries.find_entry(hash, |entry| {
-                    mem::equal(entry.key.as_bytes(), key.as_bytes())
-                });
-                match found {
-                    Ok(entry) => {
-                        entry.remove();
-                        out.extend_from_slice(OK);
-                    }
-                    Err(_) => out.extend_from_slice(NOT_FOUND),
-                }
-            }
-            ["cas", key, expected, new] => match self.find_mut(self.hash(key), key) {
+            ["del", key] => match self.entries.remove(KeyStr::new(key)) {
+                Some(_) => out.extend_from_slice(OK),
                 None => out.extend_from_slice(NOT_FOUND),
-                Some(entry) if mem::equal(entry.value.as_bytes(), expected.as_bytes()) => {
-                    new.clone_into(&mut entry.value);
+            },
+            ["cas", key, expected, new] => match self.entries.get_mut(KeyStr::new(key)) {
+                None => out.extend_from_slice(NOT_FOUND),
+                Some(current) if mem::equal(current.as_bytes(), expected.as_bytes()) => {
+                    new.clone_into(current);
                     out.extend_from_slice(OK);
                 }
-                Some(entry) => {
+                Some(current) => {
                     out.extend_from_slice(b"MISMATCH ");
-                    out.extend_from_slice(entry.value.as_bytes());
+                    out.extend_from_slice(current.as_bytes());
                 }
             },
             ["append", key, value] => {
-                let hash = self.hash(key);
-                match self.find_mut(hash, key) {
-                    Some(entry) => {
-                        entry.value.push(',');
-                        entry.value.push_str(value);
+                match self.entries.get_mut(KeyStr::new(key)) {
+                    Some(list) => {
+                        list.push(',');
+                        list.push_str(value);
                     }
-                    None => self.insert_new(hash, key, value),
+                    None => {
+                        self.entries.insert(Key::from(key), value.to_owned());
+                    }
                 }
                 out.extend_from_slice(OK);
             }
@@ -244,25 +136,14 @@ impl App for Kv {
 
 impl Migrate for Kv {
     fn export_state(&self) -> Vec<u8> {
-        encode_state(self.sorted().into_iter())
+        encode_state(self.entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 
     fn import_state(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let entries = decode_state(bytes)?;
-        self.entries.clear();
-        self.key_once();
-        let hash_key = self.hash_key;
-        self.entries.reserve(entries.len(), |entry| {
-            hash_bytes(hash_key, entry.key.as_bytes())
-        });
-        for (key, value) in entries {
-            // `decode_state` refused duplicate keys.
-            let hash = hash_bytes(hash_key, key.as_bytes());
-            self.entries
-                .insert_unique(hash, Entry { key, value }, |entry| {
-                    hash_bytes(hash_key, entry.key.as_bytes())
-                });
-        }
+        self.entries = decode_state(bytes)?
+            .into_iter()
+            .map(|(key, value)| (Key::from(key), value))
+            .collect();
         Ok(())
     }
 }
@@ -454,7 +335,10 @@ mod tests {
         );
         assert_eq!(kv.apply(b"put k \xff"), b"ERR not UTF-8");
         assert_eq!(kv.apply(b"put a b c d e f"), b"ERR too many words");
-        assert_eq!(kv.sorted(), [("k", "v")]);
+        assert_eq!(
+            kv.entries,
+            BTreeMap::from([(Key::from("k"), "v".to_owned())])
+        );
     }
 
     #[test]
@@ -479,58 +363,6 @@ mod tests {
         new.import_state(&old.export_state()).unwrap();
         assert_eq!(new, old);
         assert_eq!(run(&mut new, &["get l"]), ["x,y"]);
-    }
-
-    #[test]
-    fn the_hash_key_is_taken_once_from_the_first_commands_seed() {
-        use paxwasm_guest::native::set_entry;
-        let mut kv = Kv::default();
-        set_entry(0, 11);
-        assert_eq!(query(&kv, "get a"), "NOT_FOUND");
-        assert_eq!(kv.hash_key(), HashKey::default(), "queries do not key");
-        set_entry(0, 12);
-        run(&mut kv, &["get a"]);
-        assert_eq!(kv.hash_key(), HashKey::from_seed(12));
-        set_entry(0, 13);
-        run(&mut kv, &["put a 1", "put b 2"]);
-        assert_eq!(kv.hash_key(), HashKey::from_seed(12), "never rekeyed");
-        assert_eq!(run(&mut kv, &["get a", "get b"]), ["1", "2"]);
-    }
-
-    #[test]
-    fn the_exported_state_does_not_depend_on_the_key_or_insertion_order() {
-        use paxwasm_guest::native::set_entry;
-        let keys: Vec<String> = (0..300)
-            .map(|i| format!("k{}", (i * 7919) % 1000))
-            .collect();
-        set_entry(0, 1);
-        let mut forward = Kv::default();
-        for key in &keys {
-            forward.apply(format!("put {key} v{key}").as_bytes());
-        }
-        set_entry(0, 2);
-        let mut backward = Kv::default();
-        for key in keys.iter().rev() {
-            backward.apply(format!("put {key} v{key}").as_bytes());
-        }
-        assert_ne!(forward.hash_key(), backward.hash_key());
-        assert_eq!(forward, backward);
-        let mut sorted: Vec<(String, String)> = keys
-            .iter()
-            .map(|key| (key.clone(), format!("v{key}")))
-            .collect();
-        sorted.sort();
-        let expected = encode_state(sorted.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        assert_eq!(forward.export_state(), expected);
-        assert_eq!(backward.export_state(), expected);
-
-        // An import keys the new table from its own entry's seed.
-        set_entry(0, 3);
-        let mut imported = Kv::default();
-        imported.import_state(&expected).unwrap();
-        assert_eq!(imported.hash_key(), HashKey::from_seed(3));
-        assert_eq!(imported, forward);
-        assert_eq!(imported.export_state(), expected);
     }
 
     #[test]
