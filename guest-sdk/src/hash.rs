@@ -15,7 +15,10 @@
 //! advance: take it once from the host's entry seed ([`crate::entry_seed`],
 //! chosen by the leader and stored in the log entry) with
 //! [`HashKey::from_seed`], and keep it in the app's state (linear memory), so
-//! snapshots, restores and replays keep it. SipHash is a keyed PRF: without
+//! snapshots, restores and replays keep it. Take it when the first command is
+//! applied (the map is still empty), not in `App::init`: an install is no log
+//! entry of its own, so `init` sees seed 0 (first module) or the previous
+//! entry's seed (upgrade), values a client may know. SipHash is a keyed PRF: without
 //! the key, collisions cannot be chosen. 1-3 is the variant std's own hash
 //! maps use (one compression round per 8 bytes, three finalization rounds).
 //!
