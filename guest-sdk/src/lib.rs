@@ -41,6 +41,7 @@
 
 #[doc(hidden)]
 pub mod glue;
+pub mod hash;
 mod host;
 pub mod key;
 pub mod mem;
