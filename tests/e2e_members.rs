@@ -275,6 +275,74 @@ fn submit(addr: &str, command: &str, key: &str) -> Option<Response> {
     .ok()
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to a running node's process.
+fn signal(cluster: &Cluster, i: usize, signal: &str) {
+    let pid = cluster.nodes[i]
+        .child
+        .as_ref()
+        .expect("node is running")
+        .id();
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The core's lag refusal, made certain: once the learner `i` reported its progress
+/// (it applied something), it is paused (SIGSTOP) until the cluster has chosen more
+/// than `LEARNER_LAG_ENTRIES_MAX` entries past it, then promoted: the leader measures
+/// the lag from the learner's last report. (Left to chance, a learner that caught up
+/// from a fresh snapshot usually lags by fewer entries than that when it first reports,
+/// since the leader batches the writers' commands into few entries.) Returns the 409
+/// text and resumes the learner.
+fn refused_while_stopped(cluster: &Cluster, i: usize) -> String {
+    wait_until(
+        "the learner to apply its first entries",
+        cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&cluster.nodes[i].http, "/v1/status")?;
+            (status["membership"] == "learner" && status["applied_index"].as_u64()? > 0)
+                .then_some(())
+        },
+    );
+    // A heartbeat round or two, so the leader has the learner's report; the learner's
+    // chosen index (what it reports) moves little more before it stops (the margin
+    // below is twice the limit).
+    std::thread::sleep(Duration::from_millis(300));
+    let status = json(&cluster.nodes[i].http, "/v1/status").expect("the learner's status");
+    let reported = status["commit_index"].as_u64().expect("commit_index");
+    signal(cluster, i, "STOP");
+    let others: Vec<String> = cluster
+        .running()
+        .filter(|node| node.id != cluster.nodes[i].id)
+        .map(|node| node.http.clone())
+        .collect();
+    wait_until(
+        "the cluster to move past the stopped learner",
+        cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&others[0], "/v1/status")?;
+            (status["commit_index"].as_u64()? > reported + 2 * LEARNER_LAG_ENTRIES_MAX)
+                .then_some(())
+        },
+    );
+    let id = cluster.nodes[i].id;
+    let path = format!("/v1/cluster/members/{id}/promote");
+    let refusal = wait_until("a lag refusal", cluster, Duration::from_secs(30), || {
+        others.iter().find_map(|addr| {
+            let reply = request(addr, "POST", &path, b"")?;
+            assert_ne!(reply.status, 200, "a stopped, lagging learner was promoted");
+            (reply.status == 409 && reply.text().contains("lags the leader by"))
+                .then(|| reply.text())
+        })
+    });
+    signal(cluster, i, "CONT");
+    refusal
+}
+
 #[test]
 fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     let started = Instant::now();
@@ -385,6 +453,9 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
             "{added}"
         );
         let add_ms = add_started.elapsed().as_millis();
+        if round == 0 {
+            lag_refusals.push(refused_while_stopped(&cluster, new));
+        }
         let promote_started = Instant::now();
         let (promoted, refusals) = change(
             &cluster,
