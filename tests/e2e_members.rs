@@ -253,6 +253,22 @@ fn change(
     }
 }
 
+/// The first answer other than 503/504 (or no answer) from the running members in turn.
+fn settled(cluster: &Cluster, method: &str, path: &str, body: &[u8]) -> Response {
+    let addrs: Vec<String> = cluster.running().map(|n| n.http.clone()).collect();
+    let mut attempt = 0;
+    wait_until(
+        &format!("an answer to {method} {path}"),
+        cluster,
+        Duration::from_secs(30),
+        || {
+            attempt += 1;
+            let reply = request(&addrs[attempt % addrs.len()], method, path, body)?;
+            (reply.status != 503 && reply.status != 504).then_some(reply)
+        },
+    )
+}
+
 fn deploy(cluster: &Cluster, kv: &[u8]) {
     wait_until("kv deployed", cluster, Duration::from_secs(60), || {
         let node = cluster.running().next().unwrap();
@@ -453,6 +469,24 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
             "{added}"
         );
         let add_ms = add_started.elapsed().as_millis();
+        // A retried add (as after a 504) that already took effect answers 200; the same
+        // id at other addresses is refused.
+        let again = settled(&cluster, "POST", "/v1/cluster/members", body.as_bytes());
+        assert_eq!(again.status, 200, "re-add: {}", again.text());
+        let moved = serde_json::json!({
+            "id": new_id,
+            "peer": cluster.nodes[new].peer,
+            "http": "127.0.0.1:1",
+        })
+        .to_string();
+        let moved = settled(&cluster, "POST", "/v1/cluster/members", moved.as_bytes());
+        assert_eq!(
+            (moved.status, moved.text().trim_end()),
+            (
+                409,
+                &*format!(r#"{{"error":"node {new_id} is already a voter or learner"}}"#)
+            )
+        );
         if round == 0 {
             lag_refusals.push(refused_while_stopped(&cluster, new));
         }
@@ -473,6 +507,13 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         );
         assert_eq!(promoted["joint"], false, "answered once C(new) applied");
         let promote_ms = promote_started.elapsed().as_millis();
+        let again = settled(
+            &cluster,
+            "POST",
+            &format!("/v1/cluster/members/{new_id}/promote"),
+            b"",
+        );
+        assert_eq!(again.status, 200, "re-promote: {}", again.text());
         lag_refusals.extend(refusals.into_iter().filter(|text| text.contains("lags")));
         let applied = wait_until(
             "the new voter to catch up",
@@ -526,6 +567,20 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
             "{after}"
         );
         assert_eq!(after["joint"], false);
+        // Removing a node that is not a member stays a refusal.
+        let again = settled(
+            &cluster,
+            "DELETE",
+            &format!("/v1/cluster/members/{old_id}"),
+            b"",
+        );
+        assert_eq!(
+            (again.status, again.text().trim_end()),
+            (
+                409,
+                &*format!(r#"{{"error":"node {old_id} is neither a voter nor a learner"}}"#)
+            )
+        );
         // The removed replica learns it and says so.
         wait_until(
             "the removed node to report itself outside",

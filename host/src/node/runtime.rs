@@ -1028,6 +1028,8 @@ impl Loop {
                     let _ = reply.send(Err(DeployError::Unknown { reason }));
                 }
                 Some(waiter @ (Waiter::Address { .. } | Waiter::Change(_))) => {
+                    // No Idempotency-Key here: the API points to GET /v1/cluster.
+                    let reason = "the leader changed while the change was in flight".into();
                     Loop::fail_member_waiter(waiter, reason);
                 }
                 _ => unreachable!("only commands and deploys were selected"),

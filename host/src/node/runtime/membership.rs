@@ -206,6 +206,22 @@ impl Loop {
                         return;
                     }
                 };
+                // A retried add (e.g. after a 504) that already took effect: the same
+                // learner at the same addresses. Nothing to propose; answered like the
+                // first (its learner configuration is applied here).
+                let book = self.core.applier.machine.addresses();
+                if self
+                    .core
+                    .replica
+                    .applied_configuration()
+                    .learners
+                    .contains(&id)
+                    && self.core.replica.configuration().learners.contains(&id)
+                    && book.get(id) == Some(&address)
+                {
+                    let _ = reply.send(Ok(self.member_cluster_view()));
+                    return;
+                }
                 // Checked before the address entry, so a refused add never rewrites
                 // the address of a member (the core checks again when it proposes).
                 if self.core.replica.configuration().is_member(id) {
@@ -241,7 +257,24 @@ impl Loop {
                 self.step(Event::Propose { request, command });
                 return;
             }
-            MemberChange::Promote { id } => (MembershipChange::Promote(id), false),
+            MemberChange::Promote { id } => {
+                // A retried promote that already took effect: `id` is a voter of the
+                // configuration in force, which is not joint. Answered like the first
+                // one: once a majority of its voters report a chosen index at or past
+                // this replica's applied index (at or past C(new)'s slot).
+                let applied = self.core.replica.applied_configuration();
+                if !applied.is_joint()
+                    && applied.voters.contains(&id)
+                    && self.core.replica.configuration() == applied
+                {
+                    let slot = self.core.replica.status().applied_index;
+                    let config = applied.clone();
+                    self.members.confirming.push((slot, config, reply));
+                    self.confirm_changes(None);
+                    return;
+                }
+                (MembershipChange::Promote(id), false)
+            }
             MemberChange::Remove { id, force } => (MembershipChange::Remove(id), force),
         };
         self.propose_change(request, change, reply);
