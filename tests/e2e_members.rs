@@ -11,7 +11,12 @@
 //! back through each new replica, and the new replicas agree on the state hash at the
 //! same index. Last, node 4 loses its data and is replaced by node 7 (ids are never
 //! reused): node 7 is added and promoted, id 4 removed, adding id 4 again is refused
-//! with 409, and with node 5 stopped a write still commits on nodes 6 and 7.
+//! with 409, and with node 5 stopped a write still commits on nodes 6 and 7. Node 4's
+//! removal is followed at once by another configuration entry (a learner that never
+//! runs), and node 4 still learns it is out. Last, nodes 5 and 6 are killed (-9) and
+//! restarted without `--cluster` (from their own snapshot and store): both vote again, a
+//! write commits while node 6 is down (so restarted node 5 acknowledges), and 5, 6, 7
+//! agree on the state hash.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -267,6 +272,37 @@ fn settled(cluster: &Cluster, method: &str, path: &str, body: &[u8]) -> Response
             (reply.status != 503 && reply.status != 504).then_some(reply)
         },
     )
+}
+
+/// The state hash and its index, once every running replica applied all it knows chosen
+/// and they all agree.
+fn equal_state_hashes(cluster: &Cluster) -> (u64, String) {
+    wait_until(
+        "equal state hashes",
+        cluster,
+        Duration::from_secs(60),
+        || {
+            let mut seen = Vec::new();
+            for node in cluster.running() {
+                let status = json(&node.http, "/v1/status")?;
+                if status["applied_index"] != status["commit_index"] {
+                    return None;
+                }
+                let hash = &status["state_hash"];
+                seen.push((hash["index"].as_u64()?, hash["hash"].as_str()?.to_string()));
+            }
+            let first = seen[0].clone();
+            seen.iter().all(|s| *s == first).then_some(first)
+        },
+    )
+}
+
+/// Waits until node `i` says it is a voter that votes.
+fn wait_voting(cluster: &Cluster, i: usize, what: &str) {
+    wait_until(what, cluster, Duration::from_secs(30), || {
+        let status = json(&cluster.nodes[i].http, "/v1/status")?;
+        (status["membership"] == "voter" && status["voting"] == true).then_some(())
+    });
 }
 
 fn deploy(cluster: &Cluster, kv: &[u8]) {
@@ -631,24 +667,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     }
 
     // The new replicas reach the same state hash at the same index.
-    let (index, hash) = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || {
-            let mut seen = Vec::new();
-            for node in cluster.running() {
-                let status = json(&node.http, "/v1/status")?;
-                if status["applied_index"] != status["commit_index"] {
-                    return None;
-                }
-                let hash = &status["state_hash"];
-                seen.push((hash["index"].as_u64()?, hash["hash"].as_str()?.to_string()));
-            }
-            let first = seen[0].clone();
-            seen.iter().all(|s| *s == first).then_some(first)
-        },
-    );
+    let (index, hash) = equal_state_hashes(&cluster);
     assert_eq!(cluster.running().count(), ORIGINALS);
 
     // Every acknowledged write, through every new replica.
@@ -735,6 +754,32 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         b"",
         &["in progress", "running"],
     );
+    // At once another configuration entry (a learner 8 that never runs): node 4 stays a
+    // peer until it reports the removal chosen, so it still learns it is out.
+    let ports = free_ports(2);
+    let body = serde_json::json!({
+        "id": 8,
+        "peer": format!("127.0.0.1:{}", ports[0]),
+        "http": format!("127.0.0.1:{}", ports[1]),
+    })
+    .to_string();
+    change(
+        &cluster,
+        "POST",
+        "/v1/cluster/members",
+        body.as_bytes(),
+        &["in progress"],
+    );
+    wait_until(
+        "the removed node 4 to report itself outside",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            let status = json(&cluster.nodes[four].http, "/v1/status")?;
+            (status["membership"] == "outside" && status["role"] == "removed").then_some(())
+        },
+    );
+    cluster.kill(four);
     let body = serde_json::json!({
         "id": 4,
         "peer": cluster.nodes[four].peer,
@@ -777,7 +822,56 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     assert_eq!(reply.text(), "OK");
     eprintln!(
         "e2e_members: node 4 wiped and replaced by node 7, which votes; id 4 refused for \
-         good; {:.1} s in all",
+         good; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Joined nodes restart from their own snapshot and store, without --cluster, as
+    // voters. Node 5 (stopped above) comes back; then node 6 is killed -9, so a write
+    // needs node 5's acknowledgement; then node 6 comes back.
+    let (five, six_i) = (ORIGINALS + 1, ORIGINALS + 2);
+    cluster.spawn(five, None);
+    wait_voting(&cluster, five, "the restarted node 5 to vote");
+    cluster.kill(six_i);
+    let seven_http = cluster.nodes[seven].http.clone();
+    let reply = wait_until(
+        "a write acknowledged by nodes 5 and 7",
+        &cluster,
+        Duration::from_secs(30),
+        || submit(&seven_http, "put restarted five", "restarted-five").filter(|r| r.status == 200),
+    );
+    assert_eq!(reply.text(), "OK");
+    cluster.spawn(six_i, None);
+    wait_voting(&cluster, six_i, "the restarted node 6 to vote");
+    let (index, hash) = equal_state_hashes(&cluster);
+    assert_eq!(
+        cluster.running().map(|n| n.id).collect::<Vec<_>>(),
+        vec![5, 6, 7]
+    );
+    for node in cluster.running() {
+        for (key, value) in [("amnesia", "over"), ("restarted", "five")] {
+            let reply = probe::request(
+                &node.http,
+                "POST",
+                "/v1/queries?consistency=stale",
+                &[],
+                format!("get {key}").as_bytes(),
+                REQUEST_TIMEOUT,
+            )
+            .unwrap();
+            assert_eq!(
+                (reply.status, reply.text()),
+                (200, value.to_string()),
+                "get {key} on node {}",
+                node.id
+            );
+        }
+    }
+    let view = json(&cluster.nodes[six_i].http, "/v1/cluster").expect("node 6's view");
+    assert_eq!(view["voters"], serde_json::json!([5, 6, 7]));
+    eprintln!(
+        "e2e_members: nodes 5 and 6 killed and restarted without --cluster, voting again; \
+         state {hash} at {index} on 5, 6, 7; {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
 }
