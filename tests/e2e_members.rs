@@ -216,9 +216,39 @@ fn leader(cluster: &Cluster) -> Option<u64> {
     leaders.iter().all(|l| *l == first).then_some(first)
 }
 
+/// Whether the change `method path body` shows in the cluster view `view`.
+fn took_effect(method: &str, path: &str, body: &[u8], view: &serde_json::Value) -> bool {
+    let has = |list: &str, id: u64| {
+        view[list]
+            .as_array()
+            .is_some_and(|ids| ids.contains(&id.into()))
+    };
+    let path_id = || {
+        path.trim_start_matches("/v1/cluster/members/")
+            .trim_end_matches("/promote")
+            .parse::<u64>()
+            .expect("a member id in the path")
+    };
+    match (method, path.ends_with("/promote")) {
+        ("POST", false) => {
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+            let id = body["id"].as_u64().unwrap();
+            has("learners", id) || has("voters", id)
+        }
+        ("POST", true) => view["joint"] == false && has("voters", path_id()),
+        ("DELETE", _) => {
+            let id = path_id();
+            view["joint"] == false && !has("voters", id) && !has("learners", id)
+        }
+        _ => panic!("not a membership change: {method} {path}"),
+    }
+}
+
 /// Sends a membership change to the running members in turn until one answers 200;
-/// 503/504 and the refusals in `retry_on` are retried. Returns the cluster JSON and
-/// the refusals (409 bodies) seen.
+/// 503/504 and the refusals in `retry_on` are retried. After a 504 (the outcome is
+/// unknown, and a retry may be refused because the first attempt took effect) a 409 is
+/// resolved through `GET /v1/cluster`. Returns the cluster JSON and the refusals (409
+/// bodies) seen.
 fn change(
     cluster: &Cluster,
     method: &str,
@@ -229,6 +259,7 @@ fn change(
     let mut refusals = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempt = 0;
+    let mut unknown = false;
     loop {
         let addrs: Vec<&str> = cluster.running().map(|n| n.http.as_str()).collect();
         let addr = addrs[attempt % addrs.len()];
@@ -236,13 +267,42 @@ fn change(
         if let Some(reply) = request(addr, method, path, body) {
             match reply.status {
                 200 => return (serde_json::from_slice(&reply.body).unwrap(), refusals),
-                503 | 504 => eprintln!(
-                    "e2e_members: {method} {path} via {addr}: {} {} (retried)",
-                    reply.status,
-                    reply.text()
-                ),
+                503 | 504 => {
+                    unknown |= reply.status == 504;
+                    eprintln!(
+                        "e2e_members: {method} {path} via {addr}: {} {} (retried)",
+                        reply.status,
+                        reply.text()
+                    )
+                }
                 409 if retry_on.iter().any(|text| reply.text().contains(text)) => {
                     refusals.push(reply.text())
+                }
+                409 if unknown => {
+                    // The replica asked may not have applied what the leader refused on.
+                    let settle = Instant::now() + Duration::from_secs(5);
+                    let mut view = serde_json::Value::Null;
+                    while Instant::now() < settle {
+                        view = json(addr, "/v1/cluster").unwrap_or_default();
+                        if took_effect(method, path, body, &view) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    if took_effect(method, path, body, &view) {
+                        eprintln!(
+                            "e2e_members: {method} {path}: refused after a 504, but it took \
+                             effect: {}",
+                            reply.text()
+                        );
+                        return (view, refusals);
+                    }
+                    panic!(
+                        "{method} {path} via {addr} answered 409 after a 504, and {view} \
+                         does not show it: {}\n{}",
+                        reply.text(),
+                        cluster.log_tail()
+                    );
                 }
                 other => panic!(
                     "{method} {path} via {addr} answered {other}: {}\n{}",
