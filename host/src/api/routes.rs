@@ -704,6 +704,19 @@ fn outcome_unknown(what: &str, reason: &str) -> Response<Body> {
     )
 }
 
+/// A membership change carries no Idempotency-Key: the way to an outcome is the cluster
+/// as it is now, and the changes are safe to repeat once it is checked (a re-add with
+/// the same addresses and a re-promote answer 200).
+fn membership_unknown(reason: &str) -> Response<Body> {
+    error(
+        StatusCode::GATEWAY_TIMEOUT,
+        &format!(
+            "outcome unknown: the membership change may or may not take effect ({reason}); \
+             GET /v1/cluster shows the members now: retry the change only if it is not there"
+        ),
+    )
+}
+
 fn timeout_unknown(config: &ApiConfig, what: &str) -> Response<Body> {
     outcome_unknown(
         what,
@@ -860,7 +873,12 @@ async fn members<N: NodeApi>(
     let changed = shared.node.change_members(change);
     let outcome = tokio::time::timeout(request_timeout(&shared.config), changed)
         .await
-        .map_err(|_| timeout_unknown(&shared.config, "the membership change"))?;
+        .map_err(|_| {
+            membership_unknown(&format!(
+                "no answer within request_timeout_ms ({} ms)",
+                shared.config.request_timeout_ms
+            ))
+        })?;
     match outcome {
         Ok(view) => Ok(json_response(StatusCode::OK, &json::cluster(&view))),
         Err(MemberError::Invalid { reason }) => Err(error(StatusCode::BAD_REQUEST, &reason)),
@@ -869,9 +887,7 @@ async fn members<N: NodeApi>(
             reason,
             retry_after_ms,
         }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
-        Err(MemberError::Unknown { reason }) => {
-            Err(outcome_unknown("the membership change", &reason))
-        }
+        Err(MemberError::Unknown { reason }) => Err(membership_unknown(&reason)),
         Err(MemberError::NotLeader { leader }) => match (forwarded_by, leader) {
             (Some(_), _) | (None, None) => Err(unavailable(
                 "this replica is not the leader (and the request was already forwarded, or no \
@@ -921,13 +937,10 @@ async fn forward<N: NodeApi>(
             ))
         }
         Err(_) => {
-            return Err(outcome_unknown(
-                "the membership change",
-                &format!(
-                    "the leader (node {} at {}) did not answer in time",
-                    leader.id, leader.http
-                ),
-            ))
+            return Err(membership_unknown(&format!(
+                "the leader (node {} at {}) did not answer in time",
+                leader.id, leader.http
+            )))
         }
     };
     let mut response = Response::new(Full::new(reply.body));

@@ -265,7 +265,7 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
         snap,
         members: MemberState::default(),
     };
-    state.refresh_peers();
+    state.on_configuration_replaced();
     state.main().await;
     state.flush_held_chosen().await;
     drop(state);
@@ -346,6 +346,7 @@ impl Loop {
             if ticks.is_multiple_of(info_every_ticks) {
                 self.send_peer_info();
                 self.waiters.retain(|_, waiter| !waiter.is_closed());
+                self.prune_departing(None);
             }
             if ticks.is_multiple_of(hash_every_ticks) {
                 self.refresh_state_hash();
@@ -844,7 +845,7 @@ impl Loop {
     /// the log after it applied again): hashes computed before are of another state.
     pub(super) fn on_state_replaced(&mut self) {
         // The address book and the applied configuration came with the snapshot.
-        self.refresh_peers();
+        self.on_configuration_replaced();
         if let Some(divergence) = self.core.checkpoints.on_snapshot_installed() {
             self.repair_requested = None;
             tracing::warn!(
@@ -1027,6 +1028,8 @@ impl Loop {
                     let _ = reply.send(Err(DeployError::Unknown { reason }));
                 }
                 Some(waiter @ (Waiter::Address { .. } | Waiter::Change(_))) => {
+                    // No Idempotency-Key here: the API points to GET /v1/cluster.
+                    let reason = "the leader changed while the change was in flight".into();
                     Loop::fail_member_waiter(waiter, reason);
                 }
                 _ => unreachable!("only commands and deploys were selected"),

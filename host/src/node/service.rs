@@ -973,8 +973,7 @@ impl NodeApi for Node {
                     },
                     None => MemberError::Unknown {
                         reason: format!(
-                            "no outcome within {} ms; the membership change may or may not \
-                             take effect (GET /v1/cluster tells)",
+                            "no outcome within {} ms",
                             self.inner.request_timeout.as_millis()
                         ),
                     },

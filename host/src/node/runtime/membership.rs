@@ -23,6 +23,59 @@ use super::{Loop, PeerSeen, Waiter};
 
 pub(crate) type MemberReply = oneshot::Sender<Result<ClusterView, MemberError>>;
 
+/// How long a member removed by a configuration entry stays in the transport's peer set
+/// when it never reports that entry chosen (it may be down for good, or partitioned).
+/// Long enough for a slow or briefly stopped replica to catch up and learn it.
+pub(crate) const DEPARTING_REACH_MS_MAX: u64 = 60_000;
+
+/// A member that an applied configuration entry removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Departing {
+    /// The slot of the entry that removed it: once its chosen prefix reaches that slot,
+    /// its own status says `outside`.
+    pub slot: Slot,
+    /// The tick this replica applied that entry at.
+    pub since_tick: u64,
+}
+
+/// Records as departing every member of `before` that `after` (applied at `slot`, on
+/// tick `tick`) no longer has; forgets a departing id that is a member again.
+pub(crate) fn note_departures(
+    departing: &mut BTreeMap<NodeId, Departing>,
+    before: &Configuration,
+    after: &Configuration,
+    slot: Slot,
+    tick: u64,
+) {
+    for id in before.members() {
+        if !after.is_member(id) {
+            departing.entry(id).or_insert(Departing {
+                slot,
+                since_tick: tick,
+            });
+        }
+    }
+    departing.retain(|id, _| !after.is_member(*id));
+}
+
+/// Keeps the departing members that have not yet reported (`chosen_reported`: the last
+/// chosen index a member reported) a chosen index at or past the slot that removed them,
+/// and whose `reach_ticks_max` are not over at `tick`. Returns whether any was dropped.
+pub(crate) fn retain_departing(
+    departing: &mut BTreeMap<NodeId, Departing>,
+    chosen_reported: impl Fn(NodeId) -> Option<Slot>,
+    tick: u64,
+    reach_ticks_max: u64,
+) -> bool {
+    let before = departing.len();
+    departing.retain(|id, gone| {
+        let knows = chosen_reported(*id).is_some_and(|chosen| chosen >= gone.slot);
+        let expired = tick.saturating_sub(gone.since_tick) > reach_ticks_max;
+        !knows && !expired
+    });
+    departing.len() != before
+}
+
 /// What the core task tracks for membership.
 #[derive(Default)]
 pub(crate) struct MemberState {
@@ -37,9 +90,15 @@ pub(crate) struct MemberState {
     /// members once answered. Before, losing an old majority (e.g. one of two old
     /// voters) would leave replicas that know only C(old,new) unable to elect anyone.
     confirming: Vec<(Slot, Configuration, MemberReply)>,
-    /// The configuration applied before the current one: its members stay reachable
-    /// until the next change, so the nodes a change removed learn of it.
-    previous: Option<Configuration>,
+    /// The configuration of the last applied configuration entry (or the one restored at
+    /// start or from a snapshot): the next entry is compared with it to find the members
+    /// it removes. Not `Replica::applied_configuration`, which the core moves for a
+    /// whole run of chosen slots before the runtime applies them one by one.
+    applied: Option<Configuration>,
+    /// Members an applied configuration entry removed, kept in the peer set until they
+    /// know it (`retain_departing`): until then they still need the leader's heartbeats
+    /// and catch-up to learn that they are out.
+    departing: BTreeMap<NodeId, Departing>,
     /// Where the transport points now.
     peers: BTreeMap<NodeId, SocketAddr>,
     /// Address-book version the transport was last pointed at.
@@ -147,6 +206,22 @@ impl Loop {
                         return;
                     }
                 };
+                // A retried add (e.g. after a 504) that already took effect: the same
+                // learner at the same addresses. Nothing to propose; answered like the
+                // first (its learner configuration is applied here).
+                let book = self.core.applier.machine.addresses();
+                if self
+                    .core
+                    .replica
+                    .applied_configuration()
+                    .learners
+                    .contains(&id)
+                    && self.core.replica.configuration().learners.contains(&id)
+                    && book.get(id) == Some(&address)
+                {
+                    let _ = reply.send(Ok(self.member_cluster_view()));
+                    return;
+                }
                 // Checked before the address entry, so a refused add never rewrites
                 // the address of a member (the core checks again when it proposes).
                 if self.core.replica.configuration().is_member(id) {
@@ -182,7 +257,24 @@ impl Loop {
                 self.step(Event::Propose { request, command });
                 return;
             }
-            MemberChange::Promote { id } => (MembershipChange::Promote(id), false),
+            MemberChange::Promote { id } => {
+                // A retried promote that already took effect: `id` is a voter of the
+                // configuration in force, which is not joint. Answered like the first
+                // one: once a majority of its voters report a chosen index at or past
+                // this replica's applied index (at or past C(new)'s slot).
+                let applied = self.core.replica.applied_configuration();
+                if !applied.is_joint()
+                    && applied.voters.contains(&id)
+                    && self.core.replica.configuration() == applied
+                {
+                    let slot = self.core.replica.status().applied_index;
+                    let config = applied.clone();
+                    self.members.confirming.push((slot, config, reply));
+                    self.confirm_changes(None);
+                    return;
+                }
+                (MembershipChange::Promote(id), false)
+            }
             MemberChange::Remove { id, force } => (MembershipChange::Remove(id), force),
         };
         self.propose_change(request, change, reply);
@@ -282,28 +374,37 @@ impl Loop {
             learners = ?config.learners,
             "configuration applied"
         );
+        if let Some(before) = self.members.applied.replace(Configuration::clone(config)) {
+            note_departures(
+                &mut self.members.departing,
+                &before,
+                config,
+                slot,
+                self.clock.delivered,
+            );
+        }
         self.refresh_peers();
         // Tell the peers at once how far this replica got: a leader answering a voter
         // change waits for a majority of C(new) to report it (`confirm_changes`).
         self.send_peer_info();
-        self.members.previous = Some(Configuration::clone(config));
+    }
+
+    /// At start and after an installed snapshot: the configuration came whole, not
+    /// through an entry, so nobody departs from it; the next entry is compared with it.
+    pub(super) fn on_configuration_replaced(&mut self) {
+        self.members.applied = Some(self.core.replica.applied_configuration().clone());
+        self.refresh_peers();
     }
 
     /// Points the transport at every member of the configurations in force (applied and
-    /// chosen) and of the one before, at the addresses of the book.
+    /// chosen) and at the departing members, at the addresses of the book.
     pub(super) fn refresh_peers(&mut self) {
         self.members.refreshed_addresses = self.core.applier.machine.addresses_version;
+        let applied = self.core.replica.applied_configuration();
         let book = self.core.applier.machine.addresses();
-        let mut ids: Vec<NodeId> = self
-            .core
-            .replica
-            .applied_configuration()
-            .members()
-            .collect();
+        let mut ids: Vec<NodeId> = applied.members().collect();
         ids.extend(self.core.replica.configuration().members());
-        if let Some(previous) = &self.members.previous {
-            ids.extend(previous.members());
-        }
+        ids.extend(self.members.departing.keys().copied());
         let mut peers = BTreeMap::new();
         for id in ids {
             if id == self.core.id {
@@ -332,10 +433,46 @@ impl Loop {
     }
 
     /// Peer info from `from`: voter changes may now be known chosen by a majority of
-    /// C(new).
+    /// C(new), and a departing member may now know it is out.
     pub(super) fn on_peer_chosen_index(&mut self, from: NodeId, chosen_index: Slot) {
         if !self.members.confirming.is_empty() {
             self.confirm_changes(Some((from, chosen_index)));
+        }
+        if self.members.departing.contains_key(&from) {
+            self.prune_departing(Some((from, chosen_index)));
+        }
+    }
+
+    /// Drops from the peer set the departing members that know they are out (`heard`: a
+    /// report not yet in `self.peers`) or were kept for `DEPARTING_REACH_MS_MAX`.
+    pub(super) fn prune_departing(&mut self, heard: Option<(NodeId, Slot)>) {
+        if self.members.departing.is_empty() {
+            return;
+        }
+        let reach_ticks_max = DEPARTING_REACH_MS_MAX / self.core.tick_ms.max(1);
+        let peers = &self.peers;
+        let chosen_reported = |id: NodeId| match heard {
+            Some((from, chosen)) if from == id => Some(chosen),
+            _ => peers.get(&id).and_then(|seen| seen.chosen_index),
+        };
+        let departing_before = self.members.departing.clone();
+        if retain_departing(
+            &mut self.members.departing,
+            chosen_reported,
+            self.clock.delivered,
+            reach_ticks_max,
+        ) {
+            for id in departing_before.keys() {
+                if !self.members.departing.contains_key(id) {
+                    tracing::info!(
+                        node = self.core.id,
+                        member = id,
+                        "a removed member knows it is out (or was kept long enough): no \
+                         longer a peer"
+                    );
+                }
+            }
+            self.refresh_peers();
         }
     }
 
@@ -451,5 +588,41 @@ mod tests {
         assert_eq!(view.old_voters, Some(vec![1, 2, 3]));
         assert_eq!(view.learners, vec![5]);
         assert_eq!(view.leader, Some(2));
+    }
+
+    #[test]
+    fn a_removed_member_departs_until_it_reports_the_removing_slot_or_its_time_is_over() {
+        let mut departing = BTreeMap::new();
+        let old = Configuration::new([1, 2, 3]);
+        let joint = old.joint_to(&Configuration::new([1, 3, 4]));
+        // C(old,new) removes nobody yet: 2 is an old voter, still a member.
+        note_departures(&mut departing, &old, &joint, 10, 100);
+        assert!(departing.is_empty());
+        let new = Configuration::new([1, 3, 4]);
+        note_departures(&mut departing, &joint, &new, 11, 105);
+        let gone = Departing {
+            slot: 11,
+            since_tick: 105,
+        };
+        assert_eq!(departing, BTreeMap::from([(2, gone)]));
+        // The next entry (a learner added at once) keeps it: 2 has not learned yet.
+        let with_learner = Configuration::with_learners([1, 3, 4], [7]);
+        note_departures(&mut departing, &new, &with_learner, 13, 106);
+        assert_eq!(departing, BTreeMap::from([(2, gone)]));
+
+        // A report below the removing slot, or none, keeps it.
+        let reach = 100;
+        assert!(!retain_departing(&mut departing, |_| Some(10), 150, reach));
+        assert!(!retain_departing(&mut departing, |_| None, 205, reach));
+        assert_eq!(departing.len(), 1);
+        // The removing slot reported chosen: it knows, it departs.
+        assert!(retain_departing(&mut departing, |_| Some(11), 150, reach));
+        assert!(departing.is_empty());
+
+        // Never heard from: kept `reach` ticks, then dropped.
+        departing.insert(2, gone);
+        assert!(!retain_departing(&mut departing, |_| None, 205, reach));
+        assert!(retain_departing(&mut departing, |_| None, 206, reach));
+        assert!(departing.is_empty());
     }
 }
