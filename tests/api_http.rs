@@ -294,6 +294,11 @@ impl NodeApi for FakeNode {
                 MemberChange::Add { id, .. }
                 | MemberChange::Promote { id }
                 | MemberChange::Remove { id, .. } => *id,
+                MemberChange::SetVoters { voters, .. } => voters
+                    .iter()
+                    .copied()
+                    .max()
+                    .expect("the route refuses an empty set"),
             };
             match id {
                 7 => Err(MemberError::Refused {
@@ -938,6 +943,72 @@ async fn membership_routes_check_token_path_and_json_and_map_outcomes() {
             MemberChange::Remove {
                 id: 9,
                 force: false
+            },
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn set_voters_takes_a_set_of_ids_and_force() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let token = [("authorization", "Bearer s3cret")];
+    let reply = call(&server, Method::PUT, "/v1/cluster/voters", &[], b"{}").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let body = br#"{"voters":[4,5,6]}"#;
+    let reply = call(&server, Method::PUT, "/v1/cluster/voters", &token, body).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(json_of(&reply)["voters"], json!([1]));
+    let reply = call(
+        &server,
+        Method::PUT,
+        "/v1/cluster/voters?force=true",
+        &token,
+        br#"{"voters":[2,7]}"#,
+    )
+    .await;
+    assert_error(
+        &reply,
+        StatusCode::CONFLICT,
+        "learner 7 lags the leader by 900 entries",
+    );
+    for (body, reason) in [
+        (&br#"{"voters":[]}"#[..], "the voters must not be empty"),
+        (
+            br#"{"voters":[0,1]}"#,
+            "node id 0 is reserved; ids start at 1",
+        ),
+        (br#"{"voters":[2,2]}"#, "node 2 is listed twice"),
+        (
+            br#"{"voters":"1,2"}"#,
+            "malformed JSON: \"voters\" must be an array of node ids",
+        ),
+        (
+            br#"{"voters":[1],"x":1}"#,
+            "malformed JSON: unknown field \"x\"",
+        ),
+    ] {
+        let reply = call(&server, Method::PUT, "/v1/cluster/voters", &token, body).await;
+        assert_error(
+            &reply,
+            StatusCode::BAD_REQUEST,
+            &format!("{reason}; expected {{\"voters\":[4,5,6]}}"),
+        );
+    }
+    let reply = call(&server, Method::POST, "/v1/cluster/voters", &token, body).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), Some("PUT"));
+    assert_eq!(
+        node.state().changes,
+        vec![
+            MemberChange::SetVoters {
+                voters: [4, 5, 6].into_iter().collect(),
+                force: false
+            },
+            MemberChange::SetVoters {
+                voters: [2, 7].into_iter().collect(),
+                force: true
             },
         ]
     );

@@ -236,6 +236,10 @@ fn took_effect(method: &str, path: &str, body: &[u8], view: &serde_json::Value) 
             has("learners", id) || has("voters", id)
         }
         ("POST", true) => view["joint"] == false && has("voters", path_id()),
+        ("PUT", _) => {
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+            view["joint"] == false && view["voters"] == body["voters"]
+        }
         ("DELETE", _) => {
             let id = path_id();
             view["joint"] == false && !has("voters", id) && !has("learners", id)
@@ -933,5 +937,41 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
         "e2e_members: nodes 5 and 6 killed and restarted without --cluster, voting again; \
          state {hash} at {index} on 5, 6, 7; {:.1} s in all",
         started.elapsed().as_secs_f64()
+    );
+
+    // Any set change in one joint-consensus step: {5,6,7} -> {5} removes two voters, a
+    // majority of C(old), at once; node 5 alone is then a quorum.
+    let set_started = Instant::now();
+    let (changed, _) = change(
+        &cluster,
+        "PUT",
+        "/v1/cluster/voters",
+        br#"{"voters":[5]}"#,
+        &["in progress", "running"],
+    );
+    assert_eq!(changed["voters"], serde_json::json!([5]), "{changed}");
+    assert_eq!(changed["joint"], false, "answered once C(new) applied");
+    let five_http = cluster.nodes[five].http.clone();
+    let reply = wait_until(
+        "a write acknowledged by node 5 alone",
+        &cluster,
+        Duration::from_secs(30),
+        || submit(&five_http, "put alone yes", "alone-yes").filter(|r| r.status == 200),
+    );
+    assert_eq!(reply.text(), "OK");
+    for gone in [six_i, seven] {
+        wait_until(
+            "a voter removed by the set change to say so",
+            &cluster,
+            Duration::from_secs(30),
+            || {
+                let status = json(&cluster.nodes[gone].http, "/v1/status")?;
+                (status["membership"] == "outside").then_some(())
+            },
+        );
+    }
+    eprintln!(
+        "e2e_members: voters {{5,6,7}} -> {{5}} in one change in {} ms",
+        set_started.elapsed().as_millis()
     );
 }

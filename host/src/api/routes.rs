@@ -86,10 +86,12 @@ pub enum Route {
     Member,
     /// `POST /v1/cluster/members/{id}/promote`.
     MemberPromote,
+    /// `PUT /v1/cluster/voters`: any set change of the voters in one joint-consensus step.
+    Voters,
 }
 
 impl Route {
-    pub const ALL: [Route; 13] = [
+    pub const ALL: [Route; 14] = [
         Route::Commands,
         Route::Queries,
         Route::App,
@@ -103,6 +105,7 @@ impl Route {
         Route::Members,
         Route::Member,
         Route::MemberPromote,
+        Route::Voters,
     ];
 
     fn of(path: &str) -> Route {
@@ -117,6 +120,7 @@ impl Route {
             "/metrics" => Route::Metrics,
             "/v1/debug/flip-byte" => Route::DebugFlipByte,
             "/v1/cluster/members" => Route::Members,
+            "/v1/cluster/voters" => Route::Voters,
             _ => match member_path(path) {
                 Some((_, false)) => Route::Member,
                 Some((_, true)) => Route::MemberPromote,
@@ -147,6 +151,7 @@ impl Route {
             Route::Members => "/v1/cluster/members",
             Route::Member => "/v1/cluster/members/{id}",
             Route::MemberPromote => "/v1/cluster/members/{id}/promote",
+            Route::Voters => "/v1/cluster/voters",
         }
     }
 
@@ -159,6 +164,7 @@ impl Route {
             | Route::Members
             | Route::MemberPromote => "POST",
             Route::Member => "DELETE",
+            Route::Voters => "PUT",
             Route::App => "GET, PUT",
             Route::Status | Route::Cluster | Route::Livez | Route::Readyz | Route::Metrics => "GET",
             Route::Unmatched => unreachable!("an unmatched path answers 404, never 405"),
@@ -214,7 +220,8 @@ async fn dispatch<N: NodeApi>(
         (Route::Queries, Method::POST) => queries(shared, request).await,
         (Route::Members, Method::POST)
         | (Route::MemberPromote, Method::POST)
-        | (Route::Member, Method::DELETE) => members(shared, route, request).await,
+        | (Route::Member, Method::DELETE)
+        | (Route::Voters, Method::PUT) => members(shared, route, request).await,
         (Route::App, Method::PUT) => deploy(shared, request).await,
         (Route::App, Method::GET) => Ok(json_response(
             StatusCode::OK,
@@ -815,6 +822,35 @@ fn add_member_body(body: &[u8]) -> Result<MemberChange, String> {
     Ok(MemberChange::Add { id, peer, http })
 }
 
+/// The body of `PUT /v1/cluster/voters`: `{"voters":[4,5,6]}`, a non-empty set of ids.
+fn voters_body(body: &[u8]) -> Result<std::collections::BTreeSet<u64>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|failure| format!("malformed JSON: {failure}"))?;
+    let object = value
+        .as_object()
+        .ok_or("malformed JSON: expected an object")?;
+    if let Some(unknown) = object.keys().find(|key| key.as_str() != "voters") {
+        return Err(format!("malformed JSON: unknown field {unknown:?}"));
+    }
+    let ids = object
+        .get("voters")
+        .and_then(serde_json::Value::as_array)
+        .ok_or("malformed JSON: \"voters\" must be an array of node ids")?;
+    let mut voters = std::collections::BTreeSet::new();
+    for id in ids {
+        match id.as_u64() {
+            Some(id) if id != 0 && voters.insert(id) => {}
+            Some(0) => return Err("node id 0 is reserved; ids start at 1".into()),
+            Some(id) => return Err(format!("node {id} is listed twice")),
+            None => return Err("malformed JSON: \"voters\" must be an array of node ids".into()),
+        }
+    }
+    if voters.is_empty() {
+        return Err("the voters must not be empty".into());
+    }
+    Ok(voters)
+}
+
 /// `POST /v1/cluster/members`, `POST /v1/cluster/members/{id}/promote`, `DELETE
 /// /v1/cluster/members/{id}[?force=true]`: admin routes (bearer token as for `PUT
 /// /v1/app`). A follower forwards the request to the leader once; the answer is the
@@ -828,15 +864,17 @@ async fn members<N: NodeApi>(
     let mut force = false;
     for (name, value) in query_pairs(&request)? {
         match (route, name, value) {
-            (Route::Member, "force", "true") => force = true,
-            (Route::Member, "force", "false") => force = false,
-            (Route::Member, "force", other) => {
+            (Route::Member | Route::Voters, "force", "true") => force = true,
+            (Route::Member | Route::Voters, "force", "false") => force = false,
+            (Route::Member | Route::Voters, "force", other) => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
                     &format!("force must be true or false, not {other:?}"),
                 ))
             }
-            (Route::Member, other, _) => return Err(unknown_parameter(other, "force")),
+            (Route::Member | Route::Voters, other, _) => {
+                return Err(unknown_parameter(other, "force"))
+            }
             (_, other, _) => return Err(unknown_parameter(other, "(none)")),
         }
     }
@@ -868,6 +906,15 @@ async fn members<N: NodeApi>(
         })?,
         (Route::MemberPromote, Some(id)) => MemberChange::Promote { id },
         (Route::Member, Some(id)) => MemberChange::Remove { id, force },
+        (Route::Voters, _) => {
+            let voters = voters_body(&body).map_err(|reason| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{reason}; expected {{\"voters\":[4,5,6]}}"),
+                )
+            })?;
+            MemberChange::SetVoters { voters, force }
+        }
         _ => unreachable!("dispatch sends only membership routes here"),
     };
     let changed = shared.node.change_members(change);

@@ -1,6 +1,7 @@
-//! `paxwasm members list|add|promote|remove`: membership changes over the HTTP API
-//! (`GET /v1/cluster`, `POST /v1/cluster/members`, `POST /v1/cluster/members/{id}/promote`,
-//! `DELETE /v1/cluster/members/{id}`). Any replica can be the endpoint: followers forward
+//! `paxwasm members list|add|promote|remove|set-voters`: membership changes over the HTTP
+//! API (`GET /v1/cluster`, `POST /v1/cluster/members`, `POST
+//! /v1/cluster/members/{id}/promote`, `DELETE /v1/cluster/members/{id}`, `PUT
+//! /v1/cluster/voters`). Any replica can be the endpoint: followers forward
 //! changes to the leader. A change prints the cluster once it is applied.
 
 use std::fmt::Write as _;
@@ -69,6 +70,22 @@ pub enum MembersCommand {
         #[command(flatten)]
         endpoint: EndpointArgs,
     },
+    /// Make exactly these ids the voters in one joint-consensus change (add several,
+    /// remove several, replace a majority); each must be a voter or a caught-up learner
+    /// now, voters left out leave the cluster (PUT /v1/cluster/voters).
+    SetVoters {
+        /// The voters after the change, comma-separated: 4,5,6.
+        #[arg(value_delimiter = ',', required = true)]
+        ids: Vec<u64>,
+        /// Change even if fewer than a majority of the new voters are running.
+        #[arg(long)]
+        force: bool,
+        /// The JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
 }
 
 pub fn members(args: MembersArgs) -> ExitCode {
@@ -110,6 +127,22 @@ pub fn members(args: MembersArgs) -> ExitCode {
                     format!("/v1/cluster/members/{id}")
                 },
                 None,
+                json,
+                endpoint,
+            ),
+            MembersCommand::SetVoters {
+                ids,
+                force,
+                json,
+                endpoint,
+            } => (
+                Method::PUT,
+                if force {
+                    "/v1/cluster/voters?force=true".to_owned()
+                } else {
+                    "/v1/cluster/voters".to_owned()
+                },
+                Some(json!({ "voters": ids })),
                 json,
                 endpoint,
             ),

@@ -231,6 +231,13 @@ pub enum MemberChange {
     Promote { id: NodeId },
     /// Remove a voter or learner; `force` skips the running-quorum check.
     Remove { id: NodeId, force: bool },
+    /// Make exactly `voters` the voters, in one joint-consensus change (add several,
+    /// remove several, replace a majority): each must be a voter or a learner now;
+    /// voters left out leave the cluster, other learners stay learners.
+    SetVoters {
+        voters: std::collections::BTreeSet<NodeId>,
+        force: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

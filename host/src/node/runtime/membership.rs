@@ -276,6 +276,32 @@ impl Loop {
                 (MembershipChange::Promote(id), false)
             }
             MemberChange::Remove { id, force } => (MembershipChange::Remove(id), force),
+            MemberChange::SetVoters { voters, force } => {
+                let applied = self.core.replica.applied_configuration();
+                if !applied.is_joint()
+                    && applied.voters == voters
+                    && self.core.replica.configuration() == applied
+                {
+                    // Already the voters (a retry after a 504, say): answered like a
+                    // retried promote, once a majority of them confirm.
+                    let slot = self.core.replica.status().applied_index;
+                    let config = applied.clone();
+                    self.members.confirming.push((slot, config, reply));
+                    self.confirm_changes(None);
+                    return;
+                }
+                // Learners not named stay learners; no new id enters here (a new member
+                // comes in through an add, which records its addresses first).
+                let learners = self
+                    .core
+                    .replica
+                    .configuration()
+                    .learners
+                    .difference(&voters)
+                    .copied()
+                    .collect();
+                (MembershipChange::Replace { voters, learners }, force)
+            }
         };
         self.propose_change(request, change, reply);
     }
