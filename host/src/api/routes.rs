@@ -852,8 +852,8 @@ fn voters_body(body: &[u8]) -> Result<std::collections::BTreeSet<u64>, String> {
 }
 
 /// `POST /v1/cluster/members`, `POST /v1/cluster/members/{id}/promote`, `DELETE
-/// /v1/cluster/members/{id}[?force=true]`: admin routes (bearer token as for `PUT
-/// /v1/app`). A follower forwards the request to the leader once; the answer is the
+/// /v1/cluster/members/{id}[?force=true]`, `PUT /v1/cluster/voters[?force=true]`: admin
+/// routes (bearer token as for `PUT /v1/app`). A follower forwards the request to the leader once; the answer is the
 /// cluster after the change is applied (for a voter change: after C(new)).
 async fn members<N: NodeApi>(
     shared: &Shared<N>,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::client::{failed, pretty, run, EndpointArgs};
 
-/// List the members, or add, promote or remove one.
+/// List the members, add, promote or remove one, or set the voters in one step.
 #[derive(Debug, Args)]
 pub struct MembersArgs {
     #[command(subcommand)]
