@@ -40,7 +40,7 @@ enum Command {
     Node(node::NodeArgs),
     /// Run a local cluster of replicas on loopback.
     Dev(dev::DevArgs),
-    /// List the cluster's members, or add, promote or remove one.
+    /// List the cluster's members, add, promote or remove one, or set the voters in one step.
     Members(members::MembersArgs),
 }
 
