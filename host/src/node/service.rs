@@ -213,10 +213,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         Compiler::new(config.machine.clone())
     };
     let restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
-    let store_is_empty = recovered.promised.is_none()
-        && recovered.accepted.is_empty()
-        && recovered.chosen.is_none()
-        && recovered.log_start <= 1;
+    let store_is_empty = holds_no_acceptor_state(&recovered);
     let joining = config.members.is_empty() && restored.state.is_none();
     if joining {
         anyhow::ensure!(
@@ -523,6 +520,14 @@ pub const REMOVED_READINESS: &str = "removed from the cluster";
 /// never reused, docs/notes/members.md).
 pub const META_AMNESIC: &str = "amnesic";
 
+/// A store that never promised, accepted, learned or compacted anything.
+fn holds_no_acceptor_state(recovered: &crate::storage::Recovered) -> bool {
+    recovered.promised.is_none()
+        && recovered.accepted.is_empty()
+        && recovered.chosen.is_none()
+        && recovered.log_start <= 1
+}
+
 /// Writes the durable mark of a replica that lost its acceptor state (it never votes
 /// again, `DurableState::amnesic`), synced before the core starts.
 async fn mark_amnesic(store: &Store) -> anyhow::Result<()> {
@@ -557,10 +562,7 @@ async fn amnesia(
     if !config.rejoin {
         return Ok(false);
     }
-    let empty = recovered.promised.is_none()
-        && recovered.accepted.is_empty()
-        && recovered.chosen.is_none()
-        && recovered.log_start <= 1;
+    let empty = holds_no_acceptor_state(recovered);
     anyhow::ensure!(
         empty,
         "--rejoin is for a member whose data was lost, but {} holds acceptor state \

@@ -7,7 +7,7 @@
 //! It never decides a change (the core checks and proposes it) and never answers
 //! before the change is applied on this replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use tokio::sync::oneshot;
 
@@ -262,32 +262,17 @@ impl Loop {
                 // configuration in force, which is not joint. Answered like the first
                 // one: once a majority of its voters report a chosen index at or past
                 // this replica's applied index (at or past C(new)'s slot).
-                let applied = self.core.replica.applied_configuration();
-                if !applied.is_joint()
-                    && applied.voters.contains(&id)
-                    && self.core.replica.configuration() == applied
-                {
-                    let slot = self.core.replica.status().applied_index;
-                    let config = applied.clone();
-                    self.members.confirming.push((slot, config, reply));
-                    self.confirm_changes(None);
+                if self.settled_voters_satisfy(|voters| voters.contains(&id)) {
+                    self.answer_once_confirmed(reply);
                     return;
                 }
                 (MembershipChange::Promote(id), false)
             }
             MemberChange::Remove { id, force } => (MembershipChange::Remove(id), force),
             MemberChange::SetVoters { voters, force } => {
-                let applied = self.core.replica.applied_configuration();
-                if !applied.is_joint()
-                    && applied.voters == voters
-                    && self.core.replica.configuration() == applied
-                {
-                    // Already the voters (a retry after a 504, say): answered like a
-                    // retried promote, once a majority of them confirm.
-                    let slot = self.core.replica.status().applied_index;
-                    let config = applied.clone();
-                    self.members.confirming.push((slot, config, reply));
-                    self.confirm_changes(None);
+                if self.settled_voters_satisfy(|current| *current == voters) {
+                    // Already the voters (a retry after a 504, say).
+                    self.answer_once_confirmed(reply);
                     return;
                 }
                 // Learners not named stay learners; no new id enters here (a new member
@@ -304,6 +289,25 @@ impl Loop {
             }
         };
         self.propose_change(request, change, reply);
+    }
+
+    /// Whether the configuration in force is settled (not joint, nothing newer chosen)
+    /// and its voters pass `check`: a retried change that already took effect.
+    fn settled_voters_satisfy(&self, check: impl Fn(&BTreeSet<NodeId>) -> bool) -> bool {
+        let applied = self.core.replica.applied_configuration();
+        !applied.is_joint()
+            && self.core.replica.configuration() == applied
+            && check(&applied.voters)
+    }
+
+    /// Answers a retried change like the first one: once a majority of the voters in
+    /// force report a chosen index at or past this replica's applied index (so at or
+    /// past C(new)'s slot).
+    fn answer_once_confirmed(&mut self, reply: MemberReply) {
+        let slot = self.core.replica.status().applied_index;
+        let config = self.core.replica.applied_configuration().clone();
+        self.members.confirming.push((slot, config, reply));
+        self.confirm_changes(None);
     }
 
     fn propose_change(
