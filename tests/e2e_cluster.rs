@@ -180,7 +180,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
                     let key = format!("c{client}-k{seq}");
                     let value = format!("v{seq}");
                     for _attempt in 0..6 {
-                        match submit(&addrs[target], &format!("put {key} {value}"), &key) {
+                        match submit(&addrs[target], format!("put {key} {value}"), &key) {
                             Ok(reply) if reply.status == 200 => {
                                 assert_eq!(reply.text(), "OK");
                                 assert!(reply.header("paxwasm-index").is_some());
