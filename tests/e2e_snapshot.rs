@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
-use support::{get, leader, metric, status, submit, wait_until, Cluster, REQUEST_TIMEOUT};
+use support::{
+    converged, get, leader, metric, status, submit, wait_until, Cluster, REQUEST_TIMEOUT,
+};
 
 const NODES: usize = 3;
 const SNAPSHOT_ENTRIES: u64 = 150;
@@ -133,26 +135,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Every live replica applied everything chosen, at the same state hash and index.
-fn converged(cluster: &Cluster) -> Option<(u64, String)> {
-    let mut seen = Vec::new();
-    for node in &cluster.nodes {
-        let status = status(&node.http)?;
-        let applied = status["applied_index"].as_u64()?;
-        if applied != status["commit_index"].as_u64()? {
-            return None;
-        }
-        let hash = &status["state_hash"];
-        let index = hash["index"].as_u64()?;
-        if index != applied {
-            return None;
-        }
-        seen.push((index, hash["hash"].as_str()?.to_string()));
-    }
-    let first = seen[0].clone();
-    seen.iter().all(|s| *s == first).then_some(first)
 }
 
 fn files_in(dir: &Path, suffix: &str) -> Vec<(PathBuf, u64)> {

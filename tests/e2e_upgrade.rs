@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
-use support::{get, leader, status, submit, wait_until, Cluster, REQUEST_TIMEOUT};
+use support::{converged, get, leader, submit, wait_until, Cluster, REQUEST_TIMEOUT};
 
 const NODES: usize = 3;
 const CLIENTS: usize = 4;
@@ -200,25 +200,6 @@ fn deploy(cluster: &Cluster, addr: &str, module: &[u8], migrate: bool) -> Deploy
 
 fn query(addr: &str, query: &[u8]) -> Response {
     probe::request(addr, "POST", "/v1/queries", &[], query, REQUEST_TIMEOUT).unwrap()
-}
-
-/// Every replica applied everything chosen, at the same state hash and index.
-fn converged(cluster: &Cluster) -> Option<(u64, String)> {
-    let mut seen = Vec::new();
-    for node in &cluster.nodes {
-        let status = status(&node.http)?;
-        let applied = status["applied_index"].as_u64()?;
-        if applied != status["commit_index"].as_u64()? {
-            return None;
-        }
-        let hash = &status["state_hash"];
-        if hash["index"].as_u64()? != applied {
-            return None;
-        }
-        seen.push((applied, hash["hash"].as_str()?.to_string()));
-    }
-    let first = seen[0].clone();
-    seen.iter().all(|s| *s == first).then_some(first)
 }
 
 /// One acknowledged write: its key, value, when it was sent and how long it took.

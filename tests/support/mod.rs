@@ -271,3 +271,23 @@ pub fn submit(addr: &str, command: impl AsRef<[u8]>, key: &str) -> std::io::Resu
         REQUEST_TIMEOUT,
     )
 }
+
+/// `(index, hash)` when every node applied everything chosen and reports its state hash
+/// at that index, the same on all of them.
+pub fn converged(cluster: &Cluster) -> Option<(u64, String)> {
+    let mut seen = Vec::new();
+    for node in &cluster.nodes {
+        let status = status(&node.http)?;
+        let applied = status["applied_index"].as_u64()?;
+        if applied != status["commit_index"].as_u64()? {
+            return None;
+        }
+        let hash = &status["state_hash"];
+        if hash["index"].as_u64()? != applied {
+            return None;
+        }
+        seen.push((applied, hash["hash"].as_str()?.to_string()));
+    }
+    let first = seen[0].clone();
+    seen.iter().all(|s| *s == first).then_some(first)
+}
