@@ -8,11 +8,13 @@
 //! a majority replica for its newest snapshot, installs it (applying its log after the
 //! snapshot again), serves again and agrees with the others at the next checkpoint.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
+use support::{status, wait_until, Cluster};
 
 const NODES: usize = 3;
 const CHECKPOINT_ENTRIES: u64 = 20;
@@ -23,138 +25,24 @@ const SNAPSHOT_ENTRIES: u64 = 10;
 const REPAIR_DELAY_MS: u64 = 3_000;
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-struct Cluster {
-    dir: PathBuf,
-    http: Vec<String>,
-    peer: Vec<String>,
-    children: Vec<Option<Child>>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().filter_map(Option::take) {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Cluster {
-    fn start(dir: &Path) -> Cluster {
-        // Hold all listeners at once so the ports are distinct, then release them.
-        let listeners: Vec<std::net::TcpListener> = (0..2 * NODES)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
-        drop(listeners);
-        let mut cluster = Cluster {
-            dir: dir.to_path_buf(),
-            http: addrs[..NODES].to_vec(),
-            peer: addrs[NODES..].to_vec(),
-            children: (0..NODES).map(|_| None).collect(),
-        };
-        for i in 0..NODES {
-            cluster.spawn(i);
-        }
-        cluster
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let members = (0..NODES)
-            .map(|j| format!("{}={}", j + 1, self.peer[j]))
-            .collect::<Vec<_>>()
-            .join(",");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node-{}.log", i + 1)))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
-            .arg("node")
-            .args(["--id", &(i + 1).to_string()])
-            .arg("--data")
-            .arg(self.dir.join(format!("node-{}", i + 1)))
-            .args(["--http", &self.http[i]])
-            .args(["--peer", &self.peer[i]])
-            .args(["--cluster", &members])
-            .args(["--cluster-id", "e2e-checkpoint"])
-            .args(["--checkpoint-entries", &CHECKPOINT_ENTRIES.to_string()])
-            .args(["--snapshot-entries", &SNAPSHOT_ENTRIES.to_string()])
-            .args(["--checkpoint-repair-delay-ms", &REPAIR_DELAY_MS.to_string()])
-            .arg("--test-hooks")
-            .env_remove("PAXWASM_TOKEN")
-            .env_remove("PAXWASM_CHECKPOINT_ENTRIES")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start paxwasm node");
-        self.children[i] = Some(child);
-    }
-
-    fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("node-{}.log", i + 1))).unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let mut out = String::new();
-        for i in 0..NODES {
-            let log = self.log(i);
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            out.push_str(&format!("--- node {} ---\n", i + 1));
-            for line in tail.into_iter().rev() {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
+fn start(dir: &Path) -> Cluster {
+    let checkpoint_entries = CHECKPOINT_ENTRIES.to_string();
+    let snapshot_entries = SNAPSHOT_ENTRIES.to_string();
+    let repair_delay_ms = REPAIR_DELAY_MS.to_string();
+    let args = [
+        "--checkpoint-entries",
+        &checkpoint_entries,
+        "--snapshot-entries",
+        &snapshot_entries,
+        "--checkpoint-repair-delay-ms",
+        &repair_delay_ms,
+        "--test-hooks",
+    ];
+    Cluster::start(dir, NODES, "e2e-checkpoint", &args)
 }
 
 fn call(addr: &str, method: &str, path: &str, body: &[u8]) -> Option<Response> {
     probe::request(addr, method, path, &[], body, TIMEOUT).ok()
-}
-
-fn status(addr: &str) -> Option<serde_json::Value> {
-    let reply = call(addr, "GET", "/v1/status", b"")?;
-    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
-}
-
-fn wait_until<T>(
-    what: &str,
-    cluster: &Cluster,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            cluster.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The replica every replica names as leader.
-fn current_leader(cluster: &Cluster) -> Option<usize> {
-    let mut leaders = Vec::new();
-    for addr in &cluster.http {
-        leaders.push(status(addr)?["leader"].as_u64()?);
-    }
-    let first = leaders[0];
-    leaders
-        .iter()
-        .all(|l| *l == first)
-        .then(|| first as usize - 1)
 }
 
 /// Submits `count` puts through `addr`, each retried (same idempotency key, so applied
@@ -198,7 +86,7 @@ fn agreed_checkpoint(cluster: &Cluster, index_min: u64) -> (u64, String) {
         Duration::from_secs(20),
         || {
             let mut seen = Vec::new();
-            for addr in &cluster.http {
+            for addr in &cluster.addrs() {
                 let checkpoint = status(addr)?["checkpoint"].clone();
                 if checkpoint["agreed"] != true || checkpoint["index"].as_u64()? < index_min {
                     return None;
@@ -214,12 +102,7 @@ fn agreed_checkpoint(cluster: &Cluster, index_min: u64) -> (u64, String) {
 }
 
 fn metric(addr: &str, name: &str) -> u64 {
-    let text = call(addr, "GET", "/metrics", b"").expect("metrics").text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no metric {name}"))
-        .parse()
-        .unwrap()
+    support::metric(addr, name).unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 #[test]
@@ -227,18 +110,19 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
     let started = Instant::now();
     let kv = std::fs::read(paxwasm::examples::example_module("kv").unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path());
+    let cluster = start(dir.path());
+    let http = cluster.addrs();
 
     let leader = wait_until("a leader", &cluster, Duration::from_secs(30), || {
-        current_leader(&cluster)
+        support::leader(&cluster)
     });
     wait_until("kv deployed", &cluster, Duration::from_secs(30), || {
-        let reply = call(&cluster.http[leader], "PUT", "/v1/app", &kv)?;
+        let reply = call(&http[leader], "PUT", "/v1/app", &kv)?;
         (reply.status == 200).then_some(())
     });
     submit_puts(
         &cluster,
-        &cluster.http[leader],
+        &http[leader],
         "warm",
         2 * CHECKPOINT_ENTRIES as usize,
     );
@@ -253,13 +137,13 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
     // followers forward to it). Leadership may move in the first seconds, so the
     // leader is asked again once it has held for a while.
     let leader = wait_until("a stable leader", &cluster, Duration::from_secs(30), || {
-        let first = current_leader(&cluster)?;
+        let first = support::leader(&cluster)?;
         std::thread::sleep(Duration::from_millis(500));
-        (current_leader(&cluster)? == first).then_some(first)
+        (support::leader(&cluster)? == first).then_some(first)
     });
-    let leader_addr = cluster.http[leader].clone();
+    let leader_addr = http[leader].clone();
     let victim = (leader + 1) % NODES;
-    let victim_addr = cluster.http[victim].clone();
+    let victim_addr = http[victim].clone();
     let reply = call(&victim_addr, "POST", "/v1/debug/flip-byte", b"").unwrap();
     assert_eq!(reply.status, 400, "{}", reply.text());
     let reply = call(
@@ -271,7 +155,7 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
     .unwrap();
     assert_eq!(reply.status, 400, "{}", reply.text());
     assert!(reply.text().contains("outside"), "{}", reply.text());
-    for addr in &cluster.http {
+    for addr in &http {
         assert_eq!(metric(addr, "paxwasm_checkpoint_mismatches_total"), 0);
     }
 
@@ -320,7 +204,7 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
     );
     assert!(metric(&victim_addr, "paxwasm_checkpoint_mismatches_total") >= 2);
     assert_eq!(metric(&victim_addr, "paxwasm_checkpoint_diverged"), 1);
-    let log = cluster.log(victim);
+    let log = cluster.log_of(victim);
     assert!(log.contains("STATE DIVERGED"), "{}", cluster.log_tail());
     assert!(
         log.contains(&format!("index={detect_at}")),
@@ -335,7 +219,7 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
         assert_eq!(reply.status, 503, "{consistency}: {}", reply.text());
         assert!(reply.text().contains("diverged"), "{}", reply.text());
         for &other in &others {
-            let reply = call(&cluster.http[other], "POST", &path, b"get warm-1").unwrap();
+            let reply = call(&http[other], "POST", &path, b"get warm-1").unwrap();
             assert_eq!(
                 reply.status,
                 200,
@@ -350,7 +234,7 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
     let reply = call(&victim_addr, "POST", "/v1/commands", b"put refused 1").unwrap();
     assert_eq!(reply.status, 503, "{}", reply.text());
     for &other in &others {
-        let addr = &cluster.http[other];
+        let addr = &http[other];
         assert_eq!(call(addr, "GET", "/readyz", b"").unwrap().status, 200);
         assert_eq!(metric(addr, "paxwasm_checkpoint_diverged"), 0);
         // The majority sees the mismatch too (an alarm on every replica), but serves.
@@ -372,7 +256,7 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
         || (call(&victim_addr, "GET", "/readyz", b"")?.status == 200).then_some(()),
     );
     let repaired_ms = flip_time.elapsed().as_millis();
-    let log = cluster.log(victim);
+    let log = cluster.log_of(victim);
     assert!(
         log.contains("a snapshot from the majority is installed"),
         "{}",

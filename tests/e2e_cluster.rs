@@ -4,182 +4,26 @@
 //! acknowledged write is present and all replicas reach the same state hash at the same
 //! index.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
+use support::{get, leader, status, submit, wait_until, Cluster, REQUEST_TIMEOUT};
 
 const NODES: usize = 3;
 const BODY_BYTES_MAX: usize = 4096;
 const CLIENTS: usize = 6;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-struct Node {
-    id: usize,
-    http: String,
-    peer: String,
-    child: Option<Child>,
-}
-
-struct Cluster {
-    dir: PathBuf,
-    nodes: Vec<Node>,
-    cluster_arg: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn free_ports(count: usize) -> Vec<u16> {
-    // Hold all listeners at once so the ports are distinct, then release them.
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-impl Cluster {
-    fn start(dir: &Path) -> Cluster {
-        let ports = free_ports(2 * NODES);
-        let nodes: Vec<Node> = (0..NODES)
-            .map(|i| Node {
-                id: i + 1,
-                http: format!("127.0.0.1:{}", ports[i]),
-                peer: format!("127.0.0.1:{}", ports[NODES + i]),
-                child: None,
-            })
-            .collect();
-        let cluster_arg = nodes
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Cluster {
-            dir: dir.to_path_buf(),
-            nodes,
-            cluster_arg,
-        };
-        for i in 0..NODES {
-            cluster.spawn(i);
-        }
-        cluster
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let node = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node-{}.log", node.id)))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
-            .arg("node")
-            .args(["--id", &node.id.to_string()])
-            .arg("--data")
-            .arg(self.dir.join(format!("node-{}", node.id)))
-            .args(["--http", &node.http])
-            .args(["--peer", &node.peer])
-            .args(["--cluster", &self.cluster_arg])
-            .args(["--cluster-id", "e2e"])
-            .args(["--body-bytes-max", &BODY_BYTES_MAX.to_string()])
-            .env_remove("PAXWASM_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start paxwasm node");
-        self.nodes[i].child = Some(child);
-    }
-
-    fn kill(&mut self, i: usize) {
-        let mut child = self.nodes[i].child.take().expect("node is running");
-        child.kill().expect("SIGKILL");
-        child.wait().unwrap();
-    }
-
-    fn log_tail(&self) -> String {
-        let mut out = String::new();
-        for node in &self.nodes {
-            let log = std::fs::read_to_string(self.dir.join(format!("node-{}.log", node.id)))
-                .unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            out.push_str(&format!("--- node {} ---\n", node.id));
-            for line in tail.into_iter().rev() {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-}
-
-fn get(addr: &str, path: &str) -> Option<Response> {
-    probe::request(addr, "GET", path, &[], b"", Duration::from_secs(5)).ok()
-}
-
-fn status(addr: &str) -> Option<serde_json::Value> {
-    let reply = get(addr, "/v1/status")?;
-    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
-}
-
-fn wait_until<T>(
-    what: &str,
-    cluster: &Cluster,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}\n{}", cluster.log_tail());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The index of the node that says it leads and that every live node follows.
-fn leader(cluster: &Cluster) -> Option<usize> {
-    let mut leaders = Vec::new();
-    for node in cluster.nodes.iter().filter(|n| n.child.is_some()) {
-        let status = status(&node.http)?;
-        leaders.push(status["leader"].as_u64()?);
-    }
-    let first = *leaders.first()?;
-    leaders
-        .iter()
-        .all(|l| *l == first)
-        .then(|| first as usize - 1)
-}
-
-fn submit(addr: &str, command: &str, key: &str) -> std::io::Result<Response> {
-    probe::request(
-        addr,
-        "POST",
-        "/v1/commands",
-        &[("Idempotency-Key", key)],
-        command.as_bytes(),
-        REQUEST_TIMEOUT,
-    )
+fn start(dir: &Path) -> Cluster {
+    let body_bytes_max = BODY_BYTES_MAX.to_string();
+    Cluster::start(dir, NODES, "e2e", &["--body-bytes-max", &body_bytes_max])
 }
 
 /// Submits until the answer is neither 503 nor 504 (same key, so at most once).
@@ -295,7 +139,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     let kv_path = paxwasm::examples::example_module("kv").expect("build the kv example");
     let kv = std::fs::read(&kv_path).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path());
+    let mut cluster = start(dir.path());
 
     wait_until("a leader", &cluster, Duration::from_secs(30), || {
         leader(&cluster)
@@ -336,7 +180,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
                     let key = format!("c{client}-k{seq}");
                     let value = format!("v{seq}");
                     for _attempt in 0..6 {
-                        match submit(&addrs[target], &format!("put {key} {value}"), &key) {
+                        match submit(&addrs[target], format!("put {key} {value}"), &key) {
                             Ok(reply) if reply.status == 200 => {
                                 assert_eq!(reply.text(), "OK");
                                 assert!(reply.header("paxwasm-index").is_some());
@@ -379,7 +223,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
         "no write acknowledged after the leader was killed\n{}",
         cluster.log_tail()
     );
-    cluster.spawn(victim);
+    cluster.spawn(victim, &[]);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     for client in clients {
@@ -416,7 +260,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     assert!(acknowledged.len() >= before_kill);
     let sample_every = (acknowledged.len() / 200).max(1);
     for node in &cluster.nodes {
-        let every = if node.id == victim + 1 {
+        let every = if node.id == victim as u64 + 1 {
             1
         } else {
             sample_every

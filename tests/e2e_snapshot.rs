@@ -15,15 +15,18 @@
 //! 4. a module that keeps its state in non-exported mutable globals replaces kv; after a
 //!    snapshot of it, the wiped replica is wiped again and recovers it by transfer.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
+use support::{
+    converged, get, leader, metric, status, submit, wait_until, Cluster, REQUEST_TIMEOUT,
+};
 
 const NODES: usize = 3;
 const SNAPSHOT_ENTRIES: u64 = 150;
@@ -37,7 +40,6 @@ const TRANSFER_BYTES_PER_SEC: u64 = 300_000;
 /// How long the follower's snapshot writes pause between temp file and rename.
 const WRITE_PAUSE_MS: u64 = 1500;
 const CLIENTS: usize = 6;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A guest whose whole state is two non-exported mutable globals: the number of
 /// commands applied and the sum of their lengths. `apply` and `query` answer both as
@@ -65,186 +67,16 @@ const GLOBAL_STATE_WAT: &str = r#"
 )
 "#;
 
-struct Node {
-    id: usize,
-    http: String,
-    peer: String,
-    child: Option<Child>,
-}
-
-struct Cluster {
-    dir: PathBuf,
-    nodes: Vec<Node>,
-    cluster_arg: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-impl Cluster {
-    fn start(dir: &Path) -> Cluster {
-        let ports = free_ports(2 * NODES);
-        let nodes: Vec<Node> = (0..NODES)
-            .map(|i| Node {
-                id: i + 1,
-                http: format!("127.0.0.1:{}", ports[i]),
-                peer: format!("127.0.0.1:{}", ports[NODES + i]),
-                child: None,
-            })
-            .collect();
-        let cluster_arg = nodes
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Cluster {
-            dir: dir.to_path_buf(),
-            nodes,
-            cluster_arg,
-        };
-        for i in 0..NODES {
-            cluster.spawn(i, &[]);
-        }
-        cluster
-    }
-
-    fn data_dir(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("node-{}", self.nodes[i].id))
-    }
-
-    fn spawn(&mut self, i: usize, extra: &[&str]) {
-        let node = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node-{}.log", node.id)))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
-            .arg("node")
-            .args(["--id", &node.id.to_string()])
-            .arg("--data")
-            .arg(self.data_dir(i))
-            .args(["--http", &node.http])
-            .args(["--peer", &node.peer])
-            .args(["--cluster", &self.cluster_arg])
-            .args(["--cluster-id", "e2e-snapshot"])
-            .args(["--snapshot-entries", &SNAPSHOT_ENTRIES.to_string()])
-            .args([
-                "--snapshot-transfer-bytes-per-sec",
-                &TRANSFER_BYTES_PER_SEC.to_string(),
-            ])
-            .args(extra)
-            .env_remove("PAXWASM_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start paxwasm node");
-        self.nodes[i].child = Some(child);
-    }
-
-    fn kill(&mut self, i: usize) {
-        let mut child = self.nodes[i].child.take().expect("node is running");
-        child.kill().expect("SIGKILL");
-        child.wait().unwrap();
-    }
-
-    fn log_tail(&self) -> String {
-        let mut out = String::new();
-        for node in &self.nodes {
-            let log = std::fs::read_to_string(self.dir.join(format!("node-{}.log", node.id)))
-                .unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(25).collect();
-            out.push_str(&format!("--- node {} ---\n", node.id));
-            for line in tail.into_iter().rev() {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-
-    fn log_of(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("node-{}.log", self.nodes[i].id)))
-            .unwrap_or_default()
-    }
-}
-
-fn get(addr: &str, path: &str) -> Option<Response> {
-    probe::request(addr, "GET", path, &[], b"", Duration::from_secs(5)).ok()
-}
-
-fn status(addr: &str) -> Option<serde_json::Value> {
-    let reply = get(addr, "/v1/status")?;
-    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
-}
-
-/// The value of a metric without labels in `GET /metrics`.
-fn metric(addr: &str, name: &str) -> Option<u64> {
-    let reply = get(addr, "/metrics")?;
-    reply
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-}
-
-fn wait_until<T>(
-    what: &str,
-    cluster: &Cluster,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}\n{}", cluster.log_tail());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn leader(cluster: &Cluster) -> Option<usize> {
-    let mut leaders = Vec::new();
-    for node in cluster.nodes.iter().filter(|n| n.child.is_some()) {
-        leaders.push(status(&node.http)?["leader"].as_u64()?);
-    }
-    let first = *leaders.first()?;
-    leaders
-        .iter()
-        .all(|l| *l == first)
-        .then(|| first as usize - 1)
-}
-
-fn submit(addr: &str, command: &[u8], key: &str) -> std::io::Result<Response> {
-    probe::request(
-        addr,
-        "POST",
-        "/v1/commands",
-        &[("Idempotency-Key", key)],
-        command,
-        REQUEST_TIMEOUT,
-    )
+fn start(dir: &Path) -> Cluster {
+    let snapshot_entries = SNAPSHOT_ENTRIES.to_string();
+    let transfer_bytes_per_sec = TRANSFER_BYTES_PER_SEC.to_string();
+    let args = [
+        "--snapshot-entries",
+        &snapshot_entries,
+        "--snapshot-transfer-bytes-per-sec",
+        &transfer_bytes_per_sec,
+    ];
+    Cluster::start(dir, NODES, "e2e-snapshot", &args)
 }
 
 /// Submits through any live node until one answers 200 (same key: applied at most once).
@@ -303,26 +135,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Every live replica applied everything chosen, at the same state hash and index.
-fn converged(cluster: &Cluster) -> Option<(u64, String)> {
-    let mut seen = Vec::new();
-    for node in &cluster.nodes {
-        let status = status(&node.http)?;
-        let applied = status["applied_index"].as_u64()?;
-        if applied != status["commit_index"].as_u64()? {
-            return None;
-        }
-        let hash = &status["state_hash"];
-        let index = hash["index"].as_u64()?;
-        if index != applied {
-            return None;
-        }
-        seen.push((index, hash["hash"].as_str()?.to_string()));
-    }
-    let first = seen[0].clone();
-    seen.iter().all(|s| *s == first).then_some(first)
 }
 
 fn files_in(dir: &Path, suffix: &str) -> Vec<(PathBuf, u64)> {
@@ -414,7 +226,7 @@ fn query_stale(addr: &str, query: &[u8]) -> Response {
 fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
     let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path());
+    let mut cluster = start(dir.path());
     wait_until("a leader", &cluster, Duration::from_secs(30), || {
         leader(&cluster)
     });

@@ -12,19 +12,19 @@
 //!    command latency before and during the deploy is printed (`cargo test --test
 //!    e2e_upgrade -- --nocapture`), and commands must keep completing during it.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
+use support::{converged, get, leader, submit, wait_until, Cluster, REQUEST_TIMEOUT};
 
 const NODES: usize = 3;
 const CLIENTS: usize = 4;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Size of the custom section that pads the large module. (A data segment of this size
 /// is what the brief suggested, but the machine refuses it by panicking the validating
 /// node: instantiation meters data-segment initialisation with a fixed
@@ -94,161 +94,21 @@ fn leb128(mut value: usize) -> Vec<u8> {
     }
 }
 
-struct Node {
-    id: usize,
-    http: String,
-    peer: String,
-    child: Option<Child>,
+fn start(dir: &Path) -> Cluster {
+    start_with(dir, |_| &[])
 }
 
-struct Cluster {
-    dir: PathBuf,
-    nodes: Vec<Node>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+/// Starts the nodes, node `i` with the extra arguments `extra(i)`.
+fn start_with(dir: &Path, extra: impl Fn(usize) -> &'static [&'static str]) -> Cluster {
+    let mut cluster = Cluster::new(dir, NODES, NODES, "e2e-upgrade", &[]);
+    for i in 0..NODES {
+        cluster.spawn(i, extra(i));
     }
-}
-
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-impl Cluster {
-    fn start(dir: &Path) -> Cluster {
-        Cluster::start_with(dir, |_| &[])
-    }
-
-    /// Starts the nodes, node `i` with the extra arguments `extra(i)`.
-    fn start_with(dir: &Path, extra: impl Fn(usize) -> &'static [&'static str]) -> Cluster {
-        let ports = free_ports(2 * NODES);
-        let nodes: Vec<Node> = (0..NODES)
-            .map(|i| Node {
-                id: i + 1,
-                http: format!("127.0.0.1:{}", ports[i]),
-                peer: format!("127.0.0.1:{}", ports[NODES + i]),
-                child: None,
-            })
-            .collect();
-        let cluster_arg = nodes
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Cluster {
-            dir: dir.to_path_buf(),
-            nodes,
-        };
-        for (i, node) in cluster.nodes.iter_mut().enumerate() {
-            let log = std::fs::File::create(dir.join(format!("node-{}.log", node.id))).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_paxwasm"))
-                .arg("node")
-                .args(["--id", &node.id.to_string()])
-                .arg("--data")
-                .arg(dir.join(format!("node-{}", node.id)))
-                .args(["--http", &node.http])
-                .args(["--peer", &node.peer])
-                .args(["--cluster", &cluster_arg])
-                .args(["--cluster-id", "e2e-upgrade"])
-                .args(extra(i))
-                .env_remove("PAXWASM_TOKEN")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start paxwasm node");
-            node.child = Some(child);
-        }
-        cluster
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.http.clone()).collect()
-    }
-
-    fn log_of(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("node-{}.log", self.nodes[i].id)))
-            .unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let mut out = String::new();
-        for i in 0..NODES {
-            let log = self.log_of(i);
-            // A panic's message comes before its backtrace note: keep it in view.
-            let lines: Vec<&str> = log.lines().collect();
-            if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
-                out.push_str(&format!("--- node {} panicked ---\n", self.nodes[i].id));
-                for line in &lines[at..(at + 3).min(lines.len())] {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-            let tail: Vec<&str> = log.lines().rev().take(25).collect();
-            out.push_str(&format!("--- node {} ---\n", self.nodes[i].id));
-            for line in tail.into_iter().rev() {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-}
-
-fn get(addr: &str, path: &str) -> Option<Response> {
-    probe::request(addr, "GET", path, &[], b"", Duration::from_secs(5)).ok()
+    cluster
 }
 
 fn json(reply: &Response) -> serde_json::Value {
     serde_json::from_slice(&reply.body).unwrap()
-}
-
-fn status(addr: &str) -> Option<serde_json::Value> {
-    let reply = get(addr, "/v1/status")?;
-    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
-}
-
-fn wait_until<T>(
-    what: &str,
-    cluster: &Cluster,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}\n{}", cluster.log_tail());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn leader(cluster: &Cluster) -> Option<usize> {
-    let mut leaders = Vec::new();
-    for node in &cluster.nodes {
-        leaders.push(status(&node.http)?["leader"].as_u64()?);
-    }
-    let first = *leaders.first()?;
-    leaders
-        .iter()
-        .all(|l| *l == first)
-        .then(|| first as usize - 1)
 }
 
 fn module_id(module: &[u8]) -> String {
@@ -338,38 +198,8 @@ fn deploy(cluster: &Cluster, addr: &str, module: &[u8], migrate: bool) -> Deploy
     panic!("{id} could not be deployed\n{}", cluster.log_tail());
 }
 
-fn submit(addr: &str, command: &[u8], key: &str) -> std::io::Result<Response> {
-    probe::request(
-        addr,
-        "POST",
-        "/v1/commands",
-        &[("Idempotency-Key", key)],
-        command,
-        REQUEST_TIMEOUT,
-    )
-}
-
 fn query(addr: &str, query: &[u8]) -> Response {
     probe::request(addr, "POST", "/v1/queries", &[], query, REQUEST_TIMEOUT).unwrap()
-}
-
-/// Every replica applied everything chosen, at the same state hash and index.
-fn converged(cluster: &Cluster) -> Option<(u64, String)> {
-    let mut seen = Vec::new();
-    for node in &cluster.nodes {
-        let status = status(&node.http)?;
-        let applied = status["applied_index"].as_u64()?;
-        if applied != status["commit_index"].as_u64()? {
-            return None;
-        }
-        let hash = &status["state_hash"];
-        if hash["index"].as_u64()? != applied {
-            return None;
-        }
-        seen.push((applied, hash["hash"].as_str()?.to_string()));
-    }
-    let first = seen[0].clone();
-    seen.iter().all(|s| *s == first).then_some(first)
 }
 
 /// One acknowledged write: its key, value, when it was sent and how long it took.
@@ -475,7 +305,7 @@ fn upgrades_travel_through_the_log_under_load() {
     let kv_v2 =
         std::fs::read(paxwasm::examples::example_module("kv_v2").expect("build kv_v2")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path());
+    let cluster = start(dir.path());
     let addrs = cluster.addrs();
     let first = wait_until("a leader", &cluster, Duration::from_secs(30), || {
         leader(&cluster)
@@ -636,7 +466,7 @@ fn upgrades_travel_through_the_log_under_load() {
 fn a_replica_that_cannot_compile_a_chosen_module_halts() {
     let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start_with(dir.path(), |i| {
+    let mut cluster = start_with(dir.path(), |i| {
         if i == 2 {
             &["--debug-refuse-compiles"]
         } else {

@@ -1,0 +1,293 @@
+//! The harness shared by the end-to-end tests that run real `paxwasm node` processes on
+//! loopback: free ports, a cluster of child processes (killed when it is dropped), their
+//! logs, and small HTTP helpers over `paxwasm::node::probe`. It only starts, stops and
+//! asks nodes; what a test checks stays in the test.
+
+// Every test binary compiles this module on its own and uses a subset of it.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use paxwasm::node::probe::{self, Response};
+
+/// How long a command or query may take before the test treats it as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a status or metrics probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often `wait_until` looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How many last lines of each node's log a failure message shows.
+const LOG_TAIL_LINES: usize = 25;
+
+pub struct Node {
+    pub id: u64,
+    pub http: String,
+    pub peer: String,
+    pub child: Option<Child>,
+}
+
+/// Nodes with fixed addresses, each started as a child process with its data directory
+/// and log file under `dir`.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+    /// `--cluster` naming the initial members.
+    pub cluster_arg: String,
+    /// `--cluster-id` of every node.
+    pub cluster_id: String,
+    /// Arguments every node is started with, after the common ones.
+    pub args: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+pub fn free_ports(count: usize) -> Vec<u16> {
+    // Hold all listeners at once so the ports are distinct, then release them.
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl Cluster {
+    /// Addresses for `total` nodes with ids 1..=total, the first `members` of them named
+    /// by `--cluster`; no node runs yet.
+    pub fn new(dir: &Path, total: usize, members: usize, cluster_id: &str, args: &[&str]) -> Self {
+        assert!(members <= total);
+        let ports = free_ports(2 * total);
+        let nodes: Vec<Node> = (0..total)
+            .map(|i| Node {
+                id: i as u64 + 1,
+                http: format!("127.0.0.1:{}", ports[i]),
+                peer: format!("127.0.0.1:{}", ports[total + i]),
+                child: None,
+            })
+            .collect();
+        let cluster_arg = nodes[..members]
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        Cluster {
+            dir: dir.to_path_buf(),
+            nodes,
+            cluster_arg,
+            cluster_id: cluster_id.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// `new` with every node a member, all of them started.
+    pub fn start(dir: &Path, nodes: usize, cluster_id: &str, args: &[&str]) -> Self {
+        let mut cluster = Cluster::new(dir, nodes, nodes, cluster_id, args);
+        for i in 0..nodes {
+            cluster.spawn(i, &[]);
+        }
+        cluster
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", self.nodes[i].id))
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}.log", self.nodes[i].id))
+    }
+
+    /// Starts node `i` with `--cluster` and the extra arguments `extra`.
+    pub fn spawn(&mut self, i: usize, extra: &[&str]) {
+        let cluster_arg = self.cluster_arg.clone();
+        self.spawn_with(i, Some(&cluster_arg), extra);
+    }
+
+    /// Starts node `i` with `--cluster cluster_arg` if given (a joining node starts
+    /// without) and the extra arguments `extra`. Its log is appended to across restarts.
+    pub fn spawn_with(&mut self, i: usize, cluster_arg: Option<&str>, extra: &[&str]) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .unwrap();
+        let node = &self.nodes[i];
+        let mut command = Command::new(env!("CARGO_BIN_EXE_paxwasm"));
+        command
+            .arg("node")
+            .args(["--id", &node.id.to_string()])
+            .arg("--data")
+            .arg(self.data_dir(i))
+            .args(["--http", &node.http])
+            .args(["--peer", &node.peer])
+            .args(["--cluster-id", &self.cluster_id])
+            .args(&self.args)
+            .args(extra);
+        if let Some(cluster_arg) = cluster_arg {
+            command.args(["--cluster", cluster_arg]);
+        }
+        // Every setting a test relies on is on the command line, not inherited.
+        let child = command
+            .env_remove("PAXWASM_TOKEN")
+            .env_remove("PAXWASM_CHECKPOINT_ENTRIES")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start paxwasm node");
+        self.nodes[i].child = Some(child);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        let mut child = self.nodes[i].child.take().expect("node is running");
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.http.clone()).collect()
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// The last lines of every node's log, and the message of a panic if one shows.
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.nodes.len() {
+            let log = self.log_of(i);
+            let id = self.nodes[i].id;
+            // A panic's message comes before its backtrace note: keep it in view.
+            let lines: Vec<&str> = log.lines().collect();
+            if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                out.push_str(&format!("--- node {id} panicked ---\n"));
+                for line in &lines[at..(at + 3).min(lines.len())] {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            let skip = lines.len().saturating_sub(LOG_TAIL_LINES);
+            out.push_str(&format!("--- node {id} ---\n"));
+            for line in &lines[skip..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+pub fn get(addr: &str, path: &str) -> Option<Response> {
+    probe::request(addr, "GET", path, &[], b"", PROBE_TIMEOUT).ok()
+}
+
+/// The JSON body of `GET path` if it answers 200.
+pub fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    let reply = get(addr, path)?;
+    (reply.status == 200).then(|| serde_json::from_slice(&reply.body).ok())?
+}
+
+pub fn status(addr: &str) -> Option<serde_json::Value> {
+    get_json(addr, "/v1/status")
+}
+
+/// The value of a metric without labels in `GET /metrics`.
+pub fn metric(addr: &str, name: &str) -> Option<u64> {
+    let reply = get(addr, "/metrics")?;
+    reply
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+/// Polls `check` until it gives a value; past `timeout`, panics with the nodes' logs.
+pub fn wait_until<T>(
+    what: &str,
+    cluster: &Cluster,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", cluster.log_tail());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The id every running member follows as leader (a node removed from the cluster
+/// reports `"membership":"outside"` and is not asked).
+pub fn leader_id(cluster: &Cluster) -> Option<u64> {
+    let mut leaders = Vec::new();
+    for node in cluster.running() {
+        let status = status(&node.http)?;
+        if status["membership"] == "outside" {
+            continue;
+        }
+        leaders.push(status["leader"].as_u64()?);
+    }
+    let first = *leaders.first()?;
+    leaders.iter().all(|l| *l == first).then_some(first)
+}
+
+/// The index in `cluster.nodes` of the node every running member follows as leader.
+pub fn leader(cluster: &Cluster) -> Option<usize> {
+    let id = leader_id(cluster)?;
+    cluster.nodes.iter().position(|n| n.id == id)
+}
+
+/// `POST /v1/commands` with an idempotency key (a retry with the same key is applied
+/// at most once).
+pub fn submit(addr: &str, command: impl AsRef<[u8]>, key: &str) -> std::io::Result<Response> {
+    probe::request(
+        addr,
+        "POST",
+        "/v1/commands",
+        &[("Idempotency-Key", key)],
+        command.as_ref(),
+        REQUEST_TIMEOUT,
+    )
+}
+
+/// `(index, hash)` when every node applied everything chosen and reports its state hash
+/// at that index, the same on all of them.
+pub fn converged(cluster: &Cluster) -> Option<(u64, String)> {
+    let mut seen = Vec::new();
+    for node in &cluster.nodes {
+        let status = status(&node.http)?;
+        let applied = status["applied_index"].as_u64()?;
+        if applied != status["commit_index"].as_u64()? {
+            return None;
+        }
+        let hash = &status["state_hash"];
+        if hash["index"].as_u64()? != applied {
+            return None;
+        }
+        seen.push((applied, hash["hash"].as_str()?.to_string()));
+    }
+    let first = seen[0].clone();
+    seen.iter().all(|s| *s == first).then_some(first)
+}
