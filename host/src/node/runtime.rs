@@ -579,26 +579,24 @@ impl Loop {
 
     async fn perform(&mut self) {
         let mut actions = std::mem::take(&mut self.actions);
-        for action in actions.drain(..) {
-            match action {
-                Action::Persist { token, record } => self.persist(token, record).await,
-                Action::Send { to, msg } => self.send(to, &msg),
-                Action::Apply { slot, value } => self.apply(slot, &value),
-                Action::Reply { request, outcome } => self.reply(request, outcome),
-                Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
-                Action::Compact { below } => self.compact(below).await,
+        while !actions.is_empty() {
+            for action in actions.drain(..) {
+                match action {
+                    Action::Persist { token, record } => self.persist(token, record).await,
+                    Action::Send { to, msg } => self.send(to, &msg),
+                    Action::Apply { slot, value } => self.apply(slot, &value),
+                    Action::Reply { request, outcome } => self.reply(request, outcome),
+                    Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
+                    Action::Compact { below } => self.compact(below).await,
+                }
             }
-        }
-        if !self.actions.is_empty() {
             // A step taken while performing (a membership change proposed once its
             // address entry applied, `runtime/membership.rs`) queued actions after
-            // these: perform them now, in order, rather than drop them.
-            Box::pin(self.perform()).await;
+            // these: they are performed next, in order, never dropped.
+            std::mem::swap(&mut actions, &mut self.actions);
         }
-        // Keep the allocation for the next turn.
-        if self.actions.is_empty() {
-            self.actions = actions;
-        }
+        // Both are empty now; keep an allocation for the next turn.
+        self.actions = actions;
     }
 
     /// Deletes the log below `below`. The snapshot covering it is already durable, so
