@@ -660,16 +660,21 @@ async fn queries_map_consistency_and_outcomes() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_follower_forwards_linearizable_queries_to_the_leader_once() {
+/// A leader (node 1) and a follower (node 2) that knows it, each behind its own server.
+async fn leader_and_follower() -> (FakeNode, Server, Server) {
     let leader_node = FakeNode::leader(1);
     let leader = Server::start(leader_node.clone(), config()).await;
     let hint = LeaderHint {
         id: 1,
         http: leader.addr.to_string(),
     };
-    let follower_node = FakeNode::new(2, false, Some(hint));
-    let follower = Server::start(follower_node.clone(), config()).await;
+    let follower = Server::start(FakeNode::new(2, false, Some(hint)), config()).await;
+    (leader_node, leader, follower)
+}
+
+#[tokio::test]
+async fn a_follower_forwards_linearizable_queries_to_the_leader_once() {
+    let (leader_node, leader, follower) = leader_and_follower().await;
     call(&leader, Method::POST, "/v1/commands", &[], b"put a 1").await;
 
     for path in ["/v1/queries", "/v1/queries?consistency=lease"] {
@@ -1017,14 +1022,7 @@ async fn set_voters_takes_a_set_of_ids_and_force() {
 
 #[tokio::test]
 async fn a_follower_forwards_membership_changes_to_the_leader_with_the_token() {
-    let leader_node = FakeNode::leader(1);
-    let leader = Server::start(leader_node.clone(), config()).await;
-    let hint = LeaderHint {
-        id: 1,
-        http: leader.addr.to_string(),
-    };
-    let follower_node = FakeNode::new(2, false, Some(hint));
-    let follower = Server::start(follower_node.clone(), config()).await;
+    let (leader_node, leader, follower) = leader_and_follower().await;
     let token = [("authorization", "Bearer s3cret")];
     let reply = call(
         &follower,

@@ -302,6 +302,15 @@ fn refused_while_stopped(cluster: &Cluster, i: usize) -> String {
     refusal
 }
 
+/// Retries `command` (with its idempotency key) through `addr` until it commits: the
+/// write that proves the voters named in `what` form a quorum.
+fn write_commits(cluster: &Cluster, addr: &str, command: &str, key: &str, what: &str) {
+    let reply = wait_until(what, cluster, Duration::from_secs(30), || {
+        submit(addr, command, key).ok().filter(|r| r.status == 200)
+    });
+    assert_eq!(reply.text(), "OK", "{what}");
+}
+
 #[test]
 fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     let started = Instant::now();
@@ -720,17 +729,13 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     }
     cluster.kill(ORIGINALS + 1);
     let six = cluster.nodes[ORIGINALS + 2].http.clone();
-    let reply = wait_until(
-        "a write acknowledged by nodes 6 and 7",
+    write_commits(
         &cluster,
-        Duration::from_secs(30),
-        || {
-            submit(&six, "put amnesia over", "amnesia-over")
-                .ok()
-                .filter(|r| r.status == 200)
-        },
+        &six,
+        "put amnesia over",
+        "amnesia-over",
+        "a write acknowledged by nodes 6 and 7",
     );
-    assert_eq!(reply.text(), "OK");
     eprintln!(
         "e2e_members: node 4 wiped and replaced by node 7, which votes; id 4 refused for \
          good; {:.1} s",
@@ -745,17 +750,13 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     wait_voting(&cluster, five, "the restarted node 5 to vote");
     cluster.kill(six_i);
     let seven_http = cluster.nodes[seven].http.clone();
-    let reply = wait_until(
-        "a write acknowledged by nodes 5 and 7",
+    write_commits(
         &cluster,
-        Duration::from_secs(30),
-        || {
-            submit(&seven_http, "put restarted five", "restarted-five")
-                .ok()
-                .filter(|r| r.status == 200)
-        },
+        &seven_http,
+        "put restarted five",
+        "restarted-five",
+        "a write acknowledged by nodes 5 and 7",
     );
-    assert_eq!(reply.text(), "OK");
     cluster.spawn_with(six_i, None, &[]);
     wait_voting(&cluster, six_i, "the restarted node 6 to vote");
     let (index, hash) = equal_state_hashes(&cluster);
@@ -803,17 +804,13 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     assert_eq!(changed["voters"], serde_json::json!([5]), "{changed}");
     assert_eq!(changed["joint"], false, "answered once C(new) applied");
     let five_http = cluster.nodes[five].http.clone();
-    let reply = wait_until(
-        "a write acknowledged by node 5 alone",
+    write_commits(
         &cluster,
-        Duration::from_secs(30),
-        || {
-            submit(&five_http, "put alone yes", "alone-yes")
-                .ok()
-                .filter(|r| r.status == 200)
-        },
+        &five_http,
+        "put alone yes",
+        "alone-yes",
+        "a write acknowledged by node 5 alone",
     );
-    assert_eq!(reply.text(), "OK");
     for gone in [six_i, seven] {
         wait_until(
             "a voter removed by the set change to say so",

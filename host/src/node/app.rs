@@ -593,6 +593,28 @@ impl StateMachine for WasmApp {
 mod tests {
     use super::*;
 
+    /// `app`'s state written as a snapshot file at `slot` (single voter 1) and read back,
+    /// as a replica restarting from that file sees it.
+    fn snapshot_file_round_trip(
+        app: &mut WasmApp,
+        slot: crate::paxos::Slot,
+    ) -> crate::node::snapshot::NodeSnapshot {
+        let capture = app.capture();
+        let contents = crate::node::snapshot::SnapshotContents {
+            slot,
+            configuration: crate::paxos::Configuration::new([1]),
+            addresses: capture.addresses,
+            applier_state: Vec::new(),
+            app: capture.meta,
+            module_bytes: capture.module_bytes,
+            image: capture.image,
+            staged: capture.staged,
+        };
+        let mut file = Vec::new();
+        crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
+        crate::node::snapshot::decode_snapshot(&file).unwrap().0
+    }
+
     #[test]
     fn results_round_trip() {
         for result in [
@@ -660,20 +682,7 @@ mod tests {
         assert_eq!(AppResult::decode(&recorded), AppResult::AddressRecorded);
         assert_eq!(app.addresses().get(4), Some(&address));
         app.note_members(&crate::paxos::Configuration::with_learners([1], [4]));
-        let capture = app.capture();
-        let contents = crate::node::snapshot::SnapshotContents {
-            slot: 3,
-            configuration: crate::paxos::Configuration::new([1]),
-            addresses: capture.addresses,
-            applier_state: Vec::new(),
-            app: capture.meta,
-            module_bytes: capture.module_bytes,
-            image: capture.image,
-            staged: capture.staged,
-        };
-        let mut file = Vec::new();
-        crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
-        let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
+        let snapshot = snapshot_file_round_trip(&mut app, 3);
         let mut restored = WasmApp::from_snapshot(app.compiler(), &snapshot).unwrap();
         assert_eq!(restored.addresses(), app.addresses());
         // Ids are never reused, across snapshots too.
@@ -775,20 +784,7 @@ mod tests {
         assert_eq!(app.history().last().unwrap().index, slot + 2);
         // A snapshot taken now carries the half-staged module; the restored replica
         // finishes staging and switches like the original.
-        let capture = app.capture();
-        let contents = crate::node::snapshot::SnapshotContents {
-            slot: slot + 2,
-            configuration: crate::paxos::Configuration::new([1]),
-            addresses: capture.addresses,
-            applier_state: Vec::new(),
-            app: capture.meta,
-            module_bytes: capture.module_bytes,
-            image: capture.image,
-            staged: capture.staged,
-        };
-        let mut file = Vec::new();
-        crate::node::snapshot::write_snapshot(&contents, &mut file).unwrap();
-        let (snapshot, _) = crate::node::snapshot::decode_snapshot(&file).unwrap();
+        let snapshot = snapshot_file_round_trip(&mut app, slot + 2);
         let mut restored =
             WasmApp::from_snapshot(&Compiler::new(MachineConfig::default()), &snapshot).unwrap();
         let rest = upgrade::chunk_envelope(&v2_sha, total, half as u64, &kv_v2[half..]);
