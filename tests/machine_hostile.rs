@@ -79,7 +79,8 @@ fn memory_bomb_hits_the_cap_without_growing_the_host() {
 }
 
 /// Counts in memory at 0 and in a global; `boom` traps after writing both and
-/// growing memory; anything else increments and returns the count (4 bytes).
+/// growing memory, `wreck` after writing both without growing; anything else
+/// increments and returns the count (4 bytes).
 fn counting_guest() -> Vec<u8> {
     guest(
         r#"(global $hidden (mut i32) (i32.const 0))"#,
@@ -88,6 +89,8 @@ fn counting_guest() -> Vec<u8> {
                (global.set $hidden (i32.add (global.get $hidden) (i32.const 1)))
                (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 98))   ;; 'b'
                  (then (drop (memory.grow (i32.const 2))) (unreachable)))
+               (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 119))  ;; 'w'
+                 (then (unreachable)))
                (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 103))  ;; 'g'
                  (then (drop (memory.grow (i32.const 1)))))
                (i32.store (i32.const 8) (global.get $hidden))
@@ -116,6 +119,39 @@ fn trap_after_writing_memory_and_globals_leaves_the_state_hash_unchanged() {
     assert_eq!(machine.snapshot(), snapshot_before);
     // The machine goes on from the state before the failed command.
     assert_eq!(count(machine.apply(b"a", entry()).unwrap()), 3);
+}
+
+/// A checkpoint keeps the primary's written pages as private copies (where
+/// userfaultfd tracking works): a failed command that writes such a page again
+/// must still leave exactly the checkpointed bytes, and a successful one must
+/// reach the base at the next checkpoint.
+#[test]
+fn a_page_written_again_after_a_checkpoint_is_rolled_back_and_carried_forward() {
+    let mut machine = load(&counting_guest());
+    assert_eq!(count(machine.apply(b"a", entry()).unwrap()), 1);
+    let first = machine.state_hash();
+    let snapshot_first = machine.snapshot();
+    assert_eq!(
+        machine.apply(b"wreck", entry()),
+        Err(ApplyError::Trap("unreachable"))
+    );
+    assert_eq!(machine.state_hash(), first);
+    assert_eq!(machine.snapshot(), snapshot_first);
+    assert_eq!(count(machine.apply(b"a", entry()).unwrap()), 2);
+    let second = machine.state_hash();
+    assert_ne!(second, first);
+    assert_eq!(&machine.snapshot().memory[..4], &2u32.to_le_bytes());
+    // Restored elsewhere, the state is the same: the base, not only the
+    // primary's private copy, holds the second write.
+    let mut restored = load(&counting_guest());
+    restored.restore(&machine.snapshot()).unwrap();
+    assert_eq!(restored.state_hash(), second);
+    for expected in 3..=5 {
+        assert_eq!(count(machine.apply(b"a", entry()).unwrap()), expected);
+        assert!(machine.apply(b"wreck", entry()).is_err());
+        machine.state_hash();
+    }
+    assert_eq!(&machine.snapshot().memory[..4], &5u32.to_le_bytes());
 }
 
 #[test]

@@ -7,7 +7,9 @@
 //!   private pages, and the memory reads the base again;
 //! - dirty tracking: a page that is present and not a file page (pagemap bit
 //!   61 clear) is a private copy, i.e. written since the last checkpoint;
-//! - checkpoint: those pages are written into the memfd and dropped again;
+//! - checkpoint: those pages are written into the memfd; with userfaultfd
+//!   tracking (below) the private copies stay, write-protected again, and
+//!   only the next write to one marks it; without, they are dropped again;
 //! - query isolation: a second instance maps the same memfd privately, runs
 //!   the query, and before the next one overwrites whatever the query wrote
 //!   with the memfd's bytes.
@@ -617,6 +619,19 @@ const PAGEMAP_SWAPPED: u64 = 1 << 62;
 const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
 const PAGEMAP_ENTRIES_PER_READ: usize = 8192;
 
+/// What [`DirtyScanner::written_runs`] reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scanned {
+    /// The pages written since the previous write-protect scan, all of them
+    /// protected again: a page not reported has not been written since, even
+    /// if it is a private copy.
+    WrittenSinceLastScan,
+    /// Every private copy (or, failing that, every page): a superset of the
+    /// written pages, and nothing was protected again, so private copies must
+    /// be dropped before the next scan can tell written pages apart.
+    PrivateCopies,
+}
+
 impl DirtyScanner {
     pub fn new() -> DirtyScanner {
         DirtyScanner {
@@ -737,25 +752,30 @@ impl DirtyScanner {
     /// first; it also protects the pages again, so the caller must write
     /// them where they belong before guest code runs. Whatever fails falls
     /// back to the next way (private copies, then every page).
+    ///
+    /// Returns [`Scanned::WrittenSinceLastScan`] only when the write-protect
+    /// scan answered: then the runs are exactly the pages written since the
+    /// previous such scan, and every page is protected again, so a later
+    /// write to any of them is reported by the next scan.
     pub fn written_runs(
         &mut self,
         ptr: *const u8,
         len: usize,
         tracked: bool,
         runs: &mut Vec<(usize, usize)>,
-    ) {
+    ) -> Scanned {
         runs.clear();
         if len == 0 {
-            return;
+            return Scanned::PrivateCopies;
         }
         let Some(pagemap) = self.pagemap.take() else {
             runs.push((0, len));
-            return;
+            return Scanned::PrivateCopies;
         };
         if tracked && self.scan_ioctl {
             if self.scan_tracked_runs(&pagemap, ptr, len, runs).is_some() {
                 self.pagemap = Some(pagemap);
-                return;
+                return Scanned::WrittenSinceLastScan;
             }
             // Pages a partial scan protected are still private copies, so
             // the scan below reports them.
@@ -765,13 +785,14 @@ impl DirtyScanner {
             let scanned = self.scan_runs(&pagemap, ptr, len, runs);
             if scanned.is_some() {
                 self.pagemap = Some(pagemap);
-                return;
+                return Scanned::PrivateCopies;
             }
             self.scan_ioctl = false;
             runs.clear();
         }
         self.read_runs(&pagemap, ptr, len, runs);
         self.pagemap = Some(pagemap);
+        Scanned::PrivateCopies
     }
 
     /// Finds the runs by reading one pagemap entry per page.

@@ -14,11 +14,14 @@
 //! The committed linear memory (the *base*) lives in a memfd; the instance
 //! maps it privately, so writes since the last checkpoint are private pages.
 //! A successful apply only appends its input to a replay log. A failed apply
-//! drops the private pages, resets the globals to the base, and replays the
-//! logged inputs with the same fuel: the state is then exactly as before the
-//! failed command. A checkpoint (every `replay_commands_max` commands, or when
-//! a query, snapshot or state hash needs the base current) writes the private
-//! pages into the memfd.
+//! drops the pages written since the last checkpoint, resets the globals to
+//! the base, and replays the logged inputs with the same fuel: the state is
+//! then exactly as before the failed command. A checkpoint (every
+//! `replay_commands_max` commands, or when a query, snapshot or state hash
+//! needs the base current) writes the pages written since the previous one
+//! into the memfd. Where userfaultfd tracking works, the primary keeps its
+//! private copies (equal to the base from then on, write-protected again);
+//! otherwise the checkpoint drops them.
 //!
 //! A snapshot image (`image.rs`) copies only the pages checkpoints wrote since
 //! the previous image into a *shadow* memfd, which another thread then writes
@@ -46,7 +49,7 @@ pub use snapshot::{GlobalValue, Snapshot, SnapshotDecodeError};
 use hash::PageHashes;
 use image::{PageSet, Shadow, StreamError};
 use instance::{Call, HostState, Instance};
-use memory::{DirtyScanner, Discarder, Memfd, MemfdCreator, Uffd};
+use memory::{DirtyScanner, Discarder, Memfd, MemfdCreator, Scanned, Uffd};
 use module::CheckedModule;
 
 /// Where the guest's `paxwasm.log` output goes. It is never part of state.
@@ -653,16 +656,16 @@ impl Machine {
             .read_at(offset, &mut byte)
             .unwrap_or_else(|e| host_failure("reading memfd", e));
         byte[0] = !byte[0];
-        // After the checkpoint the primary has no private page, so it reads
-        // the new byte; the reader resets from the base before its next call.
-        self.base
-            .memfd
-            .write_at(offset, &byte)
-            .unwrap_or_else(|e| host_failure("writing memfd", e));
-        self.hashes.mark_written(offset, offset + 1);
-        for shadow in &mut self.shadows {
-            shadow.stale.mark(offset, offset + 1);
-        }
+        // Written through the primary, as a command would: the checkpoint
+        // then carries it into the base, the hashes and the shadows (the
+        // primary may keep a private copy of this page, which a write to the
+        // memfd alone would not change).
+        // SAFETY: `offset` lies inside the primary's accessible memory
+        // (asserted above, and the primary's size is the base's after the
+        // checkpoint); no guest code runs and no reference into it is held.
+        unsafe { *self.primary.memory_ptr().add(offset) = byte[0] };
+        self.primary_changed = true;
+        self.checkpoint();
     }
 
     fn check_module(&self, snapshot: ModuleId) -> Result<(), RestoreError> {
@@ -795,7 +798,8 @@ impl Machine {
         let ptr = self.primary.memory_ptr();
         let bytes = self.primary.memory_bytes();
         let tracked = self.tracker.is_some();
-        self.scanner
+        let scanned = self
+            .scanner
             .written_runs(ptr, bytes, tracked, &mut self.runs);
         for &(start, end) in &self.runs {
             // SAFETY: `[start, end)` lies inside the primary's accessible
@@ -810,9 +814,21 @@ impl Machine {
                 shadow.stale.mark(start, end);
             }
         }
-        // SAFETY: as above; the bytes are now in the memfd, so dropping the
-        // private copies does not change what the memory reads.
-        unsafe { self.discarder.discard(ptr, &self.runs) };
+        if scanned == Scanned::PrivateCopies {
+            // SAFETY: as above; the bytes are now in the memfd, so dropping
+            // the private copies does not change what the memory reads.
+            unsafe { self.discarder.discard(ptr, &self.runs) };
+        }
+        // Otherwise the private copies stay: they now equal the base and
+        // the scan protected them again, so the next write to one is
+        // reported by the next scan, and a rollback drops just those. Keeping
+        // them spares every page the guest writes again a copy-on-write
+        // fault (allocate, copy 4 KiB from the memfd) after each checkpoint;
+        // it leaves only the write-protect fault, which copies nothing. With
+        // writes spread over a large state (a kv store under load) those
+        // copies were most of a command's apply time. The price: the pages
+        // written since the primary was made are resident twice (private
+        // copy and memfd).
         self.base.globals = self.primary.globals();
         self.base.memory_bytes = bytes;
         self.replay.clear();
@@ -825,10 +841,12 @@ impl Machine {
         if self.primary.memory_bytes() == self.base.memory_bytes {
             let (ptr, bytes) = (self.primary.memory_ptr(), self.base.memory_bytes);
             if self.tracker.is_some() {
-                // Drop only the written pages (a superset of the private
-                // ones), protected again by the scan: a drop of the whole
-                // range would walk every write-protect marker (≈ 75 µs per
-                // 16 MiB) and leave the dropped pages unprotected.
+                // Drop only the pages written since the checkpoint (private
+                // copies kept by checkpoints equal the base), protected again
+                // by the scan; if the scan falls back, the runs are every
+                // private copy. A drop of the whole range would walk every
+                // write-protect marker (≈ 75 µs per 16 MiB) and leave the
+                // dropped pages unprotected.
                 self.scanner.written_runs(ptr, bytes, true, &mut self.runs);
                 // SAFETY: runs inside the primary's memory; no guest code is
                 // running and no reference into it is held.
