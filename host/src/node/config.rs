@@ -41,8 +41,14 @@ pub struct NodeConfig {
     pub requests_pending_max: usize,
     /// How often a replica tells its peers its HTTP address and indexes.
     pub peer_info_interval_ms: u64,
-    /// How often the state hash is recomputed (only when the applied index moved).
+    /// How often the state hash is recomputed while `/v1/status` is being read
+    /// (only when the applied index moved).
     pub state_hash_interval_ms: u64,
+    /// ... and while nobody reads it. Hashing follows the pages written since the
+    /// last hash; under load with writes spread over a large state that is most
+    /// of the written pages each time, so an unread status hash is refreshed
+    /// rarely.
+    pub state_hash_idle_interval_ms: u64,
     /// `Retry-After` given with `Unavailable`.
     pub retry_after_ms: u64,
     /// Largest peer frame; must hold the largest module install.
@@ -101,6 +107,7 @@ impl NodeConfig {
             requests_pending_max: 65_536,
             peer_info_interval_ms: 500,
             state_hash_interval_ms: 200,
+            state_hash_idle_interval_ms: 5_000,
             retry_after_ms: 500,
             frame_bytes_max: 64 * 1024 * 1024,
             events_per_turn_max: 1024,

@@ -148,6 +148,7 @@ pub(crate) struct Core {
     pub requests_pending_max: usize,
     pub peer_info_interval_ms: u64,
     pub state_hash_interval_ms: u64,
+    pub state_hash_idle_interval_ms: u64,
     pub events_per_turn_max: usize,
     /// First request id of this incarnation; see `first_request_id`.
     pub next_request: RequestId,
@@ -172,6 +173,8 @@ struct Loop {
     peers: BTreeMap<NodeId, PeerSeen>,
     leader_seen: Option<NodeId>,
     hashed_index: Option<Slot>,
+    /// Tick count of the last status hash.
+    hashed_at_tick: u64,
     app_version_published: u64,
     clock: TickClock,
     /// When this replica, diverged, last asked the majority for a snapshot.
@@ -257,6 +260,7 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
         peers: BTreeMap::new(),
         leader_seen: None,
         hashed_index: None,
+        hashed_at_tick: 0,
         clock: TickClock::new(tick_ms),
         app_version_published: u64::MAX,
         repair_requested: None,
@@ -339,6 +343,7 @@ impl Loop {
     fn deliver_due_ticks(&mut self) {
         let info_every_ticks = (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
         let hash_every_ticks = (self.core.state_hash_interval_ms / self.core.tick_ms).max(1);
+        let hash_idle_ticks = (self.core.state_hash_idle_interval_ms / self.core.tick_ms).max(1);
         for _ in 0..self.clock.due() {
             self.clock.delivered += 1;
             let ticks = self.clock.delivered;
@@ -349,7 +354,18 @@ impl Loop {
                 self.prune_departing(None);
             }
             if ticks.is_multiple_of(hash_every_ticks) {
-                self.refresh_state_hash();
+                let wanted = std::mem::take(
+                    &mut self
+                        .core
+                        .published
+                        .lock()
+                        .expect("published state lock poisoned")
+                        .state_hash_wanted,
+                );
+                if wanted || ticks - self.hashed_at_tick >= hash_idle_ticks {
+                    self.hashed_at_tick = ticks;
+                    self.refresh_state_hash();
+                }
             }
             self.transfer_tick();
         }

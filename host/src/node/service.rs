@@ -92,6 +92,10 @@ pub(crate) struct Published {
     pub module: Option<(String, u64)>,
     pub history: Vec<ModuleEvent>,
     pub state_hash: Option<(u64, String)>,
+    /// Set by each status read, taken by the core at its next state-hash tick: the
+    /// status hash is refreshed every `state_hash_interval_ms` while someone reads
+    /// it, and every `state_hash_idle_interval_ms` otherwise.
+    pub state_hash_wanted: bool,
     pub peers: BTreeMap<NodeId, PeerSeen>,
     pub requests_pending: usize,
     pub dedup_clients: usize,
@@ -243,6 +247,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         module: None,
         history: Vec::new(),
         state_hash: None,
+        state_hash_wanted: false,
         peers: BTreeMap::new(),
         requests_pending: 0,
         dedup_clients: 0,
@@ -501,6 +506,7 @@ async fn launch(
         requests_pending_max: config.requests_pending_max,
         peer_info_interval_ms: config.peer_info_interval_ms,
         state_hash_interval_ms: config.state_hash_interval_ms,
+        state_hash_idle_interval_ms: config.state_hash_idle_interval_ms,
         events_per_turn_max: config.events_per_turn_max,
         next_request: runtime::first_request_id(config.id),
         checkpoints: Checkpoints::new(config.id, configuration, config.checkpoint.clone()),
@@ -892,7 +898,15 @@ impl NodeApi for Node {
     }
 
     fn status(&self) -> StatusView {
-        let published = self.published();
+        let published = {
+            let mut shared = self
+                .inner
+                .published
+                .lock()
+                .expect("published state lock poisoned");
+            shared.state_hash_wanted = true;
+            shared.clone()
+        };
         let transport = self.inner.transport.as_ref().map(|t| t.metrics());
         let peers = published
             .configuration
