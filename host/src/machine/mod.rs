@@ -109,7 +109,7 @@ impl Default for MachineConfig {
             output_bytes_max: 1 << 20,
             migration_state_bytes_max: 256 << 20,
             stack_bytes_max: 512 << 10,
-            replay_commands_max: 4096,
+            replay_commands_max: 16_384,
             replay_fuel_max: 50_000_000,
             replay_input_bytes_max: 4 << 20,
             guest_log: GuestLog::Discard,
