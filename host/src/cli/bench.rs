@@ -1,7 +1,10 @@
 //! `paxwasm bench`: closed-loop write load against a running cluster.
 //!
 //! Each client owns one keep-alive connection and sends its next command as soon as the
-//! previous one is answered. Commands are valid for the kv example:
+//! previous one is answered. The client speaks HTTP/1.1 itself ([`BenchConnection`]:
+//! one write per request, responses read in the client's own task), so the load
+//! generator, which shares the machine with the replicas it measures, spends as little
+//! CPU per request as it can. Commands are valid for the kv example:
 //! `put k<client>-<n> <value>`, with the value padded so the whole command is `--size`
 //! bytes. A progress line goes to stderr each second; the summary goes to stdout.
 
@@ -11,15 +14,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::Args;
-use hyper::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::client::EndpointArgs;
-use crate::api::client::Connection;
 
 /// Pause of a client after a failed request, so an unavailable cluster is not spun on.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// Largest response head (status line and headers) a bench client accepts.
+const RESPONSE_HEAD_BYTES_MAX: usize = 16 << 10;
+/// Largest response body a bench client accepts (kv answers `OK`; errors are short).
+const RESPONSE_BODY_BYTES_MAX: usize = 1 << 20;
+/// Headers parsed per response; the API sends fewer than ten.
+const RESPONSE_HEADERS_MAX: usize = 32;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Closed-loop write load (kv `put` commands); prints throughput, latency and errors.
@@ -163,9 +171,15 @@ async fn run(args: BenchArgs) -> ExitCode {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let authority = args
+        .endpoint
+        .connect()
+        .expect("checked in bench()")
+        .authority()
+        .to_owned();
     let clients: Vec<_> = (0..args.clients)
         .map(|client| {
-            let connection = args.endpoint.connect().expect("checked in bench()");
+            let connection = BenchConnection::new(authority.clone());
             tokio::spawn(client_loop(
                 client,
                 connection,
@@ -223,7 +237,7 @@ async fn run(args: BenchArgs) -> ExitCode {
 
 async fn client_loop(
     client: u32,
-    mut connection: Connection,
+    mut connection: BenchConnection,
     size: usize,
     keys: u64,
     counters: Arc<Counters>,
@@ -232,28 +246,149 @@ async fn client_loop(
     let mut report = ClientReport::default();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let body = Bytes::from(command(client, n % keys, size));
+        let body = command(client, n % keys, size);
         n += 1;
         let sent = Instant::now();
-        let failure = match connection
-            .request(Method::POST, "/v1/commands", &[], body)
-            .await
-        {
-            Ok(reply) if reply.status == StatusCode::OK => {
+        let failure = match connection.post("/v1/commands", &body).await {
+            Ok(200) => {
                 let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
                 report.latencies_us.push(micros);
                 counters.interval.record(micros);
                 counters.ok.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            Ok(reply) => reply.status.to_string(),
-            Err(error) => error.to_string(),
+            Ok(status) => match hyper::StatusCode::from_u16(status) {
+                Ok(status) => status.to_string(),
+                Err(_) => format!("status {status}"),
+            },
+            Err(error) => error,
         };
         counters.errors.fetch_add(1, Ordering::Relaxed);
         *report.errors.entry(failure).or_insert(0) += 1;
         tokio::time::sleep(ERROR_BACKOFF).await;
     }
     report
+}
+
+/// One keep-alive HTTP/1.1 connection of a bench client: `POST` with a
+/// `Content-Length` body, responses with a `Content-Length` body (what the API sends).
+/// Reconnects on the next request after any error or a `Connection: close`; never
+/// resends a request.
+struct BenchConnection {
+    authority: String,
+    stream: Option<TcpStream>,
+    /// The request being written, reused.
+    request: Vec<u8>,
+    /// Bytes read and not yet consumed (a response, or part of one).
+    buffer: Vec<u8>,
+}
+
+impl BenchConnection {
+    fn new(authority: String) -> BenchConnection {
+        BenchConnection {
+            authority,
+            stream: None,
+            request: Vec::new(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// Sends one request and reads its whole response; returns the status code.
+    async fn post(&mut self, path: &str, body: &[u8]) -> Result<u16, String> {
+        let result = self.exchange(path, body).await;
+        if !matches!(result, Ok((_, true))) {
+            self.stream = None;
+            self.buffer.clear();
+        }
+        result.map(|(status, _)| status)
+    }
+
+    /// The status and whether the connection may be reused.
+    async fn exchange(&mut self, path: &str, body: &[u8]) -> Result<(u16, bool), String> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| format!("connection: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| format!("connection: {e}"))?;
+            self.stream = Some(stream);
+        }
+        let stream = self.stream.as_mut().expect("connected above");
+        self.request.clear();
+        self.request.extend_from_slice(
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n",
+                self.authority,
+                body.len()
+            )
+            .as_bytes(),
+        );
+        self.request.extend_from_slice(body);
+        stream
+            .write_all(&self.request)
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        loop {
+            if let Some((status, head_bytes, body_bytes, keep_alive)) =
+                parse_response_head(&self.buffer)?
+            {
+                let total = head_bytes + body_bytes;
+                while self.buffer.len() < total {
+                    read_more(stream, &mut self.buffer).await?;
+                }
+                self.buffer.drain(..total);
+                return Ok((status, keep_alive));
+            }
+            if self.buffer.len() > RESPONSE_HEAD_BYTES_MAX {
+                return Err("response head too large".to_owned());
+            }
+            read_more(stream, &mut self.buffer).await?;
+        }
+    }
+}
+
+/// Appends what the stream has (at least one byte) to `buffer`.
+async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<(), String> {
+    buffer.reserve(4096);
+    match stream.read_buf(buffer).await {
+        Ok(0) => Err("connection: closed by the server".to_owned()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("connection: {e}")),
+    }
+}
+
+/// `(status, head bytes, body bytes, keep-alive)` once `bytes` hold a whole response
+/// head, `None` before.
+fn parse_response_head(bytes: &[u8]) -> Result<Option<(u16, usize, usize, bool)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_bytes = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("malformed response: {e}")),
+    };
+    let status = response.code.expect("a complete response has a status");
+    let mut body_bytes = None;
+    let mut keep_alive = response.version == Some(1);
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let length = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or("malformed response: bad content-length")?;
+            body_bytes = Some(length);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("unsupported response: transfer-encoding".to_owned());
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            keep_alive = !header.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    let body_bytes = body_bytes.ok_or("unsupported response: no content-length")?;
+    if body_bytes > RESPONSE_BODY_BYTES_MAX {
+        return Err("response body too large".to_owned());
+    }
+    Ok(Some((status, head_bytes, body_bytes, keep_alive)))
 }
 
 /// The value at quantile `q` of sorted samples (nearest rank).
@@ -298,6 +433,51 @@ fn summary(latencies_us: &mut [u32], errors: &BTreeMap<String, u64>, elapsed: Du
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_heads_are_parsed_once_complete() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\npaxwasm-index: 7\r\n\r\nOK";
+        let head = ok.len() - 2;
+        assert_eq!(parse_response_head(ok), Ok(Some((200, head, 2, true))));
+        assert_eq!(parse_response_head(&ok[..head - 1]), Ok(None));
+        // The body need not be there yet: the head says how much to read.
+        assert_eq!(
+            parse_response_head(&ok[..head]),
+            Ok(Some((200, head, 2, true)))
+        );
+        let closing =
+            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            parse_response_head(closing),
+            Ok(Some((503, closing.len(), 0, false)))
+        );
+        let old = b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            parse_response_head(old),
+            Ok(Some((200, old.len(), 0, false)))
+        );
+        for (bad, reason) in [
+            (
+                &b"HTTP/1.1 200 OK\r\n\r\n"[..],
+                "unsupported response: no content-length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                "unsupported response: transfer-encoding",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+                "malformed response: bad content-length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 9999999999\r\n\r\n",
+                "response body too large",
+            ),
+        ] {
+            assert_eq!(parse_response_head(bad), Err(reason.to_owned()));
+        }
+        assert!(parse_response_head(b"HTTX/1.1 200 OK\r\n\r\n").is_err());
+    }
 
     #[test]
     fn commands_are_kv_puts_of_the_requested_size() {
