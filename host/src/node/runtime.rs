@@ -18,7 +18,7 @@
 //! state are released by the core only after `Event::Persisted`, so nothing is
 //! acknowledged before it is durable on a quorum.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -161,12 +161,17 @@ pub(crate) struct Core {
 
 struct Loop {
     core: Core,
-    persist_queue: mpsc::UnboundedSender<(u64, Pending)>,
+    /// Persists handed to the store and not yet durable, oldest first. The store
+    /// completes them in this order, and the core learns each token from here directly
+    /// (no task in between: one wake-up fewer on every persist's path).
+    persists_in_flight: VecDeque<(u64, Pending)>,
+    /// A persist failed (only a test store returns instead of aborting): nothing after
+    /// it may be reported durable.
+    persist_failed: bool,
     /// A persist that only moves the chosen index, held back to ride with the next
     /// persist (see `persist`): its token and the chosen index, and the tick it was
     /// held at.
     chosen_held: Option<HeldChosen>,
-    persisted: mpsc::UnboundedReceiver<u64>,
     waiters: HashMap<RequestId, Waiter>,
     actions: Vec<Action>,
     replies: Vec<(RequestId, Vec<u8>)>,
@@ -245,15 +250,12 @@ fn now_ms() -> u64 {
 /// Runs the core until shutdown is signalled. Returns after the last queued persist was
 /// handed to the store.
 pub(crate) async fn run(core: Core, snap: Snapshots) {
-    let (persist_queue, persist_rx) = mpsc::unbounded_channel();
-    let (persisted_tx, persisted) = mpsc::unbounded_channel();
-    let waiter = tokio::spawn(await_persists(persist_rx, persisted_tx));
     let tick_ms = core.tick_ms;
     let mut state = Loop {
         core,
-        persist_queue,
+        persists_in_flight: VecDeque::new(),
+        persist_failed: false,
         chosen_held: None,
-        persisted,
         waiters: HashMap::new(),
         actions: Vec::new(),
         replies: Vec::new(),
@@ -272,26 +274,19 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
     state.on_configuration_replaced();
     state.main().await;
     state.flush_held_chosen().await;
-    drop(state);
-    // The waiter ends once the queue is closed and every completion has arrived.
-    let _ = waiter.await;
+    // Every persist handed to the store completes before the core is gone.
+    for (_, pending) in std::mem::take(&mut state.persists_in_flight) {
+        let _ = pending.await;
+    }
 }
 
-/// Awaits persist completions in the order they were issued and reports each token.
-/// A failed write is fail-stop inside the store (the process aborts); if a test store
-/// returned instead, stop reporting: nothing after it may be treated as durable.
-async fn await_persists(
-    mut queue: mpsc::UnboundedReceiver<(u64, Pending)>,
-    persisted: mpsc::UnboundedSender<u64>,
-) {
-    while let Some((token, pending)) = queue.recv().await {
-        if let Err(error) = pending.await {
-            tracing::error!(%error, token, "persist failed; the replica stops acknowledging");
-            return;
-        }
-        if persisted.send(token).is_err() {
-            return;
-        }
+/// The oldest in-flight persist's token and outcome; never ready while there is none.
+async fn oldest_persist(
+    in_flight: &mut VecDeque<(u64, Pending)>,
+) -> (u64, Result<(), storage::StorageError>) {
+    match in_flight.front_mut() {
+        Some((token, pending)) => (*token, pending.await),
+        None => std::future::pending().await,
     }
 }
 
@@ -306,8 +301,9 @@ impl Loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some(token) = self.persisted.recv() => {
-                    self.step(Event::Persisted { token });
+                (token, outcome) = oldest_persist(&mut self.persists_in_flight) => {
+                    self.persists_in_flight.pop_front();
+                    self.on_persist_outcome(token, outcome);
                 }
                 Some(done) = self.snap.done.recv() => {
                     self.deliver_due_ticks();
@@ -376,9 +372,13 @@ impl Loop {
     fn drain_ready(&mut self) {
         for _ in 0..self.core.events_per_turn_max {
             let mut progressed = false;
-            if let Ok(token) = self.persisted.try_recv() {
-                self.step(Event::Persisted { token });
-                progressed = true;
+            if let Some((token, pending)) = self.persists_in_flight.front_mut() {
+                if let Some(outcome) = pending.try_outcome() {
+                    let token = *token;
+                    self.persists_in_flight.pop_front();
+                    self.on_persist_outcome(token, outcome);
+                    progressed = true;
+                }
             }
             if let Ok((from, payload)) = self.core.inbound.try_recv() {
                 self.deliver_due_ticks();
@@ -392,6 +392,23 @@ impl Loop {
             }
             if !progressed {
                 return;
+            }
+        }
+    }
+
+    /// A failed write is fail-stop inside the store (the process aborts); if a test
+    /// store returned instead, stop reporting: nothing after it may be treated as
+    /// durable.
+    fn on_persist_outcome(&mut self, token: u64, outcome: Result<(), storage::StorageError>) {
+        if self.persist_failed {
+            return;
+        }
+        match outcome {
+            Ok(()) => self.step(Event::Persisted { token }),
+            Err(error) => {
+                tracing::error!(%error, token, "persist failed; the replica stops acknowledging");
+                self.persist_failed = true;
+                self.persists_in_flight.clear();
             }
         }
     }
@@ -703,9 +720,9 @@ impl Loop {
     async fn submit_persist(&mut self, token: u64, batch: WriteBatch) {
         match self.core.store.submit(batch).await {
             Ok(pending) => {
-                self.persist_queue
-                    .send((token, pending))
-                    .expect("the persist waiter lives as long as the core");
+                if !self.persist_failed {
+                    self.persists_in_flight.push_back((token, pending));
+                }
             }
             Err(error) => {
                 // The store is fail-stop: it only returns after a failure when a test

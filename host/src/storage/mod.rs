@@ -343,6 +343,15 @@ impl Pending {
     pub fn wait(self) -> Result<(), StorageError> {
         self.0.blocking_recv().unwrap_or(Err(StorageError::Stopped))
     }
+
+    /// The outcome if the committer already answered, without waiting.
+    pub fn try_outcome(&mut self) -> Option<Result<(), StorageError>> {
+        match self.0.try_recv() {
+            Ok(outcome) => Some(outcome),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(StorageError::Stopped)),
+        }
+    }
 }
 
 impl Future for Pending {
