@@ -7,8 +7,8 @@
 //! - peer payloads arrive from the transport, are decoded (`codec`) and become
 //!   `Event::Message`; a payload that does not decode is logged and dropped;
 //! - a `tokio` interval produces `Event::Tick`;
-//! - `Action::Persist` is queued to the store (group commit); a waiter task awaits the
-//!   completions in issue order and feeds `Event::Persisted` back, so the core sees
+//! - `Action::Persist` is queued to the store (group commit); the loop awaits the
+//!   oldest in-flight persist itself and feeds `Event::Persisted` back, so the core sees
 //!   persists complete in order, as it requires;
 //! - `Action::Send` is encoded and queued to the transport, `Action::Apply` runs the
 //!   applier and answers the waiting requests of this node, `Action::Reply` answers reads
