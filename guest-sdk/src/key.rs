@@ -184,15 +184,15 @@ impl KeyStr {
 }
 
 impl Key {
+    /// This key as a lookup key (same bytes, same head).
+    #[inline(always)]
+    pub fn as_key_ref(&self) -> &KeyRef<'_> {
+        self.borrow()
+    }
+
     #[inline(always)]
     pub fn as_str(&self) -> &str {
-        // SAFETY: the raw parts of the `Box<str>` this key owns (see `From`).
-        unsafe {
-            core::str::from_utf8_unchecked(core::slice::from_raw_parts(
-                self.bytes.as_ptr(),
-                self.len,
-            ))
-        }
+        self.as_key_ref().as_str()
     }
 
     pub fn into_string(self) -> String {
@@ -254,7 +254,7 @@ impl Clone for Key {
 impl PartialEq for Key {
     #[inline(always)]
     fn eq(&self, other: &Key) -> bool {
-        self.head == other.head && mem::equal(self.as_str().as_bytes(), other.as_str().as_bytes())
+        self.as_key_ref() == other.as_key_ref()
     }
 }
 
@@ -310,10 +310,7 @@ impl PartialOrd for KeyStr {
 impl Ord for Key {
     #[inline(always)]
     fn cmp(&self, other: &Key) -> Ordering {
-        match self.head.cmp(&other.head) {
-            Ordering::Equal => mem::compare(self.as_str().as_bytes(), other.as_str().as_bytes()),
-            unequal => unequal,
-        }
+        self.as_key_ref().cmp(other.as_key_ref())
     }
 }
 
