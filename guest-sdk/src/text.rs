@@ -210,10 +210,10 @@ impl<'a, const N: usize> Words<'a, N> {
 pub fn words<const N: usize>(cmd: &[u8]) -> Result<Words<'_, N>, Vec<u8>> {
     let text = utf8(cmd).ok_or_else(|| err("not UTF-8"))?;
     let bytes = text.as_bytes();
-    let mut words = Words {
-        words: [""; N],
-        len: 0,
-    };
+    let mut list = [""; N];
+    // A local count (not the field of the result): in a wasm32 guest the
+    // result lives in linear memory, the local in a register.
+    let mut count = 0;
     // `split_ascii_whitespace` by hand: its iterator adapters cost several
     // times this loop in a wasm32 guest.
     let mut i = 0;
@@ -222,19 +222,28 @@ pub fn words<const N: usize>(cmd: &[u8]) -> Result<Words<'_, N>, Vec<u8>> {
             i += 1;
         }
         if i == bytes.len() {
-            return Ok(words);
+            return Ok(Words {
+                words: list,
+                len: count,
+            });
         }
         let start = i;
         i = skip_word_bytes(bytes, i);
         while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
             i += 1;
         }
-        if words.len == N {
+        if count == N {
             return Err(err("too many words"));
         }
-        // Both ends are at ASCII bytes (or the end), so on char boundaries.
-        words.words[words.len] = &text[start..i];
-        words.len += 1;
+        debug_assert!(start < i && i <= bytes.len());
+        debug_assert!(text.is_char_boundary(start) && text.is_char_boundary(i));
+        // SAFETY: `start < i <= text.len()` (the loops above only advance
+        // within `bytes`), and both are char boundaries: `start` is the
+        // first byte after ASCII whitespace (or 0) and `i` is at ASCII
+        // whitespace (or the end), and an ASCII byte always starts a char.
+        // (`&text[start..i]` would check both again, per word.)
+        list[count] = unsafe { text.get_unchecked(start..i) };
+        count += 1;
     }
 }
 
