@@ -10,6 +10,12 @@
 //! differing byte is the first one in memory); inlined into the caller it
 //! also saves the call. [`crate::key::Key`] orders map keys with it.
 //!
+//! [`extend`] and [`assign_str`] copy short byte strings the same way: on
+//! wasm32 a copy of variable length is a `memory.copy`, which wasmtime runs as
+//! a call into the host (≈ 35 machine instructions before the first byte
+//! moves), while keys, values and results of a few bytes fit in two
+//! overlapping word stores.
+//!
 //! (Replacing the `memcmp` symbol itself would help every comparison, but a
 //! `#[no_mangle]` function of a dependency becomes an export of the guest
 //! module, which the ABI's export list does not allow for.)
@@ -20,6 +26,75 @@ use core::cmp::Ordering;
 const WORD_BYTES: usize = 8;
 /// Bytes per step for strings of 4..8 bytes.
 const HALF_WORD_BYTES: usize = 4;
+
+/// Longest copy [`extend`] does with word stores (two overlapping words).
+const SHORT_COPY_BYTES_MAX: usize = 2 * WORD_BYTES;
+
+/// Appends `bytes` to `out`, as `out.extend_from_slice(bytes)`, but copies up
+/// to 16 bytes with word stores instead of a `memory.copy` (see the module
+/// comment): 8..=16 bytes as two overlapping 8-byte words, 4..8 as two
+/// overlapping 4-byte words, fewer one by one. Longer strings take
+/// `extend_from_slice`.
+#[inline(always)]
+pub fn extend(out: &mut Vec<u8>, bytes: &[u8]) {
+    let n = bytes.len();
+    if n > SHORT_COPY_BYTES_MAX {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    out.reserve(n);
+    let start = out.len();
+    let at = out.as_mut_ptr().wrapping_add(start);
+    // SAFETY: `reserve(n)` left room for `n` bytes at `at`; each branch
+    // writes exactly `[0, n)` there (the helper's contract holds: its word
+    // size is at most `n`, and `n` at most twice it), after which all `n`
+    // bytes are initialized and `set_len` may cover them.
+    unsafe {
+        if n >= WORD_BYTES {
+            copy_overlapping::<WORD_BYTES>(at, bytes);
+        } else if n >= HALF_WORD_BYTES {
+            copy_overlapping::<HALF_WORD_BYTES>(at, bytes);
+        } else {
+            for (i, &byte) in bytes.iter().enumerate() {
+                at.add(i).write(byte);
+            }
+        }
+        out.set_len(start + n);
+    }
+}
+
+/// Copies `bytes` to `at` as two unaligned `W`-byte stores, the first word
+/// and the last one (overlapping unless `bytes.len() == 2 * W`).
+///
+/// # Safety
+/// `W <= bytes.len() <= 2 * W`, and `at` is valid for writes of
+/// `bytes.len()` bytes.
+#[inline(always)]
+unsafe fn copy_overlapping<const W: usize>(at: *mut u8, bytes: &[u8]) {
+    let n = bytes.len();
+    debug_assert!(W <= n && n <= 2 * W);
+    let head: [u8; W] = bytes[..W].try_into().unwrap();
+    let tail: [u8; W] = bytes[n - W..].try_into().unwrap();
+    // SAFETY: `[0, W)` and `[n - W, n)` lie inside the `n` writable bytes
+    // (the caller's contract); unaligned stores need no alignment.
+    unsafe {
+        at.cast::<[u8; W]>().write_unaligned(head);
+        at.add(n - W).cast::<[u8; W]>().write_unaligned(tail);
+    }
+}
+
+/// Makes `slot` equal to `value`, as `value.clone_into(slot)`, reusing its
+/// allocation; a short value is copied by [`extend`]. (`clone_into` copies
+/// twice, the part that overwrites and the part that extends, each a
+/// `memory.copy` on wasm32.)
+#[inline(always)]
+pub fn assign_str(slot: &mut String, value: &str) {
+    // SAFETY: the vector is emptied, then gets all of `value`'s bytes, which
+    // are UTF-8 since `value` is a `str`; nothing reads it in between.
+    let bytes = unsafe { slot.as_mut_vec() };
+    bytes.clear();
+    extend(bytes, value.as_bytes());
+}
 
 /// The lexicographic order of two byte strings, as `a.cmp(b)` (a proper
 /// prefix sorts first).
@@ -32,10 +107,46 @@ pub fn compare(a: &[u8], b: &[u8]) -> Ordering {
         let x = u64::from_le_bytes(a[..WORD_BYTES].try_into().unwrap());
         let y = u64::from_le_bytes(b[..WORD_BYTES].try_into().unwrap());
         if x != y {
-            let byte = 0xffu64 << ((x ^ y).trailing_zeros() & !7);
-            return (x & byte).cmp(&(y & byte));
+            return word_order(x, y);
+        }
+        // Keys of up to 16 bytes: the last word of the common prefix
+        // overlaps the first, equal one, so its first difference is the
+        // prefix's; with none, the shorter key sorts first.
+        let n = a.len().min(b.len());
+        if n <= 2 * WORD_BYTES {
+            let x = u64::from_le_bytes(a[n - WORD_BYTES..n].try_into().unwrap());
+            let y = u64::from_le_bytes(b[n - WORD_BYTES..n].try_into().unwrap());
+            if x != y {
+                return word_order(x, y);
+            }
+            return a.len().cmp(&b.len());
         }
     }
+    compare_rest(a, b)
+}
+
+/// The order of two different little-endian words as byte strings: that of
+/// their lowest differing bytes. A branch, not `cmp`'s -1/0/1 value: a search
+/// loop that inlines [`compare`] then branches once (measured cheaper in the
+/// wasm32 guest).
+#[inline(always)]
+fn word_order(x: u64, y: u64) -> Ordering {
+    debug_assert_ne!(x, y);
+    let byte = 0xffu64 << ((x ^ y).trailing_zeros() & !7);
+    if x & byte < y & byte {
+        Ordering::Less
+    } else {
+        Ordering::Greater
+    }
+}
+
+/// [`compare`] past its word tests: strings shorter than 8 bytes, or longer
+/// than 16 with equal first words.
+/// Out of line, so that a search loop that inlines [`compare`] keeps only
+/// the first-word test in its body: fewer values live across the loop, which
+/// spares a wasm32 guest's compiled code register spills on every step.
+#[inline(never)]
+fn compare_rest(a: &[u8], b: &[u8]) -> Ordering {
     let n = a.len().min(b.len());
     compare_prefix(&a[..n], &b[..n])
         .cmp(&0)
@@ -104,7 +215,34 @@ fn first_difference(x: u64, y: u64) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{compare, compare_prefix, equal};
+    use super::{assign_str, compare, compare_prefix, equal, extend};
+
+    #[test]
+    fn extend_and_assign_copy_every_length_exactly() {
+        for prefix in 0..3usize {
+            for len in 0..=40usize {
+                let bytes: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+                let mut out: Vec<u8> = (0..prefix as u8).collect();
+                let mut expected = out.clone();
+                expected.extend_from_slice(&bytes);
+                extend(&mut out, &bytes);
+                assert_eq!(out, expected, "prefix {prefix}, len {len}");
+                // A full buffer (no spare room) takes the same path.
+                let mut tight = Vec::with_capacity(prefix);
+                tight.extend_from_slice(&expected[..prefix]);
+                extend(&mut tight, &bytes);
+                assert_eq!(tight, expected, "tight, prefix {prefix}, len {len}");
+            }
+        }
+        let text = "añb€c🦀defghijklmnopq";
+        for end in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+            for old in ["", "x", "longer old value!", "ünïcödé"] {
+                let mut slot = old.to_string();
+                assign_str(&mut slot, &text[..end]);
+                assert_eq!(slot, &text[..end]);
+            }
+        }
+    }
 
     fn check(a: &[u8], b: &[u8]) {
         assert_eq!(compare(a, b), a.cmp(b), "{a:?} vs {b:?}");

@@ -210,10 +210,10 @@ impl<'a, const N: usize> Words<'a, N> {
 pub fn words<const N: usize>(cmd: &[u8]) -> Result<Words<'_, N>, Vec<u8>> {
     let text = utf8(cmd).ok_or_else(|| err("not UTF-8"))?;
     let bytes = text.as_bytes();
-    let mut words = Words {
-        words: [""; N],
-        len: 0,
-    };
+    let mut list = [""; N];
+    // A local count (not the field of the result): in a wasm32 guest the
+    // result lives in linear memory, the local in a register.
+    let mut count = 0;
     // `split_ascii_whitespace` by hand: its iterator adapters cost several
     // times this loop in a wasm32 guest.
     let mut i = 0;
@@ -222,37 +222,90 @@ pub fn words<const N: usize>(cmd: &[u8]) -> Result<Words<'_, N>, Vec<u8>> {
             i += 1;
         }
         if i == bytes.len() {
-            return Ok(words);
+            return Ok(Words {
+                words: list,
+                len: count,
+            });
         }
         let start = i;
+        i = skip_word_bytes(bytes, i);
         while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
             i += 1;
         }
-        if words.len == N {
+        if count == N {
             return Err(err("too many words"));
         }
-        // Both ends are at ASCII bytes (or the end), so on char boundaries.
-        words.words[words.len] = &text[start..i];
-        words.len += 1;
+        debug_assert!(start < i && i <= bytes.len());
+        debug_assert!(text.is_char_boundary(start) && text.is_char_boundary(i));
+        // SAFETY: `start < i <= text.len()` (the loops above only advance
+        // within `bytes`), and both are char boundaries: `start` is the
+        // first byte after ASCII whitespace (or 0) and `i` is at ASCII
+        // whitespace (or the end), and an ASCII byte always starts a char.
+        // (`&text[start..i]` would check both again, per word.)
+        list[count] = unsafe { text.get_unchecked(start..i) };
+        count += 1;
     }
 }
 
 /// Bytes checked per step of the ASCII test.
 const ASCII_WORD_BYTES: usize = 8;
+/// ... and for inputs of 4..8 bytes, as two overlapping halves.
+const ASCII_HALF_WORD_BYTES: usize = 4;
+
+/// Each byte of a u64 set to 1; times `b`, each byte set to `b`.
+const EACH_BYTE: u64 = 0x0101_0101_0101_0101;
+/// The high bit of each byte of a u64.
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+/// The smallest byte that is no ASCII whitespace and no control character:
+/// every whitespace byte (`\t \n \x0c \r` and space) is below it.
+const ABOVE_WHITESPACE: u64 = 0x21;
+
+/// From `i`, inside a word, the position of the first byte that may be
+/// whitespace (a byte below 0x21), found 8 bytes per step; stops early at
+/// the last 8 bytes, which the caller's byte loop finishes. A byte loop costs
+/// a wasm32 guest a fuel check and several branches per byte, which a word
+/// step spreads over eight.
+#[inline(always)]
+fn skip_word_bytes(bytes: &[u8], mut i: usize) -> usize {
+    while i + ASCII_WORD_BYTES <= bytes.len() {
+        let word = u64::from_le_bytes(bytes[i..i + ASCII_WORD_BYTES].try_into().unwrap());
+        // The high bit of a byte below 0x21 (and with no borrow from below:
+        // a borrow only comes from such a byte, so the lowest flagged byte is
+        // exact, and no flag means no such byte). Bytes of 0x80 and above
+        // (UTF-8 sequences) are never flagged, never whitespace.
+        let low = word.wrapping_sub(EACH_BYTE * ABOVE_WHITESPACE) & !word & HIGH_BITS;
+        if low != 0 {
+            return i + (low.trailing_zeros() / 8) as usize;
+        }
+        i += ASCII_WORD_BYTES;
+    }
+    i
+}
 
 /// `cmd` as UTF-8: all-ASCII input (the examples' protocols) is recognised
 /// 8 bytes per step; anything else goes through `str::from_utf8`.
 #[inline]
 fn utf8(cmd: &[u8]) -> Option<&str> {
-    let mut chunks = cmd.chunks_exact(ASCII_WORD_BYTES);
+    let n = cmd.len();
     let mut high_bits = 0u64;
-    for chunk in &mut chunks {
-        high_bits |= u64::from_le_bytes(chunk.try_into().unwrap());
+    if n >= ASCII_WORD_BYTES {
+        let mut chunks = cmd.chunks_exact(ASCII_WORD_BYTES);
+        for chunk in &mut chunks {
+            high_bits |= u64::from_le_bytes(chunk.try_into().unwrap());
+        }
+        // The last 8 bytes, overlapping the chunks, cover the remainder in
+        // one step instead of a byte loop.
+        high_bits |= u64::from_le_bytes(cmd[n - ASCII_WORD_BYTES..].try_into().unwrap());
+    } else if n >= ASCII_HALF_WORD_BYTES {
+        let head = u32::from_le_bytes(cmd[..ASCII_HALF_WORD_BYTES].try_into().unwrap());
+        let tail = u32::from_le_bytes(cmd[n - ASCII_HALF_WORD_BYTES..].try_into().unwrap());
+        high_bits = u64::from(head | tail);
+    } else {
+        for &byte in cmd {
+            high_bits |= u64::from(byte);
+        }
     }
-    for &byte in chunks.remainder() {
-        high_bits |= u64::from(byte);
-    }
-    if high_bits & 0x8080_8080_8080_8080 == 0 {
+    if high_bits & HIGH_BITS == 0 {
         // SAFETY: every byte is below 0x80, i.e. ASCII, which is valid UTF-8.
         Some(unsafe { core::str::from_utf8_unchecked(cmd) })
     } else {
@@ -288,11 +341,52 @@ mod tests {
             "x\x0by",
             "a\u{2003}b",
             "12345678 9",
+            "abcdefghijklmnopqrstuvwxyz 0123456789abcdef\tx",
+            "abcdefgh\x01ijklmnop\x1fq r",
+            "ééééééé ü\u{2003}üüüüüüüü\u{a0}x y",
+            "put key00123 value-123",
+            "12345678",
+            "1234567 ",
+            "        12345678        ",
         ];
         for sample in samples {
             let expected: Vec<&str> = sample.split_ascii_whitespace().collect();
             let got = words::<8>(sample.as_bytes()).unwrap();
             assert_eq!(got.as_slice(), expected.as_slice(), "{sample:?}");
+        }
+        // Every byte value at every position of a word, around the 8-byte
+        // steps.
+        for at in 0..20 {
+            for byte in 0..=0x7fu8 {
+                let mut sample = vec![b'a'; 20];
+                sample[at] = byte;
+                let sample = String::from_utf8(sample).unwrap();
+                let expected: Vec<&str> = sample.split_ascii_whitespace().collect();
+                let got = words::<8>(sample.as_bytes()).unwrap();
+                assert_eq!(got.as_slice(), expected.as_slice(), "{sample:?}");
+            }
+        }
+        // A non-ASCII byte at every position of every short length: UTF-8
+        // or not, exactly as `str::from_utf8` decides.
+        for len in 1..20 {
+            for at in 0..len {
+                for byte in [0x80u8, 0xc3, 0xff] {
+                    let mut sample = vec![b'a'; len];
+                    sample[at] = byte;
+                    assert_eq!(
+                        words::<8>(&sample).is_ok(),
+                        std::str::from_utf8(&sample).is_ok()
+                    );
+                    if at + 1 < len {
+                        sample[at + 1] = 0xa9;
+                        assert_eq!(
+                            words::<8>(&sample).is_ok(),
+                            std::str::from_utf8(&sample).is_ok(),
+                            "{sample:?}"
+                        );
+                    }
+                }
+            }
         }
         // Invalid UTF-8 after 8 ASCII bytes, and in the tail.
         assert_eq!(words::<4>(b"abcdefgh\xc3(").unwrap_err(), b"ERR not UTF-8");

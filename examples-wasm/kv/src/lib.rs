@@ -78,27 +78,27 @@ impl App for Kv {
                 // Reuse the key's allocation when it exists: overwrites are
                 // the common case in a benchmark and in real use.
                 match self.entries.get_mut(&KeyRef::new(key)) {
-                    Some(slot) => value.clone_into(slot),
+                    Some(slot) => mem::assign_str(slot, value),
                     None => {
                         self.entries.insert(Key::from(key), value.to_owned());
                     }
                 }
-                out.extend_from_slice(OK);
+                mem::extend(out, OK);
             }
-            ["get", key] => out.extend_from_slice(self.get_result(key)),
+            ["get", key] => mem::extend(out, self.get_result(key)),
             ["del", key] => match self.entries.remove(&KeyRef::new(key)) {
-                Some(_) => out.extend_from_slice(OK),
-                None => out.extend_from_slice(NOT_FOUND),
+                Some(_) => mem::extend(out, OK),
+                None => mem::extend(out, NOT_FOUND),
             },
             ["cas", key, expected, new] => match self.entries.get_mut(&KeyRef::new(key)) {
-                None => out.extend_from_slice(NOT_FOUND),
+                None => mem::extend(out, NOT_FOUND),
                 Some(current) if mem::equal(current.as_bytes(), expected.as_bytes()) => {
-                    new.clone_into(current);
-                    out.extend_from_slice(OK);
+                    mem::assign_str(current, new);
+                    mem::extend(out, OK);
                 }
                 Some(current) => {
-                    out.extend_from_slice(b"MISMATCH ");
-                    out.extend_from_slice(current.as_bytes());
+                    mem::extend(out, b"MISMATCH ");
+                    mem::extend(out, current.as_bytes());
                 }
             },
             ["append", key, value] => {
@@ -111,7 +111,7 @@ impl App for Kv {
                         self.entries.insert(Key::from(key), value.to_owned());
                     }
                 }
-                out.extend_from_slice(OK);
+                mem::extend(out, OK);
             }
             ["put", ..] => push_err(out, "usage: put K V"),
             ["get", ..] => push_err(out, "usage: get K"),

@@ -26,6 +26,10 @@ pub struct HostState {
     pub table_elements_max: usize,
     /// Set when a `memory.grow` was refused by the cap during the current call.
     pub memory_refused: bool,
+    /// Set whenever the limiter lets memory grow (guest `memory.grow` and
+    /// host `Memory::grow` alike); [`Instance`] then re-reads the memory size
+    /// it caches. Cleared by the instance.
+    pub memory_grew: bool,
     pub log: GuestLog,
 }
 
@@ -40,6 +44,9 @@ impl ResourceLimiter for HostState {
             self.memory_refused = true;
             return Ok(false);
         }
+        // Even if the growth fails after this approval, a re-read of the size
+        // is merely needless.
+        self.memory_grew = true;
         Ok(true)
     }
 
@@ -135,6 +142,14 @@ fn described_buffer(memory: &[u8], at: u32, len: u32) -> Option<u32> {
 pub struct Instance {
     pub store: Store<HostState>,
     pub memory: Memory,
+    /// Start of linear memory, read once: the engine never moves a memory
+    /// (`memory_may_move(false)`) and the host-owned `MemfdMemory` maps its
+    /// whole capacity at creation, so the address is fixed for the
+    /// instance's life. Spares the calls a store lookup per memory access.
+    memory_base: *mut u8,
+    /// Accessible bytes at `memory_base` as of the last growth the limiter
+    /// approved (see [`HostState::memory_grew`]).
+    memory_size: usize,
     alloc: TypedFunc<i32, i32>,
     apply: TypedFunc<(i32, i32), i64>,
     query: Option<TypedFunc<(i32, i32), i64>>,
@@ -147,6 +162,12 @@ pub struct Instance {
     input_descriptor: Option<u32>,
     globals: Vec<(Global, GlobalKind)>,
 }
+
+// SAFETY: `memory_base` (the one field that is not `Send` by itself) points
+// into the memory owned by `store`, which moves along with it; it is only
+// dereferenced through `&mut self` (`guest_memory`), so no two threads can use
+// it at once.
+unsafe impl Send for Instance {}
 
 /// Bytes of the input descriptor: buffer address (u32 LE), capacity (u32 LE).
 const INPUT_DESCRIPTOR_BYTES: u32 = 8;
@@ -175,6 +196,8 @@ impl Instance {
         let memory = instance
             .get_memory(&mut store, EXPORT_MEMORY)
             .expect("checked at load");
+        store.data_mut().memory_grew = false;
+        let (memory_base, memory_size) = (memory.data_ptr(&store), memory.data_size(&store));
         let globals = checked
             .global_exports
             .iter()
@@ -198,6 +221,8 @@ impl Instance {
             None
         };
         Ok(Instance {
+            memory_base,
+            memory_size,
             input_descriptor,
             alloc: instance.get_typed_func(&mut store, EXPORT_ALLOC)?,
             apply: instance.get_typed_func(&mut store, EXPORT_APPLY)?,
@@ -251,6 +276,35 @@ impl Instance {
                 .grow(&mut self.store, pages)
                 .expect("regrowing memory to a size it had before");
         }
+        self.note_growth();
+    }
+
+    /// Re-reads the memory size if the limiter approved a growth since the
+    /// last read.
+    #[inline]
+    fn note_growth(&mut self) {
+        let host = self.store.data_mut();
+        if host.memory_grew {
+            host.memory_grew = false;
+            self.memory_size = self.memory.data_size(&self.store);
+        }
+    }
+
+    /// Linear memory as a slice, without wasmtime's store lookup: the cached
+    /// base and a size re-read only after the limiter approved a growth.
+    #[inline]
+    fn guest_memory(&mut self) -> &mut [u8] {
+        self.note_growth();
+        debug_assert_eq!(self.memory_base, self.memory.data_ptr(&self.store));
+        debug_assert_eq!(self.memory_size, self.memory.data_size(&self.store));
+        // SAFETY: `memory_base` is this instance's memory, which never moves
+        // (see the field). `memory_size` is its current size: memory never
+        // shrinks, and every growth, by the guest or the host, passes the
+        // store's limiter first, which sets `memory_grew`, handled above (the
+        // debug assertions check both). No guest code runs while the slice
+        // lives (it borrows `self`, and so the store, mutably), and wasmtime
+        // holds no reference into linear memory between calls.
+        unsafe { std::slice::from_raw_parts_mut(self.memory_base, self.memory_size) }
     }
 
     pub fn globals(&mut self) -> Vec<GlobalValue> {
@@ -304,6 +358,7 @@ impl Instance {
     /// Runs `paxwasm_alloc` + `paxwasm_apply`/`paxwasm_query` on `input` with a
     /// budget of `fuel`, appending the output (at most `output_bytes_max`) to
     /// `out`. Returns the fuel consumed.
+    #[inline(always)]
     pub fn call(
         &mut self,
         which: Call,
@@ -337,10 +392,11 @@ impl Instance {
     /// Puts `input` into guest memory and returns its address: into the
     /// buffer the guest's input descriptor names when it fits (no guest
     /// call), else into a buffer from `paxwasm_alloc`.
+    #[inline(always)]
     fn write_input(&mut self, input: &[u8]) -> Result<u32, ApplyError> {
         let len = i32::try_from(input.len()).map_err(|_| ApplyError::InputTooLarge)?;
         if let Some(at) = self.input_descriptor {
-            let memory = self.memory.data_mut(&mut self.store);
+            let memory = self.guest_memory();
             if let Some(ptr) = described_buffer(memory, at, len as u32) {
                 let start = ptr as usize;
                 memory[start..start + input.len()].copy_from_slice(input);
@@ -351,7 +407,7 @@ impl Instance {
             .alloc
             .call(&mut self.store, len)
             .map_err(|e| self.canonical(e))? as u32;
-        let memory = self.memory.data_mut(&mut self.store);
+        let memory = self.guest_memory();
         let start = ptr as usize;
         match memory.get_mut(start..start + input.len()) {
             Some(buffer) => buffer.copy_from_slice(input),
@@ -360,6 +416,7 @@ impl Instance {
         Ok(ptr)
     }
 
+    #[inline(always)]
     fn read_output(
         &mut self,
         packed: i64,
@@ -371,7 +428,7 @@ impl Instance {
         if len as usize > output_bytes_max {
             return Err(ApplyError::OutputTooLarge);
         }
-        match guest_slice(self.memory.data(&self.store), ptr, len) {
+        match guest_slice(self.guest_memory(), ptr, len) {
             Some(bytes) => out.extend_from_slice(bytes),
             None => return Err(ApplyError::Trap("out of bounds memory access")),
         }

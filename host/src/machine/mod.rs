@@ -994,6 +994,7 @@ fn host_state(config: &MachineConfig) -> HostState {
         memory_bytes_max: config.memory_bytes_max as usize,
         table_elements_max: config.table_elements_max as usize,
         memory_refused: false,
+        memory_grew: false,
         log: config.guest_log,
     }
 }
