@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use paxwasm_guest::key::{Key, KeyRef};
+use paxwasm_guest::key::{Key, KeyStr};
 use paxwasm_guest::mem;
 use paxwasm_guest::text::{err, push_err, words};
 use paxwasm_guest::{export_app, App, Migrate};
@@ -29,8 +29,7 @@ pub const STATE_TAG: &[u8; 4] = b"KV1\0";
 pub struct Kv {
     /// Ordered, so that iteration (and so the exported state) is the same on
     /// every replica. `Key` orders like `String`, with a comparison that is
-    /// cheaper in a wasm32 guest and mostly reads no key bytes outside the
-    /// tree's nodes (see `paxwasm_guest::key`).
+    /// cheaper in a wasm32 guest (see `paxwasm_guest::key`).
     entries: BTreeMap<Key, String>,
 }
 
@@ -39,7 +38,7 @@ const NOT_FOUND: &[u8] = b"NOT_FOUND";
 
 impl Kv {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.get(&KeyRef::new(key)).map(String::as_str)
+        self.entries.get(KeyStr::new(key)).map(String::as_str)
     }
 
     pub fn len(&self) -> usize {
@@ -52,7 +51,7 @@ impl Kv {
 
     /// The value of `key`, or `NOT_FOUND`.
     fn get_result(&self, key: &str) -> &[u8] {
-        match self.entries.get(&KeyRef::new(key)) {
+        match self.entries.get(KeyStr::new(key)) {
             Some(value) => value.as_bytes(),
             None => NOT_FOUND,
         }
@@ -77,7 +76,7 @@ impl App for Kv {
             ["put", key, value] => {
                 // Reuse the key's allocation when it exists: overwrites are
                 // the common case in a benchmark and in real use.
-                match self.entries.get_mut(&KeyRef::new(key)) {
+                match self.entries.get_mut(KeyStr::new(key)) {
                     Some(slot) => mem::assign_str(slot, value),
                     None => {
                         self.entries.insert(Key::from(key), value.to_owned());
@@ -86,11 +85,11 @@ impl App for Kv {
                 mem::extend(out, OK);
             }
             ["get", key] => mem::extend(out, self.get_result(key)),
-            ["del", key] => match self.entries.remove(&KeyRef::new(key)) {
+            ["del", key] => match self.entries.remove(KeyStr::new(key)) {
                 Some(_) => mem::extend(out, OK),
                 None => mem::extend(out, NOT_FOUND),
             },
-            ["cas", key, expected, new] => match self.entries.get_mut(&KeyRef::new(key)) {
+            ["cas", key, expected, new] => match self.entries.get_mut(KeyStr::new(key)) {
                 None => mem::extend(out, NOT_FOUND),
                 Some(current) if mem::equal(current.as_bytes(), expected.as_bytes()) => {
                     mem::assign_str(current, new);
@@ -102,7 +101,7 @@ impl App for Kv {
                 }
             },
             ["append", key, value] => {
-                match self.entries.get_mut(&KeyRef::new(key)) {
+                match self.entries.get_mut(KeyStr::new(key)) {
                     Some(list) => {
                         list.push(',');
                         list.push_str(value);
