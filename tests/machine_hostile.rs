@@ -154,6 +154,57 @@ fn a_page_written_again_after_a_checkpoint_is_rolled_back_and_carried_forward() 
     assert_eq!(&machine.snapshot().memory[..4], &5u32.to_le_bytes());
 }
 
+/// `N` (one digit) adds 1 to a counter on OS page N and returns it; `wN`
+/// does the same, then traps.
+fn page_writing_guest() -> Vec<u8> {
+    guest(
+        "",
+        &format!(
+            r#"(local $at i32)
+               (local.set $at (i32.add (i32.const 16) (i32.mul (i32.const 4096)
+                 (i32.sub (i32.load8_u (i32.add (local.get $ptr) (i32.sub (local.get $len) (i32.const 1))))
+                          (i32.const 48)))))
+               (i32.store (local.get $at) (i32.add (i32.load (local.get $at)) (i32.const 1)))
+               (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 119))  ;; 'w'
+                 (then (unreachable)))
+               (i32.store (i32.const 8) (i32.load (local.get $at)))
+               {}"#,
+            result(8, 4)
+        ),
+    )
+}
+
+/// Dropping the kept private copies once they exceed `kept_copies_bytes_max`
+/// changes nothing a command, a rollback or a hash sees.
+#[test]
+fn kept_copies_over_their_bound_are_dropped_without_changing_the_state() {
+    let tight = MachineConfig {
+        kept_copies_bytes_max: 2 * 4096,
+        ..config()
+    };
+    let mut reference = load(&page_writing_guest());
+    let mut machine = Machine::load(&page_writing_guest(), &tight).unwrap();
+    for i in 0..60u32 {
+        let page = (i * 7 % 10).to_string();
+        let expected = reference.apply(page.as_bytes(), entry());
+        assert_eq!(
+            machine.apply(page.as_bytes(), entry()),
+            expected,
+            "command {i}"
+        );
+        let failing = format!("w{}", i * 3 % 10);
+        assert!(machine.apply(failing.as_bytes(), entry()).is_err());
+        if i % 4 == 0 {
+            assert_eq!(
+                machine.state_hash(),
+                reference.state_hash(),
+                "after command {i}"
+            );
+        }
+    }
+    assert_eq!(machine.snapshot(), reference.snapshot());
+}
+
 #[test]
 fn rollback_replays_the_commands_since_the_last_checkpoint() {
     // No state hash between commands, so the commands before the failure are

@@ -138,6 +138,8 @@ pub(super) struct Shadow {
 pub(super) struct PageSet {
     page_bytes: usize,
     words: Vec<u64>,
+    /// Pages in the set.
+    pages: usize,
 }
 
 impl PageSet {
@@ -146,13 +148,29 @@ impl PageSet {
         PageSet {
             page_bytes,
             words: vec![0; bytes_max.div_ceil(page_bytes).div_ceil(64)],
+            pages: 0,
         }
     }
 
     /// Adds every page overlapping `[start, end)`.
     pub fn mark(&mut self, start: usize, end: usize) {
         for page in start / self.page_bytes..end.div_ceil(self.page_bytes) {
-            self.words[page / 64] |= 1 << (page % 64);
+            let (word, bit) = (&mut self.words[page / 64], 1 << (page % 64));
+            self.pages += usize::from(*word & bit == 0);
+            *word |= bit;
+        }
+    }
+
+    /// Bytes of the pages in the set.
+    pub fn bytes(&self) -> usize {
+        self.pages * self.page_bytes
+    }
+
+    /// Empties the set.
+    pub fn clear(&mut self) {
+        if self.pages > 0 {
+            self.words.fill(0);
+            self.pages = 0;
         }
     }
 
@@ -160,6 +178,7 @@ impl PageSet {
     /// `[0, len)`, and empties it.
     pub fn drain_runs(&mut self, len: usize, runs: &mut Vec<(usize, usize)>) {
         runs.clear();
+        self.pages = 0;
         for (index, word) in self.words.iter_mut().enumerate() {
             let mut bits = std::mem::take(word);
             while bits != 0 {

@@ -5,8 +5,10 @@
 //! That one mapping choice gives the machine all of its memory mechanisms:
 //! - rollback: `madvise(MADV_DONTNEED)` on the instance's range drops its
 //!   private pages, and the memory reads the base again;
-//! - dirty tracking: a page that is present and not a file page (pagemap bit
-//!   61 clear) is a private copy, i.e. written since the last checkpoint;
+//! - dirty tracking: with userfaultfd write-protection (below), the pages
+//!   written since the last scan; without, a page that is present and not a
+//!   file page (pagemap bit 61 clear) is a private copy, i.e. written since it
+//!   was last dropped;
 //! - checkpoint: those pages are written into the memfd; with userfaultfd
 //!   tracking (below) the private copies stay, write-protected again, and
 //!   only the next write to one marks it; without, they are dropped again;
@@ -278,7 +280,11 @@ impl MemfdMemory {
                 // the pages so that reading them does not count as writing.
                 // SAFETY: inside our registered view.
                 let grown = unsafe { self.base.add(self.size_bytes) };
-                uffd.write_protect(grown, new_size - self.size_bytes)?;
+                // A refusal must not fail the growth: that would be local to
+                // this replica, and `memory.grow` must answer the same on every
+                // one. Unprotected pages that are only read are reported as
+                // written, which costs a needless write of equal bytes.
+                let _ = uffd.write_protect(grown, new_size - self.size_bytes);
             }
         }
         self.size_bytes = new_size;
@@ -672,12 +678,14 @@ impl DirtyScanner {
     /// page tables (≈ 0.3 ms for 256 MiB), not the pages. `None` when the
     /// memory is not registered or the kernel lacks the ioctl.
     ///
-    /// Every private copy is among them: it was made by a write, which
-    /// cleared the bit, and only this scan sets it again on a private page
-    /// (after reporting it). Pages may be reported that are not private
-    /// copies (a page discarded while unprotected, then read: its bytes are
-    /// the memfd's), which costs a needless write of equal bytes, never a
-    /// wrong state.
+    /// Every page whose bytes differ from the memfd is among them: only a
+    /// write makes a page differ, a write clears the bit, and only this scan
+    /// sets it again on a written page (after reporting it, and the caller
+    /// then writes the page to the memfd, after which it equals the memfd
+    /// again, whether the private copy is kept or dropped). Pages may be
+    /// reported that do not differ (a page discarded while unprotected, then
+    /// read: its bytes are the memfd's), which costs a needless write of equal
+    /// bytes, never a wrong state.
     fn scan_tracked_runs(
         &mut self,
         pagemap: &File,

@@ -92,6 +92,10 @@ pub struct MachineConfig {
     pub replay_fuel_max: u64,
     /// ... or once their inputs add up to this many bytes.
     pub replay_input_bytes_max: usize,
+    /// Private copies of pages a checkpoint keeps in the primary (see
+    /// `Machine::checkpoint`), at most: beyond, they are all dropped, so the
+    /// pages written since stay resident twice for at most this many bytes.
+    pub kept_copies_bytes_max: usize,
     pub guest_log: GuestLog,
 }
 
@@ -112,6 +116,7 @@ impl Default for MachineConfig {
             replay_commands_max: 16_384,
             replay_fuel_max: 50_000_000,
             replay_input_bytes_max: 4 << 20,
+            kept_copies_bytes_max: 64 << 20,
             guest_log: GuestLog::Discard,
         }
     }
@@ -291,6 +296,9 @@ pub struct Machine {
     scanner: DirtyScanner,
     discarder: Discarder,
     runs: Vec<(usize, usize)>,
+    /// Pages of which the primary may hold a private copy equal to the base
+    /// (kept by checkpoints; a superset after rollbacks).
+    kept: PageSet,
     /// Reused output buffer of `apply`.
     scratch: Vec<u8>,
     /// Reused buffer of the copies into shadows.
@@ -376,6 +384,7 @@ impl Machine {
             scanner: DirtyScanner::new(),
             discarder: Discarder::new(),
             runs: Vec::new(),
+            kept: PageSet::new(config.memory_bytes_max as usize),
             scratch: Vec::new(),
             copy_buffer: Vec::new(),
             shadows: Vec::new(),
@@ -705,13 +714,13 @@ impl Machine {
             globals,
             memory_bytes: bytes,
         };
-        self.primary = instance_over_base(
+        self.replace_primary(instance_over_base(
             &self.loaded,
             &self.config,
             &self.creator,
             self.tracker.as_ref(),
             &self.base,
-        );
+        ));
         self.reader = None;
         self.replay.clear();
         self.primary_changed = false;
@@ -778,7 +787,7 @@ impl Machine {
         .map_err(UpgradeError::Import)?;
         self.loaded = loaded;
         self.base = base;
-        self.primary = primary;
+        self.replace_primary(primary);
         // The shadows hold images of the old base.
         self.shadows.clear();
         self.reader = None;
@@ -814,10 +823,27 @@ impl Machine {
                 shadow.stale.mark(start, end);
             }
         }
-        if scanned == Scanned::PrivateCopies {
-            // SAFETY: as above; the bytes are now in the memfd, so dropping
-            // the private copies does not change what the memory reads.
-            unsafe { self.discarder.discard(ptr, &self.runs) };
+        match scanned {
+            Scanned::PrivateCopies => {
+                // SAFETY: as above; the bytes are now in the memfd, so
+                // dropping the private copies does not change what the memory
+                // reads.
+                unsafe { self.discarder.discard(ptr, &self.runs) };
+                self.kept.clear();
+            }
+            Scanned::WrittenSinceLastScan => {
+                for &(start, end) in &self.runs {
+                    self.kept.mark(start, end);
+                }
+                if self.kept.bytes() > self.config.kept_copies_bytes_max {
+                    self.kept.drain_runs(bytes, &mut self.runs);
+                    // SAFETY: as above; every kept copy equals the base and is
+                    // protected (the scan just protected the written ones), so
+                    // dropping them changes nothing the memory reads and leaves
+                    // markers that keep later writes tracked.
+                    unsafe { self.discarder.discard(ptr, &self.runs) };
+                }
+            }
         }
         // Otherwise the private copies stay: they now equal the base and
         // the scan protected them again, so the next write to one is
@@ -835,6 +861,12 @@ impl Machine {
         self.primary_changed = false;
     }
 
+    /// Installs a new primary instance (it holds no private copies yet).
+    fn replace_primary(&mut self, primary: Instance) {
+        self.primary = primary;
+        self.kept.clear();
+    }
+
     /// Returns the primary to the state before the failed command: back to the
     /// base, then replay of the commands applied since.
     fn roll_back(&mut self) {
@@ -847,25 +879,29 @@ impl Machine {
                 // private copy. A drop of the whole range would walk every
                 // write-protect marker (≈ 75 µs per 16 MiB) and leave the
                 // dropped pages unprotected.
-                self.scanner.written_runs(ptr, bytes, true, &mut self.runs);
+                let scanned = self.scanner.written_runs(ptr, bytes, true, &mut self.runs);
                 // SAFETY: runs inside the primary's memory; no guest code is
                 // running and no reference into it is held.
                 unsafe { self.discarder.discard(ptr, &self.runs) };
+                if scanned == Scanned::PrivateCopies {
+                    self.kept.clear();
+                }
             } else {
                 // SAFETY: the primary's memory range; as above.
                 unsafe { memory::discard_private_pages(ptr, bytes) };
+                self.kept.clear();
             }
             self.primary.set_globals(&self.base.globals);
         } else {
             // Memory cannot shrink in place, and replay must see the size the
             // commands saw: rebuild the instance over the base.
-            self.primary = instance_over_base(
+            self.replace_primary(instance_over_base(
                 &self.loaded,
                 &self.config,
                 &self.creator,
                 self.tracker.as_ref(),
                 &self.base,
-            );
+            ));
         }
         let replay = std::mem::take(&mut self.replay);
         // The replayed commands logged once already.
