@@ -230,6 +230,10 @@ impl NodeApi for FakeNode {
         self.state().app.clone()
     }
 
+    fn id(&self) -> NodeId {
+        self.state().id
+    }
+
     fn status(&self) -> StatusView {
         let state = self.state();
         StatusView {

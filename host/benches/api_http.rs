@@ -67,6 +67,9 @@ impl NodeApi for InstantNode {
             history: Vec::new(),
         }
     }
+    fn id(&self) -> u64 {
+        1
+    }
     fn status(&self) -> StatusView {
         StatusView {
             id: 1,

@@ -430,7 +430,7 @@ async fn forward_query<N: NodeApi>(
         Some(query) => format!("/v1/queries?{query}"),
         None => "/v1/queries".to_owned(),
     };
-    let this_node = shared.node.status().id;
+    let this_node = shared.node.id();
     let headers = [(
         HeaderName::from_static(HEADER_FORWARDED_BY),
         HeaderValue::from(this_node),
@@ -942,7 +942,7 @@ async fn members<N: NodeApi>(
                 NO_LEADER_RETRY_AFTER_SECS,
             )),
             (None, Some(leader)) => {
-                let this_node = shared.node.status().id;
+                let this_node = shared.node.id();
                 let mut headers = vec![(
                     HeaderName::from_static(HEADER_FORWARDED_BY),
                     HeaderValue::from(this_node),

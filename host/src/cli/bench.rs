@@ -377,11 +377,18 @@ fn parse_response_head(bytes: &[u8]) -> Result<Option<(u16, usize, usize, bool)>
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .ok_or("malformed response: bad content-length")?;
+            if body_bytes.is_some_and(|earlier| earlier != length) {
+                return Err("malformed response: conflicting content-length".to_owned());
+            }
             body_bytes = Some(length);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err("unsupported response: transfer-encoding".to_owned());
         } else if header.name.eq_ignore_ascii_case("connection") {
-            keep_alive = !header.value.eq_ignore_ascii_case(b"close");
+            let close = header
+                .value
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+            keep_alive = !close;
         }
     }
     let body_bytes = body_bytes.ok_or("unsupported response: no content-length")?;
@@ -451,6 +458,12 @@ mod tests {
             parse_response_head(closing),
             Ok(Some((503, closing.len(), 0, false)))
         );
+        let listed =
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            parse_response_head(listed),
+            Ok(Some((200, listed.len(), 0, false)))
+        );
         let old = b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n";
         assert_eq!(
             parse_response_head(old),
@@ -472,6 +485,10 @@ mod tests {
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: 9999999999\r\n\r\n",
                 "response body too large",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n",
+                "malformed response: conflicting content-length",
             ),
         ] {
             assert_eq!(parse_response_head(bad), Err(reason.to_owned()));

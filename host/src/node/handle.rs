@@ -291,6 +291,10 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
         }))
     }
     fn app(&self) -> AppInfo;
+    /// This node's id (reads no status, so it asks for no state hash).
+    fn id(&self) -> NodeId;
+    /// The status of `GET /v1/status`; reading it asks the replica to keep its state
+    /// hash fresh.
     fn status(&self) -> StatusView;
     fn cluster(&self) -> ClusterView;
     fn readiness(&self) -> Readiness;

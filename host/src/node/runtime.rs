@@ -247,8 +247,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the core until shutdown is signalled. Returns after the last queued persist was
-/// handed to the store.
+/// Runs the core until shutdown is signalled. Returns after every persist handed to the
+/// store completed.
 pub(crate) async fn run(core: Core, snap: Snapshots) {
     let tick_ms = core.tick_ms;
     let mut state = Loop {

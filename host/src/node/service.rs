@@ -897,6 +897,10 @@ impl NodeApi for Node {
         }
     }
 
+    fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
     fn status(&self) -> StatusView {
         let published = {
             let mut shared = self
