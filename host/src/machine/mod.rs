@@ -831,6 +831,15 @@ impl Machine {
                 unsafe { self.discarder.discard(ptr, &self.runs) };
                 self.kept.clear();
             }
+            // The private copies stay: they now equal the base and the scan
+            // protected them again, so the next write to one is reported by
+            // the next scan, and a rollback drops just those. Keeping them
+            // spares every page the guest writes again a copy-on-write fault
+            // (allocate, copy 4 KiB from the memfd) after each checkpoint; it
+            // leaves only the write-protect fault, which copies nothing. With
+            // writes spread over a large state (a kv store under load) those
+            // copies were most of a command's apply time. The price: pages
+            // resident twice (private copy and memfd), hence the bound.
             Scanned::WrittenSinceLastScan => {
                 for &(start, end) in &self.runs {
                     self.kept.mark(start, end);
@@ -845,16 +854,6 @@ impl Machine {
                 }
             }
         }
-        // Otherwise the private copies stay: they now equal the base and
-        // the scan protected them again, so the next write to one is
-        // reported by the next scan, and a rollback drops just those. Keeping
-        // them spares every page the guest writes again a copy-on-write
-        // fault (allocate, copy 4 KiB from the memfd) after each checkpoint;
-        // it leaves only the write-protect fault, which copies nothing. With
-        // writes spread over a large state (a kv store under load) those
-        // copies were most of a command's apply time. The price: the pages
-        // written since the primary was made are resident twice (private
-        // copy and memfd).
         self.base.globals = self.primary.globals();
         self.base.memory_bytes = bytes;
         self.replay.clear();
