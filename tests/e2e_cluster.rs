@@ -297,6 +297,30 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     .unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.text(), "1");
+    // Commands through a follower are answered from the result the leader sends once it
+    // applied them (the follower need not wait to learn the commit). Ten in a row, so
+    // that the follower learning a commit first every time cannot hide the path.
+    let leader_index = wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        leader(&cluster)
+    });
+    let follower = &cluster.nodes[(leader_index + 1) % NODES];
+    let metric = "paxwasm_command_results_from_peers_total";
+    let before = support::metric(&follower.http, metric).unwrap();
+    for n in 0..10 {
+        let reply = submit_retrying(
+            &follower.http,
+            &format!("put via-follower {n}"),
+            &format!("via-follower-{n}"),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.text(), "OK");
+        assert!(reply.header("paxwasm-index").is_some());
+    }
+    let after = support::metric(&follower.http, metric).unwrap();
+    assert!(
+        after > before,
+        "no forwarded command was answered from the leader's result ({before} -> {after})"
+    );
     eprintln!(
         "e2e: {} writes acknowledged ({} before the kill, {} before the restart); state {hash} at {index}",
         acknowledged.len(),

@@ -133,6 +133,24 @@ impl AppResult {
             other => panic!("unknown result kind {other}"),
         }
     }
+
+    /// The result of a command envelope as a peer reported it (`codec::CommandResult`):
+    /// `None` for anything a command cannot produce. Never panics: the bytes come from
+    /// the network.
+    pub fn decode_command_result(bytes: &[u8]) -> Option<AppResult> {
+        if bytes == STALE_RESULT {
+            return Some(AppResult::StaleDuplicate);
+        }
+        let (kind, body) = bytes.split_first()?;
+        match *kind {
+            RESULT_OUTPUT => Some(AppResult::Output(body.to_vec())),
+            RESULT_REJECTED => Some(AppResult::Rejected(
+                String::from_utf8_lossy(body).into_owned(),
+            )),
+            RESULT_NO_MODULE if body.is_empty() => Some(AppResult::NoModule),
+            _ => None,
+        }
+    }
 }
 
 /// The Wasm application of one replica: the current module's machine (none before the

@@ -7,7 +7,8 @@
 //! decode error is a value the caller logs and drops.
 //!
 //! Wire payload: `version u8 = 1`, `kind u8` (0 = Paxos message, 1 = peer info, 2 =
-//! snapshot transfer, `KIND_CHECKPOINT` = state-hash checkpoint report), body.
+//! snapshot transfer, `KIND_CHECKPOINT` = state-hash checkpoint report,
+//! `KIND_RESULT` = the result of a forwarded command), body.
 //! Store value of an accepted entry: `version u8 = 1`, then a `LogEntry`.
 //! Field layouts are in docs/notes/node.md.
 
@@ -32,6 +33,8 @@ pub const PEER_HTTP_BYTES_MAX: usize = 256;
 /// Wire kind of a `CheckpointReport`. Kinds 2 to 7 are left free for snapshot transfer
 /// (developed at the same time), so the two extensions cannot collide.
 pub const KIND_CHECKPOINT: u8 = 8;
+/// Wire kind of a `CommandResult`.
+pub const KIND_RESULT: u8 = 9;
 
 /// What replicas say to each other: consensus messages, plus what a replica tells its
 /// peers about itself (so followers can name the leader's HTTP address).
@@ -42,6 +45,19 @@ pub enum WireMessage {
     /// Snapshot transfer (see `transfer`); never part of consensus either.
     Transfer(TransferMessage),
     Checkpoint(CheckpointReport),
+    Result(CommandResult),
+}
+
+/// The result of a command that entered through the receiver and was forwarded: sent by
+/// the leader once it applied the command's slot, so the receiver can answer its client
+/// without waiting to learn the commit and apply the slot itself. Never part of
+/// consensus: every replica computes the same result at that slot. Layout: `request
+/// u64`, `slot u64`, `result` as length-prefixed bytes (an encoded `AppResult`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandResult {
+    pub request: u64,
+    pub slot: Slot,
+    pub result: Vec<u8>,
 }
 
 /// The sender's state hash at a checkpoint index (`node::checkpoint`); never part of
@@ -138,6 +154,12 @@ pub fn encode_wire(message: &WireMessage) -> Vec<u8> {
             put_u64(&mut out, report.index);
             out.extend_from_slice(&report.hash);
         }
+        WireMessage::Result(result) => {
+            out.push(KIND_RESULT);
+            put_u64(&mut out, result.request);
+            put_u64(&mut out, result.slot);
+            put_bytes(&mut out, &result.result);
+        }
     }
     out
 }
@@ -195,6 +217,11 @@ pub fn decode_wire(input: &[u8]) -> Result<WireMessage, DecodeError> {
                 .take(32, "checkpoint hash")?
                 .try_into()
                 .expect("took 32 bytes"),
+        }),
+        KIND_RESULT => WireMessage::Result(CommandResult {
+            request: reader.u64("result request")?,
+            slot: reader.u64("result slot")?,
+            result: reader.bytes("result")?.to_vec(),
         }),
         tag => return Err(DecodeError::UnknownTag { field: "kind", tag }),
     };

@@ -34,7 +34,7 @@ use crate::storage::{self, Pending, Store, WriteBatch};
 
 use super::app::{AppResult, WasmApp};
 use super::checkpoint::{Checkpoints, Finding, StateHash};
-use super::codec::{self, CheckpointReport, PeerInfo, WireMessage};
+use super::codec::{self, CheckpointReport, CommandResult, PeerInfo, WireMessage};
 use super::handle::{
     CommandError, CommandOk, DeployError, DeployOk, FlipError, FlipOk, LeaderHint, MemberChange,
     MemberError, QueryError, QueryOk,
@@ -441,9 +441,37 @@ impl Loop {
                 self.findings = findings;
             }
             Ok(WireMessage::Transfer(message)) => self.on_transfer(from, message),
+            Ok(WireMessage::Result(result)) => self.on_command_result(from, result),
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
                 tracing::warn!(from, %error, bytes = payload.len(), "dropping a peer payload that does not decode");
+            }
+        }
+    }
+
+    /// A peer applied the slot of a command this replica forwarded: answer the client
+    /// now. The slot is chosen (only chosen slots are applied) and its result is the
+    /// same on every replica; applying it here later finds no waiter.
+    fn on_command_result(&mut self, from: NodeId, message: CommandResult) {
+        if !matches!(
+            self.waiters.get(&message.request),
+            Some(Waiter::Command(..))
+        ) {
+            return;
+        }
+        match AppResult::decode_command_result(&message.result) {
+            Some(result) => {
+                let counters = &self.core.counters;
+                counters.add(&counters.results_from_peers, 1);
+                self.complete(message.request, message.slot, result);
+            }
+            None => {
+                self.core.counters.add(&self.core.counters.decode_errors, 1);
+                tracing::warn!(
+                    from,
+                    request = message.request,
+                    "dropping a command result that no command produces"
+                );
             }
         }
     }
@@ -743,6 +771,10 @@ impl Loop {
     fn apply(&mut self, slot: Slot, value: &Value) {
         let started = Instant::now();
         self.snap.log_bytes_since += value_bytes(value);
+        // A leader answers the followers whose commands it applies: they would
+        // otherwise wait to learn the commit (the next accept or heartbeat) and apply
+        // the slot themselves before answering their clients.
+        self.core.applier.collect_remote = self.core.replica.status().leading.is_some();
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
@@ -756,6 +788,17 @@ impl Loop {
             self.complete(request, slot, AppResult::decode(&result));
         }
         self.replies = replies;
+        for (origin, slot, result) in std::mem::take(&mut self.core.applier.remote_results) {
+            let message = WireMessage::Result(CommandResult {
+                request: origin.request,
+                slot,
+                result,
+            });
+            let payload = Bytes::from(codec::encode_wire(&message));
+            if let Err(error) = self.core.transport.send(origin.node, payload) {
+                tracing::debug!(to = origin.node, %error, "command result not queued");
+            }
+        }
         if self.core.checkpoints.is_checkpoint(slot) {
             self.take_checkpoint(slot);
         }

@@ -48,6 +48,8 @@ pub(crate) struct Counters {
     pub command_core_us: AtomicU64,
     pub leader_changes: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// Forwarded commands answered from the result a peer (the leader) sent.
+    pub results_from_peers: AtomicU64,
     /// Peer checkpoint reports whose hash differed from this replica's.
     pub checkpoint_mismatches: AtomicU64,
     /// Checkpoints taken, and the time spent hashing the state for them.
@@ -1113,6 +1115,12 @@ impl NodeApi for Node {
             "counter",
             "Times this replica saw a new leader.",
             get(&c.leader_changes),
+        );
+        metric(
+            "paxwasm_command_results_from_peers_total",
+            "counter",
+            "Forwarded commands answered from the result the leader sent, before this replica applied them.",
+            get(&c.results_from_peers),
         );
         metric(
             "paxwasm_wire_decode_errors_total",

@@ -3,7 +3,7 @@
 //! owes its own clients (commands whose `Origin` is this node).
 
 use super::dedup::{DedupCheck, DedupTable};
-use super::types::{NodeId, RequestId, Slot, Value};
+use super::types::{NodeId, Origin, RequestId, Slot, Value};
 
 /// Context every replica sees identically for a command: from the log, never from
 /// the local clock.
@@ -45,6 +45,13 @@ pub struct Applier<M> {
     node: NodeId,
     /// The state machine's clock: the largest batch stamp applied so far.
     clock_ms: u64,
+    /// While set, `apply` also collects the results of commands that entered through
+    /// other nodes into `remote_results` (a leader answers the followers that
+    /// forwarded them). Not replicated state.
+    pub collect_remote: bool,
+    /// `(origin, slot, result)` collected while `collect_remote` is set; the caller
+    /// drains it.
+    pub remote_results: Vec<(Origin, Slot, Vec<u8>)>,
 }
 
 impl<M: StateMachine> Applier<M> {
@@ -55,6 +62,8 @@ impl<M: StateMachine> Applier<M> {
             applied_index: 0,
             node,
             clock_ms: 0,
+            collect_remote: false,
+            remote_results: Vec::new(),
         }
     }
 
@@ -134,6 +143,8 @@ impl<M: StateMachine> Applier<M> {
             };
             if command.origin.node == self.node {
                 replies.push((command.origin.request, result));
+            } else if self.collect_remote {
+                self.remote_results.push((command.origin, slot, result));
             }
         }
     }

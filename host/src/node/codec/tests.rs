@@ -117,6 +117,11 @@ fn every_message() -> Vec<WireMessage> {
         applied_index: 43,
     }));
     all.push(WireMessage::Checkpoint(checkpoint_report()));
+    all.push(WireMessage::Result(CommandResult {
+        request: 77,
+        slot: 912,
+        result: b"\x00OK".to_vec(),
+    }));
     let id = crate::node::snapshot::SnapshotId {
         slot: 900,
         sha256: [0x5A; 32],
@@ -168,6 +173,24 @@ fn checkpoint_reports_round_trip_with_their_exact_layout() {
             field: "checkpoint hash"
         })
     );
+}
+
+#[test]
+fn command_results_round_trip_with_their_exact_layout() {
+    let result = CommandResult {
+        request: 9,
+        slot: 1 << 40,
+        result: b"\x00value".to_vec(),
+    };
+    let bytes = encode_wire(&WireMessage::Result(result.clone()));
+    let mut expected = vec![WIRE_VERSION, KIND_RESULT];
+    expected.extend_from_slice(&9u64.to_le_bytes());
+    expected.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    expected.extend_from_slice(&6u32.to_le_bytes());
+    expected.extend_from_slice(b"\x00value");
+    assert_eq!(bytes, expected);
+    assert_eq!(decode_wire(&bytes), Ok(WireMessage::Result(result)));
+    assert!(decode_wire(&bytes[..bytes.len() - 1]).is_err());
 }
 
 #[test]
