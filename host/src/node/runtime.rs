@@ -89,6 +89,9 @@ pub(crate) enum Request {
 /// How often a diverged replica asks the majority again for a snapshot while the
 /// previous request has not repaired it.
 const REPAIR_RETRY_MS: u64 = 5_000;
+/// Largest command result a leader sends to the follower that forwarded the command;
+/// larger ones wait for the follower's own apply.
+const FORWARDED_RESULT_BYTES_MAX: usize = 64 << 10;
 
 enum Waiter {
     /// The reply, and when the API handed the command over.
@@ -453,10 +456,14 @@ impl Loop {
     /// now. The slot is chosen (only chosen slots are applied) and its result is the
     /// same on every replica; applying it here later finds no waiter.
     fn on_command_result(&mut self, from: NodeId, message: CommandResult) {
-        if !matches!(
-            self.waiters.get(&message.request),
-            Some(Waiter::Command(..))
-        ) {
+        // Only the leader this replica follows answers for it (a replica that lost
+        // leadership fails its forwarded requests through the core anyway).
+        if self.leader_seen != Some(from)
+            || !matches!(
+                self.waiters.get(&message.request),
+                Some(Waiter::Command(..))
+            )
+        {
             return;
         }
         match AppResult::decode_command_result(&message.result) {
@@ -773,8 +780,10 @@ impl Loop {
         self.snap.log_bytes_since += value_bytes(value);
         // A leader answers the followers whose commands it applies: they would
         // otherwise wait to learn the commit (the next accept or heartbeat) and apply
-        // the slot themselves before answering their clients.
-        self.core.applier.collect_remote = self.core.replica.status().leading.is_some();
+        // the slot themselves before answering their clients. Not while its own state
+        // has diverged from the majority's: its results would be wrong.
+        self.core.applier.collect_remote = self.core.replica.status().leading.is_some()
+            && self.core.checkpoints.diverged().is_none();
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
@@ -788,7 +797,12 @@ impl Loop {
             self.complete(request, slot, AppResult::decode(&result));
         }
         self.replies = replies;
-        for (origin, slot, result) in std::mem::take(&mut self.core.applier.remote_results) {
+        for (origin, slot, result) in self.core.applier.remote_results.drain(..) {
+            if result.len() > FORWARDED_RESULT_BYTES_MAX {
+                // Big results would crowd consensus traffic out of the peer's queue;
+                // the follower answers once it applied the slot itself.
+                continue;
+            }
             let message = WireMessage::Result(CommandResult {
                 request: origin.request,
                 slot,

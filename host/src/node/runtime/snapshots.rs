@@ -415,6 +415,9 @@ impl Loop {
                 }
             }
             self.replace_state(app, &applier_state);
+            // Their clients were answered when the slots were first applied; nothing
+            // is sent to followers either.
+            self.core.applier.collect_remote = false;
             let mut replies = Vec::new();
             for (next, value) in values {
                 // Clients of these slots were answered when they were first applied.
