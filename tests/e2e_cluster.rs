@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
-use support::{get, leader, status, submit, wait_until, Cluster, REQUEST_TIMEOUT};
+use support::{
+    converged, get, leader, query_stale, status, submit, wait_until, Cluster, REQUEST_TIMEOUT,
+};
 
 const NODES: usize = 3;
 const BODY_BYTES_MAX: usize = 4096;
@@ -235,20 +237,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
         "equal state hashes",
         &cluster,
         Duration::from_secs(60),
-        || {
-            let mut seen = Vec::new();
-            for node in &cluster.nodes {
-                let status = status(&node.http)?;
-                let applied = status["applied_index"].as_u64()?;
-                if applied != status["commit_index"].as_u64()? {
-                    return None;
-                }
-                let hash = &status["state_hash"];
-                seen.push((hash["index"].as_u64()?, hash["hash"].as_str()?.to_string()));
-            }
-            let first = seen[0].clone();
-            seen.iter().all(|s| *s == first).then_some(first)
-        },
+        || converged(&cluster),
     );
     assert!(hash.starts_with("sha256:"));
     assert!(index > 0);
@@ -266,15 +255,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
             sample_every
         };
         for (key, value) in acknowledged.iter().step_by(every) {
-            let reply = probe::request(
-                &node.http,
-                "POST",
-                "/v1/queries?consistency=stale",
-                &[],
-                format!("get {key}").as_bytes(),
-                REQUEST_TIMEOUT,
-            )
-            .unwrap();
+            let reply = query_stale(&node.http, format!("get {key}").as_bytes());
             assert_eq!(
                 reply.status,
                 200,

@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
-use support::{free_ports, get_json, leader_id, submit, wait_until, Cluster, REQUEST_TIMEOUT};
+use support::{
+    free_ports, get_json, leader_id, query_stale, submit, wait_until, Cluster, REQUEST_TIMEOUT,
+};
 
 const ORIGINALS: usize = 3;
 const WRITERS: usize = 4;
@@ -596,15 +598,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     for node in cluster.running() {
         assert!(node.id > ORIGINALS as u64);
         for (key, value) in &acknowledged {
-            let reply = probe::request(
-                &node.http,
-                "POST",
-                "/v1/queries?consistency=stale",
-                &[],
-                format!("get {key}").as_bytes(),
-                REQUEST_TIMEOUT,
-            )
-            .unwrap();
+            let reply = query_stale(&node.http, format!("get {key}").as_bytes());
             assert_eq!(reply.status, 200, "get {key} on node {}", node.id);
             assert_eq!(reply.text(), *value, "key {key} on node {}", node.id);
         }
@@ -766,15 +760,7 @@ fn replace_every_original_replica_under_load_loses_no_acknowledged_write() {
     );
     for node in cluster.running() {
         for (key, value) in [("amnesia", "over"), ("restarted", "five")] {
-            let reply = probe::request(
-                &node.http,
-                "POST",
-                "/v1/queries?consistency=stale",
-                &[],
-                format!("get {key}").as_bytes(),
-                REQUEST_TIMEOUT,
-            )
-            .unwrap();
+            let reply = query_stale(&node.http, format!("get {key}").as_bytes());
             assert_eq!(
                 (reply.status, reply.text()),
                 (200, value.to_string()),

@@ -24,9 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
-use support::{
-    converged, get, leader, metric, status, submit, wait_until, Cluster, REQUEST_TIMEOUT,
-};
+use support::{converged, get, leader, metric, query_stale, status, submit, wait_until, Cluster};
 
 const NODES: usize = 3;
 const SNAPSHOT_ENTRIES: u64 = 150;
@@ -208,18 +206,6 @@ impl Writers {
         let acknowledged = self.acknowledged.lock().unwrap().clone();
         acknowledged
     }
-}
-
-fn query_stale(addr: &str, query: &[u8]) -> Response {
-    probe::request(
-        addr,
-        "POST",
-        "/v1/queries?consistency=stale",
-        &[],
-        query,
-        REQUEST_TIMEOUT,
-    )
-    .unwrap()
 }
 
 #[test]

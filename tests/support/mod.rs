@@ -259,6 +259,19 @@ pub fn leader(cluster: &Cluster) -> Option<usize> {
     cluster.nodes.iter().position(|n| n.id == id)
 }
 
+/// `POST /v1/queries?consistency=stale` with `query`: this node's own applied state.
+pub fn query_stale(addr: &str, query: &[u8]) -> Response {
+    probe::request(
+        addr,
+        "POST",
+        "/v1/queries?consistency=stale",
+        &[],
+        query,
+        REQUEST_TIMEOUT,
+    )
+    .unwrap()
+}
+
 /// `POST /v1/commands` with an idempotency key (a retry with the same key is applied
 /// at most once).
 pub fn submit(addr: &str, command: impl AsRef<[u8]>, key: &str) -> std::io::Result<Response> {
