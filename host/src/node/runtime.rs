@@ -782,8 +782,8 @@ impl Loop {
         // otherwise wait to learn the commit (the next accept or heartbeat) and apply
         // the slot themselves before answering their clients. Not while its own state
         // has diverged from the majority's: its results would be wrong.
-        self.core.applier.collect_remote = self.core.replica.status().leading.is_some()
-            && self.core.checkpoints.diverged().is_none();
+        self.core.applier.collect_remote =
+            self.core.replica.is_leading() && self.core.checkpoints.diverged().is_none();
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;

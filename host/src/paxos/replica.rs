@@ -291,6 +291,12 @@ impl Replica {
         self.id
     }
 
+    /// Whether this replica leads now (`status().leading.is_some()`, without building
+    /// the whole status).
+    pub fn is_leading(&self) -> bool {
+        matches!(self.role, Role::Leader(_))
+    }
+
     pub fn status(&self) -> Status {
         Status {
             id: self.id,
