@@ -18,8 +18,8 @@ use paxwasm::api::client::{Connection, Reply};
 use paxwasm::api::{serve, ApiConfig};
 use paxwasm::node::handle::{
     AppInfo, ClusterView, CommandError, CommandOk, CommandRequest, Consistency, DeployError,
-    DeployOk, LeaderHint, MemberChange, MemberError, MemberView, ModuleEvent, NodeApi, PeerView,
-    QueryError, QueryOk, Readiness, StatusView,
+    DeployOk, DiskView, LeaderHint, MemberChange, MemberError, MemberView, ModuleEvent, NodeApi,
+    PeerView, QueryError, QueryOk, Readiness, StatusView,
 };
 use paxwasm::paxos::NodeId;
 use serde_json::{json, Value};
@@ -265,6 +265,11 @@ impl NodeApi for FakeNode {
                 chosen_index: Some(7),
             }],
             checkpoint: None,
+            disk: Some(DiskView {
+                free_bytes: 1 << 30,
+                free_bytes_min: 128 << 20,
+                low: false,
+            }),
         }
     }
 
@@ -1218,6 +1223,7 @@ async fn status_cluster_and_probes() {
             "peers": [{ "id": 2, "peer": "127.0.0.1:7102", "http": "127.0.0.1:7002",
                         "connected": true, "chosen_index": 7 }],
             "checkpoint": null,
+            "disk": { "free_bytes": 1u64 << 30, "free_bytes_min": 128u64 << 20, "low": false },
         })
     );
     let token = [("authorization", "Bearer s3cret")];

@@ -85,6 +85,7 @@ impl NodeApi for InstantNode {
             state_hash: None,
             peers: Vec::new(),
             checkpoint: None,
+            disk: None,
         }
     }
     fn cluster(&self) -> ClusterView {

@@ -59,6 +59,11 @@ pub fn status(status: &StatusView) -> Value {
         "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
         "peers": status.peers.iter().map(peer).collect::<Vec<_>>(),
         "checkpoint": status.checkpoint.as_ref().map(checkpoint),
+        "disk": status.disk.as_ref().map(|disk| json!({
+            "free_bytes": disk.free_bytes,
+            "free_bytes_min": disk.free_bytes_min,
+            "low": disk.low,
+        })),
     })
 }
 
@@ -108,6 +113,7 @@ mod tests {
             state_hash: None,
             peers: Vec::new(),
             checkpoint: None,
+            disk: None,
             snapshot_index: 1900,
             voting: true,
         };

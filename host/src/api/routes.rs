@@ -32,6 +32,9 @@ use crate::node::handle::{
 
 /// `Retry-After` when no module is deployed yet: a deploy takes a round trip or two.
 const NO_MODULE_RETRY_AFTER_SECS: u64 = 1;
+/// `Retry-After` of a 507 (this replica's disk is nearly full): space comes back when an
+/// operator frees it, not within a second.
+const STORAGE_LOW_RETRY_AFTER_SECS: u64 = 5;
 /// `Retry-After` when a query cannot be forwarded (no leader known, leader unreachable,
 /// or the request was already forwarded once): about one election.
 const NO_LEADER_RETRY_AFTER_SECS: u64 = 1;
@@ -80,6 +83,8 @@ pub enum Route {
     Unmatched,
     /// Test hook, served only by a node started with `--test-hooks` (else 404).
     DebugFlipByte,
+    /// Test hook (as above): `POST /v1/debug/disk-free?bytes=N|measured`.
+    DebugDiskFree,
     /// `POST /v1/cluster/members`: add a learner.
     Members,
     /// `DELETE /v1/cluster/members/{id}`.
@@ -91,7 +96,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 14] = [
+    pub const ALL: [Route; 15] = [
         Route::Commands,
         Route::Queries,
         Route::App,
@@ -102,6 +107,7 @@ impl Route {
         Route::Metrics,
         Route::Unmatched,
         Route::DebugFlipByte,
+        Route::DebugDiskFree,
         Route::Members,
         Route::Member,
         Route::MemberPromote,
@@ -119,6 +125,7 @@ impl Route {
             "/readyz" => Route::Readyz,
             "/metrics" => Route::Metrics,
             "/v1/debug/flip-byte" => Route::DebugFlipByte,
+            "/v1/debug/disk-free" => Route::DebugDiskFree,
             "/v1/cluster/members" => Route::Members,
             "/v1/cluster/voters" => Route::Voters,
             _ => match member_path(path) {
@@ -148,6 +155,7 @@ impl Route {
             Route::Metrics => "/metrics",
             Route::Unmatched => "unmatched",
             Route::DebugFlipByte => "/v1/debug/flip-byte",
+            Route::DebugDiskFree => "/v1/debug/disk-free",
             Route::Members => "/v1/cluster/members",
             Route::Member => "/v1/cluster/members/{id}",
             Route::MemberPromote => "/v1/cluster/members/{id}/promote",
@@ -161,6 +169,7 @@ impl Route {
             Route::Commands
             | Route::Queries
             | Route::DebugFlipByte
+            | Route::DebugDiskFree
             | Route::Members
             | Route::MemberPromote => "POST",
             Route::Member => "DELETE",
@@ -212,11 +221,14 @@ async fn dispatch<N: NodeApi>(
         )),
         (Route::Commands, Method::POST) => commands(shared, request).await,
         // Without test hooks the route does not exist, for any method.
-        (Route::DebugFlipByte, _) if !shared.node.test_hooks_enabled() => Err(error(
-            StatusCode::NOT_FOUND,
-            &format!("no route for {}", request.uri().path()),
-        )),
+        (Route::DebugFlipByte | Route::DebugDiskFree, _) if !shared.node.test_hooks_enabled() => {
+            Err(error(
+                StatusCode::NOT_FOUND,
+                &format!("no route for {}", request.uri().path()),
+            ))
+        }
         (Route::DebugFlipByte, Method::POST) => debug_flip_byte(shared, request).await,
+        (Route::DebugDiskFree, Method::POST) => debug_disk_free(shared, request).await,
         (Route::Queries, Method::POST) => queries(shared, request).await,
         (Route::Members, Method::POST)
         | (Route::MemberPromote, Method::POST)
@@ -312,6 +324,7 @@ async fn commands<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) ->
         Err(CommandError::Unknown { reason }) => Err(outcome_unknown("the command", &reason)),
         Err(CommandError::TooLarge { limit_bytes }) => Err(too_large_for_node(limit_bytes)),
         Err(CommandError::NoModule) => Err(no_module()),
+        Err(CommandError::StorageLow { reason }) => Err(storage_low(&reason)),
     }
 }
 
@@ -411,6 +424,42 @@ async fn debug_flip_byte<N: NodeApi>(shared: &Shared<N>, request: Request<Incomi
     match shared.node.debug_flip_byte(offset).await {
         Ok(ok) => Ok(json_response(StatusCode::OK, &json::flip_ok(&ok))),
         Err(FlipError::Disabled) => Err(not_found()),
+        Err(FlipError::Refused { reason }) => Err(error(StatusCode::BAD_REQUEST, &reason)),
+        Err(FlipError::Unavailable { reason }) => {
+            Err(unavailable(&reason, NO_LEADER_RETRY_AFTER_SECS))
+        }
+    }
+}
+
+/// `POST /v1/debug/disk-free?bytes=N` makes this replica act as if its data disk had N
+/// bytes free; `?bytes=measured` ends that (a test hook, else 404).
+async fn debug_disk_free<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
+    let mut free_bytes = None;
+    for (name, value) in query_pairs(&request)? {
+        match (name, value) {
+            ("bytes", "measured") => free_bytes = Some(None),
+            ("bytes", value) => {
+                free_bytes = Some(Some(value.parse::<u64>().map_err(|_| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("bytes must be an unsigned integer or measured, not {value:?}"),
+                    )
+                })?))
+            }
+            (other, _) => return Err(unknown_parameter(other, "bytes")),
+        }
+    }
+    let free_bytes = free_bytes
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "the bytes parameter is required"))?;
+    match shared.node.debug_disk_free(free_bytes).await {
+        Ok(()) => Ok(json_response(
+            StatusCode::OK,
+            &json::status(&shared.node.status()),
+        )),
+        Err(FlipError::Disabled) => Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {}", Route::DebugDiskFree.label()),
+        )),
         Err(FlipError::Refused { reason }) => Err(error(StatusCode::BAD_REQUEST, &reason)),
         Err(FlipError::Unavailable { reason }) => {
             Err(unavailable(&reason, NO_LEADER_RETRY_AFTER_SECS))
@@ -521,6 +570,7 @@ async fn deploy<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> H
         }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
         Err(DeployError::Unknown { reason }) => Err(outcome_unknown("the deploy", &reason)),
         Err(DeployError::TooLarge { limit_bytes }) => Err(too_large_for_node(limit_bytes)),
+        Err(DeployError::StorageLow { reason }) => Err(storage_low(&reason)),
     }
 }
 
@@ -692,6 +742,15 @@ fn unavailable(reason: &str, retry_after_secs: u64) -> Response<Body> {
     response
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+/// 507: this replica's disk is nearly full; another replica may take the write.
+fn storage_low(reason: &str) -> Response<Body> {
+    let mut response = error(StatusCode::INSUFFICIENT_STORAGE, reason);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(STORAGE_LOW_RETRY_AFTER_SECS));
     response
 }
 
@@ -935,6 +994,7 @@ async fn members<N: NodeApi>(
             retry_after_ms,
         }) => Err(unavailable(&reason, retry_after_secs(retry_after_ms))),
         Err(MemberError::Unknown { reason }) => Err(membership_unknown(&reason)),
+        Err(MemberError::StorageLow { reason }) => Err(storage_low(&reason)),
         Err(MemberError::NotLeader { leader }) => match (forwarded_by, leader) {
             (Some(_), _) | (None, None) => Err(unavailable(
                 "this replica is not the leader (and the request was already forwarded, or no \

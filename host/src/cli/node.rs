@@ -84,6 +84,12 @@ pub struct NodeArgs {
     /// to voter (`POST /v1/cluster/members/{id}/promote` answers 409 until it catches up).
     #[arg(long, default_value_t = crate::paxos::Params::default().learner_lag_entries_max)]
     pub learner_lag_entries_max: u64,
+    /// Below this many free bytes on the data directory's filesystem, this replica stops
+    /// taking part in writes (it answers commands, deploys and membership changes with
+    /// 507, neither accepts nor leads) and keeps serving reads; it resumes once more
+    /// than an eighth above it is free again. 0 turns the check off.
+    #[arg(long, default_value_t = crate::node::config::DISK_FREE_BYTES_MIN_DEFAULT)]
+    pub disk_free_bytes_min: u64,
     /// Test hook: pause this long in the middle of every snapshot write (after the
     /// temporary file is written, before it is synced and renamed).
     #[arg(long, default_value_t = 0, hide = true)]
@@ -204,7 +210,10 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.test_hooks = args.test_hooks;
     config.checkpoint_repair_delay_ms = args.checkpoint_repair_delay_ms;
     if args.test_hooks {
-        tracing::warn!("test hooks are on: POST /v1/debug/flip-byte can corrupt this replica");
+        tracing::warn!(
+            "test hooks are on: POST /v1/debug/flip-byte can corrupt this replica, \
+             POST /v1/debug/disk-free fakes a full disk"
+        );
     }
     config.snapshot.entries = args.snapshot_entries;
     config.snapshot.log_bytes = args.snapshot_log_bytes;
@@ -213,6 +222,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.rejoin = args.rejoin;
     config.params.learner_lag_entries_max = args.learner_lag_entries_max;
     config.debug_refuse_compiles = args.debug_refuse_compiles;
+    config.disk_free_bytes_min = args.disk_free_bytes_min;
     let listener =
         bind_http(args.http).with_context(|| format!("binding the HTTP API on {}", args.http))?;
     let (node, running) = node::start(config).await?;

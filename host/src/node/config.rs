@@ -70,11 +70,22 @@ pub struct NodeConfig {
     /// store is marked amnesic (durably, before anything else) and the replica learns
     /// but never votes (`DurableState::amnesic`).
     pub rejoin: bool,
+    /// Below this many free bytes on the data directory's filesystem the replica takes
+    /// no part in writes and answers commands with 507 (`runtime/disk.rs`); 0: never.
+    pub disk_free_bytes_min: u64,
+    /// How often the free space is measured.
+    pub disk_check_interval_ms: u64,
     /// Test hook: every background compile of a staged module fails, so this replica
     /// halts at the next upgrade slot (see `node/upgrade.rs`).
     #[doc(hidden)]
     pub debug_refuse_compiles: bool,
 }
+
+/// `NodeConfig::disk_free_bytes_min` (`--disk-free-bytes-min`) default: 128 MiB, twice
+/// the free space below which a failed write counts as a full disk
+/// (`StorageConfig::disk_full_free_bytes_max`), so a replica steps out of writes well
+/// before its store could fail.
+pub const DISK_FREE_BYTES_MIN_DEFAULT: u64 = 128 * 1024 * 1024;
 
 impl NodeConfig {
     /// The defaults of a production replica, for the given identity and addresses.
@@ -117,6 +128,8 @@ impl NodeConfig {
             snapshot: SnapshotConfig::default(),
             rejoin: false,
             debug_refuse_compiles: false,
+            disk_free_bytes_min: DISK_FREE_BYTES_MIN_DEFAULT,
+            disk_check_interval_ms: 1_000,
         }
     }
 

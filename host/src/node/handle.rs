@@ -53,6 +53,8 @@ pub enum CommandError {
     TooLarge { limit_bytes: usize },
     /// No module is deployed yet (503: deploy one first).
     NoModule,
+    /// This replica's disk is nearly full: it takes no writes now (507).
+    StorageLow { reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +110,10 @@ pub enum DeployError {
     TooLarge {
         limit_bytes: usize,
     },
+    /// This replica's disk is nearly full: it takes no writes now (507).
+    StorageLow {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +168,20 @@ pub struct StatusView {
     /// The newest state-hash checkpoint this replica computed; `None` before the first
     /// (no module yet, or fewer applied entries than the checkpoint interval).
     pub checkpoint: Option<CheckpointView>,
+    /// Free space of the data directory's filesystem (`None`: not measured, or the
+    /// check is off).
+    pub disk: Option<DiskView>,
+}
+
+/// `GET /v1/status` → `disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskView {
+    pub free_bytes: u64,
+    /// `--disk-free-bytes-min`.
+    pub free_bytes_min: u64,
+    /// Below the minimum: this replica answers writes with 507 and takes no part in
+    /// them until space is freed.
+    pub low: bool,
 }
 
 /// A state-hash checkpoint (`GET /v1/status` → `checkpoint`).
@@ -252,6 +272,8 @@ pub enum MemberError {
     Unavailable { reason: String, retry_after_ms: u64 },
     /// No outcome in time: the change may or may not take effect (504).
     Unknown { reason: String },
+    /// This replica's disk is nearly full: it takes no writes now (507).
+    StorageLow { reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -311,6 +333,16 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
         offset: u64,
     ) -> impl Future<Output = Result<FlipOk, FlipError>> + Send {
         let _ = offset;
+        std::future::ready(Err(FlipError::Disabled))
+    }
+    /// Pretends the data directory's filesystem has `free_bytes` free (`None`: measure
+    /// again); answers once the replica took it. Off unless the node runs with test
+    /// hooks.
+    fn debug_disk_free(
+        &self,
+        free_bytes: Option<u64>,
+    ) -> impl Future<Output = Result<(), FlipError>> + Send {
+        let _ = free_bytes;
         std::future::ready(Err(FlipError::Disabled))
     }
 }

@@ -41,9 +41,12 @@ use super::handle::{
 };
 use super::service::{Counters, Published};
 
+mod disk;
 mod membership;
 mod snapshots;
 
+use disk::DiskChange;
+pub(crate) use disk::DiskWatch;
 pub(crate) use membership::cluster_view;
 use membership::{MemberReply, MemberState};
 pub use snapshots::SnapshotConfig;
@@ -83,6 +86,12 @@ pub(crate) enum Request {
     DebugFlipByte {
         offset: u64,
         reply: oneshot::Sender<Result<FlipOk, FlipError>>,
+    },
+    /// Test hook (`--test-hooks`): pretend the data directory's filesystem has this
+    /// many bytes free (`None`: measure again). Answered once the core took it.
+    DebugDiskFree {
+        free_bytes: Option<u64>,
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -160,6 +169,10 @@ pub(crate) struct Core {
     /// How long a diverged replica waits before it asks for a snapshot (0 in
     /// production; tests hold the diverged state to observe it).
     pub checkpoint_repair_delay_ms: u64,
+    /// Where the store lives: its filesystem's free space is watched (`disk.rs`).
+    pub data_dir: std::path::PathBuf,
+    pub disk_free_bytes_min: u64,
+    pub disk_check_interval_ms: u64,
 }
 
 struct Loop {
@@ -192,6 +205,7 @@ struct Loop {
     findings: Vec<Finding>,
     snap: Snapshots,
     members: MemberState,
+    disk: DiskWatch,
 }
 
 /// A chosen-index-only persist not yet handed to the store.
@@ -255,7 +269,6 @@ fn now_ms() -> u64 {
 pub(crate) async fn run(core: Core, snap: Snapshots) {
     let tick_ms = core.tick_ms;
     let mut state = Loop {
-        core,
         persists_in_flight: VecDeque::new(),
         persist_failed: false,
         chosen_held: None,
@@ -271,9 +284,12 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
         repair_requested: None,
         diverged_since: None,
         findings: Vec::new(),
-        snap,
         members: MemberState::default(),
+        disk: DiskWatch::new(core.disk_free_bytes_min),
+        core,
+        snap,
     };
+    state.check_disk();
     state.on_configuration_replaced();
     state.main().await;
     state.flush_held_chosen().await;
@@ -343,6 +359,7 @@ impl Loop {
         let info_every_ticks = (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
         let hash_every_ticks = (self.core.state_hash_interval_ms / self.core.tick_ms).max(1);
         let hash_idle_ticks = (self.core.state_hash_idle_interval_ms / self.core.tick_ms).max(1);
+        let disk_every_ticks = (self.core.disk_check_interval_ms / self.core.tick_ms).max(1);
         for _ in 0..self.clock.due() {
             self.clock.delivered += 1;
             let ticks = self.clock.delivered;
@@ -366,8 +383,46 @@ impl Loop {
                     self.refresh_state_hash();
                 }
             }
+            if ticks.is_multiple_of(disk_every_ticks) {
+                self.check_disk();
+            }
             self.transfer_tick();
         }
+    }
+
+    /// Measures the free space of the data directory's filesystem (`disk.rs`).
+    fn check_disk(&mut self) {
+        if self.disk.free_bytes_min == 0 {
+            return;
+        }
+        let measured = match disk::free_bytes(&self.core.data_dir) {
+            Ok(free) => Some(free),
+            Err(error) => {
+                tracing::debug!(%error, dir = %self.core.data_dir.display(), "cannot measure the free disk space");
+                None
+            }
+        };
+        match self.disk.observe(measured) {
+            Some(DiskChange::BecameLow) => tracing::error!(
+                free_bytes = self.disk.free_bytes,
+                free_bytes_min = self.disk.free_bytes_min,
+                dir = %self.core.data_dir.display(),
+                "the disk is nearly full: this replica refuses commands (507), neither accepts nor leads, \
+                 and keeps serving reads until space is freed"
+            ),
+            Some(DiskChange::Recovered) => tracing::warn!(
+                free_bytes = self.disk.free_bytes,
+                dir = %self.core.data_dir.display(),
+                "disk space is back: this replica takes part in writes again"
+            ),
+            None => {}
+        }
+    }
+
+    fn drop_for_disk(&self) {
+        self.core
+            .counters
+            .add(&self.core.counters.disk_low_dropped, 1);
     }
 
     /// Takes whatever else is already waiting, so a burst shares one pass of actions
@@ -422,7 +477,13 @@ impl Loop {
 
     fn on_inbound(&mut self, from: NodeId, payload: &[u8]) {
         match codec::decode_wire(payload) {
-            Ok(WireMessage::Paxos(msg)) => self.step(Event::Message { from, msg }),
+            Ok(WireMessage::Paxos(msg)) => {
+                if self.disk.drops_inbound(&msg) {
+                    self.drop_for_disk();
+                    return;
+                }
+                self.step(Event::Message { from, msg })
+            }
             Ok(WireMessage::Info(info)) => {
                 self.on_peer_chosen_index(from, info.chosen_index);
                 let seen = self.peers.entry(from).or_default();
@@ -443,7 +504,13 @@ impl Loop {
                 self.report_findings(&mut findings);
                 self.findings = findings;
             }
-            Ok(WireMessage::Transfer(message)) => self.on_transfer(from, message),
+            Ok(WireMessage::Transfer(message)) => {
+                if self.disk.drops_transfer(&message) {
+                    self.drop_for_disk();
+                    return;
+                }
+                self.on_transfer(from, message)
+            }
             Ok(WireMessage::Result(result)) => self.on_command_result(from, result),
             Err(error) => {
                 self.core.counters.add(&self.core.counters.decode_errors, 1);
@@ -493,7 +560,10 @@ impl Loop {
         // A diverged replica's state is wrong: it answers nothing from it, neither
         // reads nor the results of commands it would propose.
         if let Some(divergence) = self.core.checkpoints.diverged() {
-            if !matches!(request, Request::DebugFlipByte { .. }) {
+            if !matches!(
+                request,
+                Request::DebugFlipByte { .. } | Request::DebugDiskFree { .. }
+            ) {
                 let reason = divergence.to_string();
                 self.refuse(request, reason);
                 return;
@@ -565,6 +635,16 @@ impl Loop {
             Request::DebugFlipByte { offset, reply } => {
                 let _ = reply.send(self.debug_flip_byte(offset));
             }
+            Request::DebugDiskFree { free_bytes, reply } => {
+                tracing::warn!(
+                    ?free_bytes,
+                    "test hook: pretending this many bytes are free on the data disk"
+                );
+                self.disk.pretend_free_bytes = free_bytes;
+                self.check_disk();
+                self.publish();
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -614,6 +694,9 @@ impl Loop {
             }
             Request::DebugFlipByte { reply, .. } => {
                 let _ = reply.send(Err(FlipError::Unavailable { reason }));
+            }
+            Request::DebugDiskFree { reply, .. } => {
+                let _ = reply.send(());
             }
         }
     }
@@ -769,6 +852,10 @@ impl Loop {
     }
 
     fn send(&mut self, to: NodeId, msg: &Message) {
+        if self.disk.drops_outbound(msg) {
+            self.drop_for_disk();
+            return;
+        }
         let payload = codec::encode_paxos(msg);
         if let Err(error) = self.core.transport.send(to, Bytes::from(payload)) {
             tracing::debug!(to, %error, "peer message not queued");
@@ -1209,6 +1296,7 @@ impl Loop {
         published.dedup_clients = self.core.applier.dedup.clients();
         published.peers.clone_from(&self.peers);
         published.checkpoint = self.core.checkpoints.newest();
+        published.disk = self.disk.clone();
         published.diverged = self.core.checkpoints.diverged().map(ToString::to_string);
         let app = &self.core.applier.machine;
         if app.version != self.app_version_published {

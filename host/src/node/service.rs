@@ -24,8 +24,8 @@ use super::checkpoint::{CheckpointStatus, Checkpoints};
 use super::config::NodeConfig;
 use super::handle::{
     AppInfo, CheckpointView, ClusterView, CommandError, CommandOk, CommandRequest, Consistency,
-    DeployError, DeployOk, FlipError, FlipOk, MemberChange, MemberError, ModuleEvent, NodeApi,
-    PeerView, QueryError, QueryOk, Readiness, StatusView,
+    DeployError, DeployOk, DiskView, FlipError, FlipOk, MemberChange, MemberError, ModuleEvent,
+    NodeApi, PeerView, QueryError, QueryOk, Readiness, StatusView,
 };
 use super::members::AddressBook;
 use super::runtime::{self, Core, PeerSeen, Request, Snapshots};
@@ -67,6 +67,8 @@ pub(crate) struct Counters {
     pub snapshot_transfers_sent: AtomicU64,
     pub snapshot_transfer_bytes_sent: AtomicU64,
     pub snapshot_transfer_bytes_received: AtomicU64,
+    /// Peer messages dropped because this replica is low on disk space.
+    pub disk_low_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -106,6 +108,9 @@ pub(crate) struct Published {
     pub diverged: Option<String>,
     /// False for a member that lost its data and came back (`--rejoin`).
     pub voting: bool,
+    /// Free space of the data directory's filesystem, and whether it is too low to
+    /// take part in writes.
+    pub disk: runtime::DiskWatch,
 }
 
 struct Inner {
@@ -256,6 +261,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         checkpoint: None,
         diverged: None,
         voting: false,
+        disk: runtime::DiskWatch::new(config.disk_free_bytes_min),
     }));
     let counters = Arc::new(Counters::default());
     let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
@@ -513,6 +519,9 @@ async fn launch(
         next_request: runtime::first_request_id(config.id),
         checkpoints: Checkpoints::new(config.id, configuration, config.checkpoint.clone()),
         checkpoint_repair_delay_ms: config.checkpoint_repair_delay_ms,
+        data_dir: config.data_dir.clone(),
+        disk_free_bytes_min: config.disk_free_bytes_min,
+        disk_check_interval_ms: config.disk_check_interval_ms,
     };
     parts.core_running.store(true, Ordering::Relaxed);
     Ok((core, snapshots))
@@ -673,6 +682,17 @@ impl Node {
             .clone()
     }
 
+    /// Why this replica takes no writes now, if its disk is nearly full (`507`).
+    /// Reads only that much under the lock: it is on every command's path.
+    fn disk_low_reason(&self) -> Option<String> {
+        let published = self
+            .inner
+            .published
+            .lock()
+            .expect("published state lock poisoned");
+        published.disk.low.then(|| published.disk.reason())
+    }
+
     fn unavailable_reason(&self) -> String {
         if self.published().configuration.is_none() {
             "this node is not a member of a cluster yet".into()
@@ -737,7 +757,21 @@ impl NodeApi for Node {
                 limit_bytes: self.inner.command_bytes_max,
             });
         }
-        if self.published().module.is_none() {
+        let (no_module, disk_low) = {
+            let published = self
+                .inner
+                .published
+                .lock()
+                .expect("published state lock poisoned");
+            (
+                published.module.is_none(),
+                published.disk.low.then(|| published.disk.reason()),
+            )
+        };
+        if let Some(reason) = disk_low {
+            return Err(CommandError::StorageLow { reason });
+        }
+        if no_module {
             return Err(CommandError::NoModule);
         }
         let (reply, answer) = oneshot::channel();
@@ -809,6 +843,9 @@ impl NodeApi for Node {
         let limit_bytes = self.inner.machine.module_bytes_max as usize;
         if module.len() > limit_bytes {
             return Err(DeployError::TooLarge { limit_bytes });
+        }
+        if let Some(reason) = self.disk_low_reason() {
+            return Err(DeployError::StorageLow { reason });
         }
         // Validate here, off the core task: compiling takes a while and an invalid module
         // must never enter the log.
@@ -890,6 +927,18 @@ impl NodeApi for Node {
             })
     }
 
+    async fn debug_disk_free(&self, free_bytes: Option<u64>) -> Result<(), FlipError> {
+        if !self.inner.test_hooks {
+            return Err(FlipError::Disabled);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.ask(Request::DebugDiskFree { free_bytes, reply }, answer)
+            .await
+            .map_err(|error: AskError| FlipError::Unavailable {
+                reason: error.unwrap_or_else(|| "no answer in time".into()),
+            })
+    }
+
     fn app(&self) -> AppInfo {
         let published = self.published();
         AppInfo {
@@ -955,6 +1004,11 @@ impl NodeApi for Node {
                 hash: checkpoint.hash.to_string(),
                 agreed: checkpoint.agreed,
             }),
+            disk: published.disk.free_bytes.map(|free_bytes| DiskView {
+                free_bytes,
+                free_bytes_min: published.disk.free_bytes_min,
+                low: published.disk.low,
+            }),
         }
     }
 
@@ -984,6 +1038,9 @@ impl NodeApi for Node {
     }
 
     async fn change_members(&self, change: MemberChange) -> Result<ClusterView, MemberError> {
+        if let Some(reason) = self.disk_low_reason() {
+            return Err(MemberError::StorageLow { reason });
+        }
         let (reply, answer) = oneshot::channel();
         self.ask(Request::Member { change, reply }, answer)
             .await
@@ -1159,6 +1216,24 @@ impl NodeApi for Node {
             "gauge",
             "1 while this replica's state differs from a quorum's (it refuses reads).",
             u64::from(published.diverged.is_some()),
+        );
+        metric(
+            "paxwasm_disk_free_bytes",
+            "gauge",
+            "Free bytes on the data directory's filesystem at the last check.",
+            published.disk.free_bytes.unwrap_or(0),
+        );
+        metric(
+            "paxwasm_disk_low",
+            "gauge",
+            "1 while free space is below --disk-free-bytes-min (this replica takes no writes).",
+            u64::from(published.disk.low),
+        );
+        metric(
+            "paxwasm_disk_low_dropped_messages_total",
+            "counter",
+            "Peer messages dropped because this replica was low on disk space.",
+            get(&c.disk_low_dropped),
         );
         metric(
             "paxwasm_requests_pending",

@@ -287,7 +287,9 @@ impl Loop {
             return;
         }
         // A diverged state must not be made durable: a restart would load it again.
-        if self.core.checkpoints.diverged().is_some() {
+        // A replica low on disk writes none (`disk.rs`); it has no new entries to
+        // compact anyway.
+        if self.core.checkpoints.diverged().is_some() || self.disk.low {
             return;
         }
         let started = Instant::now();
