@@ -58,9 +58,7 @@ impl DiskWatch {
     /// Records a measurement (`None`: the filesystem could not be asked, which keeps
     /// the previous verdict) and says whether the verdict changed.
     pub fn observe(&mut self, measured: Option<u64>) -> Option<DiskChange> {
-        let Some(free) = self.pretend_free_bytes.or(measured) else {
-            return None;
-        };
+        let free = self.pretend_free_bytes.or(measured)?;
         self.free_bytes = Some(free);
         let recovered_at = self.free_bytes_min.saturating_add(self.free_bytes_min / 8);
         if !self.low && free < self.free_bytes_min {
