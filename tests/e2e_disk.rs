@@ -117,3 +117,59 @@ fn a_replica_out_of_disk_space_refuses_writes_steps_aside_and_catches_up_afterwa
     }
     assert_eq!(support::metric(low, "paxwasm_disk_low"), Some(0));
 }
+
+/// A follower out of space misses more than the leader keeps in its log for lagging
+/// peers (`compaction_margin_entries`, 1000): once space is back, it refused nothing it
+/// needs and catches up from a snapshot.
+#[test]
+fn a_follower_out_of_disk_space_catches_up_from_a_snapshot_once_space_is_back() {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(
+        dir.path(),
+        3,
+        "e2e-disk-follower",
+        &[
+            "--test-hooks",
+            "--disk-free-bytes-min",
+            "1",
+            "--snapshot-entries",
+            "100",
+        ],
+    );
+    let http = cluster.addrs();
+    let leader = wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        support::leader(&cluster)
+    });
+    wait_until("kv deployed", &cluster, Duration::from_secs(30), || {
+        let reply = call(&http[leader], "PUT", "/v1/app", &kv)?;
+        (reply.status == 200).then_some(())
+    });
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let low = &http[follower];
+    let reply = call(low, "POST", "/v1/debug/disk-free?bytes=0", b"").unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    // More slots than the leader keeps for lagging peers, one command per slot.
+    const PUTS: usize = 1_300;
+    for n in 0..PUTS {
+        let reply = support::submit(&http[leader], format!("put k{n} v{n}"), &format!("k{n}"))
+            .unwrap();
+        assert_eq!(reply.status, 200, "put {n}: {reply:?}\n{}", cluster.log_tail());
+    }
+    assert_eq!(stale_get(low, &format!("k{}", PUTS - 1)), "NOT_FOUND");
+    assert_eq!(support::metric(low, "paxwasm_snapshot_installs_total"), Some(0));
+
+    let reply = call(low, "POST", "/v1/debug/disk-free?bytes=measured", b"").unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    wait_until(
+        "all replicas at the same state hash",
+        &cluster,
+        Duration::from_secs(60),
+        || support::converged(&cluster),
+    );
+    assert!(support::metric(low, "paxwasm_snapshot_installs_total").unwrap() >= 1);
+    for n in [0, PUTS / 2, PUTS - 1] {
+        assert_eq!(stale_get(low, &format!("k{n}")), format!("v{n}"));
+    }
+}

@@ -40,6 +40,7 @@ use super::handle::{
     MemberError, QueryError, QueryOk,
 };
 use super::service::{Counters, Published};
+use super::transfer::TransferMessage;
 
 mod disk;
 mod membership;
@@ -91,7 +92,7 @@ pub(crate) enum Request {
     /// many bytes free (`None`: measure again). Answered once the core took it.
     DebugDiskFree {
         free_bytes: Option<u64>,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -396,9 +397,15 @@ impl Loop {
             return;
         }
         let measured = match disk::free_bytes(&self.core.data_dir) {
-            Ok(free) => Some(free),
+            Ok(free) => {
+                self.disk.measure_failing = false;
+                Some(free)
+            }
             Err(error) => {
-                tracing::debug!(%error, dir = %self.core.data_dir.display(), "cannot measure the free disk space");
+                if !std::mem::replace(&mut self.disk.measure_failing, true) {
+                    tracing::warn!(%error, dir = %self.core.data_dir.display(), low = self.disk.low,
+                        "cannot measure the free disk space; keeping the last verdict until it works again");
+                }
                 None
             }
         };
@@ -410,7 +417,7 @@ impl Loop {
                 "the disk is nearly full: this replica refuses commands (507), neither accepts nor leads, \
                  and keeps serving reads until space is freed"
             ),
-            Some(DiskChange::Recovered) => tracing::warn!(
+            Some(DiskChange::Recovered) => tracing::info!(
                 free_bytes = self.disk.free_bytes,
                 dir = %self.core.data_dir.display(),
                 "disk space is back: this replica takes part in writes again"
@@ -505,7 +512,11 @@ impl Loop {
                 self.findings = findings;
             }
             Ok(WireMessage::Transfer(message)) => {
-                if self.disk.drops_transfer(&message) {
+                let no_room = match &message {
+                    TransferMessage::Offer { id } => !self.disk.room_for(id.file_bytes),
+                    _ => false,
+                };
+                if no_room || self.disk.drops_transfer(&message) {
                     self.drop_for_disk();
                     return;
                 }
@@ -557,13 +568,19 @@ impl Loop {
     }
 
     fn on_request(&mut self, request: Request) {
+        // A test hook that only changes what the replica believes of its disk: taken
+        // whatever the state of the replica, like a real change of free space.
+        let request = match request {
+            Request::DebugDiskFree { free_bytes, reply } => {
+                let _ = reply.send(self.debug_disk_free(free_bytes));
+                return;
+            }
+            request => request,
+        };
         // A diverged replica's state is wrong: it answers nothing from it, neither
         // reads nor the results of commands it would propose.
         if let Some(divergence) = self.core.checkpoints.diverged() {
-            if !matches!(
-                request,
-                Request::DebugFlipByte { .. } | Request::DebugDiskFree { .. }
-            ) {
+            if !matches!(request, Request::DebugFlipByte { .. }) {
                 let reason = divergence.to_string();
                 self.refuse(request, reason);
                 return;
@@ -635,17 +652,24 @@ impl Loop {
             Request::DebugFlipByte { offset, reply } => {
                 let _ = reply.send(self.debug_flip_byte(offset));
             }
-            Request::DebugDiskFree { free_bytes, reply } => {
-                tracing::warn!(
-                    ?free_bytes,
-                    "test hook: pretending this many bytes are free on the data disk"
-                );
-                self.disk.pretend_free_bytes = free_bytes;
-                self.check_disk();
-                self.publish();
-                let _ = reply.send(());
+            Request::DebugDiskFree { reply, .. } => {
+                let _ = reply.send(Err("handled above".into()));
             }
         }
+    }
+
+    fn debug_disk_free(&mut self, free_bytes: Option<u64>) -> Result<(), String> {
+        if self.disk.free_bytes_min == 0 {
+            return Err("the disk check is off (--disk-free-bytes-min 0)".into());
+        }
+        tracing::warn!(
+            ?free_bytes,
+            "test hook: pretending this many bytes are free on the data disk"
+        );
+        self.disk.pretend_free_bytes = free_bytes;
+        self.check_disk();
+        self.publish();
+        Ok(())
     }
 
     /// Module chunks and upgrades carry no idempotency key: a retried chunk is a
@@ -696,7 +720,7 @@ impl Loop {
                 let _ = reply.send(Err(FlipError::Unavailable { reason }));
             }
             Request::DebugDiskFree { reply, .. } => {
-                let _ = reply.send(());
+                let _ = reply.send(Err(reason));
             }
         }
     }

@@ -682,15 +682,19 @@ impl Node {
             .clone()
     }
 
-    /// Why this replica takes no writes now, if its disk is nearly full (`507`).
-    /// Reads only that much under the lock: it is on every command's path.
-    fn disk_low_reason(&self) -> Option<String> {
+    /// Why this replica takes no writes now, if its disk is nearly full (507), and
+    /// whether a module is deployed. Reads only that much under the lock (no clone of
+    /// `Published`): it is on every command's path.
+    fn write_refusal(&self) -> (Option<String>, bool) {
         let published = self
             .inner
             .published
             .lock()
             .expect("published state lock poisoned");
-        published.disk.low.then(|| published.disk.reason())
+        (
+            published.disk.low.then(|| published.disk.reason()),
+            published.module.is_some(),
+        )
     }
 
     fn unavailable_reason(&self) -> String {
@@ -757,21 +761,11 @@ impl NodeApi for Node {
                 limit_bytes: self.inner.command_bytes_max,
             });
         }
-        let (no_module, disk_low) = {
-            let published = self
-                .inner
-                .published
-                .lock()
-                .expect("published state lock poisoned");
-            (
-                published.module.is_none(),
-                published.disk.low.then(|| published.disk.reason()),
-            )
-        };
+        let (disk_low, deployed) = self.write_refusal();
         if let Some(reason) = disk_low {
             return Err(CommandError::StorageLow { reason });
         }
-        if no_module {
+        if !deployed {
             return Err(CommandError::NoModule);
         }
         let (reply, answer) = oneshot::channel();
@@ -844,7 +838,7 @@ impl NodeApi for Node {
         if module.len() > limit_bytes {
             return Err(DeployError::TooLarge { limit_bytes });
         }
-        if let Some(reason) = self.disk_low_reason() {
+        if let (Some(reason), _) = self.write_refusal() {
             return Err(DeployError::StorageLow { reason });
         }
         // Validate here, off the core task: compiling takes a while and an invalid module
@@ -934,9 +928,10 @@ impl NodeApi for Node {
         let (reply, answer) = oneshot::channel();
         self.ask(Request::DebugDiskFree { free_bytes, reply }, answer)
             .await
-            .map_err(|error: AskError| FlipError::Unavailable {
-                reason: error.unwrap_or_else(|| "no answer in time".into()),
+            .unwrap_or_else(|error: AskError| {
+                Err(error.unwrap_or_else(|| "no answer in time".into()))
             })
+            .map_err(|reason| FlipError::Refused { reason })
     }
 
     fn app(&self) -> AppInfo {
@@ -1038,7 +1033,7 @@ impl NodeApi for Node {
     }
 
     async fn change_members(&self, change: MemberChange) -> Result<ClusterView, MemberError> {
-        if let Some(reason) = self.disk_low_reason() {
+        if let (Some(reason), _) = self.write_refusal() {
             return Err(MemberError::StorageLow { reason });
         }
         let (reply, answer) = oneshot::channel();
@@ -1217,12 +1212,15 @@ impl NodeApi for Node {
             "1 while this replica's state differs from a quorum's (it refuses reads).",
             u64::from(published.diverged.is_some()),
         );
-        metric(
-            "paxwasm_disk_free_bytes",
-            "gauge",
-            "Free bytes on the data directory's filesystem at the last check.",
-            published.disk.free_bytes.unwrap_or(0),
-        );
+        if let Some(free_bytes) = published.disk.free_bytes {
+            // Absent, not 0, while unmeasured: 0 would read as a full disk.
+            metric(
+                "paxwasm_disk_free_bytes",
+                "gauge",
+                "Free bytes on the data directory's filesystem at the last check.",
+                free_bytes,
+            );
+        }
         metric(
             "paxwasm_disk_low",
             "gauge",

@@ -11,9 +11,17 @@
 //! - the messages that make a replica write are dropped as if the network had lost
 //!   them: incoming `Prepare`, `Accept`, `Chosen` and forwarded commands, incoming
 //!   snapshot offers and chunks; outgoing `PreVote`, `Prepare`, `Accept` and
-//!   `Heartbeat`, so the replica neither campaigns nor goes on leading (its
-//!   followers stop hearing from it and elect another leader, whose heartbeats it
-//!   still receives); local snapshots wait.
+//!   `Heartbeat`, and incoming `PreVoteReply` and `Promise`, so the replica neither
+//!   campaigns nor goes on leading (its followers stop hearing from it and elect
+//!   another leader, whose heartbeats it still receives); local snapshots wait.
+//!
+//! What still writes, and is small: a leader that goes low accepts, locally, the
+//! commands already queued (never chosen without a quorum; the next leader fills
+//! those slots with no-ops); a heartbeat can move the durable chosen index; and a
+//! cluster of one voter sends itself its campaign inside the core, so it still elects
+//! itself (a promise and a no-op). Before a snapshot is written or received, the free
+//! space must also cover its size (`room_for`): the gap between this threshold and a
+//! really full disk is smaller than a large snapshot.
 //!
 //! Why this is safe: Paxos tolerates the loss of any message, and the simulator
 //! checks the core under message loss; nothing here reaches inside the core. Reads
@@ -36,6 +44,8 @@ pub(crate) struct DiskWatch {
     pub low: bool,
     /// Test hook (`POST /v1/debug/disk-free`): pretend this many bytes are free.
     pub pretend_free_bytes: Option<u64>,
+    /// The last attempt to measure failed (logged once per failing spell).
+    pub measure_failing: bool,
 }
 
 /// A change of `DiskWatch::low`, for the log.
@@ -52,6 +62,7 @@ impl DiskWatch {
             free_bytes: None,
             low: false,
             pretend_free_bytes: None,
+            measure_failing: false,
         }
     }
 
@@ -60,7 +71,9 @@ impl DiskWatch {
     pub fn observe(&mut self, measured: Option<u64>) -> Option<DiskChange> {
         let free = self.pretend_free_bytes.or(measured)?;
         self.free_bytes = Some(free);
-        let recovered_at = self.free_bytes_min.saturating_add(self.free_bytes_min / 8);
+        let recovered_at = self
+            .free_bytes_min
+            .saturating_add((self.free_bytes_min / 8).max(1));
         if !self.low && free < self.free_bytes_min {
             self.low = true;
             Some(DiskChange::BecameLow)
@@ -69,6 +82,18 @@ impl DiskWatch {
             Some(DiskChange::Recovered)
         } else {
             None
+        }
+    }
+
+    /// Whether `bytes` more can be written without going below the threshold, by the
+    /// last measurement (at most one check interval old). Always true with the check
+    /// off or before the first measurement.
+    pub fn room_for(&self, bytes: u64) -> bool {
+        match self.free_bytes {
+            Some(free) if self.free_bytes_min > 0 => {
+                !self.low && free >= self.free_bytes_min.saturating_add(bytes)
+            }
+            _ => true,
         }
     }
 
@@ -91,6 +116,10 @@ impl DiskWatch {
                     | Message::Accept { .. }
                     | Message::Chosen { .. }
                     | Message::Forward { .. }
+                    // Answers to a campaign started before the disk ran low: the
+                    // replica must not win it now.
+                    | Message::PreVoteReply { .. }
+                    | Message::Promise { .. }
             )
     }
 
@@ -108,7 +137,7 @@ impl DiskWatch {
     }
 
     /// An incoming snapshot-transfer message to drop while low: receiving a snapshot
-    /// writes it. Sending one (requests for chunks from a peer) only reads.
+    /// writes it. Serving a peer's `Request` or `Fetch` only reads.
     pub fn drops_transfer(&self, message: &TransferMessage) -> bool {
         self.low
             && matches!(
@@ -207,7 +236,25 @@ mod tests {
             assert!(!disk.drops_inbound(msg) && !disk.drops_outbound(msg));
         }
         assert!(!disk.drops_transfer(&TransferMessage::Offer { id }));
+        assert!(disk.room_for(0), "not measured yet");
+        disk.observe(Some(1000));
+        assert!(disk.room_for(900) && !disk.room_for(901));
         disk.observe(Some(0));
+        assert!(!disk.room_for(0));
+        for msg in [
+            Message::PreVoteReply {
+                round: 4,
+                granted: true,
+                promised: ballot,
+            },
+            Message::Promise {
+                ballot,
+                first_slot: 1,
+                entries: Vec::new(),
+            },
+        ] {
+            assert!(disk.drops_inbound(&msg), "{msg:?}");
+        }
         for msg in &writes_in {
             assert!(disk.drops_inbound(msg), "{msg:?}");
         }

@@ -287,9 +287,18 @@ impl Loop {
             return;
         }
         // A diverged state must not be made durable: a restart would load it again.
-        // A replica low on disk writes none (`disk.rs`); it has no new entries to
-        // compact anyway.
-        if self.core.checkpoints.diverged().is_some() || self.disk.low {
+        if self.core.checkpoints.diverged().is_some() {
+            return;
+        }
+        // Nor one the disk has no room for (`disk.rs`): the file is written before
+        // compaction frees the log, and the room above the threshold is for the
+        // store. The previous snapshot's size is the estimate.
+        let estimate = self
+            .core
+            .counters
+            .snapshot_bytes_last
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if !self.disk.room_for(estimate) {
             return;
         }
         let started = Instant::now();
