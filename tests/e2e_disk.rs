@@ -153,12 +153,20 @@ fn a_follower_out_of_disk_space_catches_up_from_a_snapshot_once_space_is_back() 
     // More slots than the leader keeps for lagging peers, one command per slot.
     const PUTS: usize = 1_300;
     for n in 0..PUTS {
-        let reply = support::submit(&http[leader], format!("put k{n} v{n}"), &format!("k{n}"))
-            .unwrap();
-        assert_eq!(reply.status, 200, "put {n}: {reply:?}\n{}", cluster.log_tail());
+        let reply =
+            support::submit(&http[leader], format!("put k{n} v{n}"), &format!("k{n}")).unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "put {n}: {reply:?}\n{}",
+            cluster.log_tail()
+        );
     }
     assert_eq!(stale_get(low, &format!("k{}", PUTS - 1)), "NOT_FOUND");
-    assert_eq!(support::metric(low, "paxwasm_snapshot_installs_total"), Some(0));
+    assert_eq!(
+        support::metric(low, "paxwasm_snapshot_installs_total"),
+        Some(0)
+    );
 
     let reply = call(low, "POST", "/v1/debug/disk-free?bytes=measured", b"").unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");

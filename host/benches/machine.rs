@@ -169,10 +169,30 @@ fn bench_counter(config: &MachineConfig, scale: Scale) {
 /// `Vec`. Commands are taken round robin.
 #[inline(never)]
 fn native_glue<A: App>(commands: &[Vec<u8>], n: u64, rounds: u32) -> f64 {
-    let mut guest = paxwasm_guest::glue::Guest::<A>::new();
-    let mut out = Vec::with_capacity(256);
-    best(rounds, || {
+    let mut native = NativeGlue::<A>::new();
+    best(rounds, || native.round(commands, n))
+}
+
+/// The state of [`native_glue`], so that its rounds can alternate with the
+/// machine's ([`bench_kv`]'s paired rounds).
+struct NativeGlue<A: App> {
+    guest: paxwasm_guest::glue::Guest<A>,
+    out: Vec<u8>,
+}
+
+impl<A: App> NativeGlue<A> {
+    fn new() -> NativeGlue<A> {
+        NativeGlue {
+            guest: paxwasm_guest::glue::Guest::<A>::new(),
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    /// ns per command over `n` commands, round robin from the first.
+    #[inline(never)]
+    fn round(&mut self, commands: &[Vec<u8>], n: u64) -> f64 {
         let mut i = 0;
+        let (guest, out) = (&mut self.guest, &mut self.out);
         ns_per(
             time(n, || {
                 let command = black_box(&commands[i % commands.len()]);
@@ -182,12 +202,53 @@ fn native_glue<A: App>(commands: &[Vec<u8>], n: u64, rounds: u32) -> f64 {
                 let result = guest.apply(addr, command.len());
                 out.clear();
                 out.extend_from_slice(result);
-                black_box(&out);
+                black_box(&*out);
                 i += 1;
             }),
             n,
         )
-    })
+    }
+}
+
+/// ns per command of the machine over `n` commands, round robin from the first.
+#[inline(never)]
+fn machine_round(machine: &mut Machine, commands: &[Vec<u8>], n: u64, out: &mut Vec<u8>) -> f64 {
+    let mut i = 0;
+    ns_per(
+        time(n, || {
+            out.clear();
+            machine
+                .apply_into(&commands[i % commands.len()], EntryContext::default(), out)
+                .unwrap();
+            i += 1;
+        }),
+        n,
+    )
+}
+
+/// The machine's and the native glue's rounds alternated, so that both meet the same
+/// neighbours on a shared host: the median of the per-pair speed ratios (native ns /
+/// machine ns), and the lowest and highest.
+fn paired_ratio<A: App>(
+    machine: &mut Machine,
+    commands: &[Vec<u8>],
+    n: u64,
+    rounds: u32,
+) -> (f64, f64, f64) {
+    let mut native = NativeGlue::<A>::new();
+    let mut out = Vec::with_capacity(256);
+    let mut ratios: Vec<f64> = (0..rounds.max(1))
+        .map(|_| {
+            let wasm = machine_round(machine, commands, n, &mut out);
+            native.round(commands, n) / wasm
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    (
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+    )
 }
 
 /// The app's plain `apply` natively (a fresh result `Vec` per command, no
@@ -282,28 +343,18 @@ fn bench_kv(config: &MachineConfig, scale: Scale) {
     let mut machine = Machine::load(&bytes, config).unwrap();
     let mut out = Vec::with_capacity(256);
     let wasm = best(scale.apply_rounds, || {
-        let mut i = 0;
-        ns_per(
-            time(n * 10, || {
-                out.clear();
-                machine
-                    .apply_into(
-                        &commands[i % commands.len()],
-                        EntryContext::default(),
-                        &mut out,
-                    )
-                    .unwrap();
-                i += 1;
-            }),
-            n * 10,
-        )
+        machine_round(&mut machine, &commands, n * 10, &mut out)
     });
     let native = native_glue::<kv::Kv>(&commands, n * 10, scale.apply_rounds);
+    let (median, lowest, highest) =
+        paired_ratio::<kv::Kv>(&mut machine, &commands, n * 10, 2 * scale.apply_rounds);
     let native_plain = native_plain::<kv::Kv>(&commands, n * 10, scale.apply_rounds);
     let bare = bare_wasmtime(&bytes, &commands, n * 10, false, scale.apply_rounds);
     let bare_fuel = bare_wasmtime(&bytes, &commands, n * 10, true, scale.apply_rounds);
     println!("kv apply (1000 keys, put/get/cas/get): machine {wasm:.0} ns/op ({:.2} M/s), native (same glue, copies in and out) {native:.0} ns/op, native/wasm speed ratio {:.2}; native plain apply() {native_plain:.0} ns/op; bare wasmtime loop alloc+apply {bare:.0} ns/op (with fuel {bare_fuel:.0} ns/op)",
         1e3 / wasm, native / wasm);
+    println!("kv paired rounds (machine and native alternated, {} pairs): native/wasm speed ratio median {median:.3}, lowest {lowest:.3}, highest {highest:.3}",
+        2 * scale.apply_rounds.max(1));
 }
 
 fn bench_query(config: &MachineConfig, scale: Scale) {

@@ -337,6 +337,17 @@ fn text_of(value: &Value) -> String {
     }
 }
 
+/// What an operator must act on, for the ERRORS column (like etcd's alarms).
+fn alarms(status: &Value) -> String {
+    const MIB: u64 = 1024 * 1024;
+    if status["disk"]["low"] == true {
+        let free_mib = status["disk"]["free_bytes"].as_u64().unwrap_or(0) / MIB;
+        format!("disk nearly full: {free_mib} MiB free, writes refused")
+    } else {
+        String::new()
+    }
+}
+
 /// The `etcdctl endpoint status -w table` look: a boxed table, one row per member.
 fn status_table(rows: &[StatusRow]) -> String {
     const HEADERS: [&str; 10] = [
@@ -375,7 +386,7 @@ fn status_table(rows: &[StatusRow]) -> String {
                     ),
                     None => "-".to_owned(),
                 },
-                String::new(),
+                alarms(status),
             ],
             Err(error) => {
                 let mut cells = vec![row.endpoint.clone()];
@@ -437,16 +448,29 @@ mod tests {
                 endpoint: "http://127.0.0.1:7002".into(),
                 status: Err("cannot connect".into()),
             },
+            StatusRow {
+                endpoint: "http://127.0.0.1:7003".into(),
+                status: Ok(serde_json::json!({
+                    "id": 3, "role": "follower", "leader": 1,
+                    "disk": {"free_bytes": 3u64 << 20, "free_bytes_min": 128u64 << 20, "low": true},
+                })),
+            },
         ];
         let table = status_table(&rows);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 6, "{table}");
+        assert_eq!(lines.len(), 7, "{table}");
         assert!(lines[1].contains("ENDPOINT") && lines[1].contains("STATE HASH"));
-        assert!(lines[3].contains("| leader |"), "{}", lines[3]);
+        assert!(lines[3].contains(" leader "), "{}", lines[3]);
         assert!(lines[3].contains("sha256:001122334455 "), "{}", lines[3]);
         assert!(lines[3].contains("sha256:aabbccddeeff@9"), "{}", lines[3]);
         assert!(lines[3].contains(" 3.1 "), "{}", lines[3]);
         assert!(lines[4].contains("cannot connect"), "{}", lines[4]);
+        assert!(
+            lines[5].contains("disk nearly full: 3 MiB free, writes refused"),
+            "{}",
+            lines[5]
+        );
+        assert!(!lines[3].contains("disk"), "{}", lines[3]);
         assert!(lines
             .iter()
             .all(|line| line.chars().count() == lines[0].chars().count()));
