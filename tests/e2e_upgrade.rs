@@ -516,3 +516,78 @@ fn a_replica_that_cannot_compile_a_chosen_module_halts() {
     assert_eq!((reply.status, reply.text()), (200, "OK".to_string()));
     assert_eq!(query(&addrs[1], b"get a").text(), "1");
 }
+
+/// A replica that reaches the upgrade slot before its own compile of the module is done
+/// pauses applying only: its core task goes on (it keeps learning commits, and as leader
+/// it would keep leading), and it applies the held slots, in order, once the compile
+/// ends. Before, the core task waited for the compile and stopped everything.
+#[test]
+fn a_slow_compile_pauses_applying_but_not_consensus() {
+    const DELAY_MS: u64 = 3_000;
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start_with(dir.path(), |i| {
+        if i == 2 {
+            &["--debug-compile-delay-ms", "3000"]
+        } else {
+            &[]
+        }
+    });
+    let addrs = cluster.addrs();
+    let leader_before = wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        support::leader_id(&cluster)
+    });
+    let changes_before: Vec<u64> = addrs
+        .iter()
+        .map(|addr| support::metric(addr, "paxwasm_leader_changes_total").unwrap())
+        .collect();
+    // Through node 1: its deploy waits for its own compile, not node 3's.
+    let deployed = deploy(&cluster, &addrs[0], &kv, false);
+    assert_eq!((deployed.status, &deployed.text), (200, &module_id(&kv)));
+    let upgrade_slot = deployed.index;
+    let started = Instant::now();
+
+    // While node 3 compiles, the others commit more; node 3 learns those commits
+    // without applying past the upgrade slot.
+    let mut held_seen = false;
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(DELAY_MS / 2) {
+        let reply = submit(&addrs[0], format!("put k{n} v{n}"), &format!("k{n}")).unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        n += 1;
+        let status = support::status(&addrs[2]).unwrap();
+        let (applied, commit) = (
+            status["applied_index"].as_u64().unwrap(),
+            status["commit_index"].as_u64().unwrap(),
+        );
+        if applied < upgrade_slot && commit >= upgrade_slot + 5 {
+            held_seen = true;
+        }
+    }
+    assert!(
+        held_seen,
+        "node 3 never showed commits past the held upgrade slot {upgrade_slot}\n{}",
+        cluster.log_tail()
+    );
+    let (index, _) = wait_until("converged", &cluster, Duration::from_secs(30), || {
+        converged(&cluster)
+    });
+    assert!(index >= upgrade_slot + n as u64, "{index}");
+    assert_eq!(query(&addrs[2], b"get k0").text(), "v0");
+    let log = cluster.log_of(2);
+    assert!(
+        log.contains("the upgrade slot waits for this replica's compile of the module")
+            && log.contains("compile done: applying the held slots"),
+        "{log}"
+    );
+    // Nobody lost the leader over it.
+    assert_eq!(support::leader_id(&cluster), Some(leader_before));
+    for (addr, before) in addrs.iter().zip(changes_before) {
+        assert_eq!(
+            support::metric(addr, "paxwasm_leader_changes_total"),
+            Some(before),
+            "{addr}\n{}",
+            cluster.log_tail()
+        );
+    }
+}

@@ -98,6 +98,10 @@ pub struct NodeArgs {
     /// which must then halt at the upgrade slot rather than skip it.
     #[arg(long, hide = true)]
     pub debug_refuse_compiles: bool,
+    /// Test hook: every background compile of an uploaded module takes this many
+    /// milliseconds longer on this replica.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_compile_delay_ms: u64,
 }
 
 /// `--snapshot-entries` default.
@@ -222,6 +226,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.rejoin = args.rejoin;
     config.params.learner_lag_entries_max = args.learner_lag_entries_max;
     config.debug_refuse_compiles = args.debug_refuse_compiles;
+    config.debug_compile_delay_ms = args.debug_compile_delay_ms;
     config.disk_free_bytes_min = args.disk_free_bytes_min;
     let listener =
         bind_http(args.http).with_context(|| format!("binding the HTTP API on {}", args.http))?;

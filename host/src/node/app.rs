@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::machine::{EntryContext, Machine, MachineConfig, Migration};
-use crate::paxos::{ApplyContext, StateMachine, STALE_RESULT};
+use crate::paxos::{ApplyContext, StateMachine, Value, STALE_RESULT};
 
 use super::handle::ModuleEvent;
 use super::members::{self, AddressBook, ENVELOPE_ADDRESS};
@@ -424,6 +424,30 @@ impl WasmApp {
             self.compiler.start(staging.sha256, || staging.bytes());
         }
         AppResult::Staged { staged_bytes }
+    }
+
+    /// The module whose background compile applying `value` would wait for (an
+    /// upgrade entry naming the completely staged module, compile not ended yet); the
+    /// compile is started if it was not. The runtime holds that slot, and every later
+    /// apply and read reply, until it ends (`Loop::release_held`), so that the core
+    /// task never blocks on a compile. (An upgrade entry batched after the chunk that
+    /// completes the staging is not seen here and still waits inside `upgrade`.)
+    pub fn waits_for_compile(&self, value: &Value) -> Option<[u8; 32]> {
+        let Value::Batch(batch) = value else {
+            return None;
+        };
+        batch.commands.iter().find_map(|command| {
+            let (&ENVELOPE_UPGRADE, body) = command.payload.split_first()? else {
+                return None;
+            };
+            let (_, sha256) = upgrade::decode_upgrade(body)?;
+            let staged = self
+                .staging
+                .as_ref()
+                .filter(|staged| staged.sha256 == sha256 && staged.is_complete())?;
+            self.compiler.start(sha256, || staged.bytes());
+            (!self.compiler.is_done(&sha256)).then_some(sha256)
+        })
     }
 
     /// An upgrade entry: switches to the staged module named `sha256` at `slot`, using

@@ -79,6 +79,9 @@ pub struct NodeConfig {
     /// halts at the next upgrade slot (see `node/upgrade.rs`).
     #[doc(hidden)]
     pub debug_refuse_compiles: bool,
+    /// Test hook: every background compile of a staged module takes this much longer,
+    /// so this replica reaches the upgrade slot before its compile is done.
+    pub debug_compile_delay_ms: u64,
 }
 
 /// `NodeConfig::disk_free_bytes_min` (`--disk-free-bytes-min`) default: 128 MiB, twice
@@ -128,6 +131,7 @@ impl NodeConfig {
             snapshot: SnapshotConfig::default(),
             rejoin: false,
             debug_refuse_compiles: false,
+            debug_compile_delay_ms: 0,
             disk_free_bytes_min: DISK_FREE_BYTES_MIN_DEFAULT,
             disk_check_interval_ms: 1_000,
         }

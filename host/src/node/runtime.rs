@@ -41,6 +41,7 @@ use super::handle::{
 };
 use super::service::{Counters, Published};
 use super::transfer::TransferMessage;
+use super::upgrade;
 
 mod disk;
 mod membership;
@@ -207,6 +208,17 @@ struct Loop {
     snap: Snapshots,
     members: MemberState,
     disk: DiskWatch,
+    /// Applies (and the read replies after them) waiting for this replica's compile
+    /// of a module whose upgrade slot came up first, in action order
+    /// (`release_held`); and the module and since when.
+    held: VecDeque<Held>,
+    held_for: Option<([u8; 32], Instant)>,
+}
+
+/// An action held back behind an upgrade slot whose compile is still running.
+enum Held {
+    Apply(Slot, Value),
+    Reply(RequestId, Outcome),
 }
 
 /// A chosen-index-only persist not yet handed to the store.
@@ -287,6 +299,8 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
         findings: Vec::new(),
         members: MemberState::default(),
         disk: DiskWatch::new(core.disk_free_bytes_min),
+        held: VecDeque::new(),
+        held_for: None,
         core,
         snap,
     };
@@ -753,14 +767,21 @@ impl Loop {
     }
 
     async fn perform(&mut self) {
+        self.release_held();
         let mut actions = std::mem::take(&mut self.actions);
         while !actions.is_empty() {
             for action in actions.drain(..) {
                 match action {
                     Action::Persist { token, record } => self.persist(token, record).await,
                     Action::Send { to, msg } => self.send(to, &msg),
-                    Action::Apply { slot, value } => self.apply(slot, &value),
-                    Action::Reply { request, outcome } => self.reply(request, outcome),
+                    Action::Apply { slot, value } => self.apply_or_hold(slot, value),
+                    Action::Reply { request, outcome } => {
+                        if self.held.is_empty() {
+                            self.reply(request, outcome)
+                        } else {
+                            self.held.push_back(Held::Reply(request, outcome));
+                        }
+                    }
                     Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
                     Action::Compact { below } => self.compact(below).await,
                 }
@@ -883,6 +904,65 @@ impl Loop {
         let payload = codec::encode_paxos(msg);
         if let Err(error) = self.core.transport.send(to, Bytes::from(payload)) {
             tracing::debug!(to, %error, "peer message not queued");
+        }
+    }
+
+    /// Applies `value`, unless it must wait: behind earlier held actions, or because it
+    /// is an upgrade slot whose module this replica is still compiling. A compile can
+    /// take seconds; waiting for it here would stop the core task (no heartbeats, no
+    /// accepts: a leader would lose its followers). Only the state machine waits: the
+    /// core goes on, and persists and messages are performed as before. Read replies
+    /// are held too, behind the applies their read index needs.
+    fn apply_or_hold(&mut self, slot: Slot, value: Value) {
+        if self.held.is_empty() {
+            match self.core.applier.machine.waits_for_compile(&value) {
+                None => return self.apply(slot, &value),
+                Some(sha256) => {
+                    tracing::info!(
+                        slot,
+                        module = %upgrade::module_name(&sha256),
+                        "the upgrade slot waits for this replica's compile of the module; \
+                         applying pauses, consensus goes on"
+                    );
+                    self.held_for = Some((sha256, Instant::now()));
+                }
+            }
+        }
+        self.held.push_back(Held::Apply(slot, value));
+    }
+
+    /// Performs held actions in order until an upgrade slot whose compile still runs.
+    fn release_held(&mut self) {
+        while let Some(front) = self.held.front() {
+            if let Held::Apply(_, value) = front {
+                if let Some(sha256) = self.core.applier.machine.waits_for_compile(value) {
+                    if self.held_for.is_none_or(|(held, _)| held != sha256) {
+                        self.held_for = Some((sha256, Instant::now()));
+                    }
+                    return;
+                }
+            }
+            if let Some((sha256, since)) = self.held_for.take() {
+                tracing::info!(
+                    module = %upgrade::module_name(&sha256),
+                    held_ms = since.elapsed().as_millis() as u64,
+                    held = self.held.len(),
+                    "compile done: applying the held slots"
+                );
+            }
+            match self.held.pop_front().expect("front exists") {
+                Held::Apply(slot, value) => self.apply(slot, &value),
+                Held::Reply(request, outcome) => self.reply(request, outcome),
+            }
+        }
+    }
+
+    /// A snapshot at `slot` replaced the state: the held applies it covers are done.
+    fn drop_held_through(&mut self, slot: Slot) {
+        self.held
+            .retain(|held| !matches!(held, Held::Apply(held_slot, _) if *held_slot <= slot));
+        if self.held.is_empty() {
+            self.held_for = None;
         }
     }
 

@@ -220,6 +220,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
 
     let compiler = if config.debug_refuse_compiles {
         Compiler::refusing(config.machine.clone())
+    } else if config.debug_compile_delay_ms > 0 {
+        Compiler::slowed(
+            config.machine.clone(),
+            Duration::from_millis(config.debug_compile_delay_ms),
+        )
     } else {
         Compiler::new(config.machine.clone())
     };

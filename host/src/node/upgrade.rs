@@ -150,6 +150,8 @@ pub struct Compiler {
     config: MachineConfig,
     /// Test hook (`--debug-refuse-compiles`): every compile fails.
     refuse: bool,
+    /// Test hook (`--debug-compile-delay-ms`): every compile first sleeps this long.
+    delay: Duration,
     state: Mutex<Cache>,
     finished: Condvar,
 }
@@ -159,6 +161,7 @@ impl Compiler {
         Arc::new(Compiler {
             config,
             refuse: false,
+            delay: Duration::ZERO,
             state: Mutex::new(Cache::default()),
             finished: Condvar::new(),
         })
@@ -170,6 +173,21 @@ impl Compiler {
         let mut compiler = Compiler::new(config);
         Arc::get_mut(&mut compiler).expect("just created").refuse = true;
         compiler
+    }
+
+    /// A compiler whose every compile takes `delay` longer, for the test of a replica
+    /// that reaches an upgrade slot before its compile is done.
+    pub fn slowed(config: MachineConfig, delay: Duration) -> Arc<Compiler> {
+        let mut compiler = Compiler::new(config);
+        Arc::get_mut(&mut compiler).expect("just created").delay = delay;
+        compiler
+    }
+
+    /// Whether the compile of `sha256` has ended (either way); false when none was
+    /// started or it was evicted.
+    pub fn is_done(&self, sha256: &[u8; 32]) -> bool {
+        let state = self.state.lock().expect("compiler lock poisoned");
+        matches!(state.modules.get(sha256), Some(CompileState::Done(_)))
     }
 
     pub fn config(&self) -> &MachineConfig {
@@ -204,6 +222,7 @@ impl Compiler {
             .name("module-compile".into())
             .spawn(move || {
                 let started = Instant::now();
+                std::thread::sleep(compiler.delay);
                 let outcome = if compiler.refuse {
                     Err("compilation refused by the test hook --debug-refuse-compiles".into())
                 } else {

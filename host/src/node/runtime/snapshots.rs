@@ -408,6 +408,7 @@ impl Loop {
         self.snap.add_file(file);
         if slot > applied {
             self.replace_state(app, &applier_state);
+            self.drop_held_through(slot);
             self.step(Event::SnapshotInstalled {
                 slot,
                 configuration,
