@@ -210,10 +210,26 @@ struct Loop {
     disk: DiskWatch,
     /// Applies (and the read replies after them) waiting for this replica's compile
     /// of a module whose upgrade slot came up first, in action order
-    /// (`release_held`); and the module and since when.
+    /// (`release_held`); and what they wait for.
     held: VecDeque<Held>,
-    held_for: Option<([u8; 32], Instant)>,
+    held_for: Option<HeldFor>,
 }
+
+/// The compile the held actions wait for.
+struct HeldFor {
+    sha256: [u8; 32],
+    slot: Slot,
+    since: Instant,
+    logged: Instant,
+}
+
+/// A replica whose applying has waited this long for a compile stops leading and
+/// campaigning (its outgoing `PreVote`, `Prepare`, `Accept` and `Heartbeat` are
+/// dropped, `runtime/disk.rs`), so that a replica that can apply and answer reads
+/// leads instead. Shorter holds keep their leader.
+const HELD_STEP_ASIDE_AFTER: Duration = Duration::from_secs(1);
+/// How often a hold that goes on is logged again.
+const HELD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// An action held back behind an upgrade slot whose compile is still running.
 enum Held {
@@ -775,13 +791,16 @@ impl Loop {
                     Action::Persist { token, record } => self.persist(token, record).await,
                     Action::Send { to, msg } => self.send(to, &msg),
                     Action::Apply { slot, value } => self.apply_or_hold(slot, value),
-                    Action::Reply { request, outcome } => {
-                        if self.held.is_empty() {
-                            self.reply(request, outcome)
-                        } else {
-                            self.held.push_back(Held::Reply(request, outcome));
-                        }
+                    // A read served now must see every apply the core emitted before
+                    // it; other replies (refusals, membership) depend on no state.
+                    Action::Reply {
+                        request,
+                        outcome: Outcome::ReadReady,
+                    } if !self.held.is_empty() => {
+                        self.held
+                            .push_back(Held::Reply(request, Outcome::ReadReady));
                     }
+                    Action::Reply { request, outcome } => self.reply(request, outcome),
                     Action::SendSnapshot { to, slot } => self.send_snapshot(to, slot),
                     Action::Compact { below } => self.compact(below).await,
                 }
@@ -897,7 +916,8 @@ impl Loop {
     }
 
     fn send(&mut self, to: NodeId, msg: &Message) {
-        if self.disk.drops_outbound(msg) {
+        if self.disk.drops_outbound(msg) || (disk::leads_or_campaigns(msg) && self.held_too_long())
+        {
             self.drop_for_disk();
             return;
         }
@@ -917,51 +937,81 @@ impl Loop {
         if self.held.is_empty() {
             match self.core.applier.machine.waits_for_compile(&value) {
                 None => return self.apply(slot, &value),
-                Some(sha256) => {
-                    tracing::info!(
-                        slot,
-                        module = %upgrade::module_name(&sha256),
-                        "the upgrade slot waits for this replica's compile of the module; \
-                         applying pauses, consensus goes on"
-                    );
-                    self.held_for = Some((sha256, Instant::now()));
-                }
+                Some(sha256) => self.hold_for(sha256, slot),
             }
         }
         self.held.push_back(Held::Apply(slot, value));
     }
 
+    fn hold_for(&mut self, sha256: [u8; 32], slot: Slot) {
+        tracing::info!(
+            slot,
+            module = %upgrade::module_name(&sha256),
+            "the upgrade slot waits for this replica's compile of the module; \
+             applying pauses, consensus goes on"
+        );
+        let now = Instant::now();
+        self.held_for = Some(HeldFor {
+            sha256,
+            slot,
+            since: now,
+            logged: now,
+        });
+    }
+
     /// Performs held actions in order until an upgrade slot whose compile still runs.
     fn release_held(&mut self) {
         while let Some(front) = self.held.front() {
-            if let Held::Apply(_, value) = front {
+            if let Held::Apply(slot, value) = front {
                 if let Some(sha256) = self.core.applier.machine.waits_for_compile(value) {
-                    if self.held_for.is_none_or(|(held, _)| held != sha256) {
-                        self.held_for = Some((sha256, Instant::now()));
+                    let slot = *slot;
+                    match &mut self.held_for {
+                        Some(held) if held.sha256 == sha256 && held.slot == slot => {
+                            if held.logged.elapsed() >= HELD_LOG_INTERVAL {
+                                held.logged = Instant::now();
+                                tracing::warn!(
+                                    slot,
+                                    module = %upgrade::module_name(&sha256),
+                                    held_ms = held.since.elapsed().as_millis() as u64,
+                                    held = self.held.len(),
+                                    "applying still waits for this replica's compile of the module"
+                                );
+                            }
+                        }
+                        _ => self.hold_for(sha256, slot),
                     }
                     return;
                 }
-            }
-            if let Some((sha256, since)) = self.held_for.take() {
-                tracing::info!(
-                    module = %upgrade::module_name(&sha256),
-                    held_ms = since.elapsed().as_millis() as u64,
-                    held = self.held.len(),
-                    "compile done: applying the held slots"
-                );
+                if let Some(held) = self.held_for.take() {
+                    tracing::info!(
+                        module = %upgrade::module_name(&held.sha256),
+                        held_ms = held.since.elapsed().as_millis() as u64,
+                        held = self.held.len(),
+                        "compile done: applying the held slots"
+                    );
+                }
             }
             match self.held.pop_front().expect("front exists") {
                 Held::Apply(slot, value) => self.apply(slot, &value),
                 Held::Reply(request, outcome) => self.reply(request, outcome),
             }
         }
+        self.held_for = None;
+    }
+
+    /// Whether applying has waited so long for a compile that this replica should let
+    /// another lead (`HELD_STEP_ASIDE_AFTER`).
+    fn held_too_long(&self) -> bool {
+        self.held_for
+            .as_ref()
+            .is_some_and(|held| held.since.elapsed() >= HELD_STEP_ASIDE_AFTER)
     }
 
     /// A snapshot at `slot` replaced the state: the held applies it covers are done.
     fn drop_held_through(&mut self, slot: Slot) {
         self.held
             .retain(|held| !matches!(held, Held::Apply(held_slot, _) if *held_slot <= slot));
-        if self.held.is_empty() {
+        if !self.held.iter().any(|held| matches!(held, Held::Apply(..))) {
             self.held_for = None;
         }
     }

@@ -126,14 +126,7 @@ impl DiskWatch {
     /// An outgoing consensus message to drop while low: campaigning and leading
     /// would make this replica write.
     pub fn drops_outbound(&self, msg: &Message) -> bool {
-        self.low
-            && matches!(
-                msg,
-                Message::PreVote { .. }
-                    | Message::Prepare { .. }
-                    | Message::Accept { .. }
-                    | Message::Heartbeat { .. }
-            )
+        self.low && leads_or_campaigns(msg)
     }
 
     /// An incoming snapshot-transfer message to drop while low: receiving a snapshot
@@ -145,6 +138,18 @@ impl DiskWatch {
                 TransferMessage::Offer { .. } | TransferMessage::Chunk { .. }
             )
     }
+}
+
+/// A message only a campaigning or leading replica sends: without them it neither
+/// wins an election nor keeps its followers, who elect another leader.
+pub(crate) fn leads_or_campaigns(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::PreVote { .. }
+            | Message::Prepare { .. }
+            | Message::Accept { .. }
+            | Message::Heartbeat { .. }
+    )
 }
 
 /// Free bytes on the filesystem holding `dir`, for an unprivileged process.

@@ -287,7 +287,9 @@ impl Loop {
             return;
         }
         // A diverged state must not be made durable: a restart would load it again.
-        if self.core.checkpoints.diverged().is_some() {
+        // Nor one taken while applies are held (`Loop::apply_or_hold`): its
+        // configuration would come from the core, which is ahead of the state.
+        if self.core.checkpoints.diverged().is_some() || !self.held.is_empty() {
             return;
         }
         // Nor one the disk has no room for (`disk.rs`): the file is written before
@@ -400,13 +402,17 @@ impl Loop {
     ) {
         let slot = file.id.slot;
         let applied = self.core.applier.applied_index;
+        // Applies may be held behind a compile (`Loop::apply_or_hold`): the core is
+        // ahead of the state then, and a snapshot it is not behind is not installed
+        // (the held applies get there).
+        let core_behind = slot > self.core.replica.status().applied_index;
         self.snap.receiver.installed(true);
         if forced {
             // The worker deleted the newer (diverged) files; forget them here too.
             self.snap.files.retain(|f| f.id.slot <= slot);
         }
         self.snap.add_file(file);
-        if slot > applied {
+        if slot > applied && core_behind {
             self.replace_state(app, &applier_state);
             self.drop_held_through(slot);
             self.step(Event::SnapshotInstalled {
@@ -427,6 +433,7 @@ impl Loop {
                 }
             }
             self.replace_state(app, &applier_state);
+            self.drop_held_through(slot);
             // Their clients were answered when the slots were first applied; nothing
             // is sent to followers either.
             self.core.applier.collect_remote = false;
@@ -569,7 +576,11 @@ impl Loop {
             TransferMessage::Offer { id } => {
                 let partial = self.snap.dir.partial_path(&id);
                 let partial_len = snapshot::partial_len(&partial);
-                let applied = self.core.applier.applied_index;
+                let applied = self
+                    .core
+                    .applier
+                    .applied_index
+                    .max(self.core.replica.status().applied_index);
                 if let Some(fetch) =
                     self.snap
                         .receiver
