@@ -113,13 +113,7 @@ fn a_diverged_replica_is_detected_at_the_next_checkpoint_and_repaired() {
     let cluster = start(dir.path());
     let http = cluster.addrs();
 
-    let leader = wait_until("a leader", &cluster, Duration::from_secs(30), || {
-        support::leader(&cluster)
-    });
-    wait_until("kv deployed", &cluster, Duration::from_secs(30), || {
-        let reply = call(&http[leader], "PUT", "/v1/app", &kv)?;
-        (reply.status == 200).then_some(())
-    });
+    let leader = support::deploy_through_leader(&cluster, &kv);
     submit_puts(
         &cluster,
         &http[leader],

@@ -48,13 +48,7 @@ fn a_replica_out_of_disk_space_refuses_writes_steps_aside_and_catches_up_afterwa
         &["--test-hooks", "--disk-free-bytes-min", "1"],
     );
     let http = cluster.addrs();
-    let leader = wait_until("a leader", &cluster, Duration::from_secs(30), || {
-        support::leader(&cluster)
-    });
-    wait_until("kv deployed", &cluster, Duration::from_secs(30), || {
-        let reply = call(&http[leader], "PUT", "/v1/app", &kv)?;
-        (reply.status == 200).then_some(())
-    });
+    let leader = support::deploy_through_leader(&cluster, &kv);
     submit_acknowledged(&cluster, &http[leader], "put before 1");
 
     // The leader's disk "fills up".
@@ -138,13 +132,7 @@ fn a_follower_out_of_disk_space_catches_up_from_a_snapshot_once_space_is_back() 
         ],
     );
     let http = cluster.addrs();
-    let leader = wait_until("a leader", &cluster, Duration::from_secs(30), || {
-        support::leader(&cluster)
-    });
-    wait_until("kv deployed", &cluster, Duration::from_secs(30), || {
-        let reply = call(&http[leader], "PUT", "/v1/app", &kv)?;
-        (reply.status == 200).then_some(())
-    });
+    let leader = support::deploy_through_leader(&cluster, &kv);
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let low = &http[follower];
     let reply = call(low, "POST", "/v1/debug/disk-free?bytes=0", b"").unwrap();

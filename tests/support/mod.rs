@@ -304,3 +304,23 @@ pub fn converged(cluster: &Cluster) -> Option<(u64, String)> {
     let first = seen[0].clone();
     seen.iter().all(|s| *s == first).then_some(first)
 }
+
+/// Waits for a leader, then deploys `module` through it (`PUT /v1/app`, repeated until
+/// a 200 while the cluster settles). Returns the leader's index in `cluster.nodes`.
+pub fn deploy_through_leader(cluster: &Cluster, module: &[u8]) -> usize {
+    let leader = wait_until("a leader", cluster, Duration::from_secs(30), || {
+        leader(cluster)
+    });
+    let addr = &cluster.nodes[leader].http;
+    wait_until(
+        "the module deployed",
+        cluster,
+        Duration::from_secs(30),
+        || {
+            let reply =
+                probe::request(addr, "PUT", "/v1/app", &[], module, REQUEST_TIMEOUT).ok()?;
+            (reply.status == 200).then_some(())
+        },
+    );
+    leader
+}
