@@ -429,7 +429,7 @@ impl WasmApp {
     /// The module whose background compile applying `value` would wait for (an
     /// upgrade entry naming the completely staged module, compile not ended yet); the
     /// compile is started if it was not. The runtime holds that slot, and every later
-    /// apply and read reply, until it ends (`Loop::release_held`), so that the core
+    /// apply and read-ready reply, until it ends (`Loop::release_held`), so that the core
     /// task never blocks on a compile. (An upgrade entry batched after the chunk that
     /// completes the staging is not seen here and still waits inside `upgrade`.)
     pub fn waits_for_compile(&self, value: &Value) -> Option<[u8; 32]> {

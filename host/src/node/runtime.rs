@@ -916,9 +916,11 @@ impl Loop {
     }
 
     fn send(&mut self, to: NodeId, msg: &Message) {
-        if self.disk.drops_outbound(msg) || (disk::leads_or_campaigns(msg) && self.held_too_long())
-        {
+        if self.disk.drops_outbound(msg) {
             self.drop_for_disk();
+            return;
+        }
+        if disk::leads_or_campaigns(msg) && self.held_too_long() {
             return;
         }
         let payload = codec::encode_paxos(msg);

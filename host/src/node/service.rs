@@ -931,12 +931,15 @@ impl NodeApi for Node {
             return Err(FlipError::Disabled);
         }
         let (reply, answer) = oneshot::channel();
-        self.ask(Request::DebugDiskFree { free_bytes, reply }, answer)
+        match self
+            .ask(Request::DebugDiskFree { free_bytes, reply }, answer)
             .await
-            .unwrap_or_else(|error: AskError| {
-                Err(error.unwrap_or_else(|| "no answer in time".into()))
-            })
-            .map_err(|reason| FlipError::Refused { reason })
+        {
+            Ok(taken) => taken.map_err(|reason| FlipError::Refused { reason }),
+            Err(error) => Err(FlipError::Unavailable {
+                reason: error.unwrap_or_else(|| "no answer in time".into()),
+            }),
+        }
     }
 
     fn app(&self) -> AppInfo {
