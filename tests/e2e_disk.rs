@@ -86,6 +86,9 @@ fn a_replica_out_of_disk_space_refuses_writes_steps_aside_and_catches_up_afterwa
         "a replica out of space must not have accepted later entries"
     );
     assert_eq!(call(low, "GET", "/livez", b"").unwrap().status, 200);
+    let readyz = call(low, "GET", "/readyz", b"").unwrap();
+    assert_eq!(readyz.status, 503, "{readyz:?}");
+    assert!(readyz.text().contains("nearly full"), "{}", readyz.text());
     assert_eq!(support::metric(low, "paxwasm_disk_low"), Some(1));
     assert!(support::metric(low, "paxwasm_disk_low_dropped_messages_total").unwrap() > 0);
     let again = support::submit(low, "put during 9", "still-refused").unwrap();
@@ -108,6 +111,11 @@ fn a_replica_out_of_disk_space_refuses_writes_steps_aside_and_catches_up_afterwa
         assert_eq!(stale_get(addr, "during-follower"), "3", "{addr}");
         assert_eq!(stale_get(addr, "after"), "4", "{addr}");
         assert_eq!(status(addr).unwrap()["disk"]["low"], false, "{addr}");
+        assert_eq!(
+            call(addr, "GET", "/readyz", b"").unwrap().status,
+            200,
+            "{addr}"
+        );
     }
     assert_eq!(support::metric(low, "paxwasm_disk_low"), Some(0));
 }

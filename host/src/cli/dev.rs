@@ -268,14 +268,22 @@ fn wait_ready(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
     let mut ready = vec![false; nodes as usize];
+    let mut why_not = vec![String::new(); nodes as usize];
     while ready.iter().any(|r| !r) {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             bail!("interrupted before the cluster was ready");
         }
         if Instant::now() > deadline {
+            let reasons: Vec<String> = why_not
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !ready[*i])
+                .map(|(i, why)| format!("node {}: {why}", i + 1))
+                .collect();
             bail!(
-                "the cluster was not ready within {} s; see the logs in {}",
+                "the cluster was not ready within {} s ({}); see the logs in {}",
                 READY_TIMEOUT_MS / 1000,
+                reasons.join("; "),
                 dir.display()
             );
         }
@@ -296,8 +304,12 @@ fn wait_ready(
             );
             // A replica a membership change removed never becomes ready; the others
             // serve without it.
-            ready[*n as usize - 1] = matches!(answer, Ok(reply) if reply.status == 200
+            ready[*n as usize - 1] = matches!(&answer, Ok(reply) if reply.status == 200
                 || reply.text().contains(crate::node::REMOVED_READINESS));
+            why_not[*n as usize - 1] = match answer {
+                Ok(reply) => reply.text().trim().to_string(),
+                Err(error) => error.to_string(),
+            };
         }
         std::thread::sleep(Duration::from_millis(200));
     }

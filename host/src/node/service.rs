@@ -1071,6 +1071,10 @@ impl NodeApi for Node {
             Some(format!("{REMOVED_READINESS}: it takes no part any more"))
         } else if let Some(diverged) = published.diverged {
             Some(diverged)
+        } else if published.disk.low {
+            // Like etcd's NOSPACE alarm in its health check: a replica that refuses
+            // writes is taken out of a load balancer's rotation.
+            Some(published.disk.reason())
         } else if published.leader.is_none() {
             Some("no leader is known".to_string())
         } else if published.applied_index < published.commit_index {
