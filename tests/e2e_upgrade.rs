@@ -567,6 +567,15 @@ fn a_slow_compile_pauses_applying_but_not_consensus() {
         );
         if applied < upgrade_slot && commit >= upgrade_slot + 5 {
             held_seen = true;
+            let readyz = get(&addrs[2], "/readyz").unwrap();
+            assert_eq!(readyz.status, 503);
+            assert!(
+                readyz
+                    .text()
+                    .contains("applying waits for this replica's compile of module"),
+                "{}",
+                readyz.text()
+            );
         }
     }
     assert!(

@@ -111,6 +111,10 @@ pub(crate) struct Published {
     /// Free space of the data directory's filesystem, and whether it is too low to
     /// take part in writes.
     pub disk: runtime::DiskWatch,
+    /// Why applying is paused (an upgrade slot waiting for this replica's compile of
+    /// its module), and how many actions wait behind it.
+    pub applying_held: Option<String>,
+    pub applies_held: usize,
 }
 
 struct Inner {
@@ -267,6 +271,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         diverged: None,
         voting: false,
         disk: runtime::DiskWatch::new(config.disk_free_bytes_min),
+        applying_held: None,
+        applies_held: 0,
     }));
     let counters = Arc::new(Counters::default());
     let (requests_tx, requests_rx) = mpsc::channel(config.requests_queued_max);
@@ -1077,6 +1083,8 @@ impl NodeApi for Node {
             Some(published.disk.reason())
         } else if published.leader.is_none() {
             Some("no leader is known".to_string())
+        } else if let Some(held) = published.applying_held {
+            Some(held)
         } else if published.applied_index < published.commit_index {
             Some(format!(
                 "applied index {} is behind the commit index {}",
@@ -1233,6 +1241,12 @@ impl NodeApi for Node {
                 free_bytes,
             );
         }
+        metric(
+            "paxwasm_applies_held",
+            "gauge",
+            "Applies and read replies waiting for this replica's compile of a module at its upgrade slot.",
+            published.applies_held as u64,
+        );
         metric(
             "paxwasm_disk_low",
             "gauge",
