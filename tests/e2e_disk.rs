@@ -36,19 +36,23 @@ fn stale_get(addr: &str, key: &str) -> String {
     String::from_utf8_lossy(&reply.body).into_owned()
 }
 
+/// Three replicas with the disk test hook and kv deployed; the leader's index.
+fn start_with_kv(dir: &std::path::Path, cluster_id: &str, extra: &[&str]) -> (Cluster, usize) {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").unwrap()).unwrap();
+    // A minimum of 1 byte: the real disk is never "low", only the test hook's 0 is.
+    let mut args = vec!["--test-hooks", "--disk-free-bytes-min", "1"];
+    args.extend_from_slice(extra);
+    let cluster = Cluster::start(dir, 3, cluster_id, &args);
+    let leader = support::deploy_through_leader(&cluster, &kv);
+    (cluster, leader)
+}
+
 #[test]
 fn a_replica_out_of_disk_space_refuses_writes_steps_aside_and_catches_up_afterwards() {
     let kv = std::fs::read(paxwasm::examples::example_module("kv").unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // A minimum of 1 byte: the real disk is never "low", only the test hook's 0 is.
-    let cluster = Cluster::start(
-        dir.path(),
-        3,
-        "e2e-disk",
-        &["--test-hooks", "--disk-free-bytes-min", "1"],
-    );
+    let (cluster, leader) = start_with_kv(dir.path(), "e2e-disk", &[]);
     let http = cluster.addrs();
-    let leader = support::deploy_through_leader(&cluster, &kv);
     submit_acknowledged(&cluster, &http[leader], "put before 1");
 
     // The leader's disk "fills up".
@@ -125,22 +129,13 @@ fn a_replica_out_of_disk_space_refuses_writes_steps_aside_and_catches_up_afterwa
 /// needs and catches up from a snapshot.
 #[test]
 fn a_follower_out_of_disk_space_catches_up_from_a_snapshot_once_space_is_back() {
-    let kv = std::fs::read(paxwasm::examples::example_module("kv").unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(
+    let (cluster, leader) = start_with_kv(
         dir.path(),
-        3,
         "e2e-disk-follower",
-        &[
-            "--test-hooks",
-            "--disk-free-bytes-min",
-            "1",
-            "--snapshot-entries",
-            "100",
-        ],
+        &["--snapshot-entries", "100"],
     );
     let http = cluster.addrs();
-    let leader = support::deploy_through_leader(&cluster, &kv);
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let low = &http[follower];
     let reply = call(low, "POST", "/v1/debug/disk-free?bytes=0", b"").unwrap();

@@ -138,18 +138,14 @@ impl AppResult {
     /// `None` for anything a command cannot produce. Never panics: the bytes come from
     /// the network.
     pub fn decode_command_result(bytes: &[u8]) -> Option<AppResult> {
-        if bytes == STALE_RESULT {
-            return Some(AppResult::StaleDuplicate);
-        }
-        let (kind, body) = bytes.split_first()?;
-        match *kind {
-            RESULT_OUTPUT => Some(AppResult::Output(body.to_vec())),
-            RESULT_REJECTED => Some(AppResult::Rejected(
-                String::from_utf8_lossy(body).into_owned(),
-            )),
-            RESULT_NO_MODULE if body.is_empty() => Some(AppResult::NoModule),
-            _ => None,
-        }
+        // Only the kinds whose decoding cannot panic reach `decode`.
+        let from_a_command = bytes == STALE_RESULT
+            || match bytes.split_first() {
+                Some((&(RESULT_OUTPUT | RESULT_REJECTED), _)) => true,
+                Some((&RESULT_NO_MODULE, body)) => body.is_empty(),
+                _ => false,
+            };
+        from_a_command.then(|| AppResult::decode(bytes))
     }
 }
 
@@ -674,6 +670,33 @@ mod tests {
             AppResult::AddressRecorded,
         ] {
             assert_eq!(AppResult::decode(&result.encode()), result);
+        }
+    }
+
+    #[test]
+    fn a_peer_reported_result_decodes_only_as_a_command_result() {
+        for result in [
+            AppResult::Output(b"OK".to_vec()),
+            AppResult::Output(Vec::new()),
+            AppResult::Rejected("fuel exhausted".into()),
+            AppResult::NoModule,
+            AppResult::StaleDuplicate,
+        ] {
+            assert_eq!(
+                AppResult::decode_command_result(&result.encode()),
+                Some(result)
+            );
+        }
+        let staged = AppResult::Staged { staged_bytes: 7 }.encode();
+        for not_a_command in [
+            &b""[..],
+            &[RESULT_NO_MODULE, 1][..],
+            &[RESULT_STAGED, 1, 2][..],
+            &staged[..],
+            &AppResult::AddressRecorded.encode()[..],
+            &[0xee, 1, 2][..],
+        ] {
+            assert_eq!(AppResult::decode_command_result(not_a_command), None);
         }
     }
 

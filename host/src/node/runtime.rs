@@ -1454,14 +1454,10 @@ impl Loop {
         published.checkpoint = self.core.checkpoints.newest();
         published.disk = self.disk.clone();
         published.applies_held = self.held.len();
-        published.applying_held = self.held_for.as_ref().map(|held| {
-            format!(
-                "applying waits for this replica's compile of module {} (upgrade at slot {}, {} ms so far)",
-                upgrade::module_name(&held.sha256),
-                held.slot,
-                held.since.elapsed().as_millis()
-            )
-        });
+        published.applying_held = self
+            .held_for
+            .as_ref()
+            .map(|held| (held.sha256, held.slot, held.since));
         published.diverged = self.core.checkpoints.diverged().map(ToString::to_string);
         let app = &self.core.applier.machine;
         if app.version != self.app_version_published {

@@ -111,9 +111,9 @@ pub(crate) struct Published {
     /// Free space of the data directory's filesystem, and whether it is too low to
     /// take part in writes.
     pub disk: runtime::DiskWatch,
-    /// Why applying is paused (an upgrade slot waiting for this replica's compile of
-    /// its module), and how many actions wait behind it.
-    pub applying_held: Option<String>,
+    /// While applying is paused at an upgrade slot for this replica's compile of its
+    /// module: the module, the slot and since when; and how many actions wait.
+    pub applying_held: Option<([u8; 32], u64, std::time::Instant)>,
     pub applies_held: usize,
 }
 
@@ -1083,8 +1083,12 @@ impl NodeApi for Node {
             Some(published.disk.reason())
         } else if published.leader.is_none() {
             Some("no leader is known".to_string())
-        } else if let Some(held) = published.applying_held {
-            Some(held)
+        } else if let Some((sha256, slot, since)) = published.applying_held {
+            Some(format!(
+                "applying waits for this replica's compile of module {} (upgrade at slot {slot}, {} ms so far)",
+                upgrade::module_name(&sha256),
+                since.elapsed().as_millis()
+            ))
         } else if published.applied_index < published.commit_index {
             Some(format!(
                 "applied index {} is behind the commit index {}",
