@@ -83,6 +83,26 @@ unsafe fn copy_overlapping<const W: usize>(at: *mut u8, bytes: &[u8]) {
     }
 }
 
+/// Copies `src` to the start of `dst`, as `dst[..src.len()].copy_from_slice(src)`,
+/// with word loads and stores instead of a `memory.copy` (see the module
+/// comment). `src` is at most 16 bytes and fits in `dst`.
+#[inline(always)]
+pub(crate) fn copy_short(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    assert!(n <= SHORT_COPY_BYTES_MAX && n <= dst.len());
+    if n >= WORD_BYTES {
+        dst[..WORD_BYTES].copy_from_slice(&src[..WORD_BYTES]);
+        dst[n - WORD_BYTES..n].copy_from_slice(&src[n - WORD_BYTES..]);
+    } else if n >= HALF_WORD_BYTES {
+        dst[..HALF_WORD_BYTES].copy_from_slice(&src[..HALF_WORD_BYTES]);
+        dst[n - HALF_WORD_BYTES..n].copy_from_slice(&src[n - HALF_WORD_BYTES..]);
+    } else {
+        for (to, from) in dst.iter_mut().zip(src) {
+            *to = *from;
+        }
+    }
+}
+
 /// Makes `slot` equal to `value`, as `value.clone_into(slot)`, reusing its
 /// allocation; a short value is copied by [`extend`]. (`clone_into` copies
 /// twice, the part that overwrites and the part that extends, each a
@@ -215,7 +235,18 @@ fn first_difference(x: u64, y: u64) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{assign_str, compare, compare_prefix, equal, extend};
+    use super::{assign_str, compare, compare_prefix, copy_short, equal, extend};
+
+    #[test]
+    fn copy_short_copies_every_length_exactly() {
+        for len in 0..=16usize {
+            let src: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+            let mut dst = [0xeeu8; 20];
+            copy_short(&mut dst, &src);
+            assert_eq!(&dst[..len], &src[..], "len {len}");
+            assert!(dst[len..].iter().all(|&b| b == 0xee), "len {len}");
+        }
+    }
 
     #[test]
     fn extend_and_assign_copy_every_length_exactly() {

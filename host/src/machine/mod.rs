@@ -341,6 +341,11 @@ fn engine(config: &MachineConfig, creator: Arc<MemfdCreator>) -> Engine {
         .memory_may_move(false)
         // Data segments are copied into our memory, not mapped as an image.
         .memory_init_cow(false);
+    // For profiling only: wasmtime then writes /tmp/perf-<pid>.map, so `perf
+    // report` names guest code `wasm[0]::function[N]` instead of raw addresses.
+    if std::env::var_os("PAXWASM_PERFMAP").is_some() {
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     Engine::new(&c).unwrap_or_else(|e| host_failure("engine configuration", e))
 }
 
