@@ -492,13 +492,12 @@ async fn launch(
             .seed_addresses(AddressBook::seeded(&config.members));
     }
     let seed = SplitMix64::new(runtime::first_request_id(config.id)).next_u64();
-    let replica = Replica::restart(
-        config.id,
-        configuration.clone(),
-        config.params.clone(),
-        seed,
-        durable,
-    );
+    let mut params = config.params.clone();
+    // A promise this replica could not send in one peer frame is not made at all.
+    params.promise_bytes_max = params
+        .promise_bytes_max
+        .min(config.frame_bytes_max as usize);
+    let replica = Replica::restart(config.id, configuration.clone(), params, seed, durable);
     let snapshots = Snapshots::start(
         snapshot_dir,
         config.snapshot.clone(),

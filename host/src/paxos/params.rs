@@ -44,6 +44,14 @@ pub struct Params {
     /// Entries kept below a saved snapshot so that a peer lagging by fewer still
     /// catches up from the log instead of by snapshot transfer.
     pub compaction_margin_entries: u64,
+    /// An acceptor promises only when the entries its promise carries (every one from
+    /// the candidate's first slot on) hold at most this many bytes of client data. A
+    /// runtime sets it to its peer frame limit: a larger promise could never be sent,
+    /// so making it would only raise this acceptor's ballot (deposing the leader it
+    /// follows) and copy the log for nothing. Such a far-behind candidate is refused
+    /// as if the promise were lost; one within reach gets elected and catches the
+    /// other up. `usize::MAX`: no bound.
+    pub promise_bytes_max: usize,
     /// PLANTED BUG, for the simulator's teeth test only: a new leader ignores the
     /// values acceptors report in Phase 1 and fills every slot with a no-op.
     #[doc(hidden)]
@@ -93,6 +101,7 @@ impl Default for Params {
             bug_reads_before_ready: false,
             bug_accepted_before_persist: false,
             compaction_margin_entries: 1000,
+            promise_bytes_max: usize::MAX,
             bug_phase1_ignores_revealed_configurations: false,
             bug_promise_over_compacted_slots: false,
             bug_amnesic_replica_votes: false,

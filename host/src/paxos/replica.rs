@@ -702,6 +702,20 @@ impl Replica {
         }
     }
 
+    /// Whether a promise from `first_slot` on carries at most
+    /// `Params::promise_bytes_max` bytes of client data.
+    fn promise_fits(&self, first_slot: Slot) -> bool {
+        let max = self.params.promise_bytes_max;
+        if max == usize::MAX {
+            return true;
+        }
+        let mut bytes = 0usize;
+        self.log.range(first_slot..).all(|(_, entry)| {
+            bytes = bytes.saturating_add(value_bytes(&entry.value));
+            bytes <= max
+        })
+    }
+
     fn on_prepare(
         &mut self,
         from: NodeId,
@@ -736,6 +750,12 @@ impl Replica {
                 to: from,
                 slot: first_slot,
             });
+            return;
+        }
+        if !self.promise_fits(first_slot) {
+            // It could not be sent (see `Params::promise_bytes_max`): the candidate
+            // sees what it would see anyway, a promise that never arrives, but our
+            // ballot and the leader we follow stay.
             return;
         }
         self.promised = ballot;
@@ -1803,7 +1823,6 @@ impl Replica {
     }
 }
 
-/// Client bytes of a value, for catch-up message bounds.
 /// Whether the queued commands fill one batch (`batch_bytes_max`).
 fn queue_fills_batch(queued: &VecDeque<Command>, batch_bytes_max: usize) -> bool {
     let mut bytes = 0;
@@ -1813,6 +1832,7 @@ fn queue_fills_batch(queued: &VecDeque<Command>, batch_bytes_max: usize) -> bool
     })
 }
 
+/// Client bytes of a value, for catch-up and promise bounds.
 fn value_bytes(value: &Value) -> usize {
     match value {
         Value::Batch(batch) => batch.commands.iter().map(Command::size_bytes).sum(),

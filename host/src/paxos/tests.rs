@@ -1731,3 +1731,60 @@ fn restart_after_an_install_whose_compaction_was_lost_trusts_no_covered_entry() 
     // The lost compaction is redone first thing.
     assert_eq!(tick(&mut replica), vec![Action::Compact { below: 3 }]);
 }
+
+#[test]
+fn acceptor_makes_no_promise_too_large_to_send() {
+    let entry_bytes = command(&[b'x'; 64], 9, 1).size_bytes();
+    let params = Params {
+        promise_bytes_max: 2 * entry_bytes,
+        ..Params::default()
+    };
+    let mut acceptor = Replica::new(2, three(), params, SEED);
+    let leader = ballot(1, 1);
+    for slot in 1..=5 {
+        let actions = acceptor.step(message(
+            1,
+            Message::Accept {
+                ballot: leader,
+                slot,
+                value: batch(&[b'x'; 64], slot),
+                chosen_index: 0,
+            },
+        ));
+        persist_all(&mut acceptor, &actions);
+    }
+    // The leader falls silent long enough for other candidates to be heard.
+    for _ in 0..Params::default().election_ticks_min {
+        tick(&mut acceptor);
+    }
+    // A candidate that would need all five entries (5 × entry_bytes > the bound):
+    // no promise, no persist, and the ballot stays.
+    let actions = acceptor.step(message(
+        3,
+        Message::Prepare {
+            ballot: ballot(2, 3),
+            first_slot: 1,
+        },
+    ));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Persist { .. })),
+        "{actions:?}"
+    );
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert_eq!(acceptor.status().promised, leader);
+    // One that needs the last two: promised as usual, with both entries.
+    let actions = acceptor.step(message(
+        3,
+        Message::Prepare {
+            ballot: ballot(3, 3),
+            first_slot: 4,
+        },
+    ));
+    assert_eq!(acceptor.status().promised, ballot(3, 3));
+    let replies = sends(&persist_all(&mut acceptor, &actions));
+    assert!(
+        replies.iter().any(|(to, msg)| *to == 3
+            && matches!(msg, Message::Promise { first_slot: 4, entries, .. } if entries.len() == 2)),
+        "{replies:?}"
+    );
+}
