@@ -38,9 +38,11 @@ pub const INLINE_BYTES: usize = 12;
 ///
 /// `len <= INLINE_BYTES`: the key is `data.inline[..len]`. Longer: it is the
 /// `len` bytes at `data.heap`, a `Box<[u8]>` this `Key` owns. Either way the
-/// bytes are UTF-8 (every constructor copies them from a `str`). The length
+/// bytes are UTF-8 (every constructor takes them from a `str` or `String`). The length
 /// alone says which, so [`Key::as_str`] picks the pointer without a branch
-/// on a tag (a search calls it for every key it compares).
+/// on a tag (a search calls it for every key it compares). The fields are
+/// private and `len` never changes once a key is made: every `unsafe` block
+/// here relies on that.
 pub struct Key {
     len: usize,
     data: Data,
@@ -132,13 +134,34 @@ impl Key {
     }
 
     pub fn into_string(self) -> String {
-        self.as_str().to_owned()
+        if Key::is_inline(self.len) {
+            return self.as_str().to_owned();
+        }
+        let key = core::mem::ManuallyDrop::new(self);
+        // SAFETY: a long key owns the boxed slice of `len` UTF-8 bytes at
+        // `heap` (see `Drop`); `ManuallyDrop` keeps `Drop` from freeing it
+        // again, so the box changes owner exactly once.
+        let bytes =
+            unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(key.data.heap, key.len)) };
+        // SAFETY: the bytes were copied from a `str`.
+        unsafe { String::from_utf8_unchecked(bytes.into_vec()) }
     }
 }
 
 impl From<String> for Key {
+    /// Keeps a long key's buffer (no copy when it has no spare capacity).
     fn from(key: String) -> Key {
-        Key::from(key.as_str())
+        if Key::is_inline(key.len()) {
+            return Key::from(key.as_str());
+        }
+        let len = key.len();
+        let bytes: Box<[u8]> = key.into_boxed_str().into_boxed_bytes();
+        Key {
+            len,
+            data: Data {
+                heap: Box::into_raw(bytes).cast::<u8>(),
+            },
+        }
     }
 }
 
@@ -246,6 +269,7 @@ impl fmt::Debug for KeyStr {
 #[cfg(test)]
 mod tests {
     use super::{Key, KeyStr};
+    use core::cmp::Ordering;
     use std::collections::BTreeMap;
 
     #[test]
@@ -289,7 +313,7 @@ mod tests {
         let strings: Vec<String> = (0..=2 * super::INLINE_BYTES + 2)
             .flat_map(|len| {
                 let base: String = "abcdefghijklmnopqrstuvwxyz0123".chars().take(len).collect();
-                // The same length with a different last byte, and a multi-byte char.
+                // The last char swapped for a two-byte one (one byte longer).
                 let mut other = base.clone();
                 if other.pop().is_some() {
                     other.push('é');
@@ -321,6 +345,54 @@ mod tests {
         assert_eq!(Key::default().as_str(), "");
         assert!(Key::is_inline(super::INLINE_BYTES));
         assert!(!Key::is_inline(super::INLINE_BYTES + 1));
+    }
+
+    #[test]
+    fn keys_differing_in_one_byte_order_and_compare_like_strings() {
+        // Every length up to past the inline limit, a difference at every
+        // position, with bytes from the ends of the ASCII range and a NUL (the
+        // inline bytes after a key are zero, and must never take part).
+        for len in 1..=2 * super::INLINE_BYTES {
+            for at in 0..len {
+                for (low, high) in [('\0', 'a'), ('a', 'b'), ('b', '\u{7f}')] {
+                    let with = |c: char| -> String {
+                        (0..len).map(|i| if i == at { c } else { 'k' }).collect()
+                    };
+                    let (a, b) = (with(low), with(high));
+                    let (ka, kb) = (Key::from(a.as_str()), Key::from(b.as_str()));
+                    assert_eq!(ka.cmp(&kb), a.cmp(&b), "{a:?} {b:?}");
+                    assert_eq!(kb.cmp(&ka), b.cmp(&a), "{a:?} {b:?}");
+                    assert!(ka != kb && ka == Key::from(a.clone()), "{a:?}");
+                }
+            }
+        }
+        for (short, long) in [
+            ("abcdefghijk", "abcdefghijk\0"),
+            ("abcdefghijkl", "abcdefghijkl\0"),
+        ] {
+            assert_eq!(Key::from(short).cmp(&Key::from(long)), Ordering::Less);
+            assert!(Key::from(short) != Key::from(long));
+        }
+    }
+
+    #[test]
+    fn keys_move_swap_clone_and_convert_without_losing_bytes() {
+        let long = "a key of more than twelve bytes".to_owned();
+        let mut a = Key::from("short");
+        let mut b = Key::from(long.clone());
+        core::mem::swap(&mut a, &mut b);
+        assert_eq!((a.as_str(), b.as_str()), (long.as_str(), "short"));
+        let c = a.clone();
+        drop(a);
+        assert_eq!(c.as_str(), long);
+        let old = core::mem::replace(&mut b, Key::from(long.as_str()));
+        assert_eq!(
+            (old.into_string(), b.into_string()),
+            ("short".to_owned(), long.clone())
+        );
+        assert_eq!(Key::from(long.clone()).into_string(), long);
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(core::mem::size_of::<Key>(), core::mem::size_of::<String>());
     }
 
     #[test]

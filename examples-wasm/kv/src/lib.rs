@@ -248,6 +248,63 @@ mod tests {
     }
 
     #[test]
+    fn keys_around_the_inline_limit_and_long_ones_behave_alike() {
+        // 12 bytes are kept inline in the map, 13 and 40 are not (paxwasm_guest::key).
+        for key in ["k".repeat(12), "k".repeat(13), "k".repeat(40)] {
+            let mut kv = Kv::default();
+            let cmds: Vec<String> = [
+                "get K",
+                "put K 1",
+                "put K 2",
+                "get K",
+                "cas K 1 3",
+                "cas K 2 3",
+                "append K 4",
+                "get K",
+                "del K",
+                "get K",
+                "append K 5",
+                "get K",
+            ]
+            .iter()
+            .map(|cmd| cmd.replace('K', &key))
+            .collect();
+            let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            assert_eq!(
+                run(&mut kv, &cmds),
+                [
+                    "NOT_FOUND",
+                    "OK",
+                    "OK",
+                    "2",
+                    "MISMATCH 2",
+                    "OK",
+                    "OK",
+                    "3,4",
+                    "OK",
+                    "NOT_FOUND",
+                    "OK",
+                    "5"
+                ],
+                "key of {} bytes",
+                key.len()
+            );
+            run(&mut kv, &[&format!("put {key}x 6")]);
+            let exported = kv.export_state();
+            assert_eq!(
+                decode_state(&exported).unwrap(),
+                [
+                    (key.clone(), "5".to_owned()),
+                    (format!("{key}x"), "6".to_owned())
+                ]
+            );
+            let mut imported = Kv::default();
+            imported.import_state(&exported).unwrap();
+            assert_eq!(imported, kv);
+        }
+    }
+
+    #[test]
     fn put_get_del() {
         let mut kv = Kv::default();
         assert_eq!(
