@@ -35,6 +35,17 @@ struct Regression {
 /// the real core must keep passing them.
 const REGRESSION_SEEDS: &[Regression] = &[
     Regression {
+        seed: 302_280,
+        replicas: 3,
+        ops: 100,
+        harsh: true,
+        failed_with: "liveness: 1500 ticks after healing, 4 clients still wait: voters \
+                      {1,2,4} were replaced by {1,3,5}; the leader, not in C(new), stepped \
+                      down once C(new) was chosen, before 3 and 5 learned it, so they took \
+                      themselves for learners, 1 was amnesic, and nobody campaigned \
+                      (membership changes, disk wipes)",
+    },
+    Regression {
         seed: 84,
         replicas: 3,
         ops: 100,

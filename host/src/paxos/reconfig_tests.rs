@@ -710,3 +710,71 @@ fn a_removed_replica_with_a_higher_ballot_cannot_depose_the_leader() {
     assert_eq!(actions, vec![]);
     assert_eq!(follower.status().promised, before);
 }
+
+/// The stuck state of harsh seed 302280 (3 replicas), in small: voters {1,2,3} were
+/// replaced by {3,4,5}, and both entries of the change are chosen. The old voters 1
+/// and 2 know it (now learners); 4 and 5 accepted both entries but never learned them
+/// chosen (the leader, not in C(new), stepped down the moment C(new) was chosen), so
+/// they take themselves for learners of {1,2,3}; 3 lost its disk and may never vote.
+/// Nobody who may campaign thinks it is a voter. A learner without a leader asks
+/// what was chosen, learns it is a voter, and the new voters elect a leader.
+#[test]
+fn new_voters_that_missed_their_promotion_learn_it_without_a_leader() {
+    let mut net = Net::new(&[1, 2, 3], &[4, 5]);
+    let old = net.bootstrap.clone();
+    let target = Configuration::with_learners([3, 4, 5], [1, 2]);
+    let joint = old.joint_to(&target);
+    let entry = |round, config: &Configuration, chosen| LogEntry {
+        ballot: Ballot { round, node: 1 },
+        value: Value::Configuration(std::sync::Arc::new(config.clone())),
+        chosen,
+    };
+    for id in [1, 2] {
+        let log = BTreeMap::from([(1, entry(1, &joint, true)), (2, entry(2, &target, true))]);
+        net.durable.insert(
+            id,
+            DurableState {
+                promised: Ballot { round: 2, node: 1 },
+                log,
+                chosen_index: 2,
+                ..DurableState::default()
+            },
+        );
+    }
+    for id in [4, 5] {
+        let log = BTreeMap::from([(1, entry(1, &joint, false)), (2, entry(2, &target, false))]);
+        net.durable.insert(
+            id,
+            DurableState {
+                promised: Ballot { round: 2, node: 1 },
+                log,
+                ..DurableState::default()
+            },
+        );
+    }
+    net.durable.insert(
+        3,
+        DurableState {
+            amnesic: true,
+            ..DurableState::default()
+        },
+    );
+    for id in 1..=5 {
+        net.restart(id);
+    }
+    assert_eq!(net.configuration(1), target);
+    assert_eq!(net.replicas[&4].status().membership, Membership::Learner);
+    assert_eq!(net.replicas[&3].status().membership, Membership::Voter);
+
+    let leader = net.elect();
+    assert!([4, 5].contains(&leader), "leader {leader}");
+    net.propose(leader, b"after the change");
+    net.tick_until("every replica applied the command", |net| {
+        net.applied.values().all(|log| {
+            log.iter()
+                .any(|(_, value)| matches!(value, Value::Batch(_)))
+        })
+    });
+    net.assert_one_log();
+    assert!(net.replicas.values().all(|r| r.configuration() == &target));
+}

@@ -555,7 +555,11 @@ impl Replica {
 
     fn start_pre_vote(&mut self, actions: &mut Vec<Action>) {
         self.reset_election_timer();
-        if !self.config.is_voter(self.id) || self.amnesic {
+        if self.amnesic {
+            return;
+        }
+        if !self.config.is_voter(self.id) {
+            self.ask_what_was_chosen(actions);
             return;
         }
         let round = self.max_round_seen.max(self.promised.round) + 1;
@@ -627,6 +631,38 @@ impl Replica {
             revealed: Vec::new(),
         }));
         self.broadcast(&Message::Prepare { ballot, first_slot }, actions);
+    }
+
+    /// A replica that may not campaign (a learner, or outside its configuration) and
+    /// heard no leader for an election timeout asks one member, at random, what was
+    /// chosen after its chosen index; a member that knows more answers with catch-up
+    /// (`answer_what_was_chosen`). One member per timeout keeps a removed replica that
+    /// still runs from drawing a stream from every member.
+    ///
+    /// Without this a new configuration can lose every voter able to elect: a leader
+    /// that is not a voter of C(new) steps down the moment C(new) is chosen, and the
+    /// new voters, which learn configurations only from their chosen prefix, may
+    /// still take themselves for learners (the departing leader stepped down or
+    /// crashed before catching them up). Only the old voters, now learners, know C(new)
+    /// is chosen, and nobody campaigns again. Asking changes no promise and casts no
+    /// vote: it only delivers values some replica already knows chosen.
+    fn ask_what_was_chosen(&mut self, actions: &mut Vec<Action>) {
+        let members: Vec<NodeId> = self
+            .config
+            .members()
+            .filter(|node| *node != self.id)
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let to = members[self.rng.range(0, members.len() as u64) as usize];
+        // In the ballot this replica follows: a leader of that ballot takes the
+        // question into its own catch-up stream for this peer.
+        let probe = Message::Learned {
+            ballot: self.promised,
+            chosen_index: self.chosen_index,
+        };
+        self.send(to, probe, actions);
     }
 
     fn retransmit_prepare(&mut self, actions: &mut Vec<Action>) {
@@ -1672,11 +1708,15 @@ impl Replica {
     ) {
         let tick = self.tick;
         let Role::Leader(leader) = &mut self.role else {
+            self.answer_what_was_chosen(from, ballot, follower_chosen_index, actions);
             return;
         };
         if leader.ballot != ballot {
+            self.answer_what_was_chosen(from, ballot, follower_chosen_index, actions);
             return;
         }
+        // Our own stream, or a question from a replica that follows our ballot: it is
+        // running, and this is its chosen index.
         leader.peers.insert(
             from,
             PeerSeen {
@@ -1689,13 +1729,52 @@ impl Replica {
         }
     }
 
+    /// A `Learned` outside this replica's own catch-up stream: a replica that may not
+    /// campaign asking what was chosen (`ask_what_was_chosen`), or the reply to a chunk
+    /// this answer sent. Any replica answers from its chosen prefix, which is final
+    /// whoever delivers it (`on_chosen` trusts any sender), so no rule of the protocol
+    /// depends on who serves it.
+    fn answer_what_was_chosen(
+        &mut self,
+        to: NodeId,
+        ballot: Ballot,
+        peer_chosen_index: Slot,
+        actions: &mut Vec<Action>,
+    ) {
+        if peer_chosen_index < self.chosen_index {
+            self.send_chosen(to, ballot, peer_chosen_index + 1, actions);
+        }
+    }
+
     fn send_catchup(&mut self, to: NodeId, from_slot: Slot, actions: &mut Vec<Action>) {
+        let (tick, ballot) = match &self.role {
+            Role::Leader(leader) => (self.tick, leader.ballot),
+            _ => return,
+        };
+        if let Some(through) = self.send_chosen(to, ballot, from_slot, actions) {
+            let Role::Leader(leader) = &mut self.role else {
+                unreachable!("checked above")
+            };
+            leader.catchup.insert(to, (through, tick));
+        }
+    }
+
+    /// Sends `to` one chunk of the chosen entries from `from_slot` on, or asks the
+    /// runtime for a snapshot transfer when they were compacted away. Returns the last
+    /// slot of the chunk (`from_slot` for an empty one), or `None` for a snapshot.
+    fn send_chosen(
+        &mut self,
+        to: NodeId,
+        ballot: Ballot,
+        from_slot: Slot,
+        actions: &mut Vec<Action>,
+    ) -> Option<Slot> {
         if from_slot < self.log_start {
             actions.push(Action::SendSnapshot {
                 to,
                 slot: from_slot,
             });
-            return;
+            return None;
         }
         let mut entries = Vec::new();
         let mut bytes = 0;
@@ -1710,12 +1789,7 @@ impl Replica {
             entries.push((*slot, entry.value.clone()));
         }
         let through = entries.last().map_or(from_slot, |(slot, _)| *slot);
-        let (tick, chosen_index) = (self.tick, self.chosen_index);
-        let Role::Leader(leader) = &mut self.role else {
-            return;
-        };
-        leader.catchup.insert(to, (through, tick));
-        let ballot = leader.ballot;
+        let chosen_index = self.chosen_index;
         self.send(
             to,
             Message::Chosen {
@@ -1725,6 +1799,7 @@ impl Replica {
             },
             actions,
         );
+        Some(through)
     }
 
     /// Recomputes the latest heartbeat round a quorum acknowledged.

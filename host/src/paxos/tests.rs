@@ -1,5 +1,6 @@
 //! Unit tests of the core: exact actions for the key protocol steps.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
@@ -1786,5 +1787,111 @@ fn acceptor_makes_no_promise_too_large_to_send() {
         replies.iter().any(|(to, msg)| *to == 3
             && matches!(msg, Message::Promise { first_slot: 4, entries, .. } if entries.len() == 2)),
         "{replies:?}"
+
+/// The stuck state of harsh seed 302280 (see also `reconfig_tests`): new voters that
+/// never learned their promotion was chosen take themselves for learners and never
+/// campaign, and the old voters that know it are learners now. A learner that hears
+/// no leader asks one member what was chosen; any replica answers from its chosen
+/// prefix (or with a snapshot once compacted), leading or not.
+#[test]
+fn learner_without_a_leader_asks_what_was_chosen_and_any_replica_answers() {
+    let old = Configuration::with_learners([1, 2, 3], [4]);
+    let new = Configuration::with_learners([2, 3, 4], [1]);
+    let joint = old.joint_to(&new);
+    let values = [joint, new.clone()].map(|config| Value::Configuration(Arc::new(config)));
+    let chosen_log = || -> BTreeMap<Slot, LogEntry> {
+        (1..=2)
+            .map(|slot| {
+                let entry = LogEntry {
+                    ballot: ballot(1, 1),
+                    value: values[slot as usize - 1].clone(),
+                    chosen: true,
+                };
+                (slot, entry)
+            })
+            .collect()
+    };
+    // Replica 1 led the change and stepped down: it knows C(new) is chosen.
+    let durable = DurableState {
+        promised: ballot(1, 1),
+        log: chosen_log(),
+        chosen_index: 2,
+        ..DurableState::default()
+    };
+    let mut old_leader = Replica::restart(1, old.clone(), Params::default(), SEED, durable);
+    assert_eq!(old_leader.status().membership, Membership::Learner);
+    tick(&mut old_leader);
+
+    let mut learner = Replica::new(4, old.clone(), Params::default(), SEED);
+    let probe = (0..Params::default().election_ticks_max)
+        .map(|_| tick(&mut learner))
+        .find(|actions| !actions.is_empty())
+        .expect("a learner without a leader asks within an election timeout");
+    let asked = Message::Learned {
+        ballot: Ballot::ZERO,
+        chosen_index: 0,
+    };
+    let [Action::Send { to, msg }] = &probe[..] else {
+        panic!("one question, no campaign: {probe:?}")
+    };
+    assert!([1, 2, 3].contains(to), "asks a member: {to}");
+    assert_eq!(msg, &asked);
+
+    // A replica that does not lead answers from its chosen prefix.
+    let answer = Message::Chosen {
+        ballot: Ballot::ZERO,
+        entries: vec![(1, values[0].clone()), (2, values[1].clone())],
+        chosen_index: 2,
+    };
+    assert_eq!(
+        old_leader.step(message(4, asked.clone())),
+        vec![Action::Send {
+            to: 4,
+            msg: answer.clone()
+        }]
+    );
+    let actions = learner.step(message(1, answer));
+    assert!(sends(&actions).contains(&(
+        1,
+        Message::Learned {
+            ballot: Ballot::ZERO,
+            chosen_index: 2
+        }
+    )));
+    assert_eq!(learner.configuration(), &new);
+    assert_eq!(learner.status().membership, Membership::Voter);
+    // Caught up: no further chunk.
+    let caught_up = Message::Learned {
+        ballot: Ballot::ZERO,
+        chosen_index: 2,
+    };
+    assert_eq!(old_leader.step(message(4, caught_up)), vec![]);
+    // Now a voter, it campaigns.
+    let campaign = (0..Params::default().election_ticks_max)
+        .flat_map(|_| tick(&mut learner))
+        .find(|action| {
+            matches!(
+                action,
+                Action::Send {
+                    msg: Message::PreVote { .. },
+                    ..
+                }
+            )
+        });
+    assert!(campaign.is_some(), "the promoted voter never campaigned");
+
+    // Compacted past what the learner lacks: the answer is a snapshot transfer.
+    let durable = DurableState {
+        promised: ballot(1, 1),
+        chosen_index: 2,
+        snapshot_slot: 2,
+        log_start: 3,
+        ..DurableState::default()
+    };
+    let mut compacted = Replica::restart(1, new, Params::default(), SEED, durable);
+    tick(&mut compacted);
+    assert_eq!(
+        compacted.step(message(4, asked)),
+        vec![Action::SendSnapshot { to: 4, slot: 1 }]
     );
 }

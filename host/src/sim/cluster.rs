@@ -602,9 +602,21 @@ impl Sim {
                     .map(|node| node.applier.applied_index)
                     .collect();
                 let config = self.governing.last().expect("never empty");
+                // What each replica's core believes, so a stuck run can be read
+                // without replaying it under a debugger.
+                let statuses: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, node)| match &node.replica {
+                        Some(replica) => format!("\n  {:?}", replica.status()),
+                        None => format!("\n  replica {} is down", index + 1),
+                    })
+                    .collect();
                 self.fail(format!(
-                    "liveness: {} ticks after healing, {pending} clients still wait and applied indexes are {applied:?} (configuration {config:?})",
-                    self.options.liveness_ticks_max
+                    "liveness: {} ticks after healing, {pending} clients still wait and applied indexes are {applied:?} (configuration {config:?}); replicas:{}",
+                    self.options.liveness_ticks_max,
+                    statuses.concat()
                 ));
                 return self.outcome(false);
             }
