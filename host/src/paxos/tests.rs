@@ -1787,6 +1787,8 @@ fn acceptor_makes_no_promise_too_large_to_send() {
         replies.iter().any(|(to, msg)| *to == 3
             && matches!(msg, Message::Promise { first_slot: 4, entries, .. } if entries.len() == 2)),
         "{replies:?}"
+    );
+}
 
 /// The stuck state of harsh seed 302280 (see also `reconfig_tests`): new voters that
 /// never learned their promotion was chosen take themselves for learners and never
