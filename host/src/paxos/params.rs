@@ -45,7 +45,7 @@ pub struct Params {
     /// catches up from the log instead of by snapshot transfer.
     pub compaction_margin_entries: u64,
     /// An acceptor promises only when the entries its promise carries (every one from
-    /// the candidate's first slot on) hold at most this many bytes of client data. A
+    /// the candidate's first slot on) hold at most this many bytes of command payload. A
     /// runtime sets it to its peer frame limit: a larger promise could never be sent,
     /// so making it would only raise this acceptor's ballot (deposing the leader it
     /// follows) and copy the log for nothing. Such a far-behind candidate is refused

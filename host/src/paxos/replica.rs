@@ -739,7 +739,9 @@ impl Replica {
     }
 
     /// Whether a promise from `first_slot` on carries at most
-    /// `Params::promise_bytes_max` bytes of client data.
+    /// `Params::promise_bytes_max` bytes of command payloads. Payloads alone are less
+    /// than any encoding of the promise, so a promise refused here could not have been
+    /// sent in a frame of that size.
     fn promise_fits(&self, first_slot: Slot) -> bool {
         let max = self.params.promise_bytes_max;
         if max == usize::MAX {
@@ -747,7 +749,11 @@ impl Replica {
         }
         let mut bytes = 0usize;
         self.log.range(first_slot..).all(|(_, entry)| {
-            bytes = bytes.saturating_add(value_bytes(&entry.value));
+            if let Value::Batch(batch) = &entry.value {
+                for command in &batch.commands {
+                    bytes = bytes.saturating_add(command.payload.len());
+                }
+            }
             bytes <= max
         })
     }

@@ -1735,7 +1735,7 @@ fn restart_after_an_install_whose_compaction_was_lost_trusts_no_covered_entry() 
 
 #[test]
 fn acceptor_makes_no_promise_too_large_to_send() {
-    let entry_bytes = command(&[b'x'; 64], 9, 1).size_bytes();
+    let entry_bytes = 64;
     let params = Params {
         promise_bytes_max: 2 * entry_bytes,
         ..Params::default()
