@@ -78,15 +78,8 @@ impl Clone for Key {
 impl Drop for Key {
     fn drop(&mut self) {
         if !Key::is_inline(self.len) {
-            // SAFETY: a key longer than `INLINE_BYTES` owns the boxed slice
-            // of `len` bytes at `heap` (made by `Box::into_raw` in
-            // `From<&str>`), dropped only here, once.
-            unsafe {
-                drop(Box::from_raw(core::ptr::slice_from_raw_parts_mut(
-                    self.data.heap,
-                    self.len,
-                )));
-            }
+            // SAFETY: a long key, and `drop` runs once, with no use of `self` after.
+            drop(unsafe { self.take_boxed() });
         }
     }
 }
@@ -137,14 +130,32 @@ impl Key {
         if Key::is_inline(self.len) {
             return self.as_str().to_owned();
         }
-        let key = core::mem::ManuallyDrop::new(self);
-        // SAFETY: a long key owns the boxed slice of `len` UTF-8 bytes at
-        // `heap` (see `Drop`); `ManuallyDrop` keeps `Drop` from freeing it
-        // again, so the box changes owner exactly once.
-        let bytes =
-            unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(key.data.heap, key.len)) };
-        // SAFETY: the bytes were copied from a `str`.
-        unsafe { String::from_utf8_unchecked(bytes.into_vec()) }
+        // SAFETY: `ManuallyDrop` keeps `Drop` from taking the box again.
+        unsafe { core::mem::ManuallyDrop::new(self).take_boxed() }.into_string()
+    }
+
+    /// A long key made from its boxed bytes.
+    fn from_boxed(key: Box<str>) -> Key {
+        debug_assert!(!Key::is_inline(key.len()));
+        Key {
+            len: key.len(),
+            data: Data {
+                heap: Box::into_raw(key).cast::<u8>(),
+            },
+        }
+    }
+
+    /// The box a long key owns.
+    ///
+    /// # Safety
+    /// `self` is longer than `INLINE_BYTES`, and the box is taken at most once
+    /// (then `self` is never used or dropped again).
+    unsafe fn take_boxed(&self) -> Box<str> {
+        // SAFETY: a long key's `heap` and `len` are those of the `Box<str>`
+        // `from_boxed` took apart; the caller takes it once.
+        unsafe {
+            Box::from_raw(core::ptr::slice_from_raw_parts_mut(self.data.heap, self.len) as *mut str)
+        }
     }
 }
 
@@ -154,32 +165,22 @@ impl From<String> for Key {
         if Key::is_inline(key.len()) {
             return Key::from(key.as_str());
         }
-        let len = key.len();
-        let bytes: Box<[u8]> = key.into_boxed_str().into_boxed_bytes();
-        Key {
-            len,
-            data: Data {
-                heap: Box::into_raw(bytes).cast::<u8>(),
-            },
-        }
+        Key::from_boxed(key.into_boxed_str())
     }
 }
 
 impl From<&str> for Key {
     #[inline]
     fn from(key: &str) -> Key {
-        let len = key.len();
-        let data = if Key::is_inline(len) {
-            let mut inline = [0; INLINE_BYTES];
-            mem::copy_short(&mut inline, key.as_bytes());
-            Data { inline }
-        } else {
-            let bytes: Box<[u8]> = Box::from(key.as_bytes());
-            Data {
-                heap: Box::into_raw(bytes).cast::<u8>(),
-            }
-        };
-        Key { len, data }
+        if !Key::is_inline(key.len()) {
+            return Key::from_boxed(Box::from(key));
+        }
+        let mut inline = [0; INLINE_BYTES];
+        mem::copy_short(&mut inline, key.as_bytes());
+        Key {
+            len: key.len(),
+            data: Data { inline },
+        }
     }
 }
 

@@ -44,11 +44,36 @@ pub fn extend(out: &mut Vec<u8>, bytes: &[u8]) {
     }
     out.reserve(n);
     let start = out.len();
-    let at = out.as_mut_ptr().wrapping_add(start);
-    // SAFETY: `reserve(n)` left room for `n` bytes at `at`; each branch
-    // writes exactly `[0, n)` there (the helper's contract holds: its word
-    // size is at most `n`, and `n` at most twice it), after which all `n`
-    // bytes are initialized and `set_len` may cover them.
+    // SAFETY: `reserve(n)` left room for the `n <= 16` bytes that
+    // `copy_short_to` writes at the end of `out`, after which they are
+    // initialized and `set_len` may cover them.
+    unsafe {
+        copy_short_to(out.as_mut_ptr().wrapping_add(start), bytes);
+        out.set_len(start + n);
+    }
+}
+
+/// Copies `src` to the start of `dst`, as `dst[..src.len()].copy_from_slice(src)`,
+/// with word stores instead of a `memory.copy` (see the module comment). `src` is
+/// at most 16 bytes and fits in `dst`.
+#[inline(always)]
+pub(crate) fn copy_short(dst: &mut [u8], src: &[u8]) {
+    assert!(src.len() <= SHORT_COPY_BYTES_MAX && src.len() <= dst.len());
+    // SAFETY: checked just above.
+    unsafe { copy_short_to(dst.as_mut_ptr(), src) }
+}
+
+/// Writes `bytes` (at most 16) to `at`: 8..=16 bytes as two overlapping 8-byte
+/// words, 4..8 as two overlapping 4-byte words, fewer one by one.
+///
+/// # Safety
+/// `bytes.len() <= 16`, and `at` is valid for writes of `bytes.len()` bytes.
+#[inline(always)]
+unsafe fn copy_short_to(at: *mut u8, bytes: &[u8]) {
+    let n = bytes.len();
+    debug_assert!(n <= SHORT_COPY_BYTES_MAX);
+    // SAFETY: each branch writes exactly `[0, n)` at `at` (the helper's
+    // contract holds: its word size is at most `n`, and `n` at most twice it).
     unsafe {
         if n >= WORD_BYTES {
             copy_overlapping::<WORD_BYTES>(at, bytes);
@@ -59,7 +84,6 @@ pub fn extend(out: &mut Vec<u8>, bytes: &[u8]) {
                 at.add(i).write(byte);
             }
         }
-        out.set_len(start + n);
     }
 }
 
@@ -80,26 +104,6 @@ unsafe fn copy_overlapping<const W: usize>(at: *mut u8, bytes: &[u8]) {
     unsafe {
         at.cast::<[u8; W]>().write_unaligned(head);
         at.add(n - W).cast::<[u8; W]>().write_unaligned(tail);
-    }
-}
-
-/// Copies `src` to the start of `dst`, as `dst[..src.len()].copy_from_slice(src)`,
-/// with word loads and stores instead of a `memory.copy` (see the module
-/// comment). `src` is at most 16 bytes and fits in `dst`.
-#[inline(always)]
-pub(crate) fn copy_short(dst: &mut [u8], src: &[u8]) {
-    let n = src.len();
-    assert!(n <= SHORT_COPY_BYTES_MAX && n <= dst.len());
-    if n >= WORD_BYTES {
-        dst[..WORD_BYTES].copy_from_slice(&src[..WORD_BYTES]);
-        dst[n - WORD_BYTES..n].copy_from_slice(&src[n - WORD_BYTES..]);
-    } else if n >= HALF_WORD_BYTES {
-        dst[..HALF_WORD_BYTES].copy_from_slice(&src[..HALF_WORD_BYTES]);
-        dst[n - HALF_WORD_BYTES..n].copy_from_slice(&src[n - HALF_WORD_BYTES..]);
-    } else {
-        for (to, from) in dst.iter_mut().zip(src) {
-            *to = *from;
-        }
     }
 }
 

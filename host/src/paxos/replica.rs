@@ -744,9 +744,6 @@ impl Replica {
     /// sent in a frame of that size.
     fn promise_fits(&self, first_slot: Slot) -> bool {
         let max = self.params.promise_bytes_max;
-        if max == usize::MAX {
-            return true;
-        }
         let mut bytes = 0usize;
         self.log.range(first_slot..).all(|(_, entry)| {
             if let Value::Batch(batch) = &entry.value {
@@ -1913,7 +1910,7 @@ fn queue_fills_batch(queued: &VecDeque<Command>, batch_bytes_max: usize) -> bool
     })
 }
 
-/// Client bytes of a value, for catch-up and promise bounds.
+/// Client bytes of a value, for catch-up message bounds.
 fn value_bytes(value: &Value) -> usize {
     match value {
         Value::Batch(batch) => batch.commands.iter().map(Command::size_bytes).sum(),
