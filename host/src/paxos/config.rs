@@ -18,7 +18,7 @@ pub struct Configuration {
 }
 
 /// What a node is in a configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Membership {
     /// Counts in quorums (in the old or the new voter set).
     Voter,

@@ -4,7 +4,7 @@
 /// the leader, minus the leader's lease: covers tick-rate drift between replicas.
 pub const LEASE_SAFETY_MARGIN_TICKS: u64 = 4;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Params {
     /// A leader sends a heartbeat round (and retransmits unacknowledged accepts)
     /// every this many ticks.

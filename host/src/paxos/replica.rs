@@ -24,7 +24,7 @@ use super::types::{
 };
 
 /// A reply held back until the persist with the given token completes.
-#[derive(Debug)]
+#[derive(Clone, Debug, Hash)]
 enum Deferred {
     /// Entries are gathered when the promise is released, so it reports everything
     /// accepted up to then.
@@ -40,7 +40,7 @@ enum Deferred {
     },
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, Hash)]
 enum Role {
     Follower,
     /// Asking for pre-votes for `round`; no one's state changes until a quorum agrees.
@@ -53,7 +53,7 @@ enum Role {
     Leader(Box<LeaderState>),
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, Hash)]
 struct CandidateState {
     ballot: Ballot,
     first_slot: Slot,
@@ -69,14 +69,14 @@ struct CandidateState {
     revealed: Vec<Configuration>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, Hash)]
 struct InFlight {
     value: Value,
     acked: BTreeSet<NodeId>,
     proposed_tick: u64,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, Hash)]
 struct ReadWait {
     request: RequestId,
     read_index: Slot,
@@ -85,7 +85,7 @@ struct ReadWait {
     seq_needed: u64,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, Hash)]
 struct LeaderState {
     ballot: Ballot,
     next_slot: Slot,
@@ -129,14 +129,14 @@ struct LeaderState {
     departing: BTreeMap<NodeId, Slot>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Hash)]
 struct PeerSeen {
     chosen_index: Slot,
     heard_tick: u64,
 }
 
 /// What `Replica::status` reports, for tests, the simulator and the status API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Status {
     pub id: NodeId,
     pub promised: Ballot,
@@ -156,6 +156,7 @@ pub struct Status {
     pub amnesic: bool,
 }
 
+#[derive(Clone, Debug, Hash)]
 pub struct Replica {
     id: NodeId,
     config: Configuration,

@@ -2,7 +2,7 @@
 //! seeds from it; the simulator uses it for every fault decision. Deterministic by
 //! construction: the same seed gives the same sequence on every platform.
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Hash)]
 pub struct SplitMix64 {
     state: u64,
 }

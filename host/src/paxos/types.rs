@@ -45,7 +45,7 @@ pub struct Origin {
 }
 
 /// One client command: opaque bytes for the state machine.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Command {
     pub payload: Vec<u8>,
     pub idempotency_key: Option<IdempotencyKey>,
@@ -64,7 +64,7 @@ pub const COMMAND_OVERHEAD_BYTES: usize = 48;
 
 /// Many commands decided in one slot, with the leader-chosen context the state
 /// machine may read: every replica sees the same timestamp and seed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Batch {
     pub commands: Vec<Command>,
     /// The leader's wall clock when it formed the batch (from `Event::Tick::now_ms`),
@@ -76,7 +76,7 @@ pub struct Batch {
 
 /// What a slot decides. Configuration entries (joint consensus) and module upgrades
 /// join this enum in later issues, which is why it is `non_exhaustive`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Value {
     /// Fills a hole found by Phase 1, or marks a new leader's first slot.
@@ -91,7 +91,7 @@ pub enum Value {
 }
 
 /// One slot of an acceptor's log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LogEntry {
     /// The ballot the value was accepted in. For an entry learned through catch-up
     /// this is the ballot it was already accepted in, or `Ballot::ZERO` if none: a
@@ -103,7 +103,7 @@ pub struct LogEntry {
 }
 
 /// How a read is made linearizable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReadMode {
     /// Served locally while the leader lease holds; falls back to `ReadIndex` when it
     /// does not.
@@ -113,7 +113,7 @@ pub enum ReadMode {
 }
 
 /// Peer-to-peer messages. Every message from a leader or candidate carries its ballot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Message {
     /// Asks "would you support an election now?" without disturbing anyone.
     PreVote { round: u64 },
@@ -167,7 +167,7 @@ pub enum Message {
 }
 
 /// Inputs to `Replica::handle`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Event {
     Message {
         from: NodeId,
@@ -221,7 +221,7 @@ pub enum Event {
 
 /// The membership changes an operator can ask for. Each becomes a target C(new);
 /// when its voters differ from today's, it goes through C(old,new).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum MembershipChange {
     /// A non-voter that receives the log and catches up.
     AddLearner(NodeId),
@@ -238,7 +238,7 @@ pub enum MembershipChange {
 }
 
 /// Why the leader refused a membership change.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ChangeRefusal {
     /// A configuration entry is proposed and not chosen, the configuration is joint,
     /// or this new leader has not yet finished re-proposing what Phase 1 found.
@@ -317,7 +317,7 @@ impl std::fmt::Display for ChangeRefusal {
 }
 
 /// Durable changes: apply in order. `entries` replace whole slots.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PersistRecord {
     pub promised: Option<Ballot>,
     pub entries: Vec<(Slot, LogEntry)>,
@@ -326,7 +326,7 @@ pub struct PersistRecord {
 
 /// What a replica restarts from: everything ever persisted, folded together, plus
 /// the newest snapshot the runtime restored its state machine from.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DurableState {
     pub promised: Ballot,
     pub log: BTreeMap<Slot, LogEntry>,
@@ -366,7 +366,7 @@ impl DurableState {
 
 /// Answers to client requests that the core itself decides. Results of applied
 /// commands are produced by the applier (`paxos::apply`), not by the core.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// The read is linearizable if served from the state machine right now (all
     /// `Apply` actions before this one have been performed).
@@ -386,7 +386,7 @@ pub enum Outcome {
 }
 
 /// Outputs of `Replica::handle`, to be performed in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Make `record` durable, then feed back `Event::Persisted { token }`.
     Persist {
