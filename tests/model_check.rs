@@ -1,0 +1,709 @@
+//! Model check of the real Paxos core (`paxwasm::paxos::Replica`) with stateright:
+//! three replicas, two client proposals, every interleaving up to a bounded depth.
+//!
+//! The simulator (`paxwasm sim`) samples long random runs; this explores short ones
+//! exhaustively. A state is three `Replica` values exactly as the runtime drives them,
+//! their durable stores, the persists each has issued but not finished, and the
+//! messages in flight (a multiset). A step is one of: deliver a message, lose one,
+//! duplicate one, finish a replica's oldest persist, let a replica's clock run until
+//! it does something (an election timeout, a heartbeat), crash a replica (it restarts
+//! from what it persisted; unfinished persists are lost) or propose a command at the
+//! leader. Losses, duplicates, crashes and clock steps have budgets, so the space is
+//! finite.
+//!
+//! Checked in every state: no two replicas ever apply different values at one slot,
+//! including across crashes (the applied values are remembered for the whole run);
+//! every replica applies slots in order; every applied command is one a client
+//! proposed. The teeth tests plant known protocol bugs and require a counterexample.
+//!
+//! Runs start from a fresh cluster and from states built by a short script (a leader
+//! elected; a value accepted by a majority that only the leader knows is chosen), so
+//! the bounded depth is spent where the hard cases are. `PAXWASM_MODEL_DEPTH` raises
+//! the depth bound for a longer run (README: "Longer runs").
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use paxwasm::paxos::{
+    Action, Command, Configuration, DurableState, Event, Message, NodeId, Origin, Params,
+    PersistRecord, Replica, Slot, Value,
+};
+use stateright::{Checker, HasDiscoveries, Model, Property};
+
+const NODES: [NodeId; 3] = [1, 2, 3];
+const SEED: u64 = 7;
+/// Ticks a clock step may run before it counts as "nothing happens".
+const CLOCK_STEP_TICKS_MAX: u64 = 64;
+const PROPOSALS: [&[u8]; 2] = [b"a", b"b"];
+
+/// Short timings: the clock step fast-forwards through them anyway, but fewer
+/// heartbeats per timeout keep states apart that differ only in counters.
+fn params() -> Params {
+    Params {
+        heartbeat_ticks: 1,
+        election_ticks_min: 5,
+        election_ticks_max: 7,
+        lease_ticks: 1,
+        ..Params::default()
+    }
+}
+
+/// What the explorer may still do in one run.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Budget {
+    clock_steps: u8,
+    crashes: u8,
+    losses: u8,
+    duplicates: u8,
+}
+
+#[derive(Clone, Debug, Hash)]
+struct Node {
+    core: Replica,
+    durable: DurableState,
+    /// Persists issued and not yet durable, in issue order (the runtime's contract).
+    persisting: VecDeque<(u64, PersistRecord)>,
+    /// Values applied since the last restart; slot = index + 1.
+    applied: Vec<Value>,
+    next_request: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Envelope {
+    from: NodeId,
+    to: NodeId,
+    msg: Message,
+    /// Hash of the fields above: orders the network canonically.
+    key: u64,
+}
+
+#[derive(Clone)]
+struct World {
+    nodes: Vec<Node>,
+    /// Messages in flight, sorted by `key`: a multiset.
+    network: Vec<Envelope>,
+    budget: Budget,
+    /// Indexes into `PROPOSALS` not proposed yet.
+    unproposed: Vec<usize>,
+    /// The first value applied at each slot by any replica, ever.
+    applied_anywhere: BTreeMap<Slot, Value>,
+    violation: Option<String>,
+    fingerprint: u64,
+}
+
+impl Hash for World {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.fingerprint.hash(state);
+    }
+}
+
+impl PartialEq for World {
+    fn eq(&self, other: &World) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl fmt::Debug for World {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for node in &self.nodes {
+            let status = node.core.status();
+            writeln!(
+                f,
+                "node {}: promised {:?} leading {:?} chosen {} applied {:?} persisting {}",
+                status.id,
+                status.promised,
+                status.leading,
+                status.chosen_index,
+                node.applied.iter().map(short).collect::<Vec<_>>(),
+                node.persisting.len()
+            )?;
+        }
+        for envelope in &self.network {
+            writeln!(
+                f,
+                "  {} -> {}: {:?}",
+                envelope.from, envelope.to, envelope.msg
+            )?;
+        }
+        writeln!(
+            f,
+            "budget {:?} unproposed {:?}",
+            self.budget, self.unproposed
+        )?;
+        write!(f, "violation {:?}", self.violation)
+    }
+}
+
+fn short(value: &Value) -> String {
+    match value {
+        Value::Noop => "noop".to_owned(),
+        Value::Batch(batch) => batch
+            .commands
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.payload).into_owned())
+            .collect::<Vec<_>>()
+            .join("+"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn hash_of(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl World {
+    fn fresh(params: &Params, budget: Budget) -> World {
+        let config = Configuration::new(NODES);
+        let nodes = NODES
+            .iter()
+            .map(|&id| Node {
+                core: Replica::new(id, config.clone(), params.clone(), SEED),
+                durable: DurableState::default(),
+                persisting: VecDeque::new(),
+                applied: Vec::new(),
+                next_request: 1,
+            })
+            .collect();
+        let mut world = World {
+            nodes,
+            network: Vec::new(),
+            budget,
+            unproposed: (0..PROPOSALS.len()).collect(),
+            applied_anywhere: BTreeMap::new(),
+            violation: None,
+            fingerprint: 0,
+        };
+        world.seal();
+        world
+    }
+
+    /// Recomputes the fingerprint (after every step). Everything that can change what
+    /// happens next is in it: each core's whole state, stores,
+    /// persists in flight, the network as a multiset, budgets and the record of
+    /// applied values.
+    fn seal(&mut self) {
+        let mut hasher = DefaultHasher::new();
+        self.nodes.hash(&mut hasher);
+        for envelope in &self.network {
+            envelope.key.hash(&mut hasher);
+        }
+        self.budget.hash(&mut hasher);
+        self.unproposed.hash(&mut hasher);
+        self.applied_anywhere.hash(&mut hasher);
+        self.violation.hash(&mut hasher);
+        self.fingerprint = hasher.finish();
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|n| n.core.is_leading())
+            .map(|n| n.core.id())
+    }
+
+    /// The non-leader that accepted the leader's latest slot (durably or not).
+    fn follower_that_accepted(&self) -> Option<NodeId> {
+        let leader = self.leader()?;
+        let slot = self.nodes[World::index(leader)].applied.len() as Slot;
+        self.nodes
+            .iter()
+            .filter(|n| n.core.id() != leader)
+            .find(|n| n.core.entry(slot).is_some())
+            .map(|n| n.core.id())
+    }
+
+    fn index(id: NodeId) -> usize {
+        NODES.iter().position(|&n| n == id).expect("a model node")
+    }
+
+    fn handle(&mut self, id: NodeId, event: Event) {
+        let mut actions = Vec::new();
+        self.nodes[World::index(id)]
+            .core
+            .handle(event, &mut actions);
+        for action in actions {
+            self.perform(id, action);
+        }
+    }
+
+    /// What the runtime does with one action of replica `id`.
+    fn perform(&mut self, id: NodeId, action: Action) {
+        let node = &mut self.nodes[World::index(id)];
+        match action {
+            Action::Persist { token, record } => node.persisting.push_back((token, record)),
+            Action::Send { to, msg } => {
+                assert_ne!(to, id, "messages to itself never leave the core");
+                if NODES.contains(&to) {
+                    self.send(Envelope {
+                        from: id,
+                        to,
+                        msg,
+                        key: 0,
+                    });
+                }
+            }
+            Action::Apply { slot, value } => {
+                let expected = node.applied.len() as Slot + 1;
+                if slot != expected {
+                    self.violation.get_or_insert(format!(
+                        "node {id} applied slot {slot}, expected slot {expected}"
+                    ));
+                }
+                node.applied.push(value.clone());
+                if let Value::Batch(batch) = &value {
+                    for command in &batch.commands {
+                        if !PROPOSALS.contains(&command.payload.as_slice()) {
+                            self.violation.get_or_insert(format!(
+                                "node {id} applied a command nobody proposed at slot {slot}"
+                            ));
+                        }
+                    }
+                }
+                match self.applied_anywhere.get(&slot) {
+                    Some(earlier) if *earlier != value => {
+                        let message = format!(
+                            "slot {slot}: node {id} applied {} but {} was applied before",
+                            short(&value),
+                            short(earlier)
+                        );
+                        self.violation.get_or_insert(message);
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.applied_anywhere.insert(slot, value);
+                    }
+                }
+            }
+            // Client answers, snapshots and compaction are outside this model (no
+            // snapshot is ever saved, so the core never asks for them).
+            Action::Reply { .. } | Action::SendSnapshot { .. } | Action::Compact { .. } => {}
+        }
+    }
+
+    fn send(&mut self, mut envelope: Envelope) {
+        envelope.key = hash_of(&(envelope.from, envelope.to, &envelope.msg));
+        let at = self.network.partition_point(|e| e.key <= envelope.key);
+        self.network.insert(at, envelope);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Deliver(usize),
+    Lose(usize),
+    Duplicate(usize),
+    FinishPersist(NodeId),
+    /// The replica's clock runs until it acts (election timeout, heartbeat).
+    Clock(NodeId),
+    Crash(NodeId),
+    /// A client's proposal (index into `PROPOSALS`) reaches the leader `NodeId`.
+    Propose(NodeId, usize),
+}
+
+struct PaxosModel {
+    params: Params,
+    init: Vec<World>,
+}
+
+impl Model for PaxosModel {
+    type State = World;
+    type Action = Step;
+
+    fn init_states(&self) -> Vec<World> {
+        self.init.clone()
+    }
+
+    fn actions(&self, world: &World, steps: &mut Vec<Step>) {
+        if world.violation.is_some() {
+            return;
+        }
+        for (i, envelope) in world.network.iter().enumerate() {
+            // Identical copies give identical successors: offer the first only.
+            if i > 0 && world.network[i - 1].key == envelope.key {
+                continue;
+            }
+            steps.push(Step::Deliver(i));
+            if world.budget.losses > 0 {
+                steps.push(Step::Lose(i));
+            }
+            if world.budget.duplicates > 0 {
+                steps.push(Step::Duplicate(i));
+            }
+        }
+        for node in &world.nodes {
+            let id = node.core.id();
+            if !node.persisting.is_empty() {
+                steps.push(Step::FinishPersist(id));
+            }
+            if world.budget.clock_steps > 0 {
+                steps.push(Step::Clock(id));
+            }
+            if world.budget.crashes > 0 {
+                steps.push(Step::Crash(id));
+            }
+            if node.core.is_leading() {
+                for &proposal in &world.unproposed {
+                    steps.push(Step::Propose(id, proposal));
+                }
+            }
+        }
+    }
+
+    fn next_state(&self, world: &World, step: Step) -> Option<World> {
+        let mut next = world.clone();
+        match step {
+            Step::Deliver(i) => {
+                let envelope = next.network.remove(i);
+                next.handle(
+                    envelope.to,
+                    Event::Message {
+                        from: envelope.from,
+                        msg: envelope.msg,
+                    },
+                );
+            }
+            Step::Lose(i) => {
+                next.network.remove(i);
+                next.budget.losses -= 1;
+            }
+            Step::Duplicate(i) => {
+                let copy = next.network[i].clone();
+                next.network.insert(i, copy);
+                next.budget.duplicates -= 1;
+            }
+            Step::FinishPersist(id) => {
+                let node = &mut next.nodes[World::index(id)];
+                let (token, record) = node.persisting.pop_front().expect("offered when some");
+                node.durable.apply(&record);
+                next.handle(id, Event::Persisted { token });
+            }
+            Step::Clock(id) => {
+                next.budget.clock_steps -= 1;
+                let index = World::index(id);
+                let mut acted = false;
+                for _ in 0..CLOCK_STEP_TICKS_MAX {
+                    let mut actions = Vec::new();
+                    next.nodes[index]
+                        .core
+                        .handle(Event::Tick { now_ms: 0 }, &mut actions);
+                    acted = !actions.is_empty();
+                    for action in actions {
+                        next.perform(id, action);
+                    }
+                    if acted {
+                        break;
+                    }
+                }
+                if !acted {
+                    return None;
+                }
+            }
+            Step::Crash(id) => {
+                next.budget.crashes -= 1;
+                let node = &mut next.nodes[World::index(id)];
+                node.core = Replica::restart(
+                    id,
+                    Configuration::new(NODES),
+                    self.params.clone(),
+                    SEED,
+                    node.durable.clone(),
+                );
+                node.persisting.clear();
+                node.applied.clear();
+            }
+            Step::Propose(id, proposal) => {
+                next.unproposed.retain(|&p| p != proposal);
+                let node = &mut next.nodes[World::index(id)];
+                let request = node.next_request;
+                node.next_request += 1;
+                let command = Command {
+                    payload: PROPOSALS[proposal].to_vec(),
+                    idempotency_key: None,
+                    origin: Origin { node: id, request },
+                };
+                next.handle(id, Event::Propose { request, command });
+            }
+        }
+        next.seal();
+        Some(next)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always("agreement", |_, world: &World| world.violation.is_none()),
+            Property::sometimes("a leader is elected", |_, world: &World| {
+                world.leader().is_some()
+            }),
+            Property::sometimes("a proposal is applied", |_, world: &World| {
+                world
+                    .applied_anywhere
+                    .values()
+                    .any(|v| matches!(v, Value::Batch(_)))
+            }),
+        ]
+    }
+}
+
+/// Script helpers: build the starting states of the interesting cases by taking
+/// named steps (each must be enabled).
+impl PaxosModel {
+    fn step(&self, world: &World, step: Step) -> World {
+        let mut steps = Vec::new();
+        self.actions(world, &mut steps);
+        assert!(steps.contains(&step), "{step:?} not enabled in\n{world:?}");
+        self.next_state(world, step)
+            .unwrap_or_else(|| panic!("{step:?} did nothing"))
+    }
+
+    /// Delivers the first message matching `pick`.
+    fn deliver(&self, world: &World, pick: impl Fn(&Envelope) -> bool) -> World {
+        let i = world
+            .network
+            .iter()
+            .position(pick)
+            .unwrap_or_else(|| panic!("no such message in\n{world:?}"));
+        self.step(world, Step::Deliver(i))
+    }
+
+    /// Delivers every message and finishes every persist until nothing is left
+    /// (no clock steps, so it ends).
+    fn settle(&self, world: &World) -> World {
+        let mut world = world.clone();
+        for _ in 0..10_000 {
+            if let Some(node) = world.nodes.iter().find(|n| !n.persisting.is_empty()) {
+                let id = node.core.id();
+                world = self.step(&world, Step::FinishPersist(id));
+            } else if !world.network.is_empty() {
+                world = self.step(&world, Step::Deliver(0));
+            } else {
+                return world;
+            }
+        }
+        panic!("the cluster did not settle");
+    }
+
+    /// A leader elected (the script's timeouts make it node 3), its first slot (a
+    /// no-op) chosen and known to all.
+    fn leader_elected(&self, budget: Budget) -> World {
+        let mut world = World::fresh(&self.params, SCRIPT_BUDGET);
+        // A replica supports no candidate for `election_ticks_min` after it starts,
+        // so the first timeouts only make the others willing.
+        for id in NODES {
+            world = self.step(&world, Step::Clock(id));
+            world = self.settle(&world);
+        }
+        let leader = world
+            .leader()
+            .unwrap_or_else(|| panic!("script: a leader\n{world:?}"));
+        // A heartbeat round tells everyone the no-op is chosen.
+        world = self.step(&world, Step::Clock(leader));
+        world = self.settle(&world);
+        world.budget = budget;
+        world.seal();
+        world
+    }
+
+    /// From `leader_elected`: "a" proposed, accepted by the leader and one follower
+    /// (a majority) and applied by the leader only; the third replica never got the
+    /// accept, and no one else knows "a" is chosen.
+    fn chosen_known_only_to_leader(&self, budget: Budget) -> World {
+        let mut world = self.leader_elected(SCRIPT_BUDGET);
+        let leader = world.leader().expect("elected");
+        let follower = NODES
+            .into_iter()
+            .find(|&n| n != leader)
+            .expect("three nodes");
+        let other = NODES
+            .into_iter()
+            .find(|&n| n != leader && n != follower)
+            .expect("three nodes");
+        world = self.step(&world, Step::Propose(leader, 0));
+        world = self.step(&world, Step::FinishPersist(leader));
+        let accept_to =
+            |to: NodeId| move |e: &Envelope| e.to == to && matches!(e.msg, Message::Accept { .. });
+        let i = world
+            .network
+            .iter()
+            .position(accept_to(other))
+            .expect("an accept to the third replica");
+        world = self.step(&world, Step::Lose(i));
+        world = self.deliver(&world, accept_to(follower));
+        let accepted =
+            move |e: &Envelope| e.to == leader && matches!(e.msg, Message::Accepted { .. });
+        // Only a planted bug acknowledges before the persist; then it stays unfinished.
+        if !world.network.iter().any(accepted) {
+            world = self.step(&world, Step::FinishPersist(follower));
+        }
+        world = self.deliver(&world, accepted);
+        let applied = |id: NodeId| &world.nodes[World::index(id)].applied;
+        assert_eq!(
+            applied(leader).last().map(short).as_deref(),
+            Some("a"),
+            "script: the leader applied a\n{world:?}"
+        );
+        assert!(applied(follower).len() < applied(leader).len());
+        world.budget = budget;
+        world.seal();
+        world
+    }
+}
+
+/// The scripts spend from a budget of their own; the explored run then gets its own.
+const SCRIPT_BUDGET: Budget = Budget {
+    clock_steps: u8::MAX,
+    crashes: u8::MAX,
+    losses: u8::MAX,
+    duplicates: 0,
+};
+
+fn depth(default: usize) -> usize {
+    std::env::var("PAXWASM_MODEL_DEPTH")
+        .ok()
+        .map(|d| d.parse().expect("PAXWASM_MODEL_DEPTH is a number"))
+        .unwrap_or(default)
+}
+
+fn check(model: PaxosModel, depth: usize, stop_at_violation: bool) -> impl Checker<PaxosModel> {
+    let mut checker = model
+        .checker()
+        .threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .target_max_depth(depth);
+    if stop_at_violation {
+        checker = checker.finish_when(HasDiscoveries::AnyFailures);
+    }
+    let checker = checker.spawn_dfs().join();
+    eprintln!(
+        "model check: {} states ({} unique), depth {}",
+        checker.state_count(),
+        checker.unique_state_count(),
+        checker.max_depth()
+    );
+    checker
+}
+
+/// Every kind of fault once, and a few clock steps: from a fresh cluster that is
+/// enough for elections that race, lose and repeat messages, and a crash in them.
+const FRESH_BUDGET: Budget = Budget {
+    clock_steps: 4,
+    crashes: 1,
+    losses: 1,
+    duplicates: 1,
+};
+
+/// From a scripted state, enough for two replicas to time out (a new election), a
+/// crash anywhere in it and one lost message.
+const SCENARIO_BUDGET: Budget = Budget {
+    clock_steps: 2,
+    crashes: 1,
+    losses: 0,
+    duplicates: 0,
+};
+
+fn model(params: Params, init: impl FnOnce(&PaxosModel) -> World) -> PaxosModel {
+    let mut model = PaxosModel {
+        params,
+        init: Vec::new(),
+    };
+    let world = init(&model);
+    model.init.push(world);
+    model
+}
+
+/// Elections from scratch racing with a loss, a duplicate and a crash. At this depth
+/// a leader gets elected (each replica first sits out its start-up window) but
+/// chooses nothing yet, so what is checked is mostly the
+/// core's own assertions (promises never decrease, the durable chosen prefix has no
+/// holes, messages never go to oneself) over every interleaving; agreement needs
+/// the deeper starts below.
+#[test]
+fn elections_from_a_fresh_cluster_keep_the_cores_invariants() {
+    let model = model(params(), |m| World::fresh(&m.params, FRESH_BUDGET));
+    let checker = check(model, depth(10), false);
+    checker.assert_no_discovery("agreement");
+    assert!(
+        checker.discovery("a leader is elected").is_some(),
+        "the search reaches an election"
+    );
+}
+
+/// The case Phase 1 exists for: a value is chosen (a majority accepted it, the
+/// leader applied it) but the third replica and the follower do not know. Every
+/// election, crash and loss after that must keep it.
+#[test]
+fn a_value_only_the_leader_knows_is_chosen_survives_a_new_election() {
+    let model = model(params(), |m| m.chosen_known_only_to_leader(SCENARIO_BUDGET));
+    let checker = check(model, depth(11), false);
+    checker.assert_no_discovery("agreement");
+}
+
+/// A new election after a value only the leader knows is chosen, with no crash:
+/// what a leader's Phase 1 must get right.
+fn new_election_search(params: Params) -> impl Checker<PaxosModel> {
+    let budget = Budget {
+        crashes: 0,
+        ..SCENARIO_BUDGET
+    };
+    let model = model(params, |m| m.chosen_known_only_to_leader(budget));
+    check(model, depth(14), true)
+}
+
+/// The follower whose accept made the value chosen crashes at once (scripted, so
+/// the bounded search is spent on the election after it).
+fn crash_after_accept_search(params: Params) -> impl Checker<PaxosModel> {
+    let budget = Budget {
+        crashes: 0,
+        ..SCENARIO_BUDGET
+    };
+    let model = model(params, |m| {
+        let world = m.chosen_known_only_to_leader(SCRIPT_BUDGET);
+        let follower = world
+            .follower_that_accepted()
+            .expect("one follower accepted");
+        let mut world = m.step(&world, Step::Crash(follower));
+        world.budget = budget;
+        world.seal();
+        world
+    });
+    check(model, depth(14), true)
+}
+
+fn expect_counterexample(checker: impl Checker<PaxosModel>) {
+    let path = checker
+        .discovery("agreement")
+        .expect("the planted bug breaks agreement");
+    eprintln!("counterexample: {:?}", path.into_actions());
+}
+
+#[test]
+fn a_new_leader_keeps_the_value_its_predecessor_alone_knew_was_chosen() {
+    new_election_search(params()).assert_no_discovery("agreement");
+}
+
+/// Teeth of the test above: the same search finds the planted bug of a leader that
+/// ignores the values Phase 1 reports.
+#[test]
+fn the_model_check_catches_a_leader_that_ignores_phase_1() {
+    expect_counterexample(new_election_search(Params {
+        bug_ignore_phase1_values: true,
+        ..params()
+    }));
+}
+
+#[test]
+fn a_crash_right_after_an_accept_loses_nothing_chosen() {
+    crash_after_accept_search(params()).assert_no_discovery("agreement");
+}
+
+/// Teeth of the test above: an acceptor that acknowledges before its accept is
+/// durable loses, in that crash, a value the leader counted.
+#[test]
+fn the_model_check_catches_an_accept_acknowledged_before_it_is_durable() {
+    expect_counterexample(crash_after_accept_search(Params {
+        bug_accepted_before_persist: true,
+        ..params()
+    }));
+}
