@@ -14,10 +14,14 @@
 //!   256 MiB of linear memory;
 //! - the pause of `snapshot_image` at 16 MiB and 256 MiB (100 pages written
 //!   since the previous image, everything written, fallbacks) and the time to
-//!   write an image out.
+//!   write an image out;
+//! - what one command's boundary costs in wasmtime, both ways (`calls`): the
+//!   host calling a guest export per command (what the machine does) against a
+//!   guest calling a host import per command, each with the fuel reset per
+//!   command (the lever of a batch-apply ABI, docs/notes/machine-cost.md).
 //!
 //! Arguments select sections (`counter`, `kv`, `query`, `rollback`, `hash`,
-//! `snapshot`;
+//! `snapshot`, `calls`;
 //! all by default): `cargo bench -p paxwasm --bench machine -- counter`.
 //! `PAXWASM_BENCH_DIVISOR=N` divides the iteration counts and runs one round,
 //! for a run under `valgrind --tool=callgrind`. `PAXWASM_BENCH_GUESTS=DIR`
@@ -126,6 +130,83 @@ fn main() {
             bench_snapshot(mib, scale);
         }
     }
+    if wanted("calls") {
+        bench_call_directions(scale);
+    }
+}
+
+/// A command boundary both ways, fuel metering on and the budget reset per
+/// command as the machine does: the host calls a trivial export once per
+/// command (`set_fuel`, call, `get_fuel`), against one guest call that calls
+/// a trivial host import once per command (the import reads the fuel used and
+/// resets the budget). The difference is what a batch-apply ABI (one guest
+/// call per log entry, an import between commands) would save per command.
+fn bench_call_directions(scale: Scale) {
+    use wasmtime::{Caller, Config, Engine, Linker, Module, Store};
+    const BUDGET: u64 = 1_000_000;
+    let engine = Engine::new(Config::new().consume_fuel(true)).unwrap();
+    let module = Module::new(
+        &engine,
+        wat::parse_str(
+            r#"(module
+              (import "paxwasm" "command_done" (func $done (param i32 i32) (result i64)))
+              (memory (export "memory") 1)
+              (func (export "apply") (param i32 i32) (result i64)
+                (i64.extend_i32_u (i32.add (local.get 0) (local.get 1))))
+              (func (export "apply_many") (param $n i32) (result i64)
+                (local $acc i64)
+                (block $end (loop $next
+                  (br_if $end (i32.eqz (local.get $n)))
+                  (local.set $acc (i64.add (local.get $acc)
+                    (call $done (local.get $n) (i32.const 3))))
+                  (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+                  (br $next)))
+                (local.get $acc)))"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut linker = Linker::new(&engine);
+    linker
+        .func_wrap(
+            "paxwasm",
+            "command_done",
+            |mut caller: Caller<'_, u64>, ptr: i32, len: i32| -> i64 {
+                *caller.data_mut() += BUDGET - caller.get_fuel().unwrap();
+                caller.set_fuel(BUDGET).unwrap();
+                i64::from(ptr) + i64::from(len)
+            },
+        )
+        .unwrap();
+    let mut store = Store::new(&engine, 0u64);
+    store.set_fuel(BUDGET).unwrap();
+    let instance = linker.instantiate(&mut store, &module).unwrap();
+    let apply = instance
+        .get_typed_func::<(i32, i32), i64>(&mut store, "apply")
+        .unwrap();
+    let apply_many = instance
+        .get_typed_func::<i32, i64>(&mut store, "apply_many")
+        .unwrap();
+    let n = scale.iterations(1_000_000);
+    let host_to_guest = best(scale.apply_rounds, || {
+        let mut i = 0i32;
+        ns_per(
+            time(n, || {
+                store.set_fuel(BUDGET).unwrap();
+                black_box(apply.call(&mut store, (i, 3)).unwrap());
+                *store.data_mut() += BUDGET - store.get_fuel().unwrap();
+                i = i.wrapping_add(1);
+            }),
+            n,
+        )
+    });
+    let guest_to_host = best(scale.apply_rounds, || {
+        let started = Instant::now();
+        store.set_fuel(BUDGET).unwrap();
+        black_box(apply_many.call(&mut store, n as i32).unwrap());
+        ns_per(started.elapsed(), n)
+    });
+    println!("command boundary (fuel on, budget reset per command): host calls a guest export {host_to_guest:.1} ns/command, guest calls a host import {guest_to_host:.1} ns/command");
 }
 
 /// The example module `name`: built from this workspace, or taken from
