@@ -16,10 +16,12 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +96,32 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });
+}
+
+/// Three nodes whose peers reach each other through a `PeerProxy` each (`--cluster`
+/// names the proxies), with kv deployed. Returns the cluster, the proxies (by node
+/// index) and the index of the node that was leading at the deploy.
+fn start_proxied(dir: &Path, cluster_id: &str) -> (Cluster, Vec<PeerProxy>, usize) {
+    let kv_path = paxwasm::examples::example_module("kv").expect("build the kv example");
+    let kv = std::fs::read(&kv_path).unwrap();
+    let mut cluster = Cluster::new(dir, NODES, NODES, cluster_id, &[]);
+    let proxies: Vec<PeerProxy> = cluster
+        .nodes
+        .iter()
+        .map(|node| PeerProxy::start(node.peer.clone()))
+        .collect();
+    cluster.cluster_arg = cluster
+        .nodes
+        .iter()
+        .zip(&proxies)
+        .map(|(node, proxy)| format!("{}={}", node.id, proxy.addr))
+        .collect::<Vec<_>>()
+        .join(",");
+    for i in 0..NODES {
+        cluster.spawn(i, &[]);
+    }
+    let deployed_at = deploy_through_leader(&cluster, &kv);
+    (cluster, proxies, deployed_at)
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to node `i`'s process.
@@ -199,27 +227,8 @@ impl Answers {
 
 #[test]
 fn frozen_leader_serves_no_stale_read_when_it_wakes() {
-    let kv_path = paxwasm::examples::example_module("kv").expect("build the kv example");
-    let kv = std::fs::read(&kv_path).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(dir.path(), NODES, NODES, "pause", &[]);
-    let proxies: Vec<PeerProxy> = cluster
-        .nodes
-        .iter()
-        .map(|node| PeerProxy::start(node.peer.clone()))
-        .collect();
-    cluster.cluster_arg = cluster
-        .nodes
-        .iter()
-        .zip(&proxies)
-        .map(|(node, proxy)| format!("{}={}", node.id, proxy.addr))
-        .collect::<Vec<_>>()
-        .join(",");
-    for i in 0..NODES {
-        cluster.spawn(i, &[]);
-    }
-
-    let deployed_at = deploy_through_leader(&cluster, &kv);
+    let (cluster, proxies, deployed_at) = start_proxied(dir.path(), "pause");
     put_acknowledged(&cluster, &cluster.nodes[deployed_at].http, "k", "v1");
     let old = wait_until("a leader", &cluster, Duration::from_secs(30), || {
         leader(&cluster)
@@ -319,5 +328,144 @@ fn frozen_leader_serves_no_stale_read_when_it_wakes() {
     eprintln!(
         "e2e_pause: old leader {old_id} woke; {} reads answered v2, {} refused; state {hash} at {index}",
         answers.fresh, answers.refused
+    );
+}
+
+/// Writers that each put their own keys, retrying a failed write with the same
+/// idempotency key on the next node; only 200 answers count as acknowledged.
+struct Writers {
+    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
+    acks_total: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(cluster: &Cluster, count: usize) -> Writers {
+        let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+        let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let acks_total = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..count)
+            .map(|writer| {
+                let (addrs, acknowledged) = (addrs.clone(), acknowledged.clone());
+                let (acks_total, stop) = (acks_total.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut target = writer % addrs.len();
+                    let mut seq = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let key = format!("w{writer}-k{seq}");
+                        let value = format!("v{seq}");
+                        for _attempt in 0..6 {
+                            match submit(&addrs[target], format!("put {key} {value}"), &key) {
+                                Ok(reply) if reply.status == 200 => {
+                                    assert_eq!(reply.text(), "OK");
+                                    acknowledged
+                                        .lock()
+                                        .unwrap()
+                                        .insert(key.clone(), value.clone());
+                                    acks_total.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                _ => {
+                                    target = (target + 1) % addrs.len();
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            acknowledged,
+            acks_total,
+            stop,
+            threads,
+        }
+    }
+
+    fn acks(&self) -> usize {
+        self.acks_total.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` writes beyond `since` were acknowledged.
+    fn wait_for_acks(&self, cluster: &Cluster, what: &str, since: usize, more: usize) {
+        wait_until(what, cluster, Duration::from_secs(60), || {
+            (self.acks() >= since + more).then_some(())
+        });
+    }
+
+    fn stop(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("writer thread");
+        }
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        acknowledged
+    }
+}
+
+/// The leader stops hearing from its peers (every connection into it is cut) while it
+/// can still send to them: its accepts and heartbeats arrive, the answers never come
+/// back. It must acknowledge no write it could not make durable on a quorum, the other
+/// two must take over (its heartbeats reach them, so they only do once it steps
+/// down), and after the cut heals every acknowledged write is on every replica.
+#[test]
+fn leader_that_cannot_hear_its_peers_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, proxies, _) = start_proxied(dir.path(), "cut");
+    let writers = Writers::start(&cluster, 4);
+    writers.wait_for_acks(&cluster, "writes before the cut", 0, 20);
+    let cut = wait_until("a leader", &cluster, Duration::from_secs(30), || {
+        leader(&cluster)
+    });
+    let cut_id = cluster.nodes[cut].id;
+    proxies[cut].cut();
+    let cut_at = Instant::now();
+    let at_cut = writers.acks();
+    let others: Vec<usize> = (0..NODES).filter(|&i| i != cut).collect();
+    wait_until(
+        "the other two to follow a new leader",
+        &cluster,
+        Duration::from_secs(60),
+        || {
+            others
+                .iter()
+                .map(|&i| status(&cluster.nodes[i].http)?["leader"].as_u64())
+                .collect::<Option<Vec<u64>>>()?
+                .iter()
+                .all(|&l| l != cut_id && l != 0)
+                .then_some(())
+        },
+    );
+    let failover = cut_at.elapsed();
+    writers.wait_for_acks(&cluster, "writes while the leader is cut off", at_cut, 20);
+    let during_cut = writers.acks() - at_cut;
+    proxies[cut].heal();
+    let at_heal = writers.acks();
+    writers.wait_for_acks(&cluster, "writes after healing", at_heal, 20);
+    let acknowledged = writers.stop();
+
+    let (index, hash) = wait_until(
+        "equal state hashes",
+        &cluster,
+        Duration::from_secs(60),
+        || converged(&cluster),
+    );
+    // Equal hashes at equal indexes: checking every write on the node that was cut off
+    // checks it on all three.
+    for (key, value) in &acknowledged {
+        let reply = query_stale(&cluster.nodes[cut].http, format!("get {key}").as_bytes());
+        assert_eq!(
+            (reply.status, reply.text()),
+            (200, value.clone()),
+            "acknowledged write {key} on node {cut_id}"
+        );
+    }
+    eprintln!(
+        "e2e_partition: node {cut_id} cut off; the others followed a new leader after {failover:?}; {} writes acknowledged ({during_cut}+ during the cut); state {hash} at {index}",
+        acknowledged.len()
     );
 }
