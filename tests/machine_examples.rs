@@ -268,3 +268,66 @@ fn a_trapping_or_looping_state_import_keeps_the_old_module_and_state() {
     }
     assert_eq!(apply(&mut machine, "get a"), "1");
 }
+
+/// kv's commands in batches of 1 to 9 (`Machine::apply_batch`, one guest call per
+/// batch) and the same commands one by one: the same result for every command
+/// and the same answer to every query; two machines fed the same batches reach the
+/// same state hash.
+#[test]
+fn batches_give_the_results_of_the_per_command_path() {
+    let mut commands = Vec::new();
+    let mut seed = 7u64;
+    let mut next = |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    for i in 0..600 {
+        let key = format!("key{}", next(40));
+        commands.push(match next(7) {
+            0 => format!("get {key}"),
+            1 => format!("del {key}"),
+            2 => format!("cas {key} v{} w{i}", next(600)),
+            3 => format!("append {key} a{i}"),
+            4 => "bogus command".to_string(),
+            _ => format!("put {key} v{i}"),
+        });
+    }
+    let (mut batched, mut again, mut plain) = (load("kv"), load("kv"), load("kv"));
+    let mut results = paxwasm::machine::BatchResults::default();
+    let mut rest = &commands[..];
+    while !rest.is_empty() {
+        let take = (1 + next(9) as usize).min(rest.len());
+        let (group, after) = rest.split_at(take);
+        let group: Vec<&[u8]> = group.iter().map(|c| c.as_bytes()).collect();
+        again.apply_batch(&group, EntryContext::default(), &mut results);
+        batched.apply_batch(&group, EntryContext::default(), &mut results);
+        for (i, command) in group.iter().enumerate() {
+            let mut out = Vec::new();
+            let expected = plain
+                .apply_into(command, EntryContext::default(), &mut out)
+                .map(|()| out);
+            assert_eq!(
+                results.get(i).map(<[u8]>::to_vec),
+                expected,
+                "{}",
+                String::from_utf8_lossy(command)
+            );
+        }
+        rest = after;
+    }
+    for k in 0..40 {
+        let query = format!("get key{k}");
+        assert_eq!(
+            batched.query(query.as_bytes()),
+            plain.query(query.as_bytes()),
+            "{query}"
+        );
+    }
+    assert_eq!(batched.state_hash(), again.state_hash());
+    // The batches of two or more commands took the batch call, none fell back.
+    let stats = batched.batch_stats();
+    assert!(stats.calls > 50, "{stats:?}");
+    assert_eq!(stats.fallbacks, 0);
+}

@@ -668,3 +668,178 @@ fn a_descriptor_export_of_the_wrong_kind_is_refused() {
         .to_string()
         .contains("`paxwasm_input_buffer` must be an immutable i32 global"));
 }
+
+/// A guest that takes batches (`paxwasm_apply_batch`, ABI.md "Batches") and
+/// misbehaves on request. Each command echoes itself and counts successful
+/// commands in the word at 0. A command starting with `t` traps, `l` loops, `y`
+/// calls `command_done` from `paxwasm_apply` (outside a batch); in a batch, `x`
+/// calls `command_done` twice and `r` returns before finishing.
+fn batch_guest() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+             (import "paxwasm" "command_done" (func $done (param i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (func (export "paxwasm_alloc") (param i32) (result i32) (i32.const 1024))
+             (func $apply_one (param $p i32) (param $n i32)
+               (local $c i32)
+               (local.set $c (i32.load8_u (local.get $p)))
+               (if (i32.eq (local.get $c) (i32.const 116)) (then unreachable))
+               (if (i32.eq (local.get $c) (i32.const 108)) (then (loop $spin (br $spin))))
+               (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1))))
+             (func (export "paxwasm_apply") (param $p i32) (param $n i32) (result i64)
+               (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 121))
+                 (then (drop (call $done (local.get $p) (local.get $n)))))
+               (call $apply_one (local.get $p) (local.get $n))
+               (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+                       (i64.extend_i32_u (local.get $n))))
+             (func (export "paxwasm_apply_batch") (param $p i32) (param $len i32)
+               (local $end i32) (local $n i32) (local $cmd i32) (local $c i32)
+               (local.set $end (i32.add (local.get $p) (local.get $len)))
+               (block $out (loop $next
+                 (br_if $out (i32.ge_u (local.get $p) (local.get $end)))
+                 (local.set $n (i32.load (local.get $p)))
+                 (local.set $cmd (i32.add (local.get $p) (i32.const 4)))
+                 (local.set $c (i32.load8_u (local.get $cmd)))
+                 (br_if $out (i32.eq (local.get $c) (i32.const 114)))
+                 (call $apply_one (local.get $cmd) (local.get $n))
+                 (if (i32.eq (local.get $c) (i32.const 120))
+                   (then (drop (call $done (local.get $cmd) (local.get $n)))))
+                 (br_if $out (call $done (local.get $cmd) (local.get $n)))
+                 (local.set $p (i32.add (local.get $cmd) (local.get $n)))
+                 (br $next))))
+             (func (export "paxwasm_query") (param i32 i32) (result i64)
+               (i64.const 4)))"#,
+    )
+    .unwrap()
+}
+
+/// Every result of one `apply_batch`, outputs as text.
+fn batch(machine: &mut Machine, commands: &[&str]) -> Vec<Result<String, ApplyError>> {
+    let commands: Vec<&[u8]> = commands.iter().map(|c| c.as_bytes()).collect();
+    let mut results = paxwasm::machine::BatchResults::default();
+    machine.apply_batch(&commands, entry(), &mut results);
+    assert_eq!(results.len(), commands.len());
+    (0..results.len())
+        .map(|i| {
+            results
+                .get(i)
+                .map(|out| String::from_utf8_lossy(out).into_owned())
+        })
+        .collect()
+}
+
+/// The same commands through `apply_into` one by one.
+fn one_by_one(machine: &mut Machine, commands: &[&str]) -> Vec<Result<String, ApplyError>> {
+    commands
+        .iter()
+        .map(|c| {
+            let mut out = Vec::new();
+            machine
+                .apply_into(c.as_bytes(), entry(), &mut out)
+                .map(|()| String::from_utf8_lossy(&out).into_owned())
+        })
+        .collect()
+}
+
+fn successes(machine: &mut Machine) -> u32 {
+    count(machine.query(b"").unwrap())
+}
+
+#[test]
+fn a_batch_applies_every_command_in_one_call_deterministically() {
+    let (mut first, mut second) = (load(&batch_guest()), load(&batch_guest()));
+    for machine in [&mut first, &mut second] {
+        let results = batch(machine, &["a", "bb", "ccc"]);
+        assert_eq!(results, [Ok("a".into()), Ok("bb".into()), Ok("ccc".into())]);
+        assert_eq!(successes(machine), 3);
+    }
+    assert_eq!(first.state_hash(), second.state_hash());
+    // One command is not worth a batch call: it takes the per-command path.
+    let mut single = load(&batch_guest());
+    batch(&mut single, &["a"]);
+    let mut plain = load(&batch_guest());
+    one_by_one(&mut plain, &["a"]);
+    assert_eq!(single.state_hash(), plain.state_hash());
+}
+
+#[test]
+fn a_failing_command_sends_the_whole_batch_down_the_per_command_path() {
+    // Each of these fails the batch call: a trap, a loop out of fuel, a second
+    // `command_done` after the last command, an early return. Then the batch
+    // is rolled back and applied one by one, so results and state are exactly
+    // those of the per-command path.
+    for commands in [
+        &["a", "t", "b"][..],
+        &["a", "l", "b"],
+        &["a", "b", "x"],
+        &["a", "r", "b"],
+    ] {
+        let mut batched = load(&batch_guest());
+        let mut plain = load(&batch_guest());
+        batch(&mut batched, &["warm", "up"]);
+        one_by_one(&mut plain, &["warm", "up"]);
+        let (before_batched, before_plain) = (batched.state_hash(), plain.state_hash());
+        let results = batch(&mut batched, commands);
+        assert_eq!(results, one_by_one(&mut plain, commands), "{commands:?}");
+        assert_eq!(successes(&mut batched) - 2, successes(&mut plain) - 2);
+        // The batch before is kept; what the failed call did is not.
+        let mut replayed = load(&batch_guest());
+        batch(&mut replayed, &["warm", "up"]);
+        assert_eq!(replayed.state_hash(), before_batched);
+        one_by_one(&mut replayed, commands);
+        assert_eq!(replayed.state_hash(), batched.state_hash(), "{commands:?}");
+        assert_ne!(before_plain, plain.state_hash());
+    }
+    let mut machine = load(&batch_guest());
+    let results = batch(&mut machine, &["a", "t", "l"]);
+    assert_eq!(
+        results,
+        [
+            Ok("a".into()),
+            Err(ApplyError::Trap("unreachable")),
+            Err(ApplyError::FuelExhausted)
+        ]
+    );
+}
+
+#[test]
+fn a_rollback_replays_a_batch_with_the_call_it_came_from() {
+    let mut machine = load(&batch_guest());
+    let mut reference = load(&batch_guest());
+    for m in [&mut machine, &mut reference] {
+        batch(m, &["a", "bb"]);
+        batch(m, &["ccc", "dddd", "e"]);
+    }
+    // A failed command rolls back to the last checkpoint and replays the two
+    // batches since; the state must come back bit for bit.
+    assert_eq!(
+        machine.apply(b"trap", entry()),
+        Err(ApplyError::Trap("unreachable"))
+    );
+    assert_eq!(machine.state_hash(), reference.state_hash());
+    assert_eq!(successes(&mut machine), 5);
+}
+
+#[test]
+fn command_done_outside_a_batch_is_a_trap() {
+    let mut machine = load(&batch_guest());
+    let before = machine.state_hash();
+    assert_eq!(
+        machine.apply(b"y", entry()),
+        Err(ApplyError::Trap("command_done outside a batch"))
+    );
+    assert_eq!(machine.state_hash(), before);
+}
+
+#[test]
+fn a_batch_export_without_the_command_done_import_is_refused() {
+    let bytes = guest(
+        r#"(func (export "paxwasm_apply_batch") (param i32 i32))"#,
+        &result(1024, 0),
+    );
+    let error = Machine::load(&bytes, &config()).err().unwrap().to_string();
+    assert!(
+        error.contains("paxwasm_apply_batch") && error.contains("paxwasm.command_done"),
+        "{error}"
+    );
+}

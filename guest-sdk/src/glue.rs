@@ -90,6 +90,24 @@ impl<A: App> Guest<A> {
         &self.output
     }
 
+    /// `paxwasm_apply_batch`: the input holds commands framed as
+    /// `[u32 LE length][bytes]`, applied in order; after each, `done` gets its
+    /// result (the host copies it out and resets the fuel) and answers whether
+    /// to stop there. A malformed frame is a host bug, so it traps.
+    pub fn apply_batch(&mut self, addr: usize, len: usize, mut done: impl FnMut(&[u8]) -> bool) {
+        let app = self.app.get_or_insert_with(new_app);
+        let mut rest = checked_input(&self.input, addr, len);
+        while let Some((command, after)) = next_frame(rest) {
+            reuse(&mut self.output);
+            app.apply_into(command, &mut self.output);
+            if done(&self.output) {
+                break;
+            }
+            rest = after;
+        }
+        self.release_large_input();
+    }
+
     /// `paxwasm_query`.
     pub fn query(&mut self, addr: usize, len: usize) -> &[u8] {
         // The app first: building it installs the panic hook that reports
@@ -166,6 +184,29 @@ fn checked_input(input: &[u8], addr: usize, len: usize) -> &[u8] {
         abi_violation(addr, len);
     }
     &input[..len]
+}
+
+/// The first command of a batch input and the input after it; `None` at the
+/// end. A frame that does not fit is a host bug, so it traps.
+#[inline(always)]
+fn next_frame(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+    if rest.is_empty() {
+        return None;
+    }
+    let Some((header, rest)) = rest.split_first_chunk::<4>() else {
+        bad_frame(rest.len());
+    };
+    let len = u32::from_le_bytes(*header) as usize;
+    if len > rest.len() {
+        bad_frame(rest.len());
+    }
+    Some(rest.split_at(len))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_frame(left: usize) -> ! {
+    panic!("paxwasm ABI violation: a batch frame overruns the input ({left} bytes left)")
 }
 
 /// Out of line, so that the check on every call stays a compare and a branch.
@@ -284,6 +325,21 @@ mod wasm {
             let out = packed(guest.apply(ptr as u32 as usize, len as u32 as usize));
             input.publish(guest);
             out
+        })
+    }
+
+    #[inline]
+    pub fn apply_batch<A: App>(
+        cell: &'static GuestCell<A>,
+        input: &InputBuffer,
+        ptr: i32,
+        len: i32,
+    ) {
+        cell.with(|guest| {
+            guest.apply_batch(ptr as u32 as usize, len as u32 as usize, |out| {
+                crate::host::command_done(out)
+            });
+            input.publish(guest);
         })
     }
 

@@ -25,6 +25,15 @@ pub fn entry_seed() -> u64 {
     imp::entry_seed()
 }
 
+/// Hands the result of one command of a batch to the host (ABI.md, "Batches"),
+/// which copies it out and gives the next command a fresh fuel budget. True
+/// when the host asks the batch to stop after this command. (Natively, tests
+/// drive `glue::Guest::apply_batch` with a callback of their own.)
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn command_done(result: &[u8]) -> bool {
+    imp::command_done(result)
+}
+
 /// Sends panic messages to [`log`] so a trapping guest says why; the trap
 /// itself (and so the command's canonical error) is unchanged.
 pub(crate) fn install_panic_hook() {
@@ -41,6 +50,14 @@ mod imp {
         fn paxwasm_entry_time_ms() -> i64;
         #[link_name = "entry_seed"]
         fn paxwasm_entry_seed() -> i64;
+        #[link_name = "command_done"]
+        fn paxwasm_command_done(ptr: *const u8, len: usize) -> i32;
+    }
+
+    pub fn command_done(result: &[u8]) -> bool {
+        // SAFETY: the host only reads `len` bytes at `ptr`, the live bytes of
+        // `result`; on wasm32 `usize` is the ABI's i32.
+        unsafe { paxwasm_command_done(result.as_ptr(), result.len()) != 0 }
     }
 
     pub fn log(message: &str) {

@@ -165,6 +165,11 @@ macro_rules! __export_core {
         }
 
         #[unsafe(no_mangle)]
+        extern "C" fn paxwasm_apply_batch(ptr: i32, len: i32) {
+            $crate::glue::apply_batch(&$guest, &$input, ptr, len)
+        }
+
+        #[unsafe(no_mangle)]
         extern "C" fn paxwasm_query(ptr: i32, len: i32) -> i64 {
             $crate::glue::query(&$guest, &$input, ptr, len)
         }

@@ -6,9 +6,10 @@ use wasmtime::{
 };
 
 use super::module::{
-    CheckedModule, GlobalKind, EXPORT_ALLOC, EXPORT_APPLY, EXPORT_EXPORT_STATE,
+    CheckedModule, GlobalKind, EXPORT_ALLOC, EXPORT_APPLY, EXPORT_APPLY_BATCH, EXPORT_EXPORT_STATE,
     EXPORT_IMPORT_STATE, EXPORT_INIT, EXPORT_INPUT_BUFFER, EXPORT_MEMORY, EXPORT_QUERY,
-    IMPORT_ENTRY_SEED, IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE, START_EXPORT,
+    IMPORT_COMMAND_DONE, IMPORT_ENTRY_SEED, IMPORT_ENTRY_TIME_MS, IMPORT_LOG, IMPORT_MODULE,
+    START_EXPORT,
 };
 use super::snapshot::GlobalValue;
 use super::{ApplyError, EntryContext, GuestLog};
@@ -31,6 +32,28 @@ pub struct HostState {
     /// it caches. Cleared by the instance.
     pub memory_grew: bool,
     pub log: GuestLog,
+    /// Set only during a `paxwasm_apply_batch` call: what `command_done` needs.
+    pub batch: Option<BatchRun>,
+}
+
+/// The host's side of one `paxwasm_apply_batch` call (ABI.md, "Batches").
+pub struct BatchRun {
+    /// Commands in the batch: `command_done` answers "stop" after the last one
+    /// and traps if called again.
+    pub commands: usize,
+    pub budget: u64,
+    pub output_bytes_max: usize,
+    pub memory: Memory,
+    pub output: BatchOutput,
+}
+
+/// What the commands of a batch call produced so far.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// Their outputs, back to back.
+    pub out: Vec<u8>,
+    /// Per command done: where its output ends in `out`, and the fuel it used.
+    pub done: Vec<(usize, u64)>,
 }
 
 impl ResourceLimiter for HostState {
@@ -115,6 +138,47 @@ pub fn linker(engine: &wasmtime::Engine) -> Linker<HostState> {
         )
         .expect("defining paxwasm.entry_seed");
     linker
+        .func_wrap(IMPORT_MODULE, IMPORT_COMMAND_DONE, command_done)
+        .expect("defining paxwasm.command_done");
+    linker
+}
+
+/// `paxwasm.command_done(ptr, len) -> stop`: one command of a batch is done and its
+/// output is at `ptr`. Copies the output out, notes the fuel the command used and
+/// gives the next command a fresh budget, as the per-command path does between
+/// calls. Traps (failing the whole batch, which the machine then applies command
+/// by command) outside a batch, after the last command, or on an output that is
+/// too large or outside memory.
+fn command_done(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    let fuel_left = caller.get_fuel()?;
+    let Some(run) = caller.data_mut().batch.as_mut() else {
+        return Err(wasmtime::Error::new(HostTrap(
+            "command_done outside a batch",
+        )));
+    };
+    if run.output.done.len() >= run.commands {
+        return Err(wasmtime::Error::new(HostTrap(
+            "command_done after the last command of the batch",
+        )));
+    }
+    if len as u32 as usize > run.output_bytes_max {
+        return Err(wasmtime::Error::new(HostTrap("output too large")));
+    }
+    let (budget, memory) = (run.budget, run.memory);
+    let (data, host) = memory.data_and_store_mut(&mut caller);
+    let run = host.batch.as_mut().expect("checked above");
+    let Some(output) = guest_slice(data, ptr as u32, len as u32) else {
+        return Err(wasmtime::Error::new(HostTrap(
+            "out of bounds memory access",
+        )));
+    };
+    let done = &mut run.output;
+    done.out.extend_from_slice(output);
+    done.done.push((done.out.len(), budget - fuel_left));
+    let stop = done.done.len() == run.commands;
+    host.memory_refused = false;
+    caller.set_fuel(budget)?;
+    Ok(i32::from(stop))
 }
 
 fn guest_slice(memory: &[u8], ptr: u32, len: u32) -> Option<&[u8]> {
@@ -157,6 +221,7 @@ pub struct Instance {
     start: Option<TypedFunc<(), ()>>,
     export_state: Option<TypedFunc<(), i64>>,
     import_state: Option<TypedFunc<(i32, i32), ()>>,
+    apply_batch: Option<TypedFunc<(i32, i32), ()>>,
     /// Address of the guest's input descriptor, if it exports one
     /// (`paxwasm_input_buffer`, an immutable global: read once).
     input_descriptor: Option<u32>,
@@ -245,6 +310,10 @@ impl Instance {
             import_state: optional(
                 checked.has_import_state,
                 instance.get_typed_func(&mut store, EXPORT_IMPORT_STATE),
+            )?,
+            apply_batch: optional(
+                checked.has_apply_batch,
+                instance.get_typed_func(&mut store, EXPORT_APPLY_BATCH),
             )?,
             memory,
             globals,
@@ -387,6 +456,57 @@ impl Instance {
         .map_err(|e| self.canonical(e))?;
         self.read_output(packed, output_bytes_max, out)?;
         Ok(self.fuel_used(fuel))
+    }
+
+    /// Whether the module takes batches (`paxwasm_apply_batch`).
+    pub fn takes_batches(&self) -> bool {
+        self.apply_batch.is_some()
+    }
+
+    /// Runs `paxwasm_apply_batch` on `frames`, `commands` commands framed as
+    /// `[u32 LE length][bytes]`, each with a budget of `fuel`, into `output`
+    /// (cleared first). `Ok` only when the guest did every
+    /// command and returned: anything else fails the whole batch, and what the
+    /// call wrote must be rolled back.
+    pub fn call_batch(
+        &mut self,
+        frames: &[u8],
+        commands: usize,
+        entry: EntryContext,
+        fuel: u64,
+        output_bytes_max: usize,
+        output: &mut BatchOutput,
+    ) -> Result<(), ApplyError> {
+        let apply_batch = self
+            .apply_batch
+            .clone()
+            .ok_or(ApplyError::MissingExport(EXPORT_APPLY_BATCH))?;
+        self.begin(entry, fuel);
+        let ptr = self.write_input(frames)?;
+        output.out.clear();
+        output.done.clear();
+        self.store.data_mut().batch = Some(BatchRun {
+            commands,
+            budget: fuel,
+            output_bytes_max,
+            memory: self.memory,
+            output: std::mem::take(output),
+        });
+        let called = apply_batch.call(&mut self.store, (ptr as i32, frames.len() as i32));
+        *output = self
+            .store
+            .data_mut()
+            .batch
+            .take()
+            .expect("set above")
+            .output;
+        called.map_err(|e| self.canonical(e))?;
+        if output.done.len() != commands {
+            return Err(ApplyError::Trap(
+                "paxwasm_apply_batch returned before the last command",
+            ));
+        }
+        Ok(())
     }
 
     /// Puts `input` into guest memory and returns its address: into the

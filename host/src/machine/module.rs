@@ -36,11 +36,15 @@ pub const EXPORT_IMPORT_STATE: &str = "paxwasm_import_state";
 /// Optional immutable i32 global: the address of the guest's input
 /// descriptor (ABI.md, "Input buffer"), which lets the host skip
 /// `paxwasm_alloc` when the input fits the buffer it names.
+/// Optional: applies a batch of framed commands, handing each result to
+/// `IMPORT_COMMAND_DONE` (ABI.md, "Batches").
+pub const EXPORT_APPLY_BATCH: &str = "paxwasm_apply_batch";
 pub const EXPORT_INPUT_BUFFER: &str = "paxwasm_input_buffer";
 
 pub const IMPORT_LOG: &str = "log";
 pub const IMPORT_ENTRY_TIME_MS: &str = "entry_time_ms";
 pub const IMPORT_ENTRY_SEED: &str = "entry_seed";
+pub const IMPORT_COMMAND_DONE: &str = "command_done";
 
 /// Wasm page size in bytes (the only page size allowed: custom page sizes are off).
 pub const WASM_PAGE_BYTES: u64 = 65_536;
@@ -127,6 +131,8 @@ pub struct CheckedModule {
     pub has_export_state: bool,
     pub has_import_state: bool,
     pub has_input_buffer: bool,
+    /// Exports `paxwasm_apply_batch` (and so imports `paxwasm.command_done`).
+    pub has_apply_batch: bool,
 }
 
 /// Why a module was refused at load.
@@ -195,6 +201,7 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
     let mut types: Vec<Option<FuncType>> = Vec::new();
     let mut func_types: Vec<u32> = Vec::new(); // type index per function (imports first)
     let mut imported_funcs = 0u32;
+    let mut imports_command_done = false;
     let mut memories = 0u32;
     let mut global_kinds = Vec::new();
     let mut global_indices = Vec::new();
@@ -238,9 +245,13 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
                         IMPORT_ENTRY_TIME_MS | IMPORT_ENTRY_SEED => {
                             expect_signature(&format!("import `{name}`"), ty, &[], &[ValType::I64])?
                         }
+                        IMPORT_COMMAND_DONE => {
+                            expect_signature(&format!("import `{name}`"), ty, &[ValType::I32, ValType::I32], &[ValType::I32])?;
+                            imports_command_done = true;
+                        }
                         _ => {
                             return refuse(format!(
-                                "import `{name}` is unknown: the host offers only `{IMPORT_LOG}`, `{IMPORT_ENTRY_TIME_MS}` and `{IMPORT_ENTRY_SEED}`"
+                                "import `{name}` is unknown: the host offers only `{IMPORT_LOG}`, `{IMPORT_ENTRY_TIME_MS}`, `{IMPORT_ENTRY_SEED}` and `{IMPORT_COMMAND_DONE}`"
                             ))
                         }
                     }
@@ -366,6 +377,12 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
     let has_init = export_func(EXPORT_INIT, false, &[], &[])?;
     let has_export_state = export_func(EXPORT_EXPORT_STATE, false, &[], &[I64])?;
     let has_import_state = export_func(EXPORT_IMPORT_STATE, false, &[I32, I32], &[])?;
+    let has_apply_batch = export_func(EXPORT_APPLY_BATCH, false, &[I32, I32], &[])?;
+    if has_apply_batch && !imports_command_done {
+        return refuse(format!(
+            "export `{EXPORT_APPLY_BATCH}` needs import `{IMPORT_MODULE}.{IMPORT_COMMAND_DONE}`: a batch hands each result to it"
+        ));
+    }
     let has_input_buffer = match find(EXPORT_INPUT_BUFFER) {
         None => false,
         Some((_, ExternalKind::Global, index))
@@ -397,6 +414,7 @@ pub fn check(bytes: &[u8], config: &MachineConfig) -> Result<CheckedModule, Load
         has_export_state,
         has_import_state,
         has_input_buffer,
+        has_apply_batch,
     })
 }
 
