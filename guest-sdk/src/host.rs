@@ -30,6 +30,7 @@ pub fn entry_seed() -> u64 {
 /// when the host asks the batch to stop after this command. (Natively, tests
 /// drive `glue::Guest::apply_batch` with a callback of their own.)
 #[cfg(target_arch = "wasm32")]
+#[inline(always)]
 pub(crate) fn command_done(result: &[u8]) -> bool {
     imp::command_done(result)
 }
@@ -54,6 +55,7 @@ mod imp {
         fn paxwasm_command_done(ptr: *const u8, len: usize) -> i32;
     }
 
+    #[inline(always)]
     pub fn command_done(result: &[u8]) -> bool {
         // SAFETY: the host only reads `len` bytes at `ptr`, the live bytes of
         // `result`; on wasm32 `usize` is the ABI's i32.

@@ -27,12 +27,13 @@
 //! for a run under `valgrind --tool=callgrind`. `PAXWASM_BENCH_GUESTS=DIR`
 //! takes the example modules from `DIR/<name>.wasm` instead of building them
 //! (to compare guests built from another commit against this host).
+//! `PAXWASM_BENCH_BATCH=N` runs kv's batch figure for batches of N only.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use paxwasm::examples::example_module;
-use paxwasm::machine::{EntryContext, Machine, MachineConfig, HASH_LEAF_BYTES};
+use paxwasm::machine::{BatchResults, EntryContext, Machine, MachineConfig, HASH_LEAF_BYTES};
 use paxwasm_guest::App;
 use sha2::{Digest, Sha256};
 
@@ -369,6 +370,9 @@ fn bare_wasmtime(bytes: &[u8], commands: &[Vec<u8>], n: u64, fuel: bool, rounds:
         .func_wrap("paxwasm", "entry_time_ms", || 0i64)
         .unwrap();
     linker.func_wrap("paxwasm", "entry_seed", || 0i64).unwrap();
+    linker
+        .func_wrap("paxwasm", "command_done", |_: i32, _: i32| 0i32)
+        .unwrap();
     let mut store = Store::new(&engine, ());
     if fuel {
         store.set_fuel(u64::MAX).unwrap();
@@ -436,6 +440,42 @@ fn bench_kv(config: &MachineConfig, scale: Scale) {
         1e3 / wasm, native / wasm);
     println!("kv paired rounds (machine and native alternated, {} pairs): native/wasm speed ratio median {median:.3}, lowest {lowest:.3}, highest {highest:.3}",
         2 * scale.apply_rounds.max(1));
+    // The node applies the commands of one log entry with one `apply_batch`;
+    // under load an entry holds tens of commands.
+    let refs: Vec<&[u8]> = commands.iter().map(Vec::as_slice).collect();
+    let mut results = BatchResults::default();
+    // `PAXWASM_BENCH_BATCH=N` measures batches of N only (for callgrind).
+    let sizes = match std::env::var("PAXWASM_BENCH_BATCH") {
+        Ok(size) => vec![size.parse().expect("PAXWASM_BENCH_BATCH is a batch size")],
+        Err(_) => vec![1, 4, 16, 64],
+    };
+    for size in sizes {
+        let batched = best(scale.apply_rounds, || {
+            machine_batch_round(&mut machine, &refs, size, n * 10, &mut results)
+        });
+        println!("kv apply in batches of {size} (Machine::apply_batch): machine {batched:.0} ns/command, native/wasm speed ratio {:.2} (native above)",
+            native / batched);
+    }
+}
+
+/// ns per command of `apply_batch` over groups of `size` consecutive commands,
+/// round robin, `n` commands in all.
+#[inline(never)]
+fn machine_batch_round(
+    machine: &mut Machine,
+    commands: &[&[u8]],
+    size: usize,
+    n: u64,
+    results: &mut BatchResults,
+) -> f64 {
+    let batches = (n as usize).div_ceil(size);
+    let groups: Vec<&[&[u8]]> = commands.chunks(size).collect();
+    let started = Instant::now();
+    for i in 0..batches {
+        machine.apply_batch(groups[i % groups.len()], EntryContext::default(), results);
+        black_box(&*results);
+    }
+    ns_per(started.elapsed(), (batches * size) as u64)
 }
 
 fn bench_query(config: &MachineConfig, scale: Scale) {

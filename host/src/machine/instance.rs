@@ -44,8 +44,19 @@ pub struct BatchRun {
     pub budget: u64,
     pub output_bytes_max: usize,
     pub memory: Memory,
+    /// The memory's base address and its size when the call began (re-read
+    /// after a growth): `command_done` reads outputs without wasmtime's store
+    /// lookup, as `Instance::guest_memory` does.
+    pub memory_base: *const u8,
+    pub memory_size: usize,
     pub output: BatchOutput,
 }
+
+// SAFETY: `memory_base` points into the linear memory of the store this run is
+// the host data of; it is dereferenced only by `command_done`, on the thread
+// running that store's batch call, and the run is taken out of the store before
+// the call returns. (`ResourceLimiter` asks the host data to be `Send`.)
+unsafe impl Send for BatchRun {}
 
 /// What the commands of a batch call produced so far.
 #[derive(Debug, Default)]
@@ -151,31 +162,48 @@ pub fn linker(engine: &wasmtime::Engine) -> Linker<HostState> {
 /// too large or outside memory.
 fn command_done(mut caller: Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
     let fuel_left = caller.get_fuel()?;
-    let Some(run) = caller.data_mut().batch.as_mut() else {
+    let host = caller.data();
+    let Some(run) = host.batch.as_ref() else {
         return Err(wasmtime::Error::new(HostTrap(
             "command_done outside a batch",
         )));
     };
+    let (memory, grew) = (run.memory, host.memory_grew);
+    // The limiter approved a growth during this call: the size is read again
+    // (the flag stays set for the instance, which caches the size too).
+    let grown_size = grew.then(|| memory.data_size(&caller));
+    let host = caller.data_mut();
+    let run = host.batch.as_mut().expect("checked above");
+    if let Some(size) = grown_size {
+        run.memory_size = size;
+    }
     if run.output.done.len() >= run.commands {
         return Err(wasmtime::Error::new(HostTrap(
             "command_done after the last command of the batch",
         )));
     }
-    if len as u32 as usize > run.output_bytes_max {
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    if len > run.output_bytes_max {
         return Err(wasmtime::Error::new(HostTrap("output too large")));
     }
-    let (budget, memory) = (run.budget, run.memory);
-    let (data, host) = memory.data_and_store_mut(&mut caller);
-    let run = host.batch.as_mut().expect("checked above");
-    let Some(output) = guest_slice(data, ptr as u32, len as u32) else {
+    if start
+        .checked_add(len)
+        .is_none_or(|end| end > run.memory_size)
+    {
         return Err(wasmtime::Error::new(HostTrap(
             "out of bounds memory access",
         )));
-    };
+    }
+    // SAFETY: `memory_base` and `memory_size` describe this instance's linear
+    // memory as it is now (memory never moves, and a growth was accounted for
+    // above); the range was checked to lie inside it; no other reference into
+    // memory is alive while the host function runs.
+    let output = unsafe { std::slice::from_raw_parts(run.memory_base.add(start), len) };
     let done = &mut run.output;
     done.out.extend_from_slice(output);
-    done.done.push((done.out.len(), budget - fuel_left));
+    done.done.push((done.out.len(), run.budget - fuel_left));
     let stop = done.done.len() == run.commands;
+    let budget = run.budget;
     host.memory_refused = false;
     caller.set_fuel(budget)?;
     Ok(i32::from(stop))
@@ -231,7 +259,8 @@ pub struct Instance {
 // SAFETY: `memory_base` (the one field that is not `Send` by itself) points
 // into the memory owned by `store`, which moves along with it; it is only
 // dereferenced through `&mut self` (`guest_memory`), so no two threads can use
-// it at once.
+// it at once. The store's `HostState::batch` holds the same pointer only while
+// `call_batch` runs (it is taken out before that returns).
 unsafe impl Send for Instance {}
 
 /// Bytes of the input descriptor: buffer address (u32 LE), capacity (u32 LE).
@@ -490,6 +519,8 @@ impl Instance {
             budget: fuel,
             output_bytes_max,
             memory: self.memory,
+            memory_base: self.memory_base,
+            memory_size: self.memory_size,
             output: std::mem::take(output),
         });
         let called = apply_batch.call(&mut self.store, (ptr as i32, frames.len() as i32));
