@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::machine::{EntryContext, Machine, MachineConfig, Migration};
+use crate::machine::{BatchResults, EntryContext, Machine, MachineConfig, Migration};
 use crate::paxos::{ApplyContext, StateMachine, Value, STALE_RESULT};
 
 use super::handle::ModuleEvent;
@@ -170,6 +170,8 @@ pub struct WasmApp {
     addresses: AddressBook,
     /// Bumped when the address book changes, so the runtime re-points the transport.
     pub addresses_version: u64,
+    /// Reused by `apply_all` (its buffers keep their capacity).
+    batch_results: BatchResults,
 }
 
 /// What a snapshot takes from the application at one slot.
@@ -199,6 +201,7 @@ impl WasmApp {
             version: 0,
             addresses: AddressBook::default(),
             addresses_version: 0,
+            batch_results: BatchResults::default(),
         }
     }
 
@@ -625,6 +628,48 @@ impl StateMachine for WasmApp {
         };
         result.encode()
     }
+
+    /// Runs of consecutive commands go to the machine with one `apply_batch` (one
+    /// guest call per run when the module takes batches); everything else goes
+    /// through `apply`. The runs follow from the slot's payloads alone.
+    fn apply_all(
+        &mut self,
+        payloads: &[&[u8]],
+        context: &ApplyContext,
+        results: &mut Vec<Vec<u8>>,
+    ) {
+        let mut rest = payloads;
+        while let Some((&first, after_first)) = rest.split_first() {
+            let commands = rest
+                .iter()
+                .take_while(|payload| payload.first() == Some(&ENVELOPE_COMMAND))
+                .count();
+            let Some(machine) = self.machine.as_mut().filter(|_| commands > 0) else {
+                results.push(self.apply(first, context));
+                rest = after_first;
+                continue;
+            };
+            let (run, after) = rest.split_at(commands);
+            let bodies: Vec<&[u8]> = run.iter().map(|payload| &payload[1..]).collect();
+            let entry = EntryContext {
+                time_ms: context.timestamp_ms as i64,
+                seed: context.seed,
+            };
+            machine.apply_batch(&bodies, entry, &mut self.batch_results);
+            for i in 0..bodies.len() {
+                results.push(match self.batch_results.get(i) {
+                    Ok(output) => {
+                        let mut result = Vec::with_capacity(1 + output.len());
+                        result.push(RESULT_OUTPUT);
+                        result.extend_from_slice(output);
+                        result
+                    }
+                    Err(error) => AppResult::Rejected(error.to_string()).encode(),
+                });
+            }
+            rest = after;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -710,6 +755,70 @@ mod tests {
         assert_eq!(result, AppResult::Output(b"OK".to_vec()).encode());
         let result = app.apply(&command_envelope(b"get a"), &context);
         assert_eq!(AppResult::decode(&result), AppResult::Output(b"1".to_vec()));
+    }
+
+    /// A slot's payloads through `apply_all` (runs of commands in one guest call)
+    /// and one by one: the same results, envelopes between commands included, and
+    /// the same answers afterwards; two apps fed alike reach the same state hash.
+    #[test]
+    fn apply_all_gives_the_results_of_apply_one_by_one() {
+        let kv = example("kv");
+        let address = members::address_envelope(
+            4,
+            &members::Address {
+                peer: "127.0.0.1:7104".parse().unwrap(),
+                http: "127.0.0.1:7004".into(),
+            },
+        );
+        let slots: Vec<Vec<Vec<u8>>> = vec![
+            // Before any module: every command answers NoModule.
+            vec![
+                command_envelope(b"put early 1"),
+                command_envelope(b"get early"),
+            ],
+            vec![install_envelope(&kv, false)],
+            vec![
+                command_envelope(b"put a 1"),
+                command_envelope(b"put b 2"),
+                command_envelope(b"cas a 1 10"),
+                address,
+                command_envelope(b"get a"),
+                vec![99, 1, 2],
+                command_envelope(b"append b 3"),
+                command_envelope(b"nonsense"),
+                command_envelope(b"get b"),
+            ],
+            vec![command_envelope(b"del a")],
+        ];
+        let (mut grouped, mut again, mut single) = (
+            WasmApp::new(MachineConfig::default()),
+            WasmApp::new(MachineConfig::default()),
+            WasmApp::new(MachineConfig::default()),
+        );
+        for (n, payloads) in slots.iter().enumerate() {
+            let context = ctx(n as u64 + 1);
+            let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let (mut results, mut results_again) = (Vec::new(), Vec::new());
+            grouped.apply_all(&payloads, &context, &mut results);
+            again.apply_all(&payloads, &context, &mut results_again);
+            let expected: Vec<Vec<u8>> = payloads
+                .iter()
+                .map(|payload| single.apply(payload, &context))
+                .collect();
+            assert_eq!(results, expected, "slot {}", n + 1);
+            assert_eq!(results_again, expected);
+        }
+        for query in [&b"get a"[..], b"get b"] {
+            assert_eq!(
+                grouped.machine.as_mut().unwrap().query(query),
+                single.machine.as_mut().unwrap().query(query)
+            );
+        }
+        assert_eq!(grouped.state_hash_bytes(), again.state_hash_bytes());
+        let stats = grouped.machine.as_ref().unwrap().batch_stats();
+        // Runs of three: a, b, cas and append, nonsense, get b (`get a` alone takes
+        // the per-command path).
+        assert_eq!((stats.calls, stats.fallbacks), (2, 0), "{stats:?}");
     }
 
     #[test]

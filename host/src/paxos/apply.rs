@@ -2,8 +2,10 @@
 //! duplicate commands through the dedup table, and collects the results this replica
 //! owes its own clients (commands whose `Origin` is this node).
 
+use std::collections::BTreeSet;
+
 use super::dedup::{DedupCheck, DedupTable};
-use super::types::{NodeId, Origin, RequestId, Slot, Value};
+use super::types::{Command, NodeId, Origin, RequestId, Slot, Value};
 
 /// Context every replica sees identically for a command: from the log, never from
 /// the local clock.
@@ -18,6 +20,22 @@ pub struct ApplyContext {
 /// the simulator).
 pub trait StateMachine {
     fn apply(&mut self, payload: &[u8], context: &ApplyContext) -> Vec<u8>;
+
+    /// Applies `payloads` in order, all from one slot, pushing one result each to
+    /// `results`, exactly as `apply` one by one would. A machine may take them in one
+    /// go (the Wasm machine crosses into the guest once); the applier hands it
+    /// groups chosen by the log alone (see `Applier::apply`), so every replica
+    /// groups alike.
+    fn apply_all(
+        &mut self,
+        payloads: &[&[u8]],
+        context: &ApplyContext,
+        results: &mut Vec<Vec<u8>>,
+    ) {
+        for payload in payloads {
+            results.push(self.apply(payload, context));
+        }
+    }
 }
 
 /// Why an exported applier state could not be imported.
@@ -128,24 +146,85 @@ impl<M: StateMachine> Applier<M> {
             timestamp_ms: self.clock_ms,
             seed: batch.seed,
         };
-        for command in &batch.commands {
-            let result = match command.idempotency_key {
-                None => self.machine.apply(&command.payload, &context),
-                Some(key) => match self.dedup.check(key) {
-                    DedupCheck::Duplicate(result) => result.to_vec(),
-                    DedupCheck::Stale => STALE_RESULT.to_vec(),
-                    DedupCheck::New => {
-                        let result = self.machine.apply(&command.payload, &context);
-                        self.dedup.record(key, slot, result.clone());
-                        result
-                    }
-                },
+        // The commands to apply go to the machine in groups (`apply_all`), with the
+        // same outcome as one by one. The dedup records of a group are made after
+        // it, so no check inside a group may depend on them: a group never holds
+        // two commands of one client (a record touches its own client's entry),
+        // and a command whose record evicts another client's entry (the table is
+        // at its bound) goes alone. The grouping depends on the slot and the dedup
+        // table alone, both the same on every replica. Checked against one by one
+        // in `grouped_apply_gives_the_results_of_one_command_at_a_time`.
+        let commands = &batch.commands;
+        let mut results: Vec<Option<Vec<u8>>> = vec![None; commands.len()];
+        let mut group: Vec<usize> = Vec::new();
+        let mut group_clients: BTreeSet<u64> = BTreeSet::new();
+        // Clients of the group the dedup table does not know yet: the entries its
+        // records will add.
+        let mut group_new_clients = 0;
+        for (i, command) in commands.iter().enumerate() {
+            let Some(key) = command.idempotency_key else {
+                group.push(i);
+                continue;
             };
+            let could_evict = !self.dedup.knows_client(key.client)
+                && self.dedup.clients() + group_new_clients + 1 > self.dedup.clients_max();
+            if group_clients.contains(&key.client) || could_evict {
+                self.apply_group(slot, &context, commands, &mut group, &mut results);
+                group_clients.clear();
+                group_new_clients = 0;
+            }
+            match self.dedup.check(key) {
+                DedupCheck::New => {
+                    group_new_clients += usize::from(!self.dedup.knows_client(key.client));
+                    group.push(i);
+                    group_clients.insert(key.client);
+                    if self.dedup.clients() + group_new_clients > self.dedup.clients_max() {
+                        // Its record evicts another client's entry, which the check
+                        // of any later command may need gone: it goes alone.
+                        self.apply_group(slot, &context, commands, &mut group, &mut results);
+                        group_clients.clear();
+                        group_new_clients = 0;
+                    }
+                }
+                DedupCheck::Duplicate(result) => results[i] = Some(result.to_vec()),
+                DedupCheck::Stale => results[i] = Some(STALE_RESULT.to_vec()),
+            }
+        }
+        self.apply_group(slot, &context, commands, &mut group, &mut results);
+        for (command, result) in commands.iter().zip(results) {
+            let result = result.expect("every command has a result");
             if command.origin.node == self.node {
                 replies.push((command.origin.request, result));
             } else if self.collect_remote {
                 self.remote_results.push((command.origin, slot, result));
             }
         }
+    }
+
+    /// Applies the commands of `group` (indices into `commands`, in order) with one
+    /// `apply_all`, records each keyed result in the dedup table, puts every result
+    /// in `results`, and empties `group`.
+    fn apply_group(
+        &mut self,
+        slot: Slot,
+        context: &ApplyContext,
+        commands: &[Command],
+        group: &mut Vec<usize>,
+        results: &mut [Option<Vec<u8>>],
+    ) {
+        if group.is_empty() {
+            return;
+        }
+        let payloads: Vec<&[u8]> = group.iter().map(|&i| &commands[i].payload[..]).collect();
+        let mut outputs = Vec::with_capacity(group.len());
+        self.machine.apply_all(&payloads, context, &mut outputs);
+        assert_eq!(outputs.len(), group.len(), "one result per command");
+        for (&i, output) in group.iter().zip(outputs) {
+            if let Some(key) = commands[i].idempotency_key {
+                self.dedup.record(key, slot, output.clone());
+            }
+            results[i] = Some(output);
+        }
+        group.clear();
     }
 }

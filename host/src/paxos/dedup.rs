@@ -94,6 +94,11 @@ impl DedupTable {
         self.latest.len()
     }
 
+    /// Whether the table holds an entry for `client`.
+    pub fn knows_client(&self, client: u64) -> bool {
+        self.latest.contains_key(&client)
+    }
+
     pub fn clients_max(&self) -> usize {
         self.clients_max
     }

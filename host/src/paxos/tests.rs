@@ -1897,3 +1897,124 @@ fn learner_without_a_leader_asks_what_was_chosen_and_any_replica_answers() {
         vec![Action::SendSnapshot { to: 4, slot: 1 }]
     );
 }
+
+/// A state machine that numbers what it applies and remembers the groups
+/// `apply_all` got.
+#[derive(Default)]
+struct Grouping {
+    applied: u64,
+    log: Vec<Vec<u8>>,
+    groups: Vec<usize>,
+}
+
+impl StateMachine for Grouping {
+    fn apply(&mut self, payload: &[u8], _context: &ApplyContext) -> Vec<u8> {
+        self.applied += 1;
+        self.log.push(payload.to_vec());
+        let mut result = payload.to_vec();
+        result.extend_from_slice(&self.applied.to_le_bytes());
+        result
+    }
+
+    fn apply_all(
+        &mut self,
+        payloads: &[&[u8]],
+        context: &ApplyContext,
+        results: &mut Vec<Vec<u8>>,
+    ) {
+        self.groups.push(payloads.len());
+        for payload in payloads {
+            results.push(self.apply(payload, context));
+        }
+    }
+}
+
+/// The applier's loop before commands were grouped: check, apply, record, one
+/// command at a time. The reference the grouped applier must equal.
+fn apply_one_by_one(
+    dedup: &mut DedupTable,
+    machine: &mut Grouping,
+    slot: Slot,
+    batch: &Batch,
+) -> Vec<(RequestId, Vec<u8>)> {
+    let context = ApplyContext {
+        slot,
+        timestamp_ms: batch.timestamp_ms,
+        seed: batch.seed,
+    };
+    let mut replies = Vec::new();
+    for command in &batch.commands {
+        let result = match command.idempotency_key {
+            None => machine.apply(&command.payload, &context),
+            Some(key) => match dedup.check(key) {
+                DedupCheck::Duplicate(result) => result.to_vec(),
+                DedupCheck::Stale => STALE_RESULT.to_vec(),
+                DedupCheck::New => {
+                    let result = machine.apply(&command.payload, &context);
+                    dedup.record(key, slot, result.clone());
+                    result
+                }
+            },
+        };
+        replies.push((command.origin.request, result));
+    }
+    replies
+}
+
+/// Random slots of keyed commands (new, repeated and stale sequence numbers, many
+/// clients against a small dedup bound, so entries are evicted) and unkeyed ones:
+/// the grouped applier gives every reply, applies every command in the same order
+/// and ends with the same dedup table as one command at a time.
+#[test]
+fn grouped_apply_gives_the_results_of_one_command_at_a_time() {
+    let mut grouped_calls = 0;
+    for seed in 0..300u64 {
+        let mut rng = SplitMix64::new(seed);
+        let clients_max = 1 + (rng.next_u64() % 6) as usize;
+        let mut applier = Applier::new(1, Grouping::default());
+        applier.dedup = DedupTable::new(clients_max);
+        let (mut dedup, mut machine) = (DedupTable::new(clients_max), Grouping::default());
+        let mut seqs: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut request = 0;
+        for slot in 1..=25 {
+            let commands = (0..rng.next_u64() % 12)
+                .map(|_| {
+                    request += 1;
+                    let client = rng.next_u64() % 8;
+                    let last = seqs.entry(client).or_insert(0);
+                    let idempotency_key = match rng.next_u64() % 5 {
+                        0 => None,
+                        1 if *last > 0 => Some(*last),     // a retry
+                        2 if *last > 1 => Some(*last - 1), // stale
+                        _ => {
+                            *last += 1;
+                            Some(*last)
+                        }
+                    }
+                    .map(|seq| IdempotencyKey { client, seq });
+                    Command {
+                        payload: format!("c{request}").into_bytes(),
+                        idempotency_key,
+                        origin: Origin { node: 1, request },
+                    }
+                })
+                .collect();
+            let batch = Batch {
+                commands,
+                timestamp_ms: 0,
+                seed: 0,
+            };
+            let expected = apply_one_by_one(&mut dedup, &mut machine, slot, &batch);
+            let mut replies = Vec::new();
+            applier.apply(slot, &Value::Batch(Arc::new(batch)), &mut replies);
+            assert_eq!(replies, expected, "seed {seed} slot {slot}");
+            assert_eq!(applier.dedup, dedup, "seed {seed} slot {slot}");
+        }
+        assert_eq!(applier.machine.log, machine.log, "seed {seed}");
+        grouped_calls += applier.machine.groups.iter().filter(|&&n| n > 1).count();
+    }
+    assert!(
+        grouped_calls > 1000,
+        "groups of two or more: {grouped_calls}"
+    );
+}
