@@ -110,6 +110,7 @@ fn expected_functions(example: &str) -> BTreeMap<String, Sig> {
         ("paxwasm_apply".to_owned(), sig(&[I32, I32], &[I64])),
         ("paxwasm_query".to_owned(), sig(&[I32, I32], &[I64])),
         ("paxwasm_init".to_owned(), sig(&[], &[])),
+        ("paxwasm_apply_batch".to_owned(), sig(&[I32, I32], &[])),
     ]);
     let migrates = match example {
         "kv" | "kv_v2" => true,
@@ -138,6 +139,10 @@ fn every_example_builds_and_keeps_the_abi() {
         (
             ("paxwasm".to_owned(), "entry_seed".to_owned()),
             sig(&[], &[I64]),
+        ),
+        (
+            ("paxwasm".to_owned(), "command_done".to_owned()),
+            sig(&[I32, I32], &[I32]),
         ),
     ]);
     // rustc always exports these two immutable linker globals for

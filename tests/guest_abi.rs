@@ -16,6 +16,10 @@ struct HostState {
     time_ms: i64,
     seed: i64,
     log: Vec<String>,
+    /// The outputs `command_done` got during a batch call.
+    done: Vec<Vec<u8>>,
+    /// `command_done` answers "stop" once this many commands are done.
+    stop_after: usize,
 }
 
 struct Guest {
@@ -55,6 +59,20 @@ impl Guest {
             .func_wrap("paxwasm", "entry_seed", |caller: Caller<'_, HostState>| {
                 caller.data().seed
             })
+            .unwrap();
+        linker
+            .func_wrap(
+                "paxwasm",
+                "command_done",
+                |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> i32 {
+                    let memory = caller.get_export("memory").unwrap().into_memory().unwrap();
+                    let bytes =
+                        memory.data(&caller)[ptr as u32 as usize..][..len as u32 as usize].to_vec();
+                    let host = caller.data_mut();
+                    host.done.push(bytes);
+                    i32::from(host.done.len() >= host.stop_after)
+                },
+            )
             .unwrap();
         let mut store = Store::new(engine, HostState::default());
         let instance = linker.instantiate(&mut store, &module).unwrap();
@@ -106,6 +124,28 @@ impl Guest {
             .call_with_input("paxwasm_apply", cmd.as_bytes())
             .unwrap();
         String::from_utf8(self.read_packed(packed)).unwrap()
+    }
+
+    /// `paxwasm_apply_batch` over `commands`, `command_done` answering "stop"
+    /// after `stop_after` of them: the outputs it got.
+    fn apply_batch(&mut self, commands: &[&str], stop_after: usize) -> Vec<String> {
+        let mut frames = Vec::new();
+        for command in commands {
+            frames.extend_from_slice(&(command.len() as u32).to_le_bytes());
+            frames.extend_from_slice(command.as_bytes());
+        }
+        self.store.data_mut().done.clear();
+        self.store.data_mut().stop_after = stop_after;
+        let (ptr, len) = self.write_input(&frames);
+        self.func::<(i32, i32), ()>("paxwasm_apply_batch")
+            .call(&mut self.store, (ptr, len))
+            .unwrap();
+        self.store
+            .data_mut()
+            .done
+            .drain(..)
+            .map(|out| String::from_utf8(out).unwrap())
+            .collect()
     }
 
     fn query(&mut self, query: &str) -> String {
@@ -401,4 +441,19 @@ fn the_input_descriptor_names_a_buffer_the_guest_accepts_without_alloc() {
     assert_eq!(guest.apply(&big), "ERR usage: add N");
     assert_eq!(input_descriptor(&mut guest).1, 0);
     assert_eq!(guest.query("get"), "42");
+}
+
+#[test]
+fn a_batch_hands_each_result_to_command_done_and_stops_when_told() {
+    let engine = Engine::default();
+    let mut guest = Guest::load(&engine, "kv");
+    let done = guest.apply_batch(&["put a 1", "get a", "cas a 1 2", "bogus"], usize::MAX);
+    assert_eq!(done, ["OK", "1", "OK", "ERR unknown command"]);
+    // Told to stop after two, the guest applies no more.
+    let done = guest.apply_batch(&["put b 1", "put c 1", "put d 1"], 2);
+    assert_eq!(done, ["OK", "OK"]);
+    assert_eq!(guest.query("get c"), "1");
+    assert_eq!(guest.query("get d"), "NOT_FOUND");
+    // The per-command export still works between batches.
+    assert_eq!(guest.apply("get a"), "2");
 }

@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::machine::{BatchResults, EntryContext, Machine, MachineConfig, Migration};
+use crate::machine::{BatchResults, BatchStats, EntryContext, Machine, MachineConfig, Migration};
 use crate::paxos::{ApplyContext, StateMachine, Value, STALE_RESULT};
 
 use super::handle::ModuleEvent;
@@ -172,6 +172,8 @@ pub struct WasmApp {
     pub addresses_version: u64,
     /// Reused by `apply_all` (its buffers keep their capacity).
     batch_results: BatchResults,
+    /// Batch calls and fallbacks of every machine this app ran (see `batch_stats`).
+    batch_stats: BatchStats,
 }
 
 /// What a snapshot takes from the application at one slot.
@@ -202,6 +204,7 @@ impl WasmApp {
             addresses: AddressBook::default(),
             addresses_version: 0,
             batch_results: BatchResults::default(),
+            batch_stats: BatchStats::default(),
         }
     }
 
@@ -313,6 +316,12 @@ impl WasmApp {
 
     /// The machine's state hash (`Machine::state_hash`), `None` before the first
     /// install. Incremental: only pages written since the last call are rehashed.
+    /// Batch calls into the guest and batches that fell back to one call per
+    /// command, over this app's life (machines replaced by upgrades included).
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch_stats
+    }
+
     pub fn state_hash_bytes(&mut self) -> Option<[u8; 32]> {
         Some(self.machine.as_mut()?.state_hash())
     }
@@ -655,7 +664,11 @@ impl StateMachine for WasmApp {
                 time_ms: context.timestamp_ms as i64,
                 seed: context.seed,
             };
+            let stats_before = machine.batch_stats();
             machine.apply_batch(&bodies, entry, &mut self.batch_results);
+            let stats = machine.batch_stats();
+            self.batch_stats.calls += stats.calls - stats_before.calls;
+            self.batch_stats.fallbacks += stats.fallbacks - stats_before.fallbacks;
             for i in 0..bodies.len() {
                 results.push(match self.batch_results.get(i) {
                     Ok(output) => {

@@ -1027,9 +1027,16 @@ impl Loop {
         // has diverged from the majority's: its results would be wrong.
         self.core.applier.collect_remote =
             self.core.replica.is_leading() && self.core.checkpoints.diverged().is_none();
+        let batches_before = self.core.applier.machine.batch_stats();
         self.core.applier.apply(slot, value, &mut self.replies);
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
+        let batches = self.core.applier.machine.batch_stats();
+        counters.add(&counters.apply_batch_calls, batches.calls - batches_before.calls);
+        counters.add(
+            &counters.apply_batch_fallbacks,
+            batches.fallbacks - batches_before.fallbacks,
+        );
         counters.add(&counters.slots_applied, 1);
         if let Value::Batch(batch) = value {
             counters.add(&counters.commands_applied, batch.commands.len() as u64);

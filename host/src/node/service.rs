@@ -37,6 +37,10 @@ use super::upgrade::{self, Compiler, MODULE_CHUNK_BYTES};
 pub(crate) struct Counters {
     pub commands_applied: AtomicU64,
     pub slots_applied: AtomicU64,
+    /// Runs of a slot's commands that crossed into the guest in one call, and
+    /// those of them that failed there and were applied command by command.
+    pub apply_batch_calls: AtomicU64,
+    pub apply_batch_fallbacks: AtomicU64,
     /// Time spent applying batches, summed.
     pub apply_us: AtomicU64,
     pub persists: AtomicU64,
@@ -1118,6 +1122,18 @@ impl NodeApi for Node {
             "counter",
             "Client commands applied (commits).",
             get(&c.commands_applied),
+        );
+        metric(
+            "paxwasm_apply_batch_calls_total",
+            "counter",
+            "Runs of a slot's commands applied with one call into the guest.",
+            get(&c.apply_batch_calls),
+        );
+        metric(
+            "paxwasm_apply_batch_fallbacks_total",
+            "counter",
+            "Batch calls that failed in the guest (a trap, fuel, an oversized output) and were applied command by command.",
+            get(&c.apply_batch_fallbacks),
         );
         metric(
             "paxwasm_slots_applied_total",
