@@ -1032,7 +1032,10 @@ impl Loop {
         let elapsed_us = started.elapsed().as_micros() as u64;
         let counters = &self.core.counters;
         let batches = self.core.applier.machine.batch_stats();
-        counters.add(&counters.apply_batch_calls, batches.calls - batches_before.calls);
+        counters.add(
+            &counters.apply_batch_calls,
+            batches.calls - batches_before.calls,
+        );
         counters.add(
             &counters.apply_batch_fallbacks,
             batches.fallbacks - batches_before.fallbacks,

@@ -148,42 +148,50 @@ impl<M: StateMachine> Applier<M> {
         };
         // The commands to apply go to the machine in groups (`apply_all`), with the
         // same outcome as one by one. The dedup records of a group are made after
-        // it, so no check inside a group may depend on them: a group never holds
-        // two commands of one client (a record touches its own client's entry),
-        // and a command whose record evicts another client's entry (the table is
-        // at its bound) goes alone. The grouping depends on the slot and the dedup
-        // table alone, both the same on every replica. Checked against one by one
-        // in `grouped_apply_gives_the_results_of_one_command_at_a_time`.
+        // it, in order, so the table ends the same; what must hold is that no check
+        // inside a group depends on a record made earlier in it. A record touches
+        // its own client's entry, and on a full table evicts the entry recorded
+        // longest ago. So a group never holds two commands of one client, and a
+        // command of a client the table knows joins only if the evictions the
+        // group's records would make so far cannot have reached that client's entry
+        // (they take from the oldest entries, skipping those the group itself
+        // recorded again). A client the table does not know is new either way. The
+        // grouping depends on the slot and the dedup table alone, both the same on
+        // every replica. Checked against one by one in
+        // `grouped_apply_gives_the_results_of_one_command_at_a_time`.
         let commands = &batch.commands;
         let mut results: Vec<Option<Vec<u8>>> = vec![None; commands.len()];
         let mut group: Vec<usize> = Vec::new();
         let mut group_clients: BTreeSet<u64> = BTreeSet::new();
-        // Clients of the group the dedup table does not know yet: the entries its
-        // records will add.
-        let mut group_new_clients = 0;
+        // Clients of the group the table does not know (their records add entries)
+        // and that it knows (their records move entries to the newest place).
+        let (mut group_new_clients, mut group_known_clients) = (0, 0);
         for (i, command) in commands.iter().enumerate() {
             let Some(key) = command.idempotency_key else {
                 group.push(i);
                 continue;
             };
-            let could_evict = !self.dedup.knows_client(key.client)
-                && self.dedup.clients() + group_new_clients + 1 > self.dedup.clients_max();
-            if group_clients.contains(&key.client) || could_evict {
+            let known = self.dedup.knows_client(key.client);
+            let evictions =
+                (self.dedup.clients() + group_new_clients).saturating_sub(self.dedup.clients_max());
+            let maybe_evicted = known
+                && evictions > 0
+                && self
+                    .dedup
+                    .among_oldest(key.client, evictions + group_known_clients);
+            if group_clients.contains(&key.client) || maybe_evicted {
                 self.apply_group(slot, &context, commands, &mut group, &mut results);
                 group_clients.clear();
-                group_new_clients = 0;
+                (group_new_clients, group_known_clients) = (0, 0);
             }
             match self.dedup.check(key) {
                 DedupCheck::New => {
-                    group_new_clients += usize::from(!self.dedup.knows_client(key.client));
                     group.push(i);
                     group_clients.insert(key.client);
-                    if self.dedup.clients() + group_new_clients > self.dedup.clients_max() {
-                        // Its record evicts another client's entry, which the check
-                        // of any later command may need gone: it goes alone.
-                        self.apply_group(slot, &context, commands, &mut group, &mut results);
-                        group_clients.clear();
-                        group_new_clients = 0;
+                    if self.dedup.knows_client(key.client) {
+                        group_known_clients += 1;
+                    } else {
+                        group_new_clients += 1;
                     }
                 }
                 DedupCheck::Duplicate(result) => results[i] = Some(result.to_vec()),

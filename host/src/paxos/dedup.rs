@@ -99,6 +99,12 @@ impl DedupTable {
         self.latest.contains_key(&client)
     }
 
+    /// Whether `client`'s entry is among the `n` recorded longest ago: the next
+    /// ones a full table evicts.
+    pub fn among_oldest(&self, client: u64, n: usize) -> bool {
+        self.by_slot.iter().take(n).any(|&(_, c)| c == client)
+    }
+
     pub fn clients_max(&self) -> usize {
         self.clients_max
     }
