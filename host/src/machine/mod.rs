@@ -162,6 +162,8 @@ impl std::error::Error for ApplyError {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchStats {
     pub calls: u64,
+    /// Commands applied by batch calls that succeeded.
+    pub commands: u64,
     pub fallbacks: u64,
 }
 
@@ -597,6 +599,7 @@ impl Machine {
             self.roll_back();
             return false;
         }
+        self.batch_stats.commands += commands.len() as u64;
         let fuel_used = results.output.done.iter().map(|&(_, fuel)| fuel).sum();
         self.replay.fuel_used += fuel_used;
         self.replay.commands.push(Replayed {

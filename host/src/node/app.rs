@@ -668,6 +668,7 @@ impl StateMachine for WasmApp {
             machine.apply_batch(&bodies, entry, &mut self.batch_results);
             let stats = machine.batch_stats();
             self.batch_stats.calls += stats.calls - stats_before.calls;
+            self.batch_stats.commands += stats.commands - stats_before.commands;
             self.batch_stats.fallbacks += stats.fallbacks - stats_before.fallbacks;
             for i in 0..bodies.len() {
                 results.push(match self.batch_results.get(i) {

@@ -1037,6 +1037,10 @@ impl Loop {
             batches.calls - batches_before.calls,
         );
         counters.add(
+            &counters.apply_batch_commands,
+            batches.commands - batches_before.commands,
+        );
+        counters.add(
             &counters.apply_batch_fallbacks,
             batches.fallbacks - batches_before.fallbacks,
         );

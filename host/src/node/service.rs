@@ -40,6 +40,7 @@ pub(crate) struct Counters {
     /// Runs of a slot's commands that crossed into the guest in one call, and
     /// those of them that failed there and were applied command by command.
     pub apply_batch_calls: AtomicU64,
+    pub apply_batch_commands: AtomicU64,
     pub apply_batch_fallbacks: AtomicU64,
     /// Time spent applying batches, summed.
     pub apply_us: AtomicU64,
@@ -1128,6 +1129,12 @@ impl NodeApi for Node {
             "counter",
             "Runs of a slot's commands applied with one call into the guest.",
             get(&c.apply_batch_calls),
+        );
+        metric(
+            "paxwasm_apply_batch_commands_total",
+            "counter",
+            "Commands applied by those calls.",
+            get(&c.apply_batch_commands),
         );
         metric(
             "paxwasm_apply_batch_fallbacks_total",
