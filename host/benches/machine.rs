@@ -8,6 +8,9 @@
 //!   buffer, reused result buffer) around the app, with the input copied in
 //!   and the result copied out as the machine does; the figure of the app's
 //!   plain `apply` (a fresh `Vec` per command) is printed too;
+//! - kv through `Machine::apply_batch` in batches of 1, 4, 16 and 64 commands
+//!   (one guest call per batch, as the node applies a log entry's commands), and
+//!   the paired ratio at 16;
 //! - a bare wasmtime loop over the same counter module (no fuel, no machine)
 //!   as the floor the machine's bookkeeping adds to;
 //! - query ns/op; rollback cost; checkpoint and state hash cost at 16 MiB and
@@ -456,6 +459,17 @@ fn bench_kv(config: &MachineConfig, scale: Scale) {
         println!("kv apply in batches of {size} (Machine::apply_batch): machine {batched:.0} ns/command, native/wasm speed ratio {:.2} (native above)",
             native / batched);
     }
+    // Paired as above: batches of 16 against the native glue, alternated.
+    let mut native_glue = NativeGlue::<kv::Kv>::new();
+    let mut ratios: Vec<f64> = (0..2 * scale.apply_rounds.max(1))
+        .map(|_| {
+            let batched = machine_batch_round(&mut machine, &refs, 16, n * 10, &mut results);
+            native_glue.round(&commands, n * 10) / batched
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    println!("kv paired rounds, batches of 16 ({} pairs): native/wasm speed ratio median {:.3}, lowest {:.3}, highest {:.3}",
+        ratios.len(), ratios[ratios.len() / 2], ratios[0], ratios[ratios.len() - 1]);
 }
 
 /// ns per command of `apply_batch` over groups of `size` consecutive commands,

@@ -653,7 +653,8 @@ impl StateMachine for WasmApp {
                 .iter()
                 .take_while(|payload| payload.first() == Some(&ENVELOPE_COMMAND))
                 .count();
-            let Some(machine) = self.machine.as_mut().filter(|_| commands > 0) else {
+            // A lone command takes `apply` (no batch results to fill).
+            let Some(machine) = self.machine.as_mut().filter(|_| commands > 1) else {
                 results.push(self.apply(first, context));
                 rest = after_first;
                 continue;
