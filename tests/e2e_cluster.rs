@@ -6,17 +6,15 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
 use support::{
-    converged, get, leader, query_stale, status, submit, wait_until, Cluster, REQUEST_TIMEOUT,
+    get, leader, query_stale, status, submit, wait_converged, wait_until, Cluster, Writers,
+    REQUEST_TIMEOUT,
 };
 
 const NODES: usize = 3;
@@ -162,50 +160,13 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
 
     check_bad_input(&cluster, &kv);
 
-    // Concurrent clients: each writes its own keys, retrying a failed write with the
-    // same idempotency key on the next node; only 200 answers count as acknowledged.
+    // Concurrent clients: each writes its own keys, retrying a failed write with the same
+    // idempotency key on the next node; only 200 answers count as acknowledged.
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
-    let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks_total = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            let addrs = addrs.clone();
-            let acknowledged = acknowledged.clone();
-            let stop = stop.clone();
-            let acks_total = acks_total.clone();
-            std::thread::spawn(move || {
-                let mut target = client % addrs.len();
-                let mut seq = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    seq += 1;
-                    let key = format!("c{client}-k{seq}");
-                    let value = format!("v{seq}");
-                    for _attempt in 0..6 {
-                        match submit(&addrs[target], format!("put {key} {value}"), &key) {
-                            Ok(reply) if reply.status == 200 => {
-                                assert_eq!(reply.text(), "OK");
-                                assert!(reply.header("paxwasm-index").is_some());
-                                acknowledged
-                                    .lock()
-                                    .unwrap()
-                                    .insert(key.clone(), value.clone());
-                                acks_total.fetch_add(1, Ordering::Relaxed);
-                                break;
-                            }
-                            _ => {
-                                target = (target + 1) % addrs.len();
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let writers = Writers::start(addrs, CLIENTS, |seq| format!("v{seq}"));
 
     std::thread::sleep(Duration::from_secs(2));
-    let before_kill = acks_total.load(Ordering::Relaxed);
+    let before_kill = writers.acks();
     assert!(
         before_kill > 0,
         "no write acknowledged before the kill\n{}",
@@ -219,7 +180,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     );
     cluster.kill(victim);
     std::thread::sleep(Duration::from_secs(4));
-    let after_kill = acks_total.load(Ordering::Relaxed);
+    let after_kill = writers.acks();
     assert!(
         after_kill > before_kill,
         "no write acknowledged after the leader was killed\n{}",
@@ -227,25 +188,16 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     );
     cluster.spawn(victim, &[]);
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.join().expect("client thread");
-    }
+    let acknowledged = writers.stop();
 
     // Every replica reaches the same state hash at the same index.
-    let (index, hash) = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || converged(&cluster),
-    );
+    let (index, hash) = wait_converged(&cluster);
     assert!(hash.starts_with("sha256:"));
     assert!(index > 0);
 
     // Every acknowledged write is present: all of them on the restarted replica (it
     // recovered from its store and caught up), a sample on the others (their state hash
     // equals its own, so they hold the same data).
-    let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() >= before_kill);
     let sample_every = (acknowledged.len() / 200).max(1);
     for node in &cluster.nodes {

@@ -22,14 +22,14 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
 use support::{
-    free_ports, get_json, leader_id, query_stale, submit, wait_until, Cluster, REQUEST_TIMEOUT,
+    free_ports, get_json, leader_id, query_stale, signal, submit, wait_until, Cluster,
+    REQUEST_TIMEOUT,
 };
 
 const ORIGINALS: usize = 3;
@@ -234,20 +234,6 @@ fn deploy(cluster: &Cluster, kv: &[u8]) {
             || get_json(&node.http, "/v1/app").is_some_and(|app| app["module"].is_string()))
         .then_some(())
     });
-}
-
-/// Sends `signal` (`STOP`, `CONT`) to a running node's process.
-fn signal(cluster: &Cluster, i: usize, signal: &str) {
-    let pid = cluster.nodes[i]
-        .child
-        .as_ref()
-        .expect("node is running")
-        .id();
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// The core's lag refusal, made certain: once the learner `i` reported its progress

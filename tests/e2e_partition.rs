@@ -16,19 +16,17 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe;
 use support::{
-    converged, deploy_through_leader, leader, query_stale, status, submit, wait_until, Cluster,
-    REQUEST_TIMEOUT,
+    deploy_through_leader, leader, query_stale, signal, status, submit, wait_converged, wait_until,
+    Cluster, Writers, REQUEST_TIMEOUT,
 };
 
 const NODES: usize = 3;
@@ -122,20 +120,6 @@ fn start_proxied(dir: &Path, cluster_id: &str) -> (Cluster, Vec<PeerProxy>, usiz
     }
     let deployed_at = deploy_through_leader(&cluster, &kv);
     (cluster, proxies, deployed_at)
-}
-
-/// Sends `signal` (`STOP`, `CONT`) to node `i`'s process.
-fn signal(cluster: &Cluster, i: usize, signal: &str) {
-    let pid = cluster.nodes[i]
-        .child
-        .as_ref()
-        .expect("node is running")
-        .id();
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Writes `key = value` through `addr`, retrying a 503/504 with the same idempotency
@@ -296,12 +280,7 @@ fn frozen_leader_serves_no_stale_read_when_it_wakes() {
     // Once it hears from its peers again, the old leader follows the new one and
     // holds the same state.
     proxies[old].heal();
-    let (index, hash) = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || converged(&cluster),
-    );
+    let (index, hash) = wait_converged(&cluster);
     for node in &cluster.nodes {
         let reply = query_stale(&node.http, b"get k");
         assert_eq!((reply.status, reply.text()), (200, "v2".to_string()));
@@ -331,82 +310,6 @@ fn frozen_leader_serves_no_stale_read_when_it_wakes() {
     );
 }
 
-/// Writers that each put their own keys, retrying a failed write with the same
-/// idempotency key on the next node; only 200 answers count as acknowledged.
-struct Writers {
-    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
-    acks_total: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(cluster: &Cluster, count: usize) -> Writers {
-        let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
-        let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-        let acks_total = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = (0..count)
-            .map(|writer| {
-                let (addrs, acknowledged) = (addrs.clone(), acknowledged.clone());
-                let (acks_total, stop) = (acks_total.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut target = writer % addrs.len();
-                    let mut seq = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        seq += 1;
-                        let key = format!("w{writer}-k{seq}");
-                        let value = format!("v{seq}");
-                        for _attempt in 0..6 {
-                            match submit(&addrs[target], format!("put {key} {value}"), &key) {
-                                Ok(reply) if reply.status == 200 => {
-                                    assert_eq!(reply.text(), "OK");
-                                    acknowledged
-                                        .lock()
-                                        .unwrap()
-                                        .insert(key.clone(), value.clone());
-                                    acks_total.fetch_add(1, Ordering::Relaxed);
-                                    break;
-                                }
-                                _ => {
-                                    target = (target + 1) % addrs.len();
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            acknowledged,
-            acks_total,
-            stop,
-            threads,
-        }
-    }
-
-    fn acks(&self) -> usize {
-        self.acks_total.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `more` writes beyond `since` were acknowledged.
-    fn wait_for_acks(&self, cluster: &Cluster, what: &str, since: usize, more: usize) {
-        wait_until(what, cluster, Duration::from_secs(60), || {
-            (self.acks() >= since + more).then_some(())
-        });
-    }
-
-    fn stop(self) -> BTreeMap<String, String> {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            thread.join().expect("writer thread");
-        }
-        let acknowledged = self.acknowledged.lock().unwrap().clone();
-        acknowledged
-    }
-}
-
 /// The leader stops hearing from its peers (every connection into it is cut) while it
 /// can still send to them: its accepts and heartbeats arrive, the answers never come
 /// back. It must acknowledge no write it could not make durable on a quorum, the other
@@ -416,7 +319,8 @@ impl Writers {
 fn leader_that_cannot_hear_its_peers_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, proxies, _) = start_proxied(dir.path(), "cut");
-    let writers = Writers::start(&cluster, 4);
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    let writers = Writers::start(addrs, 4, |seq| format!("v{seq}"));
     writers.wait_for_acks(&cluster, "writes before the cut", 0, 20);
     let cut = wait_until("a leader", &cluster, Duration::from_secs(30), || {
         leader(&cluster)
@@ -448,12 +352,7 @@ fn leader_that_cannot_hear_its_peers_loses_no_acknowledged_write() {
     writers.wait_for_acks(&cluster, "writes after healing", at_heal, 20);
     let acknowledged = writers.stop();
 
-    let (index, hash) = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || converged(&cluster),
-    );
+    let (index, hash) = wait_converged(&cluster);
     // Equal hashes at equal indexes: checking every write on the node that was cut off
     // checks it on all three.
     for (key, value) in &acknowledged {

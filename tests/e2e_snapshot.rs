@@ -17,14 +17,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
-use support::{converged, get, leader, metric, query_stale, status, submit, wait_until, Cluster};
+use support::{
+    converged, get, leader, metric, query_stale, status, submit, wait_converged, wait_until,
+    Cluster, Writers,
+};
 
 const NODES: usize = 3;
 const SNAPSHOT_ENTRIES: u64 = 150;
@@ -148,66 +148,6 @@ fn files_in(dir: &Path, suffix: &str) -> Vec<(PathBuf, u64)> {
         .collect()
 }
 
-/// Clients that write their own keys until stopped; only 200 answers count.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(addrs: Vec<String>) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-        let threads = (0..CLIENTS)
-            .map(|client| {
-                let (addrs, stop, acknowledged) =
-                    (addrs.clone(), stop.clone(), acknowledged.clone());
-                std::thread::spawn(move || {
-                    let mut target = client % addrs.len();
-                    let mut seq = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        seq += 1;
-                        let key = format!("c{client}-k{seq}");
-                        let value = format!("v{seq}-{}", "x".repeat(seq % 64));
-                        for _attempt in 0..8 {
-                            let command = format!("put {key} {value}");
-                            match submit(&addrs[target], command.as_bytes(), &key) {
-                                Ok(reply) if reply.status == 200 => {
-                                    assert_eq!(reply.text(), "OK");
-                                    acknowledged
-                                        .lock()
-                                        .unwrap()
-                                        .insert(key.clone(), value.clone());
-                                    break;
-                                }
-                                _ => {
-                                    target = (target + 1) % addrs.len();
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            stop,
-            acknowledged,
-            threads,
-        }
-    }
-
-    fn stop(self) -> BTreeMap<String, String> {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            thread.join().expect("client thread");
-        }
-        let acknowledged = self.acknowledged.lock().unwrap().clone();
-        acknowledged
-    }
-}
-
 #[test]
 fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
     let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
@@ -219,7 +159,9 @@ fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
     deploy(&cluster, &kv);
 
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
-    let writers = Writers::start(addrs);
+    let writers = Writers::start(addrs, CLIENTS, |seq| {
+        format!("v{seq}-{}", "x".repeat(seq % 64))
+    });
 
     // 1. kill -9 a follower in the middle of a snapshot write.
     let first_leader = wait_until("a leader", &cluster, Duration::from_secs(10), || {
@@ -274,12 +216,7 @@ fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
         "only {} writes",
         acknowledged.len()
     );
-    let (index, hash) = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || converged(&cluster),
-    );
+    let (index, hash) = wait_converged(&cluster);
 
     // 2. Every local snapshot of a replica whose log is compacted is corrupt: it reports
     //    them, fetches a peer's snapshot before its core starts, and catches up.
@@ -361,12 +298,7 @@ fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
         "the transfer did not resume from the partial file:\n{}",
         cluster.log_tail()
     );
-    let after = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || converged(&cluster),
-    );
+    let after = wait_converged(&cluster);
     assert_eq!(after, (index, hash.clone()));
     assert_eq!(
         status(&cluster.nodes[wiped].http).unwrap()["voting"],
@@ -437,12 +369,7 @@ fn snapshots_compaction_and_transfer_survive_kill_9_and_a_wiped_disk() {
                 .then_some(())
         },
     );
-    let (index, hash) = wait_until(
-        "equal state hashes",
-        &cluster,
-        Duration::from_secs(60),
-        || converged(&cluster),
-    );
+    let (index, hash) = wait_converged(&cluster);
     for node in &cluster.nodes {
         let reply = query_stale(&node.http, b"");
         assert_eq!(reply.status, 200, "{}", reply.text());

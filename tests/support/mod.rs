@@ -6,9 +6,12 @@
 // Every test binary compiles this module on its own and uses a subset of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
@@ -305,6 +308,17 @@ pub fn converged(cluster: &Cluster) -> Option<(u64, String)> {
     seen.iter().all(|s| *s == first).then_some(first)
 }
 
+/// Waits up to a minute for `converged`: every node applied everything chosen and
+/// reports the same state hash at the same index. Returns that index and hash.
+pub fn wait_converged(cluster: &Cluster) -> (u64, String) {
+    wait_until(
+        "equal state hashes",
+        cluster,
+        Duration::from_secs(60),
+        || converged(cluster),
+    )
+}
+
 /// Waits for a leader, then deploys `module` through it (`PUT /v1/app`, repeated until
 /// a 200 while the cluster settles). Returns the leader's index in `cluster.nodes`.
 pub fn deploy_through_leader(cluster: &Cluster, module: &[u8]) -> usize {
@@ -323,4 +337,97 @@ pub fn deploy_through_leader(cluster: &Cluster, module: &[u8]) -> usize {
         },
     );
     leader
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to node `i`'s process.
+pub fn signal(cluster: &Cluster, i: usize, signal: &str) {
+    let pid = cluster.nodes[i]
+        .child
+        .as_ref()
+        .expect("node is running")
+        .id();
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Concurrent writers: writer `w` puts keys `c<w>-k<n>` (n = 1, 2, ...) with the value
+/// `value(n)`, retrying a failed write with the same idempotency key on the next node
+/// (applied at most once); only 200 answers count as acknowledged.
+pub struct Writers {
+    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
+    acks_total: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    pub fn start(addrs: Vec<String>, count: usize, value: fn(usize) -> String) -> Writers {
+        let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let acks_total = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..count)
+            .map(|writer| {
+                let (addrs, acknowledged) = (addrs.clone(), acknowledged.clone());
+                let (acks_total, stop) = (acks_total.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut target = writer % addrs.len();
+                    let mut seq = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let key = format!("c{writer}-k{seq}");
+                        let value = value(seq);
+                        for _attempt in 0..8 {
+                            match submit(&addrs[target], format!("put {key} {value}"), &key) {
+                                Ok(reply) if reply.status == 200 => {
+                                    assert_eq!(reply.text(), "OK");
+                                    assert!(reply.header("paxwasm-index").is_some());
+                                    acknowledged
+                                        .lock()
+                                        .unwrap()
+                                        .insert(key.clone(), value.clone());
+                                    acks_total.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                _ => {
+                                    target = (target + 1) % addrs.len();
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            acknowledged,
+            acks_total,
+            stop,
+            threads,
+        }
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acks(&self) -> usize {
+        self.acks_total.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` writes beyond `since` were acknowledged.
+    pub fn wait_for_acks(&self, cluster: &Cluster, what: &str, since: usize, more: usize) {
+        wait_until(what, cluster, Duration::from_secs(60), || {
+            (self.acks() >= since + more).then_some(())
+        });
+    }
+
+    /// Stops the writers; returns every acknowledged key and value.
+    pub fn stop(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("writer thread");
+        }
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        acknowledged
+    }
 }
