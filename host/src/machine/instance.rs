@@ -65,6 +65,16 @@ pub struct BatchOutput {
     pub out: Vec<u8>,
     /// Per command done: where its output ends in `out`, and the fuel it used.
     pub done: Vec<(usize, u64)>,
+    /// Fuel the guest used after the last `command_done`, on the way out of the
+    /// call (a budget of its own, reset by that `command_done`).
+    pub tail_fuel: u64,
+}
+
+impl BatchOutput {
+    /// Fuel of the whole call: every command and the way out.
+    pub fn fuel_used(&self) -> u64 {
+        self.done.iter().map(|&(_, fuel)| fuel).sum::<u64>() + self.tail_fuel
+    }
 }
 
 impl ResourceLimiter for HostState {
@@ -514,6 +524,7 @@ impl Instance {
         let ptr = self.write_input(frames)?;
         output.out.clear();
         output.done.clear();
+        output.tail_fuel = 0;
         self.store.data_mut().batch = Some(BatchRun {
             commands,
             budget: fuel,
@@ -537,6 +548,9 @@ impl Instance {
                 "paxwasm_apply_batch returned before the last command",
             ));
         }
+        // What runs after the last command counts too: the replay log's fuel
+        // bounds how long a rollback replays.
+        output.tail_fuel = self.fuel_used(fuel);
         Ok(())
     }
 

@@ -539,12 +539,16 @@ impl Machine {
     /// (`paxwasm_apply_batch`) and two or more commands, they cross into the
     /// guest in one call, which saves the per-call cost (≈ 160 instructions per
     /// command here). If anything in that call fails, the batch is rolled back
-    /// and applied command by command instead, so the results are those of the
-    /// per-command path.
+    /// and applied command by command instead. So every result is one the
+    /// per-command path gives, except at the limits: the guest's glue around a
+    /// command differs, so a command within a few fuel units, stack bytes or
+    /// memory pages of its limit may succeed in a batch and fail alone (or the
+    /// reverse).
     ///
     /// The state a batch leaves differs in bytes (the framed input, the guest's
     /// stack) from the same commands applied one by one, so callers must choose
-    /// the grouping by the log alone (the node: one call per log entry).
+    /// the grouping by replicated state alone (the node: runs of one log entry's
+    /// commands, split by the dedup table; see `paxos::apply`).
     pub fn apply_batch(
         &mut self,
         commands: &[&[u8]],
@@ -600,7 +604,7 @@ impl Machine {
             return false;
         }
         self.batch_stats.commands += commands.len() as u64;
-        let fuel_used = results.output.done.iter().map(|&(_, fuel)| fuel).sum();
+        let fuel_used = results.output.fuel_used();
         self.replay.fuel_used += fuel_used;
         self.replay.commands.push(Replayed {
             input_end: self.replay.input.len(),
@@ -1075,7 +1079,7 @@ impl Machine {
                         self.config.output_bytes_max as usize,
                         &mut batch_output,
                     )
-                    .map(|()| batch_output.done.iter().map(|&(_, fuel)| fuel).sum())
+                    .map(|()| batch_output.fuel_used())
             };
             assert_eq!(
                 result,

@@ -33,12 +33,12 @@ pub const EXPORT_QUERY: &str = "paxwasm_query";
 pub const EXPORT_INIT: &str = "paxwasm_init";
 pub const EXPORT_EXPORT_STATE: &str = "paxwasm_export_state";
 pub const EXPORT_IMPORT_STATE: &str = "paxwasm_import_state";
-/// Optional immutable i32 global: the address of the guest's input
-/// descriptor (ABI.md, "Input buffer"), which lets the host skip
-/// `paxwasm_alloc` when the input fits the buffer it names.
 /// Optional: applies a batch of framed commands, handing each result to
 /// `IMPORT_COMMAND_DONE` (ABI.md, "Batches").
 pub const EXPORT_APPLY_BATCH: &str = "paxwasm_apply_batch";
+/// Optional immutable i32 global: the address of the guest's input
+/// descriptor (ABI.md, "Input buffer"), which lets the host skip
+/// `paxwasm_alloc` when the input fits the buffer it names.
 pub const EXPORT_INPUT_BUFFER: &str = "paxwasm_input_buffer";
 
 pub const IMPORT_LOG: &str = "log";

@@ -314,14 +314,14 @@ impl WasmApp {
         Some(machine.state_hash_hex())
     }
 
-    /// The machine's state hash (`Machine::state_hash`), `None` before the first
-    /// install. Incremental: only pages written since the last call are rehashed.
     /// Batch calls into the guest and batches that fell back to one call per
     /// command, over this app's life (machines replaced by upgrades included).
     pub fn batch_stats(&self) -> BatchStats {
         self.batch_stats
     }
 
+    /// The machine's state hash (`Machine::state_hash`), `None` before the first
+    /// install. Incremental: only pages written since the last call are rehashed.
     pub fn state_hash_bytes(&mut self) -> Option<[u8; 32]> {
         Some(self.machine.as_mut()?.state_hash())
     }

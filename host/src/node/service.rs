@@ -1127,7 +1127,7 @@ impl NodeApi for Node {
         metric(
             "paxwasm_apply_batch_calls_total",
             "counter",
-            "Runs of a slot's commands applied with one call into the guest.",
+            "Runs of a slot's commands sent to the guest in one call (including calls that failed and fell back).",
             get(&c.apply_batch_calls),
         );
         metric(
