@@ -172,8 +172,6 @@ pub struct WasmApp {
     pub addresses_version: u64,
     /// Reused by `apply_all` (its buffers keep their capacity).
     batch_results: BatchResults,
-    /// Batch calls and fallbacks of every machine this app ran (see `batch_stats`).
-    batch_stats: BatchStats,
 }
 
 /// What a snapshot takes from the application at one slot.
@@ -204,7 +202,6 @@ impl WasmApp {
             addresses: AddressBook::default(),
             addresses_version: 0,
             batch_results: BatchResults::default(),
-            batch_stats: BatchStats::default(),
         }
     }
 
@@ -314,10 +311,13 @@ impl WasmApp {
         Some(machine.state_hash_hex())
     }
 
-    /// Batch calls into the guest and batches that fell back to one call per
-    /// command, over this app's life (machines replaced by upgrades included).
+    /// The machine's batch calls, their commands and fallbacks (zero before the
+    /// first install). Upgrades keep the machine, so these span every module.
     pub fn batch_stats(&self) -> BatchStats {
-        self.batch_stats
+        self.machine
+            .as_ref()
+            .map(Machine::batch_stats)
+            .unwrap_or_default()
     }
 
     /// The machine's state hash (`Machine::state_hash`), `None` before the first
@@ -665,12 +665,7 @@ impl StateMachine for WasmApp {
                 time_ms: context.timestamp_ms as i64,
                 seed: context.seed,
             };
-            let stats_before = machine.batch_stats();
             machine.apply_batch(&bodies, entry, &mut self.batch_results);
-            let stats = machine.batch_stats();
-            self.batch_stats.calls += stats.calls - stats_before.calls;
-            self.batch_stats.commands += stats.commands - stats_before.commands;
-            self.batch_stats.fallbacks += stats.fallbacks - stats_before.fallbacks;
             for i in 0..bodies.len() {
                 results.push(match self.batch_results.get(i) {
                     Ok(output) => {
