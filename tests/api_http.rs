@@ -250,6 +250,7 @@ impl NodeApi for FakeNode {
             commit_index: state.next_index - 1,
             applied_index: state.next_index - 1,
             snapshot_index: 0,
+            apply_rules: 2,
             voting: true,
             module: state.app.module.clone(),
             state_hash: state
@@ -263,6 +264,7 @@ impl NodeApi for FakeNode {
                 http: "127.0.0.1:7002".into(),
                 connected: true,
                 chosen_index: Some(7),
+                apply_rules_max: Some(2),
             }],
             checkpoint: None,
             disk: Some(DiskView {
@@ -1218,10 +1220,10 @@ async fn status_cluster_and_probes() {
             "id": 1, "role": "leader", "membership": "voter", "leader": null,
             "ballot": { "round": 3, "node": 1 },
             "commit_index": 0, "applied_index": 0,
-            "snapshot_index": 0, "voting": true,
+            "snapshot_index": 0, "apply_rules": 2, "voting": true,
             "module": null, "state_hash": null,
             "peers": [{ "id": 2, "peer": "127.0.0.1:7102", "http": "127.0.0.1:7002",
-                        "connected": true, "chosen_index": 7 }],
+                        "connected": true, "chosen_index": 7, "apply_rules_max": 2 }],
             "checkpoint": null,
             "disk": { "free_bytes": 1u64 << 30, "free_bytes_min": 128u64 << 20, "low": false },
         })

@@ -613,3 +613,107 @@ fn a_slow_compile_pauses_applying_but_not_consensus() {
     // (A held follower costs its leader nothing, with or without the hold: that case
     // is covered by the commits it learned while held, above.)
 }
+
+/// A rolling upgrade of the paxwasm binary. How a replica turns a log entry's commands
+/// into Wasm calls shows in the state (batch calls leave other bytes in memory than
+/// one call per command), so it is replicated as apply rules, and the leader raises
+/// them only to what every member says it implements. Node 3 plays an older build
+/// (`--apply-rules-max 1`): under load the cluster keeps rules 1, no replica makes a
+/// batch call, and all reach the same state hash. Node 3 restarted as the new build:
+/// the rules rise to 2 at one slot on every replica, runs of commands go in batch
+/// calls, every acknowledged write reads back and the hashes agree. Node 3 started as
+/// the older build again meets rules 2 in its log and halts (exit 70) rather than
+/// apply differently from its peers.
+#[test]
+fn apply_rules_rise_only_when_every_member_implements_them() {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    const OLDER_BUILD: &[&str] = &["--apply-rules-max", "1"];
+    let mut cluster = start_with(dir.path(), |i| if i == 2 { OLDER_BUILD } else { &[] });
+    let addrs = cluster.addrs();
+    support::deploy_through_leader(&cluster, &kv);
+    let rules_everywhere = |cluster: &Cluster, rules: u64| {
+        cluster.nodes.iter().all(|node| {
+            support::status(&node.http).is_some_and(|s| s["apply_rules"].as_u64() == Some(rules))
+        })
+    };
+    let batch_calls = |addr: &str| support::metric(addr, "paxwasm_apply_batch_calls_total");
+
+    let writers = support::Writers::start(addrs.clone(), 8, |seq| format!("v{seq}"));
+    writers.wait_for_acks(&cluster, "writes under rules 1", 0, 300);
+    // The leader has heard node 3's peer info (every 500 ms) several times by now.
+    wait_until(
+        "node 3's rules heard by node 1",
+        &cluster,
+        Duration::from_secs(10),
+        || {
+            let status = support::status(&addrs[0])?;
+            let peers = status["peers"].as_array()?.clone();
+            let node_3 = peers.iter().find(|p| p["id"].as_u64() == Some(3))?;
+            (node_3["apply_rules_max"].as_u64() == Some(1)).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(rules_everywhere(&cluster, 1), "{}", cluster.log_tail());
+    for addr in &addrs {
+        assert_eq!(
+            batch_calls(addr),
+            Some(0),
+            "{addr} made a batch call under rules 1"
+        );
+    }
+
+    // The upgrade of node 3 to this build.
+    cluster.kill(2);
+    cluster.spawn(2, &[]);
+    wait_until(
+        "apply rules 2 on every replica",
+        &cluster,
+        Duration::from_secs(30),
+        || rules_everywhere(&cluster, 2).then_some(()),
+    );
+    let since = writers.acks();
+    writers.wait_for_acks(&cluster, "writes under rules 2", since, 300);
+    let acknowledged = writers.stop();
+    let (index, _) = support::wait_converged(&cluster);
+    for addr in &addrs {
+        assert!(
+            batch_calls(addr).unwrap() > 0,
+            "{addr} made no batch call under rules 2\n{}",
+            cluster.log_tail()
+        );
+    }
+    // Every replica applied everything chosen (converged): a stale read is complete.
+    for (key, value) in &acknowledged {
+        let reply = support::query_stale(&addrs[1], format!("get {key}").as_bytes());
+        assert_eq!((reply.status, reply.text()), (200, value.clone()), "{key}");
+    }
+    for log in [cluster.log_of(0), cluster.log_of(1), cluster.log_of(2)] {
+        assert_eq!(log.matches("apply rules raised").count(), 1, "{log}");
+    }
+
+    // Back to the older build: it cannot apply the rules entry in its log.
+    cluster.kill(2);
+    cluster.spawn(2, OLDER_BUILD);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let child = cluster.nodes[2].child.as_mut().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            cluster.nodes[2].child = None;
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not halt\n{}",
+            cluster.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
+    let log = cluster.log_of(2);
+    assert!(
+        log.contains("puts apply rules 2 in force; this host implements rules 1 to 1"),
+        "{log}"
+    );
+    assert!(index > 0);
+}

@@ -80,6 +80,7 @@ impl NodeApi for InstantNode {
             commit_index: 0,
             applied_index: 0,
             snapshot_index: 0,
+            apply_rules: 2,
             voting: true,
             module: None,
             state_hash: None,

@@ -40,6 +40,7 @@ fn peer(peer: &PeerView) -> Value {
         "http": peer.http,
         "connected": peer.connected,
         "chosen_index": peer.chosen_index,
+        "apply_rules_max": peer.apply_rules_max,
     })
 }
 
@@ -54,6 +55,7 @@ pub fn status(status: &StatusView) -> Value {
         "commit_index": status.commit_index,
         "applied_index": status.applied_index,
         "snapshot_index": status.snapshot_index,
+        "apply_rules": status.apply_rules,
         "voting": status.voting,
         "module": status.module,
         "state_hash": status.state_hash.as_ref().map(|(index, hash)| json!({ "index": index, "hash": hash })),
@@ -115,6 +117,7 @@ mod tests {
             checkpoint: None,
             disk: None,
             snapshot_index: 1900,
+            apply_rules: 2,
             voting: true,
         };
         assert_eq!(status(&view)["checkpoint"], Value::Null);

@@ -102,6 +102,14 @@ pub struct NodeArgs {
     /// milliseconds longer on this replica.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_compile_delay_ms: u64,
+    /// Apply the log with apply rules up to this number only, as an older paxwasm
+    /// would (rules say how commands become Wasm calls; 1: one call per command, 2:
+    /// a run of a log entry's commands in one call). The leader raises the cluster's
+    /// rules to the highest every member implements, so this holds a whole cluster
+    /// back; a replica that meets higher rules in the log stops (exit 70).
+    #[arg(long, default_value_t = crate::node::app::APPLY_RULES_MAX,
+          value_parser = clap::value_parser!(u32).range(1..=crate::node::app::APPLY_RULES_MAX as i64))]
+    pub apply_rules_max: u32,
 }
 
 /// `--snapshot-entries` default.
@@ -227,6 +235,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     config.params.learner_lag_entries_max = args.learner_lag_entries_max;
     config.debug_refuse_compiles = args.debug_refuse_compiles;
     config.debug_compile_delay_ms = args.debug_compile_delay_ms;
+    config.apply_rules_max = args.apply_rules_max;
     config.disk_free_bytes_min = args.disk_free_bytes_min;
     let listener =
         bind_http(args.http).with_context(|| format!("binding the HTTP API on {}", args.http))?;

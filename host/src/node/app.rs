@@ -8,7 +8,9 @@
 //!   in one entry (the first format; still applied, so old logs replay, but no longer
 //!   proposed: a module of several MiB would be one giant entry compiled on the core task);
 //! - `2`, a module chunk, and `3`, an upgrade naming a staged module: see `upgrade.rs`;
-//! - `4`, a member's addresses: see `members.rs`.
+//! - `4`, a member's addresses: see `members.rs`;
+//! - `5`, then `rules u32` (LE): from this slot on, apply with these apply rules (see
+//!   `APPLY_RULES_MAX`). Proposed by a leader once every member says it implements them.
 //!
 //! Result bytes (what the applier stores in the dedup table and hands back), first byte:
 //! - `0` output: the module's output follows;
@@ -17,7 +19,8 @@
 //! - `3` installed: the module id (`sha256:…`) follows;
 //! - `4` install failed: the reason follows (the previous module stays);
 //! - `5` chunk staged: the staged byte count (u64) follows;
-//! - `6` address recorded in the address book.
+//! - `6` address recorded in the address book;
+//! - `7` apply rules: the rules in force after the entry (u32 LE) follow.
 //!
 //! Everything here is deterministic: the same log gives the same results and state on
 //! every replica. It never reads a clock or does I/O.
@@ -35,6 +38,21 @@ use super::upgrade::{self, Chunk, Compiler, Staging, ENVELOPE_CHUNK, ENVELOPE_UP
 
 const ENVELOPE_COMMAND: u8 = 0;
 const ENVELOPE_INSTALL: u8 = 1;
+const ENVELOPE_APPLY_RULES: u8 = 5;
+
+/// Apply rules: how this host turns a slot's commands into machine calls. The choice
+/// shows in the state (a batch call leaves other bytes in linear memory than the same
+/// commands one call each: the framed input, the guest's stack), so it is replicated:
+/// every replica applies a slot under the rules the log put in force before it, and a
+/// host that changes how it applies adds a number here instead of changing what a
+/// number means. 1: one `paxwasm_apply` call per command (every state before the rules
+/// entry existed). 2: a run of two or more consecutive commands of a slot in one
+/// `paxwasm_apply_batch` call (`Machine::apply_batch`).
+pub const APPLY_RULES_ONE_CALL_PER_COMMAND: u32 = 1;
+/// See `APPLY_RULES_ONE_CALL_PER_COMMAND`.
+pub const APPLY_RULES_BATCHES: u32 = 2;
+/// The highest apply rules this build implements.
+pub const APPLY_RULES_MAX: u32 = APPLY_RULES_BATCHES;
 
 const RESULT_OUTPUT: u8 = 0;
 const RESULT_REJECTED: u8 = 1;
@@ -43,6 +61,7 @@ const RESULT_INSTALLED: u8 = 3;
 const RESULT_INSTALL_FAILED: u8 = 4;
 const RESULT_STAGED: u8 = 5;
 const RESULT_ADDRESS: u8 = 6;
+const RESULT_APPLY_RULES: u8 = 7;
 
 /// Exit status of a replica that cannot load a module the log chose (see `halt`).
 pub const HALT_EXIT_CODE: i32 = 70;
@@ -57,6 +76,13 @@ pub fn command_envelope(command: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(command.len() + 1);
     out.push(ENVELOPE_COMMAND);
     out.extend_from_slice(command);
+    out
+}
+
+/// The entry that puts apply rules `rules` in force from its slot on.
+pub fn apply_rules_envelope(rules: u32) -> Vec<u8> {
+    let mut out = vec![ENVELOPE_APPLY_RULES];
+    out.extend_from_slice(&rules.to_le_bytes());
     out
 }
 
@@ -88,6 +114,11 @@ pub enum AppResult {
     StaleDuplicate,
     /// An address entry was recorded in the address book.
     AddressRecorded,
+    /// An apply-rules entry was applied; these rules are in force after it (never lower
+    /// than before: an entry naming older rules changes nothing).
+    ApplyRules {
+        rules: u32,
+    },
 }
 
 impl AppResult {
@@ -105,6 +136,11 @@ impl AppResult {
             }
             AppResult::StaleDuplicate => return STALE_RESULT.to_vec(),
             AppResult::AddressRecorded => (RESULT_ADDRESS, b""),
+            AppResult::ApplyRules { rules } => {
+                let mut out = vec![RESULT_APPLY_RULES];
+                out.extend_from_slice(&rules.to_le_bytes());
+                return out;
+            }
         };
         let mut out = Vec::with_capacity(body.len() + 1);
         out.push(kind);
@@ -129,6 +165,9 @@ impl AppResult {
             RESULT_ADDRESS => AppResult::AddressRecorded,
             RESULT_STAGED => AppResult::Staged {
                 staged_bytes: u64::from_le_bytes(body.try_into().expect("a staged count")),
+            },
+            RESULT_APPLY_RULES => AppResult::ApplyRules {
+                rules: u32::from_le_bytes(body.try_into().expect("a rules number")),
             },
             other => panic!("unknown result kind {other}"),
         }
@@ -170,6 +209,9 @@ pub struct WasmApp {
     addresses: AddressBook,
     /// Bumped when the address book changes, so the runtime re-points the transport.
     pub addresses_version: u64,
+    /// The apply rules in force (replicated state: in snapshots); see
+    /// `APPLY_RULES_ONE_CALL_PER_COMMAND`.
+    apply_rules: u32,
     /// Reused by `apply_all` (its buffers keep their capacity).
     batch_results: BatchResults,
 }
@@ -201,6 +243,7 @@ impl WasmApp {
             version: 0,
             addresses: AddressBook::default(),
             addresses_version: 0,
+            apply_rules: APPLY_RULES_ONE_CALL_PER_COMMAND,
             batch_results: BatchResults::default(),
         }
     }
@@ -212,6 +255,15 @@ impl WasmApp {
         snapshot: &NodeSnapshot,
     ) -> Result<WasmApp, String> {
         let mut app = WasmApp::with_compiler(compiler.clone());
+        let rules = snapshot.app.apply_rules;
+        if rules > compiler.apply_rules_max() {
+            return Err(rules_too_new(
+                rules,
+                "the snapshot",
+                compiler.apply_rules_max(),
+            ));
+        }
+        app.apply_rules = rules;
         app.addresses = snapshot.addresses.clone().unwrap_or_default();
         if let Some(staged) = &snapshot.staged {
             if staged.is_complete() {
@@ -256,6 +308,7 @@ impl WasmApp {
             meta: AppMeta {
                 current: self.current.clone(),
                 history: self.history.clone(),
+                apply_rules: self.apply_rules,
             },
             module_bytes: self.module_bytes.clone(),
             image: self
@@ -289,6 +342,32 @@ impl WasmApp {
     /// The machine, for test hooks and checkpoints.
     pub fn machine_mut(&mut self) -> Option<&mut Machine> {
         self.machine.as_mut()
+    }
+
+    /// The apply rules in force at the applied index.
+    pub fn apply_rules(&self) -> u32 {
+        self.apply_rules
+    }
+
+    /// An apply-rules entry at `slot`: rules only ever rise. A host that does not
+    /// implement them stops, as for a module it cannot load.
+    fn raise_apply_rules(&mut self, rules: u32, slot: u64) -> AppResult {
+        let supported = self.compiler.apply_rules_max();
+        if rules > supported {
+            halt(&rules_too_new(rules, &format!("slot {slot}"), supported));
+        }
+        if rules > self.apply_rules {
+            tracing::info!(
+                slot,
+                from = self.apply_rules,
+                to = rules,
+                "apply rules raised"
+            );
+            self.apply_rules = rules;
+        }
+        AppResult::ApplyRules {
+            rules: self.apply_rules,
+        }
     }
 
     pub fn current(&self) -> Option<&(String, u64)> {
@@ -573,13 +652,20 @@ impl WasmApp {
     }
 }
 
+fn rules_too_new(rules: u32, source: &str, supported: u32) -> String {
+    format!(
+        "{source} puts apply rules {rules} in force; this host implements rules 1 to \
+         {supported}: run a newer paxwasm on this replica"
+    )
+}
+
 /// Stops the process: this replica cannot apply a chosen entry the way every other
 /// replica does, and skipping it would diverge from them. Exits rather than panics, so
 /// the whole process stops (a panic would only end the core task).
 fn halt(reason: &str) -> ! {
     tracing::error!(
         reason,
-        "HALT: this replica cannot apply a chosen module; stopping"
+        "HALT: this replica cannot apply a chosen entry; stopping"
     );
     eprintln!("paxwasm: HALT: {reason}");
     std::process::exit(HALT_EXIT_CODE);
@@ -631,6 +717,12 @@ impl StateMachine for WasmApp {
                 },
                 Err(reason) => AppResult::Rejected(format!("malformed address entry: {reason}")),
             },
+            Some((&ENVELOPE_APPLY_RULES, body)) => match <[u8; 4]>::try_from(body) {
+                Ok(rules) if u32::from_le_bytes(rules) >= APPLY_RULES_ONE_CALL_PER_COMMAND => {
+                    self.raise_apply_rules(u32::from_le_bytes(rules), context.slot)
+                }
+                _ => AppResult::Rejected("malformed apply-rules entry".into()),
+            },
             // Only this node's front end builds envelopes, so this is a command from a
             // replica of another version; refuse it the same way everywhere.
             _ => AppResult::Rejected("malformed command envelope".into()),
@@ -638,15 +730,21 @@ impl StateMachine for WasmApp {
         result.encode()
     }
 
-    /// Runs of consecutive commands go to the machine with one `apply_batch` (one
-    /// guest call per run when the module takes batches); everything else goes
-    /// through `apply`. The runs follow from the slot's payloads alone.
+    /// Under apply rules 2, runs of consecutive commands go to the machine with one
+    /// `apply_batch` (one guest call per run when the module takes batches); everything
+    /// else goes through `apply`. The runs follow from the slot's payloads alone.
     fn apply_all(
         &mut self,
         payloads: &[&[u8]],
         context: &ApplyContext,
         results: &mut Vec<Vec<u8>>,
     ) {
+        if self.apply_rules < APPLY_RULES_BATCHES {
+            for payload in payloads {
+                results.push(self.apply(payload, context));
+            }
+            return;
+        }
         let mut rest = payloads;
         while let Some((&first, after_first)) = rest.split_first() {
             let commands = rest
@@ -781,6 +879,8 @@ mod tests {
             },
         );
         let slots: Vec<Vec<Vec<u8>>> = vec![
+            // Batch calls are made under apply rules 2 only.
+            vec![apply_rules_envelope(APPLY_RULES_BATCHES)],
             // Before any module: every command answers NoModule.
             vec![
                 command_envelope(b"put early 1"),
@@ -829,6 +929,73 @@ mod tests {
         // Runs of three: a, b, cas and append, nonsense, get b (`get a` alone takes
         // the per-command path).
         assert_eq!((stats.calls, stats.fallbacks), (2, 0), "{stats:?}");
+    }
+
+    /// Apply rules decide whether runs of commands cross in one call; an entry only
+    /// raises them; they survive a snapshot; a host that does not implement the rules
+    /// of a snapshot refuses to restore it.
+    #[test]
+    fn apply_rules_rise_only_decide_batching_and_travel_in_snapshots() {
+        let kv = example("kv");
+        let mut app = WasmApp::new(MachineConfig::default());
+        let mut reference = WasmApp::new(MachineConfig::default());
+        assert_eq!(app.apply_rules(), APPLY_RULES_ONE_CALL_PER_COMMAND);
+        let mut slot = 0;
+        let mut apply_slot = |app: &mut WasmApp, reference: &mut WasmApp, payloads: &[Vec<u8>]| {
+            slot += 1;
+            let context = ctx(slot);
+            let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let mut results = Vec::new();
+            app.apply_all(&payloads, &context, &mut results);
+            for payload in &payloads {
+                reference.apply(payload, &context);
+            }
+            results
+        };
+        apply_slot(&mut app, &mut reference, &[install_envelope(&kv, false)]);
+        let run = [command_envelope(b"put a 1"), command_envelope(b"put b 2")];
+        apply_slot(&mut app, &mut reference, &run);
+        assert_eq!(app.batch_stats().calls, 0, "rules 1: one call per command");
+        // Under rules 1 the state is byte for byte the one-by-one state.
+        assert_eq!(app.state_hash_bytes(), reference.state_hash_bytes());
+
+        let results = apply_slot(
+            &mut app,
+            &mut reference,
+            &[apply_rules_envelope(APPLY_RULES_BATCHES)],
+        );
+        assert_eq!(
+            AppResult::decode(&results[0]),
+            AppResult::ApplyRules { rules: 2 }
+        );
+        apply_slot(&mut app, &mut reference, &run);
+        assert_eq!(app.batch_stats().calls, 1, "rules 2: the run in one call");
+        let lower = apply_slot(&mut app, &mut reference, &[apply_rules_envelope(1)]);
+        assert_eq!(
+            AppResult::decode(&lower[0]),
+            AppResult::ApplyRules { rules: 2 },
+            "rules never fall"
+        );
+        for malformed in [vec![ENVELOPE_APPLY_RULES, 2, 0, 0], apply_rules_envelope(0)] {
+            let refused = apply_slot(&mut app, &mut reference, &[malformed]);
+            assert_eq!(
+                AppResult::decode(&refused[0]),
+                AppResult::Rejected("malformed apply-rules entry".into())
+            );
+        }
+        assert_eq!(app.apply_rules(), APPLY_RULES_BATCHES);
+
+        let snapshot = snapshot_file_round_trip(&mut app, slot);
+        assert_eq!(snapshot.app.apply_rules, APPLY_RULES_BATCHES);
+        let restored = WasmApp::from_snapshot(app.compiler(), &snapshot).unwrap();
+        assert_eq!(restored.apply_rules(), APPLY_RULES_BATCHES);
+        let mut older = Compiler::new(MachineConfig::default());
+        older.set_apply_rules_max(APPLY_RULES_ONE_CALL_PER_COMMAND);
+        let error = WasmApp::from_snapshot(&older, &snapshot).err().unwrap();
+        assert!(
+            error.contains("puts apply rules 2 in force; this host implements rules 1 to 1"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!
 //! Wire payload: `version u8 = 1`, `kind u8` (0 = Paxos message, 1 = peer info, 2 =
 //! snapshot transfer, `KIND_CHECKPOINT` = state-hash checkpoint report,
-//! `KIND_RESULT` = the result of a forwarded command), body.
+//! `KIND_RESULT` = the result of a forwarded command), body. A peer info alone may end
+//! in optional fields (read when present; bytes after the last one a build knows are
+//! ignored, so builds of a rolling upgrade still read each other's); every other
+//! payload with trailing bytes is refused.
 //! Store value of an accepted entry: `version u8 = 1`, then a `LogEntry`.
 //! Field layouts are in docs/notes/node.md.
 
@@ -78,6 +81,10 @@ pub struct PeerInfo {
     pub peer: String,
     pub chosen_index: Slot,
     pub applied_index: Slot,
+    /// The highest apply rules the sender implements (`app::APPLY_RULES_MAX`); `None`
+    /// from a build that did not say (it applies with rules 1 only). A leader raises
+    /// the cluster's rules only to what every member says here.
+    pub apply_rules_max: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +151,9 @@ pub fn encode_wire(message: &WireMessage) -> Vec<u8> {
             put_u64(&mut out, info.chosen_index);
             put_u64(&mut out, info.applied_index);
             put_bytes(&mut out, info.peer.as_bytes());
+            if let Some(rules) = info.apply_rules_max {
+                out.extend_from_slice(&rules.to_le_bytes());
+            }
         }
         WireMessage::Transfer(message) => {
             out.push(2);
@@ -203,12 +213,22 @@ pub fn decode_wire(input: &[u8]) -> Result<WireMessage, DecodeError> {
             let peer = String::from_utf8(peer.to_vec()).map_err(|_| DecodeError::BadUtf8 {
                 field: "peer address",
             })?;
-            WireMessage::Info(PeerInfo {
+            // Optional fields end the message: each build reads the ones it knows
+            // and ignores what a newer one appends, so a cluster in the middle of a
+            // rolling upgrade still hears every member's info.
+            let apply_rules_max = if reader.remaining() >= 4 {
+                let bytes = reader.take(4, "apply rules")?;
+                Some(u32::from_le_bytes(bytes.try_into().expect("took 4 bytes")))
+            } else {
+                None
+            };
+            return Ok(WireMessage::Info(PeerInfo {
                 http,
                 peer,
                 chosen_index,
                 applied_index,
-            })
+                apply_rules_max,
+            }));
         }
         2 => WireMessage::Transfer(reader.transfer()?),
         KIND_CHECKPOINT => WireMessage::Checkpoint(CheckpointReport {

@@ -82,6 +82,9 @@ pub struct NodeConfig {
     /// Test hook: every background compile of a staged module takes this much longer,
     /// so this replica reaches the upgrade slot before its compile is done.
     pub debug_compile_delay_ms: u64,
+    /// The highest apply rules this replica takes part in (`node::app::APPLY_RULES_MAX`
+    /// by default; lower plays an older build, for rolling-upgrade tests).
+    pub apply_rules_max: u32,
 }
 
 /// `NodeConfig::disk_free_bytes_min` (`--disk-free-bytes-min`) default: 128 MiB, twice
@@ -132,6 +135,7 @@ impl NodeConfig {
             rejoin: false,
             debug_refuse_compiles: false,
             debug_compile_delay_ms: 0,
+            apply_rules_max: crate::node::app::APPLY_RULES_MAX,
             disk_free_bytes_min: DISK_FREE_BYTES_MIN_DEFAULT,
             disk_check_interval_ms: 1_000,
         }

@@ -140,6 +140,8 @@ pub struct PeerView {
     pub connected: bool,
     /// The peer's chosen index as this replica last heard it, if known.
     pub chosen_index: Option<u64>,
+    /// The highest apply rules the peer said it implements, if it said.
+    pub apply_rules_max: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +160,8 @@ pub struct StatusView {
     pub applied_index: u64,
     /// Slot of the newest durable snapshot (0: none yet).
     pub snapshot_index: u64,
+    /// The apply rules in force at the applied index (`node::app::APPLY_RULES_MAX`).
+    pub apply_rules: u32,
     /// False while this replica may not vote (it lost its data and rejoined).
     pub voting: bool,
     pub module: Option<String>,

@@ -32,7 +32,7 @@ use crate::paxos::{
 };
 use crate::storage::{self, Pending, Store, WriteBatch};
 
-use super::app::{AppResult, WasmApp};
+use super::app::{self, AppResult, WasmApp};
 use super::checkpoint::{Checkpoints, Finding, StateHash};
 use super::codec::{self, CheckpointReport, CommandResult, PeerInfo, WireMessage};
 use super::handle::{
@@ -140,6 +140,8 @@ pub(crate) struct PeerSeen {
     pub http: Option<String>,
     pub chosen_index: Option<Slot>,
     pub applied_index: Option<Slot>,
+    /// The highest apply rules the peer says it implements (`None`: not said).
+    pub apply_rules_max: Option<u32>,
 }
 
 pub(crate) struct Core {
@@ -213,6 +215,8 @@ struct Loop {
     /// (`release_held`); and what they wait for.
     held: VecDeque<Held>,
     held_for: Option<HeldFor>,
+    /// The apply rules this replica, leading, last proposed and the tick it did.
+    apply_rules_proposed: Option<(u32, u64)>,
 }
 
 /// The compile the held actions wait for.
@@ -317,6 +321,7 @@ pub(crate) async fn run(core: Core, snap: Snapshots) {
         disk: DiskWatch::new(core.disk_free_bytes_min),
         held: VecDeque::new(),
         held_for: None,
+        apply_rules_proposed: None,
         core,
         snap,
     };
@@ -527,6 +532,8 @@ impl Loop {
                 seen.http = Some(info.http);
                 seen.chosen_index = Some(info.chosen_index);
                 seen.applied_index = Some(info.applied_index);
+                seen.apply_rules_max = info.apply_rules_max;
+                self.maybe_raise_apply_rules();
             }
             Ok(WireMessage::Checkpoint(report)) => {
                 let configuration = self.core.replica.configuration();
@@ -1235,8 +1242,9 @@ impl Loop {
                     AppResult::Installed { .. }
                     | AppResult::InstallFailed { .. }
                     | AppResult::Staged { .. }
-                    | AppResult::AddressRecorded => {
-                        panic!("a command envelope produced a module or address result")
+                    | AppResult::AddressRecorded
+                    | AppResult::ApplyRules { .. } => {
+                        panic!("a command envelope produced a module, address or rules result")
                     }
                 };
                 let _ = reply.send(answer);
@@ -1393,6 +1401,7 @@ impl Loop {
             http: self.core.http_advertise.clone(),
             chosen_index: status.chosen_index,
             applied_index: self.core.applier.applied_index,
+            apply_rules_max: Some(self.core.applier.machine.compiler().apply_rules_max()),
         });
         let payload = Bytes::from(codec::encode_wire(&info));
         for peer in self.core.transport.peers().keys() {
@@ -1407,6 +1416,59 @@ impl Loop {
             });
         }
         self.request_repair();
+    }
+
+    /// Leading, proposes the highest apply rules every member implements (by its last
+    /// peer info) when they are above the rules in force. Rules only rise, and only to
+    /// what every member of the configuration can apply, so no replica of a rolling
+    /// upgrade meets rules it does not know; a member that never said (an older
+    /// build) keeps the rules where they are.
+    fn maybe_raise_apply_rules(&mut self) {
+        if self.core.replica.status().leading.is_none() {
+            return;
+        }
+        let mut rules = self.core.applier.machine.compiler().apply_rules_max();
+        for member in self.core.replica.configuration().members() {
+            if member == self.core.id {
+                continue;
+            }
+            match self
+                .peers
+                .get(&member)
+                .and_then(|seen| seen.apply_rules_max)
+            {
+                Some(peer_max) => rules = rules.min(peer_max),
+                None => return,
+            }
+        }
+        if rules <= self.core.applier.machine.apply_rules() {
+            return;
+        }
+        // Once per few peer-info rounds: the entry takes a round trip to apply.
+        let retry_ticks = 4 * (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
+        let now = self.clock.delivered;
+        if self
+            .apply_rules_proposed
+            .is_some_and(|(proposed, at)| proposed == rules && now < at + retry_ticks)
+        {
+            return;
+        }
+        self.apply_rules_proposed = Some((rules, now));
+        tracing::info!(
+            rules,
+            in_force = self.core.applier.machine.apply_rules(),
+            "every member implements newer apply rules; proposing them"
+        );
+        let request = self.new_request_id();
+        let command = Command {
+            payload: app::apply_rules_envelope(rules),
+            idempotency_key: None,
+            origin: Origin {
+                node: self.core.id,
+                request,
+            },
+        };
+        self.step(Event::Propose { request, command });
     }
 
     fn refresh_state_hash(&mut self) {
@@ -1462,6 +1524,7 @@ impl Loop {
         published.commit_index = status.chosen_index;
         published.applied_index = self.core.applier.applied_index;
         published.snapshot_index = self.snap.newest().map_or(0, |file| file.id.slot);
+        published.apply_rules = self.core.applier.machine.apply_rules();
         published.requests_pending = self.waiters.len();
         published.dedup_clients = self.core.applier.dedup.clients();
         published.peers.clone_from(&self.peers);

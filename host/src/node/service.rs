@@ -98,6 +98,8 @@ pub(crate) struct Published {
     pub applied_index: u64,
     /// Slot of the newest durable snapshot (0: none).
     pub snapshot_index: u64,
+    /// The apply rules in force at the applied index.
+    pub apply_rules: u32,
     pub module: Option<(String, u64)>,
     pub history: Vec<ModuleEvent>,
     pub state_hash: Option<(u64, String)>,
@@ -227,7 +229,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     let (transport, inbound) = Transport::start(transport_config).await?;
     let transport = Arc::new(transport);
 
-    let compiler = if config.debug_refuse_compiles {
+    let mut compiler = if config.debug_refuse_compiles {
         Compiler::refusing(config.machine.clone())
     } else if config.debug_compile_delay_ms > 0 {
         Compiler::slowed(
@@ -237,6 +239,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
     } else {
         Compiler::new(config.machine.clone())
     };
+    compiler.set_apply_rules_max(config.apply_rules_max);
     let restored = restore_newest_snapshot_blocking(&config, &compiler).await?;
     let store_is_empty = holds_no_acceptor_state(&recovered);
     let joining = config.members.is_empty() && restored.state.is_none();
@@ -265,6 +268,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         commit_index: recovered.chosen.unwrap_or(0).max(restored.slot()),
         applied_index: restored.slot(),
         snapshot_index: restored.slot(),
+        apply_rules: super::app::APPLY_RULES_ONE_CALL_PER_COMMAND,
         module: None,
         history: Vec::new(),
         state_hash: None,
@@ -996,6 +1000,7 @@ impl NodeApi for Node {
                         .and_then(|t| t.peers.get(&id))
                         .is_some_and(|p| p.connected),
                     chosen_index: seen.chosen_index,
+                    apply_rules_max: seen.apply_rules_max,
                 }
             })
             .collect();
@@ -1008,6 +1013,7 @@ impl NodeApi for Node {
             commit_index: published.commit_index,
             applied_index: published.applied_index,
             snapshot_index: published.snapshot_index,
+            apply_rules: published.apply_rules,
             voting: published.voting,
             module: published.module.map(|(id, _)| id),
             state_hash: published.state_hash,
@@ -1308,6 +1314,12 @@ impl NodeApi for Node {
             "gauge",
             "Highest slot applied.",
             published.applied_index,
+        );
+        metric(
+            "paxwasm_apply_rules",
+            "gauge",
+            "Apply rules in force at the applied index (1: one Wasm call per command, 2: batch calls).",
+            u64::from(published.apply_rules),
         );
         metric(
             "paxwasm_snapshot_index",

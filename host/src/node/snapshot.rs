@@ -10,10 +10,10 @@
 //! length + UTF-8):
 //!
 //! ```text
-//! magic "PXWNSNAP" | format version u32 (= 3; 1 and 2 are still read) | slot u64
+//! magic "PXWNSNAP" | format version u32 (= 4; 1 to 3 are still read) | slot u64
 //! | voters: count u32, node id u64 each
-//! | (version 3) old voters: 0 | 1 count u32 node id u64 each   (1: joint C(old,new))
-//! | (version 3) learners: count u32, node id u64 each
+//! | (version 3, 4) old voters: 0 | 1 count u32 node id u64 each   (1: joint C(old,new))
+//! | (version 3, 4) learners: count u32, node id u64 each
 //! | applier state: bytes            (Applier::export_state)
 //! | current module: 0 | 1 id str index u64
 //! | history: count u32, per event: module str | index u64 | migrated u8 | 0 / 1 failed str
@@ -21,8 +21,9 @@
 //! | machine image: bytes            (machine::Snapshot::to_bytes; empty without a module)
 //! | staged module (version 2 and 3): 0 | 1 sha256 [32] total u64 bytes
 //!                                   (the upgrade staging area, see node/upgrade.rs)
-//! | address book (version 3): count u32, per member id u64 | peer str | http str
+//! | address book (version 3 and 4): count u32, per member id u64 | peer str | http str
 //!                                   (see node/members.rs)
+//! | apply rules u32 (version 4)     (see node/app.rs; 1 in older files)
 //! | sha256 (32 bytes) of everything before it
 //! ```
 //!
@@ -56,13 +57,16 @@ pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
 pub const SNAPSHOTS_KEPT: usize = 2;
 const MAGIC: &[u8; 8] = b"PXWNSNAP";
 /// Version of the file layout this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
 /// The first layout (no staged module), still read: files written before upgrades
 /// travelled in chunks restore as snapshots with an empty staging area.
 const SNAPSHOT_FORMAT_VERSION_1: u32 = 1;
 /// The second layout (voters only, no address book), still read: its configuration is
 /// its voters, and the address book is seeded from `--cluster`.
 const SNAPSHOT_FORMAT_VERSION_2: u32 = 2;
+/// The third layout (no apply rules), still read: its state was applied one machine
+/// call per command (apply rules 1).
+const SNAPSHOT_FORMAT_VERSION_3: u32 = 3;
 /// Most node ids in one set of a stored configuration.
 const CONFIGURATION_IDS_MAX: usize = 4096;
 const FILE_PREFIX: &str = "snapshot-";
@@ -108,6 +112,8 @@ pub struct AppMeta {
     /// Current module id (`sha256:…`) and the slot it took effect at.
     pub current: Option<(String, u64)>,
     pub history: Vec<ModuleEvent>,
+    /// The apply rules in force at the slot (`app::APPLY_RULES_MAX`).
+    pub apply_rules: u32,
 }
 
 /// A decoded snapshot file.
@@ -395,6 +401,7 @@ pub fn write_snapshot(
     let mut book = Vec::new();
     contents.addresses.encode(&mut book);
     writer.write_all(&book)?;
+    writer.write_all(&contents.app.apply_rules.to_le_bytes())?;
     let sha256: [u8; 32] = writer.hasher.finalize_reset().into();
     writer.inner.write_all(&sha256)?;
     writer.inner.flush()?;
@@ -518,6 +525,14 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
     } else {
         None
     };
+    let apply_rules = if version > SNAPSHOT_FORMAT_VERSION_3 {
+        match reader.u32("apply rules")? {
+            0 => return Err("apply rules 0".into()),
+            rules => rules,
+        }
+    } else {
+        1
+    };
     if !reader.input.is_empty() {
         return Err(format!(
             "{} bytes after the last section",
@@ -538,7 +553,11 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(NodeSnapshot, SnapshotId), Strin
             configuration,
             addresses,
             applier_state,
-            app: AppMeta { current, history },
+            app: AppMeta {
+                current,
+                history,
+                apply_rules,
+            },
             module_bytes,
             machine_image,
             staged,
@@ -927,6 +946,7 @@ mod tests {
                         failed: Some("upgrade failed: trap".into()),
                     },
                 ],
+                apply_rules: 2,
             },
             module_bytes: image.as_ref().map(|_| Arc::new(b"\0asm-module".to_vec())),
             staged: image.as_ref().map(|_| {
@@ -996,8 +1016,9 @@ mod tests {
     }
 
     #[test]
-    fn version_1_and_2_files_still_decode_with_their_voters_and_no_address_book() {
-        // A version-2 file is a version-3 file of a plain configuration without the
+    fn versions_1_to_3_still_decode_with_their_voters_no_address_book_and_rules_1() {
+        // A version-3 file is a version-4 file without the apply rules at the end. A
+        // version-2 file is a version-3 file of a plain configuration without the
         // joint tag and learner count after the voters and without the address book
         // at the end; a version-1 file also lacks the staged section (one 0 byte when
         // nothing is staged).
@@ -1005,9 +1026,19 @@ mod tests {
         contents.staged = None;
         contents.configuration = Configuration::new([1, 2, 3]);
         contents.addresses = AddressBook::default();
-        let mut v3 = Vec::new();
-        write_snapshot(&contents, &mut v3).unwrap();
-        let body = &v3[..v3.len() - SHA256_BYTES];
+        contents.app.apply_rules = 2;
+        let mut v4 = Vec::new();
+        write_snapshot(&contents, &mut v4).unwrap();
+        let body = &v4[..v4.len() - SHA256_BYTES];
+        assert_eq!(
+            body[body.len() - 4..],
+            2u32.to_le_bytes(),
+            "the apply rules"
+        );
+        let mut v3 = body[..body.len() - 4].to_vec();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let body = v3.clone();
+        let v3 = with_trailer(v3);
         let voters_end = 8 + 4 + 8 + 4 + 3 * 8;
         assert_eq!(body[voters_end..voters_end + 5], [0, 0, 0, 0, 0]);
         assert_eq!(body[body.len() - 8..], [0; 8], "the empty address book");
@@ -1017,20 +1048,26 @@ mod tests {
         assert_eq!(v2[v2.len() - 1], 0, "the empty staged section");
         let mut v1 = v2[..v2.len() - 1].to_vec();
         v1[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let (new, _) = decode_snapshot(&v3).unwrap();
+        let (new, _) = decode_snapshot(&v4).unwrap();
         assert_eq!(new.addresses, Some(AddressBook::default()));
+        assert_eq!(new.app.apply_rules, 2);
+        let (v3, _) = decode_snapshot(&v3).unwrap();
+        assert_eq!(v3.app.apply_rules, 1);
+        assert_eq!(v3.addresses, Some(AddressBook::default()));
+        assert_eq!(v3.machine_image, new.machine_image);
         for old in [v1.clone(), v2] {
             let (old, _) = decode_snapshot(&with_trailer(old)).unwrap();
             assert_eq!(old.configuration, Configuration::new([1, 2, 3]));
+            assert_eq!(old.app.apply_rules, 1);
             assert_eq!(old.addresses, None);
             assert!(old.staged.is_none());
             assert_eq!(old.machine_image, new.machine_image);
             assert_eq!(old.applier_state, new.applier_state);
         }
-        v1[8..12].copy_from_slice(&4u32.to_le_bytes());
+        v1[8..12].copy_from_slice(&5u32.to_le_bytes());
         assert!(decode_snapshot(&with_trailer(v1))
             .unwrap_err()
-            .contains("format version 4"));
+            .contains("format version 5"));
     }
 
     #[test]

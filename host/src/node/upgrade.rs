@@ -152,6 +152,10 @@ pub struct Compiler {
     refuse: bool,
     /// Test hook (`--debug-compile-delay-ms`): every compile first sleeps this long.
     delay: Duration,
+    /// The highest apply rules this host implements (`app::APPLY_RULES_MAX`, or less
+    /// with `--apply-rules-max`). Kept here because everything that builds a `WasmApp`
+    /// (the core, the snapshot worker) holds the node's compiler.
+    apply_rules_max: u32,
     state: Mutex<Cache>,
     finished: Condvar,
 }
@@ -162,6 +166,7 @@ impl Compiler {
             config,
             refuse: false,
             delay: Duration::ZERO,
+            apply_rules_max: super::app::APPLY_RULES_MAX,
             state: Mutex::new(Cache::default()),
             finished: Condvar::new(),
         })
@@ -181,6 +186,19 @@ impl Compiler {
         let mut compiler = Compiler::new(config);
         Arc::get_mut(&mut compiler).expect("just created").delay = delay;
         compiler
+    }
+
+    /// This host applies the log with apply rules up to `rules` only, as an older
+    /// host would (`--apply-rules-max`; between 1 and `app::APPLY_RULES_MAX`).
+    pub fn set_apply_rules_max(self: &mut Arc<Compiler>, rules: u32) {
+        Arc::get_mut(self)
+            .expect("set before the compiler is shared")
+            .apply_rules_max = rules;
+    }
+
+    /// The highest apply rules this host implements.
+    pub fn apply_rules_max(&self) -> u32 {
+        self.apply_rules_max
     }
 
     /// Whether the compile of `sha256` has ended (either way); false when none was

@@ -115,6 +115,7 @@ fn every_message() -> Vec<WireMessage> {
         peer: "127.0.0.1:7101".into(),
         chosen_index: 44,
         applied_index: 43,
+        apply_rules_max: Some(2),
     }));
     all.push(WireMessage::Checkpoint(checkpoint_report()));
     all.push(WireMessage::Result(CommandResult {
@@ -240,7 +241,13 @@ fn entries_round_trip() {
 fn every_truncation_is_an_error() {
     for message in every_message() {
         let bytes = encode_wire(&message);
-        for len in 0..bytes.len() {
+        // A peer info's optional fields end it: a prefix without them is an older
+        // layout (see `peer_info_reads_older_and_newer_layouts`).
+        let optional_bytes = match &message {
+            WireMessage::Info(_) => 4,
+            _ => 0,
+        };
+        for len in 0..bytes.len() - optional_bytes {
             assert!(
                 decode_wire(&bytes[..len]).is_err(),
                 "prefix {len} of {message:?} decoded"
@@ -251,6 +258,32 @@ fn every_truncation_is_an_error() {
     for len in 0..bytes.len() {
         assert!(decode_entry(&bytes[..len]).is_err());
     }
+}
+
+#[test]
+fn peer_info_reads_older_and_newer_layouts() {
+    let info = PeerInfo {
+        http: "10.0.0.1:7001".into(),
+        peer: "10.0.0.1:7101".into(),
+        chosen_index: 9,
+        applied_index: 8,
+        apply_rules_max: Some(2),
+    };
+    let bytes = encode_wire(&WireMessage::Info(info.clone()));
+    assert_eq!(bytes[bytes.len() - 4..], 2u32.to_le_bytes());
+    // A build from before the apply rules: no field, read as `None`.
+    let older = &bytes[..bytes.len() - 4];
+    let Ok(WireMessage::Info(read)) = decode_wire(older) else {
+        panic!("an older info must decode");
+    };
+    assert_eq!(read.apply_rules_max, None);
+    assert_eq!((read.chosen_index, read.applied_index), (9, 8));
+    // A newer build's fields after the ones this build knows are ignored.
+    let mut newer = bytes.clone();
+    newer.extend_from_slice(b"later fields");
+    assert_eq!(decode_wire(&newer), Ok(WireMessage::Info(info)));
+    // A cut inside a field this build knows is still an error.
+    assert!(decode_wire(&older[..older.len() - 1]).is_err());
 }
 
 #[test]
