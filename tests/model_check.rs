@@ -7,14 +7,18 @@
 //! messages in flight (a multiset). A step is one of: deliver a message, lose one,
 //! duplicate one, finish a replica's oldest persist, let a replica's clock run until
 //! it does something (an election timeout, a heartbeat), crash a replica (it restarts
-//! from what it persisted; unfinished persists are lost) or propose a command at the
-//! leader. Losses, duplicates, crashes and clock steps have budgets, so the space is
-//! finite.
+//! from what it persisted; unfinished persists are lost), propose a command at the
+//! leader or start a linearizable read (`ReadMode::ReadIndex`) at any replica. Losses,
+//! duplicates, crashes, clock steps and reads have budgets, so the space is finite.
 //!
 //! Checked in every state: no two replicas ever apply different values at one slot,
 //! including across crashes (the applied values are remembered for the whole run);
 //! every replica applies slots in order; every applied command is one a client
-//! proposed; the core never panics. Each search on the correct core must also reach
+//! proposed; the core never panics; a read the core declares ready (`ReadReady`) is
+//! served from a state that holds every slot any replica knew chosen when the read
+//! started (an acknowledged write is one its replica applied, so it was known chosen).
+//! Lease reads are not modelled: a clock step runs one replica's clock alone, without
+//! the bounded drift the lease relies on. Each search on the correct core must also reach
 //! the state it is about (a new leader deciding the contested slot), so it cannot pass
 //! by stopping short; the teeth tests plant known protocol bugs and require a
 //! counterexample from the same searches.
@@ -32,8 +36,8 @@ use std::hash::{Hash, Hasher};
 use std::panic::{self, AssertUnwindSafe};
 
 use paxwasm::paxos::{
-    Action, Command, Configuration, DurableState, Event, Message, NodeId, Origin, Params,
-    PersistRecord, Replica, Slot, Value,
+    Action, Command, Configuration, DurableState, Event, Message, NodeId, Origin, Outcome, Params,
+    PersistRecord, ReadMode, Replica, Slot, Value,
 };
 use stateright::{Checker, HasDiscoveries, Model, Property};
 
@@ -48,6 +52,9 @@ const LEADER_ELECTED: &str = "a leader is elected";
 const NEW_LEADER_DECIDED: &str = "a new leader decided the contested slot";
 const NEW_LEADER_DECIDED_AFTER_CRASH: &str =
     "a new leader decided the contested slot after a crash";
+const NEW_LEADER_HOLDS_AN_EARLY_READ: &str =
+    "a new leader holds a read started before it applied the contested slot";
+const NEW_LEADER_SERVED_A_READ: &str = "a new leader served a read";
 
 /// Short timings: the clock step fast-forwards through them anyway, but fewer
 /// heartbeats per timeout keep states apart that differ only in counters.
@@ -68,6 +75,17 @@ struct Budget {
     crashes: u8,
     losses: u8,
     duplicates: u8,
+    reads: u8,
+}
+
+/// A linearizable read started at `node` and not answered yet.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct PendingRead {
+    node: NodeId,
+    request: u64,
+    /// The highest slot any replica knew chosen when the read started: the state it
+    /// is served from must hold it.
+    floor: Slot,
 }
 
 #[derive(Clone, Debug, Hash)]
@@ -113,6 +131,9 @@ struct World {
     /// Set by the scripts: the leader that alone knows `contested_slot` is chosen.
     first_leader: Option<NodeId>,
     contested_slot: Slot,
+    reads: Vec<PendingRead>,
+    /// Replicas that served a read (`ReadReady`), in order.
+    reads_served_by: Vec<NodeId>,
     fingerprint: u64,
 }
 
@@ -200,6 +221,8 @@ impl World {
             violation: None,
             first_leader: None,
             contested_slot: 0,
+            reads: Vec::new(),
+            reads_served_by: Vec::new(),
             fingerprint: 0,
         };
         world.seal();
@@ -222,6 +245,8 @@ impl World {
         self.violation.hash(&mut hasher);
         self.first_leader.hash(&mut hasher);
         self.contested_slot.hash(&mut hasher);
+        self.reads.hash(&mut hasher);
+        self.reads_served_by.hash(&mut hasher);
         self.fingerprint = hasher.finish();
     }
 
@@ -258,6 +283,19 @@ impl World {
                 n.core.id() != first
                     && n.core.is_leading()
                     && n.applied.len() as Slot >= self.contested_slot
+            })
+        })
+    }
+
+    /// A replica other than the scripted first leader leads and holds a read whose
+    /// floor it has not applied: the case a read index exists for.
+    fn new_leader_holds_an_early_read(&self) -> bool {
+        self.first_leader.is_some_and(|first| {
+            self.reads.iter().any(|read| {
+                let node = &self.nodes[World::index(read.node)];
+                read.node != first
+                    && node.core.is_leading()
+                    && (node.applied.len() as Slot) < read.floor
             })
         })
     }
@@ -338,7 +376,27 @@ impl World {
                     }
                 }
             }
-            Action::Reply { .. } => {}
+            Action::Reply { request, outcome } => {
+                let Some(at) = self
+                    .reads
+                    .iter()
+                    .position(|read| read.node == id && read.request == request)
+                else {
+                    return;
+                };
+                let read = self.reads.remove(at);
+                if outcome == Outcome::ReadReady {
+                    let served = node.applied.len() as Slot;
+                    if served < read.floor {
+                        self.violation.get_or_insert(format!(
+                            "node {id} served a read from slot {served}, but slot {} was \
+                             known chosen when the read started",
+                            read.floor
+                        ));
+                    }
+                    self.reads_served_by.push(id);
+                }
+            }
             // No snapshot is ever saved here, so the core must never ask for these;
             // dropping one silently would make the model unsound.
             Action::SendSnapshot { .. } | Action::Compact { .. } => {
@@ -366,6 +424,8 @@ enum Step {
     Crash(NodeId),
     /// A client's proposal (index into `PROPOSALS`) reaches the leader `NodeId`.
     Propose(NodeId, usize),
+    /// A client's linearizable read reaches the replica.
+    Read(NodeId),
 }
 
 struct PaxosModel {
@@ -413,6 +473,11 @@ impl Model for PaxosModel {
                 for &proposal in &world.unproposed {
                     steps.push(Step::Propose(id, proposal));
                 }
+            }
+            // Only a leader does anything with a read (the others answer `NotLeader`
+            // at once), so reads are offered to leaders alone.
+            if world.budget.reads > 0 && node.core.is_leading() {
+                steps.push(Step::Read(id));
             }
         }
     }
@@ -470,6 +535,8 @@ impl Model for PaxosModel {
                 );
                 node.persisting.clear();
                 node.applied.clear();
+                // Its clients' reads die with it.
+                next.reads.retain(|read| read.node != id);
             }
             Step::Propose(id, proposal) => {
                 next.unproposed.retain(|&p| p != proposal);
@@ -482,6 +549,31 @@ impl Model for PaxosModel {
                     origin: Origin { node: id, request },
                 };
                 next.handle(id, Event::Propose { request, command });
+            }
+            Step::Read(id) => {
+                next.budget.reads -= 1;
+                let known_chosen = next
+                    .nodes
+                    .iter()
+                    .map(|n| n.core.status().chosen_index)
+                    .chain(next.applied_anywhere.keys().next_back().copied())
+                    .max()
+                    .unwrap_or(0);
+                let node = &mut next.nodes[World::index(id)];
+                let request = node.next_request;
+                node.next_request += 1;
+                next.reads.push(PendingRead {
+                    node: id,
+                    request,
+                    floor: known_chosen,
+                });
+                next.handle(
+                    id,
+                    Event::Read {
+                        request,
+                        mode: ReadMode::ReadIndex,
+                    },
+                );
             }
         }
         next.seal();
@@ -497,6 +589,14 @@ impl Model for PaxosModel {
             }),
             Property::sometimes(NEW_LEADER_DECIDED_AFTER_CRASH, |_, world: &World| {
                 world.new_leader_decided_contested_slot() && world.budget.crashes == 0
+            }),
+            Property::sometimes(NEW_LEADER_HOLDS_AN_EARLY_READ, |_, world: &World| {
+                world.new_leader_holds_an_early_read()
+            }),
+            Property::sometimes(NEW_LEADER_SERVED_A_READ, |_, world: &World| {
+                world
+                    .first_leader
+                    .is_some_and(|first| world.reads_served_by.iter().any(|&n| n != first))
             }),
         ]
     }
@@ -538,6 +638,31 @@ impl PaxosModel {
             }
         }
         panic!("the cluster did not settle");
+    }
+
+    /// Delivers messages and finishes persists, in canonical order, until a replica
+    /// other than the scripted first leader leads.
+    fn until_new_leader(&self, world: &World) -> World {
+        let first = world.first_leader.expect("a scripted first leader");
+        let mut world = world.clone();
+        for _ in 0..10_000 {
+            if world
+                .nodes
+                .iter()
+                .any(|n| n.core.id() != first && n.core.is_leading())
+            {
+                return world;
+            }
+            if let Some(node) = world.nodes.iter().find(|n| !n.persisting.is_empty()) {
+                let id = node.core.id();
+                world = self.step(&world, Step::FinishPersist(id));
+            } else if !world.network.is_empty() {
+                world = self.step(&world, Step::Deliver(0));
+            } else {
+                panic!("script: no new leader\n{world:?}");
+            }
+        }
+        panic!("script: no new leader");
     }
 
     /// A leader elected (whichever the script's timeouts elect: node 2 today), its
@@ -611,6 +736,7 @@ const SCRIPT_BUDGET: Budget = Budget {
     crashes: u8::MAX,
     losses: u8::MAX,
     duplicates: 0,
+    reads: 0,
 };
 
 fn depth(default: usize) -> usize {
@@ -711,6 +837,7 @@ const FRESH_BUDGET: Budget = Budget {
     crashes: 1,
     losses: 0,
     duplicates: 1,
+    reads: 0,
 };
 
 /// From a scripted state: enough for two replicas to time out (a new election) and
@@ -720,6 +847,7 @@ const SCENARIO_BUDGET: Budget = Budget {
     crashes: 1,
     losses: 0,
     duplicates: 0,
+    reads: 0,
 };
 
 fn model(params: Params, init: impl FnOnce(&PaxosModel) -> World) -> PaxosModel {
@@ -828,6 +956,69 @@ fn the_model_check_catches_an_accept_acknowledged_before_it_is_durable() {
             ..params()
         },
         Search::UntilViolation,
+    )
+    .expect_counterexample();
+}
+
+/// A read at a new leader elected after a value only the old leader knew was chosen
+/// (and applied: a client may have had its answer). Scripted up to the moment a new
+/// leader has won Phase 1 (the other two time out; messages and persists then run in
+/// their canonical order); the search explores what follows with a read at either
+/// leader at any point. The new leader must not declare the read ready before its own
+/// first entry is applied (`ready_slot`), which comes after the contested slot.
+fn read_during_new_election_search(params: Params, search: Search, depth: usize) -> Searched {
+    let budget = Budget {
+        clock_steps: 1,
+        crashes: 0,
+        reads: 1,
+        ..SCENARIO_BUDGET
+    };
+    let model = model(params, |m| {
+        let mut world = m.chosen_known_only_to_leader();
+        let first = world.leader().expect("elected");
+        for id in NODES.into_iter().filter(|&n| n != first) {
+            world = m.step(&world, Step::Clock(id));
+        }
+        let mut world = m.until_new_leader(&world);
+        // No second proposal: the depth goes to the read and the entries in flight.
+        world.unproposed.clear();
+        world.with_budget(budget)
+    });
+    check(model, depth, search)
+}
+
+/// Every interleaving of up to 7 steps after the new leader's election (depth 9: the
+/// start state counts as 1, states at the bound are not expanded), a read at either
+/// leader among them: no stale read, and the early read is reached. Serving it takes
+/// the new leader more steps (its accepts persisted and acknowledged, then a heartbeat
+/// round); the long run below goes that far.
+#[test]
+fn a_read_at_a_new_leader_sees_the_value_its_predecessor_alone_knew_was_chosen() {
+    let checker = read_during_new_election_search(params(), Search::Exhaustive, depth(9));
+    checker.assert_agreement();
+    checker.assert_reached(NEW_LEADER_HOLDS_AN_EARLY_READ);
+}
+
+/// The search above, deep enough for the new leader to serve the early read.
+#[test]
+#[ignore = "long run: cargo test --release -p paxwasm --test model_check -- --include-ignored"]
+fn a_read_at_a_new_leader_is_served_once_it_applied_the_contested_slot() {
+    let checker = read_during_new_election_search(params(), Search::LowMemory, depth(14));
+    checker.assert_agreement();
+    checker.assert_reached(NEW_LEADER_SERVED_A_READ);
+}
+
+/// Teeth of the test above: a new leader serving reads before its first entry is
+/// applied answers from a state without the value its predecessor chose.
+#[test]
+fn the_model_check_catches_a_new_leader_reading_before_it_is_ready() {
+    read_during_new_election_search(
+        Params {
+            bug_reads_before_ready: true,
+            ..params()
+        },
+        Search::UntilViolation,
+        depth(9),
     )
     .expect_counterexample();
 }
