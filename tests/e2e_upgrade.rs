@@ -622,14 +622,18 @@ fn a_slow_compile_pauses_applying_but_not_consensus() {
 /// batch call, and all reach the same state hash. Node 3 restarted as the new build:
 /// the rules rise to 2 at one slot on every replica, runs of commands go in batch
 /// calls, every acknowledged write reads back and the hashes agree. Node 3 started as
-/// the older build again meets rules 2 in its log and halts (exit 70) rather than
-/// apply differently from its peers.
+/// the older build again finds rules 2 in its newest snapshot and halts (exit 70),
+/// keeping the file, rather than apply differently from its peers.
 #[test]
 fn apply_rules_rise_only_when_every_member_implements_them() {
     let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    const OLDER_BUILD: &[&str] = &["--apply-rules-max", "1"];
-    let mut cluster = start_with(dir.path(), |i| if i == 2 { OLDER_BUILD } else { &[] });
+    const OLDER_BUILD: &[&str] = &["--apply-rules-max", "1", "--snapshot-entries", "50"];
+    const THIS_BUILD: &[&str] = &["--snapshot-entries", "50"];
+    let mut cluster = start_with(
+        dir.path(),
+        |i| if i == 2 { OLDER_BUILD } else { THIS_BUILD },
+    );
     let addrs = cluster.addrs();
     support::deploy_through_leader(&cluster, &kv);
     let rules_everywhere = |cluster: &Cluster, rules: u64| {
@@ -665,15 +669,27 @@ fn apply_rules_rise_only_when_every_member_implements_them() {
 
     // The upgrade of node 3 to this build.
     cluster.kill(2);
-    cluster.spawn(2, &[]);
+    cluster.spawn(2, THIS_BUILD);
     wait_until(
         "apply rules 2 on every replica",
         &cluster,
         Duration::from_secs(30),
         || rules_everywhere(&cluster, 2).then_some(()),
     );
+    let raised_by = support::status(&addrs[2]).unwrap()["applied_index"]
+        .as_u64()
+        .unwrap();
     let since = writers.acks();
     writers.wait_for_acks(&cluster, "writes under rules 2", since, 300);
+    wait_until(
+        "a snapshot of node 3 under rules 2",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            let snapshot = support::status(&addrs[2])?["snapshot_index"].as_u64()?;
+            (snapshot > raised_by).then_some(())
+        },
+    );
     let acknowledged = writers.stop();
     let (index, _) = support::wait_converged(&cluster);
     for addr in &addrs {
@@ -692,7 +708,10 @@ fn apply_rules_rise_only_when_every_member_implements_them() {
         assert_eq!(log.matches("apply rules raised").count(), 1, "{log}");
     }
 
-    // Back to the older build: it cannot apply the rules entry in its log.
+    // Back to the older build: it cannot restore its newest snapshot.
+    let snapshots_before = std::fs::read_dir(cluster.data_dir(2).join("snapshots"))
+        .unwrap()
+        .count();
     cluster.kill(2);
     cluster.spawn(2, OLDER_BUILD);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -712,8 +731,19 @@ fn apply_rules_rise_only_when_every_member_implements_them() {
     assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
     let log = cluster.log_of(2);
     assert!(
-        log.contains("puts apply rules 2 in force; this host implements rules 1 to 1"),
+        log.contains("paxwasm: HALT: the snapshot of slot")
+            && log.contains("puts apply rules 2 in force; this host implements rules 1 to 1"),
         "{log}"
+    );
+    // Kept for the newer build: nothing was set aside as corrupt.
+    let snapshots = std::fs::read_dir(cluster.data_dir(2).join("snapshots"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(snapshots.len(), snapshots_before, "{snapshots:?}");
+    assert!(
+        snapshots.iter().all(|name| !name.contains("corrupt")),
+        "{snapshots:?}"
     );
     assert!(index > 0);
 }

@@ -9,8 +9,9 @@
 //!   proposed: a module of several MiB would be one giant entry compiled on the core task);
 //! - `2`, a module chunk, and `3`, an upgrade naming a staged module: see `upgrade.rs`;
 //! - `4`, a member's addresses: see `members.rs`;
-//! - `5`, then `rules u32` (LE): from this slot on, apply with these apply rules (see
-//!   `APPLY_RULES_MAX`). Proposed by a leader once every member says it implements them.
+//! - `5`, then `rules u32` (LE): from the next payload on, apply with these apply rules
+//!   (see `APPLY_RULES_MAX`). Proposed by a leader once every member says it implements
+//!   them.
 //!
 //! Result bytes (what the applier stores in the dedup table and hands back), first byte:
 //! - `0` output: the module's output follows;
@@ -255,15 +256,8 @@ impl WasmApp {
         snapshot: &NodeSnapshot,
     ) -> Result<WasmApp, String> {
         let mut app = WasmApp::with_compiler(compiler.clone());
-        let rules = snapshot.app.apply_rules;
-        if rules > compiler.apply_rules_max() {
-            return Err(rules_too_new(
-                rules,
-                "the snapshot",
-                compiler.apply_rules_max(),
-            ));
-        }
-        app.apply_rules = rules;
+        WasmApp::check_snapshot_rules(compiler, snapshot)?;
+        app.apply_rules = snapshot.app.apply_rules;
         app.addresses = snapshot.addresses.clone().unwrap_or_default();
         if let Some(staged) = &snapshot.staged {
             if staged.is_complete() {
@@ -298,6 +292,25 @@ impl WasmApp {
         app.machine = Some(machine);
         app.module_bytes = Some(Arc::new(snapshot.module_bytes.clone()));
         Ok(app)
+    }
+
+    /// Whether this host implements the snapshot's apply rules. A snapshot that is
+    /// fine but too new for this host is no reason to set the file aside or fetch
+    /// another: callers halt on it (`halt_for_rules`), like a replica meeting the rules
+    /// entry in its log.
+    pub fn check_snapshot_rules(
+        compiler: &Compiler,
+        snapshot: &NodeSnapshot,
+    ) -> Result<(), String> {
+        let rules = snapshot.app.apply_rules;
+        if rules > compiler.apply_rules_max() {
+            return Err(rules_too_new(
+                rules,
+                &format!("the snapshot of slot {}", snapshot.slot),
+                compiler.apply_rules_max(),
+            ));
+        }
+        Ok(())
     }
 
     /// Captures the state for a snapshot. The machine part is the only costly step: the
@@ -652,6 +665,11 @@ impl WasmApp {
     }
 }
 
+/// Stops the process: `reason` from `check_snapshot_rules`.
+pub fn halt_for_rules(reason: &str) -> ! {
+    halt(reason)
+}
+
 fn rules_too_new(rules: u32, source: &str, supported: u32) -> String {
     format!(
         "{source} puts apply rules {rules} in force; this host implements rules 1 to \
@@ -732,21 +750,23 @@ impl StateMachine for WasmApp {
 
     /// Under apply rules 2, runs of consecutive commands go to the machine with one
     /// `apply_batch` (one guest call per run when the module takes batches); everything
-    /// else goes through `apply`. The runs follow from the slot's payloads alone.
+    /// else goes through `apply`. The runs follow from the slot's payloads and the
+    /// rules in force before each payload alone.
     fn apply_all(
         &mut self,
         payloads: &[&[u8]],
         context: &ApplyContext,
         results: &mut Vec<Vec<u8>>,
     ) {
-        if self.apply_rules < APPLY_RULES_BATCHES {
-            for payload in payloads {
-                results.push(self.apply(payload, context));
-            }
-            return;
-        }
         let mut rest = payloads;
         while let Some((&first, after_first)) = rest.split_first() {
+            // Checked again after every entry: a rules entry takes effect at the next
+            // payload, even inside this group.
+            if self.apply_rules < APPLY_RULES_BATCHES {
+                results.push(self.apply(first, context));
+                rest = after_first;
+                continue;
+            }
             let commands = rest
                 .iter()
                 .take_while(|payload| payload.first() == Some(&ENVELOPE_COMMAND))
@@ -991,11 +1011,41 @@ mod tests {
         assert_eq!(restored.apply_rules(), APPLY_RULES_BATCHES);
         let mut older = Compiler::new(MachineConfig::default());
         older.set_apply_rules_max(APPLY_RULES_ONE_CALL_PER_COMMAND);
-        let error = WasmApp::from_snapshot(&older, &snapshot).err().unwrap();
-        assert!(
-            error.contains("puts apply rules 2 in force; this host implements rules 1 to 1"),
-            "{error}"
+        let error = WasmApp::check_snapshot_rules(&older, &snapshot).unwrap_err();
+        assert_eq!(
+            error,
+            format!(
+                "the snapshot of slot {slot} puts apply rules 2 in force; this host \
+                 implements rules 1 to 1: run a newer paxwasm on this replica"
+            )
         );
+        assert_eq!(WasmApp::from_snapshot(&older, &snapshot).err(), Some(error));
+        assert_eq!(
+            WasmApp::check_snapshot_rules(app.compiler(), &snapshot),
+            Ok(())
+        );
+    }
+
+    /// A rules entry takes effect at the payload after it, also inside one group.
+    #[test]
+    fn an_apply_rules_entry_inside_a_group_takes_effect_at_the_next_payload() {
+        let kv = example("kv");
+        let mut app = WasmApp::new(MachineConfig::default());
+        let mut results = Vec::new();
+        app.apply_all(&[&install_envelope(&kv, false)], &ctx(1), &mut results);
+        let payloads = [
+            command_envelope(b"put a 1"),
+            command_envelope(b"put b 2"),
+            apply_rules_envelope(APPLY_RULES_BATCHES),
+            command_envelope(b"put c 3"),
+            command_envelope(b"put d 4"),
+        ];
+        let payloads: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        results.clear();
+        app.apply_all(&payloads, &ctx(2), &mut results);
+        assert_eq!(results.len(), 5);
+        let stats = app.batch_stats();
+        assert_eq!((stats.calls, stats.commands), (1, 2), "c and d in one call");
     }
 
     #[test]

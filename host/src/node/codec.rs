@@ -10,7 +10,7 @@
 //! snapshot transfer, `KIND_CHECKPOINT` = state-hash checkpoint report,
 //! `KIND_RESULT` = the result of a forwarded command), body. A peer info alone may end
 //! in optional fields (read when present; bytes after the last one a build knows are
-//! ignored, so builds of a rolling upgrade still read each other's); every other
+//! ignored, so builds from session 10 on still read each other's); every other
 //! payload with trailing bytes is refused.
 //! Store value of an accepted entry: `version u8 = 1`, then a `LogEntry`.
 //! Field layouts are in docs/notes/node.md.

@@ -142,6 +142,8 @@ pub(crate) struct PeerSeen {
     pub applied_index: Option<Slot>,
     /// The highest apply rules the peer says it implements (`None`: not said).
     pub apply_rules_max: Option<u32>,
+    /// Tick count (`TickClock::delivered`) of the peer's last info.
+    pub info_at_tick: u64,
 }
 
 pub(crate) struct Core {
@@ -402,6 +404,8 @@ impl Loop {
             self.step(Event::Tick { now_ms: now_ms() });
             if ticks.is_multiple_of(info_every_ticks) {
                 self.send_peer_info();
+                // Also here: a replica alone in its configuration hears no info.
+                self.maybe_raise_apply_rules();
                 self.waiters.retain(|_, waiter| !waiter.is_closed());
                 self.prune_departing(None);
             }
@@ -533,6 +537,7 @@ impl Loop {
                 seen.chosen_index = Some(info.chosen_index);
                 seen.applied_index = Some(info.applied_index);
                 seen.apply_rules_max = info.apply_rules_max;
+                seen.info_at_tick = self.clock.delivered;
                 self.maybe_raise_apply_rules();
             }
             Ok(WireMessage::Checkpoint(report)) => {
@@ -1418,25 +1423,28 @@ impl Loop {
         self.request_repair();
     }
 
-    /// Leading, proposes the highest apply rules every member implements (by its last
-    /// peer info) when they are above the rules in force. Rules only rise, and only to
-    /// what every member of the configuration can apply, so no replica of a rolling
-    /// upgrade meets rules it does not know; a member that never said (an older
-    /// build) keeps the rules where they are.
+    /// Leading, proposes the highest apply rules every member implements (by its
+    /// recent peer info) when they are above the rules in force. Rules only rise, and
+    /// only to what every member of the configuration can apply, so no replica of a
+    /// rolling upgrade meets rules it does not know; a member that never said (an
+    /// older build), or not in the last two info rounds (it may be restarting as
+    /// another build), keeps the rules where they are.
     fn maybe_raise_apply_rules(&mut self) {
         if self.core.replica.status().leading.is_none() {
             return;
         }
+        let info_ticks = (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
+        let now = self.clock.delivered;
         let mut rules = self.core.applier.machine.compiler().apply_rules_max();
         for member in self.core.replica.configuration().members() {
             if member == self.core.id {
                 continue;
             }
-            match self
+            let recent = self
                 .peers
                 .get(&member)
-                .and_then(|seen| seen.apply_rules_max)
-            {
+                .filter(|seen| now.saturating_sub(seen.info_at_tick) <= 2 * info_ticks);
+            match recent.and_then(|seen| seen.apply_rules_max) {
                 Some(peer_max) => rules = rules.min(peer_max),
                 None => return,
             }
@@ -1445,8 +1453,7 @@ impl Loop {
             return;
         }
         // Once per few peer-info rounds: the entry takes a round trip to apply.
-        let retry_ticks = 4 * (self.core.peer_info_interval_ms / self.core.tick_ms).max(1);
-        let now = self.clock.delivered;
+        let retry_ticks = 4 * info_ticks;
         if self
             .apply_rules_proposed
             .is_some_and(|(proposed, at)| proposed == rules && now < at + retry_ticks)

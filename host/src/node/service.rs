@@ -268,7 +268,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<(Node, Running)> {
         commit_index: recovered.chosen.unwrap_or(0).max(restored.slot()),
         applied_index: restored.slot(),
         snapshot_index: restored.slot(),
-        apply_rules: super::app::APPLY_RULES_ONE_CALL_PER_COMMAND,
+        apply_rules: restored
+            .state
+            .as_ref()
+            .map_or(super::app::APPLY_RULES_ONE_CALL_PER_COMMAND, |(app, ..)| {
+                app.apply_rules()
+            }),
         module: None,
         history: Vec::new(),
         state_hash: None,
@@ -664,6 +669,10 @@ fn restore_newest_snapshot(
                 state: None,
             });
         };
+        if let Err(reason) = WasmApp::check_snapshot_rules(compiler, &snapshot) {
+            // A sound file from a newer cluster: keep it for the newer build.
+            crate::node::app::halt_for_rules(&reason);
+        }
         match WasmApp::from_snapshot(compiler, &snapshot) {
             Ok(app) => {
                 tracing::info!(slot = file.id.slot, bytes = file.id.file_bytes, path = %file.path.display(), "restored the state machine from a snapshot");
