@@ -198,6 +198,25 @@ fn deploy(cluster: &Cluster, addr: &str, module: &[u8], migrate: bool) -> Deploy
     panic!("{id} could not be deployed\n{}", cluster.log_tail());
 }
 
+/// Waits up to 30 s for node `i`'s process to exit (a halt); its exit status.
+fn wait_for_exit(cluster: &mut Cluster, i: usize) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let child = cluster.nodes[i].child.as_mut().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            cluster.nodes[i].child = None;
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not halt\n{}",
+            cluster.nodes[i].id,
+            cluster.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn query(addr: &str, query: &[u8]) -> Response {
     probe::request(addr, "POST", "/v1/queries", &[], query, REQUEST_TIMEOUT).unwrap()
 }
@@ -479,20 +498,7 @@ fn a_replica_that_cannot_compile_a_chosen_module_halts() {
     });
     let deployed = deploy(&cluster, &addrs[0], &kv, false);
     assert_eq!((deployed.status, &deployed.text), (200, &module_id(&kv)));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let child = cluster.nodes[2].child.as_mut().unwrap();
-        if let Some(status) = child.try_wait().unwrap() {
-            cluster.nodes[2].child = None;
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node 3 did not halt\n{}",
-            cluster.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit(&mut cluster, 2);
     assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
     let log = cluster.log_of(2);
     let line = format!(
@@ -714,20 +720,7 @@ fn apply_rules_rise_only_when_every_member_implements_them() {
         .count();
     cluster.kill(2);
     cluster.spawn(2, OLDER_BUILD);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let child = cluster.nodes[2].child.as_mut().unwrap();
-        if let Some(status) = child.try_wait().unwrap() {
-            cluster.nodes[2].child = None;
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node 3 did not halt\n{}",
-            cluster.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit(&mut cluster, 2);
     assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
     let log = cluster.log_of(2);
     assert!(

@@ -623,11 +623,14 @@ impl PaxosModel {
         self.step(world, Step::Deliver(i))
     }
 
-    /// Delivers every message and finishes every persist until nothing is left
-    /// (no clock steps, so it ends).
-    fn settle(&self, world: &World) -> World {
+    /// Finishes persists and delivers messages, in canonical order, until `done` holds
+    /// or nothing is left (no clock steps, so it ends).
+    fn run_until(&self, world: &World, done: impl Fn(&World) -> bool) -> World {
         let mut world = world.clone();
         for _ in 0..10_000 {
+            if done(&world) {
+                return world;
+            }
             if let Some(node) = world.nodes.iter().find(|n| !n.persisting.is_empty()) {
                 let id = node.core.id();
                 world = self.step(&world, Step::FinishPersist(id));
@@ -640,29 +643,23 @@ impl PaxosModel {
         panic!("the cluster did not settle");
     }
 
-    /// Delivers messages and finishes persists, in canonical order, until a replica
-    /// other than the scripted first leader leads.
+    /// Delivers every message and finishes every persist until nothing is left.
+    fn settle(&self, world: &World) -> World {
+        self.run_until(world, |_| false)
+    }
+
+    /// `run_until` a replica other than the scripted first leader leads.
     fn until_new_leader(&self, world: &World) -> World {
         let first = world.first_leader.expect("a scripted first leader");
-        let mut world = world.clone();
-        for _ in 0..10_000 {
-            if world
+        let new_leader = |world: &World| {
+            world
                 .nodes
                 .iter()
                 .any(|n| n.core.id() != first && n.core.is_leading())
-            {
-                return world;
-            }
-            if let Some(node) = world.nodes.iter().find(|n| !n.persisting.is_empty()) {
-                let id = node.core.id();
-                world = self.step(&world, Step::FinishPersist(id));
-            } else if !world.network.is_empty() {
-                world = self.step(&world, Step::Deliver(0));
-            } else {
-                panic!("script: no new leader\n{world:?}");
-            }
-        }
-        panic!("script: no new leader");
+        };
+        let world = self.run_until(world, new_leader);
+        assert!(new_leader(&world), "script: no new leader\n{world:?}");
+        world
     }
 
     /// A leader elected (whichever the script's timeouts elect: node 2 today), its
