@@ -11,6 +11,9 @@
 //! 4. the same module padded with a 4 MiB custom section is deployed while clients write:
 //!    command latency before and during the deploy is printed (`cargo test --test
 //!    e2e_upgrade -- --nocapture`), and commands must keep completing during it.
+//!
+//! Other clusters: replicas that cannot compile or compile slowly, and apply rules
+//! (how commands become Wasm calls) across a rolling upgrade of the binary.
 
 mod support;
 
@@ -739,4 +742,77 @@ fn apply_rules_rise_only_when_every_member_implements_them() {
         "{snapshots:?}"
     );
     assert!(index > 0);
+}
+
+/// A learner of an older build added after the cluster raised its apply rules joins
+/// from a snapshot taken under rules it does not implement: it halts (exit 70) with
+/// the reason instead of following the log differently. (The leader never raises
+/// past a member; a learner added later is the case its check cannot prevent.)
+#[test]
+fn a_learner_of_an_older_build_added_after_the_raise_halts() {
+    let kv = std::fs::read(paxwasm::examples::example_module("kv").expect("build kv")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(dir.path(), NODES + 1, NODES, "e2e-upgrade", &[]);
+    for i in 0..NODES {
+        cluster.spawn(i, &["--snapshot-entries", "20"]);
+    }
+    let addrs: Vec<String> = cluster.addrs()[..NODES].to_vec();
+    support::deploy_through_leader(&cluster, &kv);
+    wait_until(
+        "apply rules 2 on the members",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            addrs
+                .iter()
+                .all(|addr| {
+                    support::status(addr).is_some_and(|s| s["apply_rules"].as_u64() == Some(2))
+                })
+                .then_some(())
+        },
+    );
+    let writers = support::Writers::start(addrs.clone(), 4, |seq| format!("v{seq}"));
+    writers.wait_for_acks(&cluster, "writes under rules 2", 0, 100);
+
+    let learner = NODES;
+    cluster.spawn_with(
+        learner,
+        None,
+        &["--apply-rules-max", "1", "--snapshot-entries", "20"],
+    );
+    let body = serde_json::json!({
+        "id": cluster.nodes[learner].id,
+        "peer": cluster.nodes[learner].peer,
+        "http": cluster.nodes[learner].http,
+    })
+    .to_string();
+    let mut attempt = 0;
+    wait_until(
+        "the learner added",
+        &cluster,
+        Duration::from_secs(30),
+        || {
+            attempt += 1;
+            let reply = probe::request(
+                &addrs[attempt % NODES],
+                "POST",
+                "/v1/cluster/members",
+                &[],
+                body.as_bytes(),
+                REQUEST_TIMEOUT,
+            )
+            .ok()?;
+            (reply.status == 200).then_some(())
+        },
+    );
+    // The writers go on, so a snapshot newer than the addition is taken for it.
+    let status = wait_for_exit(&mut cluster, learner);
+    writers.stop();
+    assert_eq!(status.code(), Some(70), "{}", cluster.log_tail());
+    let log = cluster.log_of(learner);
+    assert!(
+        log.contains("paxwasm: HALT: the snapshot of slot")
+            && log.contains("puts apply rules 2 in force; this host implements rules 1 to 1"),
+        "{log}"
+    );
 }
