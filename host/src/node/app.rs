@@ -44,7 +44,7 @@ const ENVELOPE_APPLY_RULES: u8 = 5;
 /// Apply rules: how this host turns a slot's commands into machine calls. The choice
 /// shows in the state (a batch call leaves other bytes in linear memory than the same
 /// commands one call each: the framed input, the guest's stack), so it is replicated:
-/// every replica applies a slot under the rules the log put in force before it, and a
+/// every replica applies each payload under the rules the log put in force before it, and a
 /// host that changes how it applies adds a number here instead of changing what a
 /// number means. 1: one `paxwasm_apply` call per command (every state before the rules
 /// entry existed). 2: a run of two or more consecutive commands of a slot in one
@@ -80,7 +80,7 @@ pub fn command_envelope(command: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The entry that puts apply rules `rules` in force from its slot on.
+/// The entry that puts apply rules `rules` in force from the payload after it on.
 pub fn apply_rules_envelope(rules: u32) -> Vec<u8> {
     let mut out = vec![ENVELOPE_APPLY_RULES];
     out.extend_from_slice(&rules.to_le_bytes());
