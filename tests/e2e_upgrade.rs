@@ -17,14 +17,13 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paxwasm::node::probe::{self, Response};
-use support::{converged, get, leader, submit, wait_until, Cluster, REQUEST_TIMEOUT};
+use support::{
+    converged, get, leader, submit, wait_until, Acked, Cluster, Writers, REQUEST_TIMEOUT,
+};
 
 const NODES: usize = 3;
 const CLIENTS: usize = 4;
@@ -224,81 +223,6 @@ fn query(addr: &str, query: &[u8]) -> Response {
     probe::request(addr, "POST", "/v1/queries", &[], query, REQUEST_TIMEOUT).unwrap()
 }
 
-/// One acknowledged write: its key, value, when it was sent and how long it took.
-#[derive(Clone)]
-struct Acked {
-    key: String,
-    value: String,
-    sent: Instant,
-    latency: Duration,
-}
-
-/// Clients that write their own keys (`put K V`) until stopped; only 200 answers count.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<Acked>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(addrs: Vec<String>, prefix: &str) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-        let threads = (0..CLIENTS)
-            .map(|client| {
-                let (addrs, stop, acked) = (addrs.clone(), stop.clone(), acked.clone());
-                let prefix = prefix.to_string();
-                std::thread::spawn(move || {
-                    let mut target = client % addrs.len();
-                    let mut seq = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        seq += 1;
-                        let key = format!("{prefix}{client}-{seq}");
-                        let value = format!("v{seq}");
-                        let command = format!("put {key} {value}");
-                        for _attempt in 0..8 {
-                            let sent = Instant::now();
-                            match submit(&addrs[target], command.as_bytes(), &key) {
-                                Ok(reply) if reply.status == 200 => {
-                                    acked.lock().unwrap().push(Acked {
-                                        key: key.clone(),
-                                        value: value.clone(),
-                                        sent,
-                                        latency: sent.elapsed(),
-                                    });
-                                    break;
-                                }
-                                _ => {
-                                    target = (target + 1) % addrs.len();
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            stop,
-            acked,
-            threads,
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    fn stop(self) -> Vec<Acked> {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            thread.join().expect("client thread");
-        }
-        let acked = self.acked.lock().unwrap().clone();
-        acked
-    }
-}
-
 /// `(count, p50, p99, max)` latency in ms of the writes sent within `[from, to)`.
 fn latency(acked: &[Acked], from: Instant, to: Instant) -> (usize, f64, f64, f64) {
     let mut ms: Vec<f64> = acked
@@ -312,12 +236,6 @@ fn latency(acked: &[Acked], from: Instant, to: Instant) -> (usize, f64, f64, f64
     }
     let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
     (ms.len(), at(0.5), at(0.99), *ms.last().unwrap())
-}
-
-fn wait_for_writes(cluster: &Cluster, writers: &Writers, more_than: usize) {
-    wait_until("client writes", cluster, Duration::from_secs(30), || {
-        (writers.acked() > more_than).then_some(())
-    });
 }
 
 #[test]
@@ -337,18 +255,14 @@ fn upgrades_travel_through_the_log_under_load() {
     // 1. kv, then kv → kv_v2 with migration while clients write.
     let deployed = deploy(&cluster, entry, &kv, false);
     assert_eq!((deployed.status, deployed.text), (200, module_id(&kv)));
-    let writers = Writers::start(addrs.clone(), "k");
-    wait_for_writes(&cluster, &writers, 200);
+    let writers = Writers::start(addrs.clone(), CLIENTS, |seq| format!("v{seq}"));
+    writers.wait_for_acks(&cluster, "client writes", 0, 200);
     let deployed = deploy(&cluster, entry, &kv_v2, true);
     assert_eq!((deployed.status, &deployed.text), (200, &module_id(&kv_v2)));
     let upgrade_index = deployed.index;
-    let acked_at_upgrade = writers.acked();
-    wait_for_writes(&cluster, &writers, acked_at_upgrade + 200);
-    let acked = writers.stop();
-    let keys: BTreeMap<String, String> = acked
-        .iter()
-        .map(|a| (a.key.clone(), a.value.clone()))
-        .collect();
+    let acked_at_upgrade = writers.acks();
+    writers.wait_for_acks(&cluster, "client writes", acked_at_upgrade, 200);
+    let keys = writers.stop();
     for (key, value) in &keys {
         let addr = &addrs[key.len() % NODES];
         let reply = query(addr, format!("get {key}").as_bytes());
@@ -415,8 +329,8 @@ fn upgrades_travel_through_the_log_under_load() {
 
     // 4. A 4 MiB module deployed while clients write.
     let large = counter_module(PADDING_BYTES);
-    let writers = Writers::start(addrs.clone(), "w");
-    wait_for_writes(&cluster, &writers, 100);
+    let writers = Writers::start(addrs.clone(), CLIENTS, |seq| format!("v{seq}"));
+    writers.wait_for_acks(&cluster, "client writes", 0, 100);
     let before = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let deploy_started = Instant::now();
@@ -425,7 +339,8 @@ fn upgrades_travel_through_the_log_under_load() {
     assert_eq!((deployed.status, deployed.text), (200, module_id(&large)));
     let large_index = deployed.index;
     std::thread::sleep(Duration::from_millis(500));
-    let acked = writers.stop();
+    // The app is the counter now: its outputs are not kv's `OK`.
+    let acked = writers.stop_all();
     let (n_before, p50_before, p99_before, max_before) = latency(&acked, before, deploy_started);
     let (n_during, p50_during, p99_during, max_during) =
         latency(&acked, deploy_started, deploy_ended);
@@ -652,7 +567,7 @@ fn apply_rules_rise_only_when_every_member_implements_them() {
     };
     let batch_calls = |addr: &str| support::metric(addr, "paxwasm_apply_batch_calls_total");
 
-    let writers = support::Writers::start(addrs.clone(), 8, |seq| format!("v{seq}"));
+    let writers = Writers::start(addrs.clone(), 8, |seq| format!("v{seq}"));
     writers.wait_for_acks(&cluster, "writes under rules 1", 0, 300);
     // The leader has heard node 3's peer info (every 500 ms) several times by now.
     wait_until(
@@ -771,7 +686,7 @@ fn a_learner_of_an_older_build_added_after_the_raise_halts() {
                 .then_some(())
         },
     );
-    let writers = support::Writers::start(addrs.clone(), 4, |seq| format!("v{seq}"));
+    let writers = Writers::start(addrs.clone(), 4, |seq| format!("v{seq}"));
     writers.wait_for_acks(&cluster, "writes under rules 2", 0, 100);
 
     let learner = NODES;

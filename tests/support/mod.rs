@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -353,25 +353,33 @@ pub fn signal(cluster: &Cluster, i: usize, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// One acknowledged write: its key, value and output, when it was sent and how long it
+/// took (retries included).
+#[derive(Clone)]
+pub struct Acked {
+    pub key: String,
+    pub value: String,
+    pub output: Vec<u8>,
+    pub sent: Instant,
+    pub latency: Duration,
+}
+
 /// Concurrent writers: writer `w` puts keys `c<w>-k<n>` (n = 1, 2, ...) with the value
 /// `value(n)`, retrying a failed write with the same idempotency key on the next node
 /// (applied at most once); only 200 answers count as acknowledged.
 pub struct Writers {
-    acknowledged: Arc<Mutex<BTreeMap<String, String>>>,
-    acks_total: Arc<AtomicUsize>,
+    acked: Arc<Mutex<Vec<Acked>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Writers {
     pub fn start(addrs: Vec<String>, count: usize, value: fn(usize) -> String) -> Writers {
-        let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-        let acks_total = Arc::new(AtomicUsize::new(0));
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..count)
             .map(|writer| {
-                let (addrs, acknowledged) = (addrs.clone(), acknowledged.clone());
-                let (acks_total, stop) = (acks_total.clone(), stop.clone());
+                let (addrs, acked, stop) = (addrs.clone(), acked.clone(), stop.clone());
                 std::thread::spawn(move || {
                     let mut target = writer % addrs.len();
                     let mut seq = 0;
@@ -379,16 +387,18 @@ impl Writers {
                         seq += 1;
                         let key = format!("c{writer}-k{seq}");
                         let value = value(seq);
+                        let sent = Instant::now();
                         for _attempt in 0..8 {
                             match submit(&addrs[target], format!("put {key} {value}"), &key) {
                                 Ok(reply) if reply.status == 200 => {
-                                    assert_eq!(reply.text(), "OK");
                                     assert!(reply.header("paxwasm-index").is_some());
-                                    acknowledged
-                                        .lock()
-                                        .unwrap()
-                                        .insert(key.clone(), value.clone());
-                                    acks_total.fetch_add(1, Ordering::Relaxed);
+                                    acked.lock().unwrap().push(Acked {
+                                        key: key.clone(),
+                                        value: value.clone(),
+                                        output: reply.body,
+                                        sent,
+                                        latency: sent.elapsed(),
+                                    });
                                     break;
                                 }
                                 _ => {
@@ -402,8 +412,7 @@ impl Writers {
             })
             .collect();
         Writers {
-            acknowledged,
-            acks_total,
+            acked,
             stop,
             threads,
         }
@@ -411,7 +420,7 @@ impl Writers {
 
     /// Writes acknowledged so far.
     pub fn acks(&self) -> usize {
-        self.acks_total.load(Ordering::Relaxed)
+        self.acked.lock().unwrap().len()
     }
 
     /// Waits until `more` writes beyond `since` were acknowledged.
@@ -421,13 +430,25 @@ impl Writers {
         });
     }
 
-    /// Stops the writers; returns every acknowledged key and value.
-    pub fn stop(self) -> BTreeMap<String, String> {
+    /// Stops the writers; returns every acknowledged write, in the order answered.
+    pub fn stop_all(self) -> Vec<Acked> {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads {
             thread.join().expect("writer thread");
         }
-        let acknowledged = self.acknowledged.lock().unwrap().clone();
-        acknowledged
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+
+    /// Stops the writers of a kv app; returns every acknowledged key and value, each
+    /// of which kv answered `OK`.
+    pub fn stop(self) -> BTreeMap<String, String> {
+        self.stop_all()
+            .into_iter()
+            .map(|acked| {
+                assert_eq!(acked.output, b"OK", "put {} {}", acked.key, acked.value);
+                (acked.key, acked.value)
+            })
+            .collect()
     }
 }
