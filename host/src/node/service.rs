@@ -669,10 +669,6 @@ fn restore_newest_snapshot(
                 state: None,
             });
         };
-        if let Err(reason) = WasmApp::check_snapshot_rules(compiler, &snapshot) {
-            // A sound file from a newer cluster: keep it for the newer build.
-            crate::node::app::halt_for_rules(&reason);
-        }
         match WasmApp::from_snapshot(compiler, &snapshot) {
             Ok(app) => {
                 tracing::info!(slot = file.id.slot, bytes = file.id.file_bytes, path = %file.path.display(), "restored the state machine from a snapshot");

@@ -232,10 +232,6 @@ fn install(
             id.slot, applier.applied_index
         ));
     }
-    if let Err(reason) = WasmApp::check_snapshot_rules(compiler, &snapshot) {
-        // Any peer would send one as new: this host cannot follow the cluster.
-        super::super::app::halt_for_rules(&reason);
-    }
     let app = WasmApp::from_snapshot(compiler, &snapshot)?;
     if forced {
         // A repair: local snapshots newer than the majority's were taken from the
