@@ -50,6 +50,8 @@ struct FakeState {
     members: Vec<MemberView>,
     /// Membership changes received, in order.
     changes: Vec<MemberChange>,
+    /// The command `gate` waits for it; the command `open` opens it.
+    gate: Arc<tokio::sync::Notify>,
 }
 
 impl FakeNode {
@@ -72,6 +74,7 @@ impl FakeNode {
                 reason: None,
             },
             changes: Vec::new(),
+            gate: Arc::new(tokio::sync::Notify::new()),
             members: vec![
                 MemberView {
                     id: 1,
@@ -113,6 +116,12 @@ impl NodeApi for FakeNode {
         async move {
             if request.payload == b"hang" {
                 return std::future::pending().await;
+            }
+            if request.payload == b"gate" {
+                let gate = node.state().gate.clone();
+                gate.notified().await;
+            } else if request.payload == b"open" {
+                node.state().gate.notify_one();
             }
             let mut state = node.state();
             let result = match request.payload.as_slice() {
@@ -1726,6 +1735,237 @@ async fn cli_bench_sends_kv_puts_of_the_requested_size() {
         .iter()
         .all(|command| command.len() == 48 && command.starts_with(b"put k")));
     for client in 0..3 {
+        let first = format!("put k{client}-0 ");
+        assert!(
+            applied
+                .iter()
+                .any(|command| command.starts_with(first.as_bytes())),
+            "client {client}"
+        );
+    }
+    server.stop().await;
+}
+
+/// A plain command request as a client pipelines it.
+fn command_request(payload: &str) -> String {
+    format!(
+        "POST /v1/commands HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n{payload}",
+        payload.len()
+    )
+}
+
+/// One response read off a raw connection: status, headers (lower-case names) and body.
+type RawResponse = (u16, Vec<(String, String)>, String);
+
+/// Reads `count` responses (each with a `content-length`) from `stream`, in order, and
+/// whatever was read after them.
+async fn read_responses(stream: &mut TcpStream, count: usize) -> (Vec<RawResponse>, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let mut responses = Vec::new();
+    while responses.len() < count {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = response.parse(&buffer) {
+            let headers: Vec<(String, String)> = response
+                .headers
+                .iter()
+                .map(|header| {
+                    let value = String::from_utf8_lossy(header.value).into_owned();
+                    (header.name.to_ascii_lowercase(), value)
+                })
+                .collect();
+            let length: usize = headers
+                .iter()
+                .find(|(name, _)| name == "content-length")
+                .map(|(_, value)| value.parse().unwrap())
+                .expect("every response has a content-length");
+            if buffer.len() >= head + length {
+                let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();
+                responses.push((response.code.unwrap(), headers, body));
+                buffer.drain(..head + length);
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("the next response within 5 s")
+            .unwrap();
+        assert!(read > 0, "closed after {} responses", responses.len());
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+    (responses, buffer)
+}
+
+#[tokio::test]
+async fn pipelined_commands_are_submitted_at_once_and_answered_in_request_order() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // `gate` is answered only after `open`, which comes after it on the same connection:
+    // served one request at a time, this connection would never answer.
+    let pipeline = [
+        command_request("gate"),
+        command_request("open"),
+        command_request("put k v"),
+    ]
+    .concat();
+    stream.write_all(pipeline.as_bytes()).await.unwrap();
+    let (responses, rest) = read_responses(&mut stream, 3).await;
+    assert!(rest.is_empty());
+    let bodies: Vec<&str> = responses.iter().map(|(_, _, body)| body.as_str()).collect();
+    assert_eq!(bodies, ["OK gate", "OK open", "OK put k v"]);
+    assert!(responses.iter().all(|(status, _, _)| *status == 200));
+    // `open` was submitted while `gate` waited, so it was decided first.
+    let index = |n: usize| {
+        let (_, headers, _) = &responses[n];
+        let (_, index) = headers
+            .iter()
+            .find(|(name, _)| name == "paxwasm-index")
+            .unwrap();
+        index.parse::<u64>().unwrap()
+    };
+    assert!(index(1) < index(0), "{responses:?}");
+    // The connection stays open for more.
+    stream
+        .write_all(command_request("put k w").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut stream, 1).await.0[0].2, "OK put k w");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pipeline_goes_to_hyper_at_its_first_other_request_and_answers_stay_in_order() {
+    let server = Server::start(FakeNode::leader(1), config()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // A command served concurrently, a route that is not a command, then a command hyper
+    // serves (the connection is hyper's now), an oversized one and a malformed request.
+    let pipeline = [
+        command_request("put a 1"),
+        "GET /livez HTTP/1.1\r\nhost: t\r\n\r\n".to_owned(),
+        command_request("put b 2"),
+        command_request(&"x".repeat(65)),
+        "NOT HTTP\r\n\r\n".to_owned(),
+    ]
+    .concat();
+    stream.write_all(pipeline.as_bytes()).await.unwrap();
+    let (responses, mut rest) = read_responses(&mut stream, 4).await;
+    let summary: Vec<(u16, &str)> = responses
+        .iter()
+        .map(|(status, _, body)| (*status, body.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (200, "OK put a 1"),
+            (200, "ok\n"),
+            (200, "OK put b 2"),
+            (
+                413,
+                "{\"error\":\"the request body is larger than body_bytes_max (64 bytes)\"}\n"
+            ),
+        ]
+    );
+    // The malformed request gets hyper's refusal and the connection closes.
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed after the malformed request")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{rest}"
+    );
+    // The command answered here and the one hyper answered carry the same headers.
+    let names = |n: usize| {
+        let mut names: Vec<&str> = responses[n]
+            .1
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        names.sort_unstable();
+        names
+    };
+    assert_eq!(names(0), names(2));
+    assert_eq!(
+        names(0),
+        ["content-length", "content-type", "date", "paxwasm-index"]
+    );
+    assert_eq!(
+        responses[0].1.iter().find(|(n, _)| n == "content-type"),
+        responses[2].1.iter().find(|(n, _)| n == "content-type")
+    );
+    let reply = call(&server, Method::GET, "/livez", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_answers_the_pipelined_commands_already_read() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(command_request("gate").as_bytes())
+        .await
+        .unwrap();
+    // Wait until the command is in, then stop the server while it waits.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while Arc::strong_count(&node.state().gate) == 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the gated command arrives");
+    let stopped = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    node.state().gate.notify_one();
+    let (responses, mut rest) = read_responses(&mut stream, 1).await;
+    assert_eq!(responses[0].2, "OK gate");
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection closes after its answers")
+        .unwrap();
+    assert!(rest.is_empty());
+    stopped.await.unwrap();
+}
+
+#[tokio::test]
+async fn cli_bench_pipelines_clients_over_fewer_connections() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    let endpoint = server.endpoint();
+    let (code, out, err) = paxwasm(
+        &[
+            "bench",
+            "--clients",
+            "6",
+            "--connections",
+            "2",
+            "--duration",
+            "1",
+            "--size",
+            "48",
+            "--endpoint",
+            &endpoint,
+        ],
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!(
+            "bench: 6 clients over 2 connections (pipelined), 1 s, 48-byte commands against {endpoint}"
+        )
+    );
+    assert!(lines[1].contains(" ok, 0 errors in "), "{out}");
+    assert_eq!(lines[4], "errors      none");
+    let applied = node.state().applied.clone();
+    for client in 0..6 {
         let first = format!("put k{client}-0 ");
         assert!(
             applied

@@ -254,10 +254,84 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
         after > before,
         "no forwarded command was answered from the leader's result ({before} -> {after})"
     );
+    // Pipelined commands (HTTP/1.1): many on one connection, answered in request order,
+    // through the leader and through a follower.
+    let leader_http = cluster.nodes[leader_index].http.clone();
+    let indexes = pipelined_puts(&leader_http, "pipe-leader", 64);
+    assert!(
+        indexes.windows(2).all(|pair| pair[0] <= pair[1]),
+        "one connection's commands are decided in the order sent: {indexes:?}"
+    );
+    pipelined_puts(&follower.http, "pipe-follower", 64);
+    let (index, hash) = wait_converged(&cluster);
+    for node in &cluster.nodes {
+        for name in ["pipe-leader", "pipe-follower"] {
+            for n in [0, 31, 63] {
+                let reply = query_stale(&node.http, format!("get {name}-{n}").as_bytes());
+                assert_eq!(reply.text(), format!("v{n}"), "node {}", node.id);
+            }
+        }
+    }
     eprintln!(
         "e2e: {} writes acknowledged ({} before the kill, {} before the restart); state {hash} at {index}",
         acknowledged.len(),
         before_kill,
         after_kill
     );
+}
+
+/// Sends `count` kv puts `put <name>-<n> v<n>` on one connection without waiting
+/// (each with its own idempotency key), reads the answers, checks each is `200 OK` and
+/// returns their `Paxwasm-Index` values in request order.
+fn pipelined_puts(addr: &str, name: &str, count: usize) -> Vec<u64> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut requests = Vec::new();
+    for n in 0..count {
+        let body = format!("put {name}-{n} v{n}");
+        requests.extend_from_slice(
+            format!(
+                "POST /v1/commands HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {name}-{n}\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    stream.write_all(&requests).unwrap();
+    let mut buffer = Vec::new();
+    let mut indexes = Vec::new();
+    while indexes.len() < count {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = response.parse(&buffer) {
+            let header = |wanted: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(wanted))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+            };
+            let length: usize = header("content-length").unwrap().parse().unwrap();
+            if buffer.len() >= head + length {
+                let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();
+                assert_eq!(
+                    (response.code, body.as_str()),
+                    (Some(200), "OK"),
+                    "answer {} of {name}",
+                    indexes.len()
+                );
+                indexes.push(header("paxwasm-index").unwrap().parse().unwrap());
+                buffer.drain(..head + length);
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let read = stream.read(&mut chunk).expect("answers within 30 s");
+        assert!(read > 0, "closed after {} answers", indexes.len());
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+    indexes
 }

@@ -14,6 +14,7 @@
 pub mod client;
 mod json;
 mod metrics;
+mod pipeline;
 mod routes;
 
 use std::future::Future;
@@ -25,7 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::node::handle::NodeApi;
 
@@ -108,6 +109,8 @@ pub async fn serve<N: NodeApi>(
     let connection_permits = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(routes::Shared::new(node, config));
     let graceful = GracefulShutdown::new();
+    // Connections still in `pipeline` hold a receiver; `closed()` waits for them.
+    let (pipeline_shutdown, pipeline_watch) = watch::channel(false);
     tokio::pin!(shutdown);
 
     loop {
@@ -119,7 +122,7 @@ pub async fn serve<N: NodeApi>(
                 permit.expect("the connection semaphore is never closed")
             }
         };
-        let (stream, remote) = tokio::select! {
+        let (mut stream, remote) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -135,24 +138,42 @@ pub async fn serve<N: NodeApi>(
             tracing::debug!(%error, %remote, "api: set_nodelay failed");
         }
         let shared = shared.clone();
-        let service = service_fn(move |request| routes::handle(shared.clone(), request));
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let mut pipeline_watch = pipeline_watch.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %remote, "api: connection ended with an error");
+            // Commands first (pipelined ones concurrently); the first other request
+            // hands the connection to hyper.
+            let ended = pipeline::serve(
+                &mut stream,
+                &shared,
+                header_read_timeout,
+                &mut pipeline_watch,
+            )
+            .await;
+            drop(pipeline_watch);
+            if let pipeline::Ended::HandOver(read) = ended {
+                let service = service_fn(move |request| routes::handle(shared.clone(), request));
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(pipeline::Rewind::new(read, stream)), service);
+                if let Err(error) = watcher.watch(connection).await {
+                    tracing::debug!(%error, %remote, "api: connection ended with an error");
+                }
             }
             drop(permit);
         });
     }
 
     drop(listener);
+    drop(pipeline_watch);
+    let _ = pipeline_shutdown.send(true);
+    let drained = async {
+        tokio::join!(graceful.shutdown(), pipeline_shutdown.closed());
+    };
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = drained => {}
         () = tokio::time::sleep(shutdown_grace) => {
             tracing::warn!(?shutdown_grace, "api: requests still open after the grace period; closing");
         }

@@ -44,13 +44,13 @@ const CONTENT_TYPE_BYTES: &str = "application/octet-stream";
 const CONTENT_TYPE_TEXT: &str = "text/plain; charset=utf-8";
 const CONTENT_TYPE_PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-type Body = Full<Bytes>;
+pub(super) type Body = Full<Bytes>;
 
 /// What every connection of one server shares.
 pub struct Shared<N> {
     node: N,
-    config: ApiConfig,
-    metrics: HttpMetrics,
+    pub(super) config: ApiConfig,
+    pub(super) metrics: HttpMetrics,
     forward_pool: Pool,
 }
 
@@ -200,7 +200,7 @@ pub async fn handle<N: NodeApi>(
 }
 
 /// `Err` carries an error response, so that checks can use `?`.
-type Handled = Result<Response<Body>, Response<Body>>;
+pub(super) type Handled = Result<Response<Body>, Response<Body>>;
 
 async fn dispatch<N: NodeApi>(
     shared: &Shared<N>,
@@ -296,10 +296,23 @@ async fn commands<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) ->
     if payload.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "the command body is empty"));
     }
-    let submitted = shared.node.submit(CommandRequest {
-        payload: payload.to_vec(),
-        idempotency_key,
-    });
+    submit_command(
+        shared,
+        CommandRequest {
+            payload: payload.to_vec(),
+            idempotency_key,
+        },
+    )
+    .await
+}
+
+/// Submits a checked command and maps its outcome onto the response; shared by hyper's
+/// connections and the pipelined ones of `api::pipeline`.
+pub(super) async fn submit_command<N: NodeApi>(
+    shared: &Shared<N>,
+    request: CommandRequest,
+) -> Handled {
+    let submitted = shared.node.submit(request);
     let outcome = tokio::time::timeout(request_timeout(&shared.config), submitted)
         .await
         .map_err(|_| timeout_unknown(&shared.config, "the command"))?;
@@ -625,8 +638,15 @@ fn idempotency_key(
             "more than one Idempotency-Key header",
         ));
     }
-    let key = value
-        .to_str()
+    checked_idempotency_key(value.as_bytes(), config).map(Some)
+}
+
+/// The key of one `Idempotency-Key` header value, or the 400 that refuses it.
+pub(super) fn checked_idempotency_key(
+    value: &[u8],
+    config: &ApiConfig,
+) -> Result<String, Response<Body>> {
+    let key = std::str::from_utf8(value)
         .ok()
         .filter(|key| key.bytes().all(|byte| byte.is_ascii_graphic()))
         .ok_or_else(|| {
@@ -644,7 +664,7 @@ fn idempotency_key(
             ),
         ));
     }
-    Ok(Some(key.to_owned()))
+    Ok(key.to_owned())
 }
 
 /// Reads the whole body, refusing (413) a declared or actual length above `limit_bytes`

@@ -1,14 +1,15 @@
 //! `paxwasm bench`: closed-loop write load against a running cluster.
 //!
-//! Each client owns one keep-alive connection and sends its next command as soon as the
-//! previous one is answered. The client speaks HTTP/1.1 itself ([`BenchConnection`]:
-//! one write per request, responses read in the client's own task), so the load
-//! generator, which shares the machine with the replicas it measures, spends as little
-//! CPU per request as it can. Commands are valid for the kv example:
+//! Each client sends its next command as soon as its previous one is answered. By
+//! default each client owns one keep-alive connection; with `--connections N` the
+//! clients share N connections and pipeline their requests on them. One task per
+//! connection speaks HTTP/1.1 itself ([`BenchConnection`]: one write for all requests
+//! ready to go, responses parsed in that task), so the load generator, which shares the
+//! machine with the replicas it measures, spends as little CPU per request as it can. Commands are valid for the kv example:
 //! `put k<client>-<n> <value>`, with the value padded so the whole command is `--size`
 //! bytes. A progress line goes to stderr each second; the summary goes to stdout.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,11 @@ pub struct BenchArgs {
     /// replicated state stays bounded over long runs.
     #[arg(long, default_value_t = 1000)]
     pub keys: u64,
+    /// Connections the clients share (default: one per client). With fewer connections
+    /// than clients, the clients of one connection pipeline their requests (HTTP/1.1);
+    /// each client still sends its next command only once its previous one is answered.
+    #[arg(long)]
+    pub connections: Option<u32>,
     #[command(flatten)]
     pub endpoint: EndpointArgs,
 }
@@ -143,8 +149,8 @@ struct ClientReport {
 }
 
 pub fn bench(args: BenchArgs) -> ExitCode {
-    if args.clients == 0 || args.duration == 0 || args.keys == 0 {
-        eprintln!("error: --clients, --duration and --keys must be positive");
+    if args.clients == 0 || args.duration == 0 || args.keys == 0 || args.connections == Some(0) {
+        eprintln!("error: --clients, --connections, --duration and --keys must be positive");
         return ExitCode::from(2);
     }
     if let Err(error) = args.endpoint.connect() {
@@ -160,8 +166,14 @@ pub fn bench(args: BenchArgs) -> ExitCode {
 
 async fn run(args: BenchArgs) -> ExitCode {
     let duration = Duration::from_secs(args.duration);
+    let connections = args.connections.unwrap_or(args.clients).min(args.clients);
+    let shared = if connections < args.clients {
+        format!(" over {connections} connections (pipelined)")
+    } else {
+        String::new()
+    };
     println!(
-        "bench: {} clients, {} s, {}-byte commands against {}",
+        "bench: {} clients{shared}, {} s, {}-byte commands against {}",
         args.clients, args.duration, args.size, args.endpoint.endpoint
     );
     let counters = Arc::new(Counters {
@@ -177,12 +189,14 @@ async fn run(args: BenchArgs) -> ExitCode {
         .expect("checked in bench()")
         .authority()
         .to_owned();
-    let clients: Vec<_> = (0..args.clients)
-        .map(|client| {
-            let connection = BenchConnection::new(authority.clone());
-            tokio::spawn(client_loop(
-                client,
-                connection,
+    let clients: Vec<_> = (0..connections)
+        .map(|connection| {
+            let clients = (connection..args.clients)
+                .step_by(connections as usize)
+                .collect();
+            tokio::spawn(connection_loop(
+                clients,
+                authority.clone(),
                 args.size,
                 args.keys,
                 counters.clone(),
@@ -235,50 +249,87 @@ async fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-async fn client_loop(
-    client: u32,
-    mut connection: BenchConnection,
+/// The clients of one connection: each sends its next command as soon as its previous
+/// one is answered. With one client this is a plain keep-alive exchange; with several,
+/// their requests are pipelined and the answers come back in request order.
+async fn connection_loop(
+    clients: Vec<u32>,
+    authority: String,
     size: usize,
     keys: u64,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
 ) -> ClientReport {
     let mut report = ClientReport::default();
-    let mut n = 0u64;
+    let mut connection = BenchConnection::new(authority);
+    let mut sent_count = vec![0u64; clients.len()];
+    // Clients (by position in `clients`) ready to send, and those backing off after an
+    // error until the instant given.
+    let mut ready: Vec<usize> = (0..clients.len()).collect();
+    let mut backing_off: Vec<(Instant, usize)> = Vec::new();
+    let failed = |report: &mut ClientReport,
+                  backing_off: &mut Vec<(Instant, usize)>,
+                  who: usize,
+                  failure: String| {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+        *report.errors.entry(failure).or_insert(0) += 1;
+        backing_off.push((Instant::now() + ERROR_BACKOFF, who));
+    };
     while !stop.load(Ordering::Relaxed) {
-        let body = command(client, n % keys, size);
-        n += 1;
-        let sent = Instant::now();
-        let failure = match connection.post("/v1/commands", &body).await {
-            Ok(200) => {
+        let now = Instant::now();
+        backing_off.retain(|&(until, who)| {
+            let due = until <= now;
+            if due {
+                ready.push(who);
+            }
+            !due
+        });
+        for who in ready.drain(..) {
+            let n = sent_count[who];
+            sent_count[who] += 1;
+            connection.queue("/v1/commands", &command(clients[who], n % keys, size), who);
+        }
+        if connection.in_flight.is_empty() {
+            let until = backing_off.iter().map(|&(until, _)| until).min();
+            tokio::time::sleep_until(until.unwrap_or(now + ERROR_BACKOFF).into()).await;
+            continue;
+        }
+        let (answers, failure) = connection.exchange().await;
+        for (who, sent, status) in answers {
+            if status == 200 {
                 let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);
                 report.latencies_us.push(micros);
                 counters.interval.record(micros);
                 counters.ok.fetch_add(1, Ordering::Relaxed);
-                continue;
+                ready.push(who);
+            } else {
+                let failure = match hyper::StatusCode::from_u16(status) {
+                    Ok(status) => status.to_string(),
+                    Err(_) => format!("status {status}"),
+                };
+                failed(&mut report, &mut backing_off, who, failure);
             }
-            Ok(status) => match hyper::StatusCode::from_u16(status) {
-                Ok(status) => status.to_string(),
-                Err(_) => format!("status {status}"),
-            },
-            Err(error) => error,
-        };
-        counters.errors.fetch_add(1, Ordering::Relaxed);
-        *report.errors.entry(failure).or_insert(0) += 1;
-        tokio::time::sleep(ERROR_BACKOFF).await;
+        }
+        if let Some((error, unanswered)) = failure {
+            for who in unanswered {
+                failed(&mut report, &mut backing_off, who, error.clone());
+            }
+        }
     }
     report
 }
 
-/// One keep-alive HTTP/1.1 connection of a bench client: `POST` with a
-/// `Content-Length` body, responses with a `Content-Length` body (what the API sends).
+/// One keep-alive HTTP/1.1 connection of the bench: `POST`s with a `Content-Length`
+/// body, responses with a `Content-Length` body (what the API sends), in order.
 /// Reconnects on the next request after any error or a `Connection: close`; never
 /// resends a request.
 struct BenchConnection {
     authority: String,
     stream: Option<TcpStream>,
-    /// The request being written, reused.
-    request: Vec<u8>,
+    /// Requests queued and not yet written.
+    requests: Vec<u8>,
+    /// Who sent each request not yet answered, and when, oldest first.
+    in_flight: VecDeque<(usize, Instant)>,
     /// Bytes read and not yet consumed (a response, or part of one).
     buffer: Vec<u8>,
 }
@@ -288,23 +339,51 @@ impl BenchConnection {
         BenchConnection {
             authority,
             stream: None,
-            request: Vec::new(),
+            requests: Vec::new(),
+            in_flight: VecDeque::new(),
             buffer: Vec::new(),
         }
     }
 
-    /// Sends one request and reads its whole response; returns the status code.
-    async fn post(&mut self, path: &str, body: &[u8]) -> Result<u16, String> {
-        let result = self.exchange(path, body).await;
-        if !matches!(result, Ok((_, true))) {
-            self.stream = None;
-            self.buffer.clear();
-        }
-        result.map(|(status, _)| status)
+    /// Queues a request of client `who`; [`BenchConnection::exchange`] sends it.
+    fn queue(&mut self, path: &str, body: &[u8], who: usize) {
+        self.requests.extend_from_slice(
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n",
+                self.authority,
+                body.len()
+            )
+            .as_bytes(),
+        );
+        self.requests.extend_from_slice(body);
+        self.in_flight.push_back((who, Instant::now()));
     }
 
-    /// The status and whether the connection may be reused.
-    async fn exchange(&mut self, path: &str, body: &[u8]) -> Result<(u16, bool), String> {
+    /// Writes the queued requests in one write, then reads until at least one response
+    /// is whole. Returns every whole response as `(who, sent, status)` and, when the
+    /// connection failed or the server closes it, the error with the clients whose
+    /// requests are left unanswered (the connection is then dropped).
+    async fn exchange(&mut self) -> (Vec<(usize, Instant, u16)>, Option<(String, Vec<usize>)>) {
+        let mut answers = Vec::new();
+        let failure = match self.try_exchange(&mut answers).await {
+            Ok(true) => return (answers, None),
+            Ok(false) => "connection: closed by the server".to_owned(),
+            Err(error) => error,
+        };
+        self.stream = None;
+        self.buffer.clear();
+        self.requests.clear();
+        let unanswered: Vec<usize> = self.in_flight.drain(..).map(|(who, _)| who).collect();
+        let failure = (!unanswered.is_empty()).then_some((failure, unanswered));
+        (answers, failure)
+    }
+
+    /// As `exchange`; `Ok(false)` when the server closes the connection after the
+    /// answers read.
+    async fn try_exchange(
+        &mut self,
+        answers: &mut Vec<(usize, Instant, u16)>,
+    ) -> Result<bool, String> {
         if self.stream.is_none() {
             let stream = TcpStream::connect(&self.authority)
                 .await
@@ -315,33 +394,38 @@ impl BenchConnection {
             self.stream = Some(stream);
         }
         let stream = self.stream.as_mut().expect("connected above");
-        self.request.clear();
-        self.request.extend_from_slice(
-            format!(
-                "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n",
-                self.authority,
-                body.len()
-            )
-            .as_bytes(),
-        );
-        self.request.extend_from_slice(body);
-        stream
-            .write_all(&self.request)
-            .await
-            .map_err(|e| format!("connection: {e}"))?;
+        if !self.requests.is_empty() {
+            stream
+                .write_all(&self.requests)
+                .await
+                .map_err(|e| format!("connection: {e}"))?;
+            self.requests.clear();
+        }
         loop {
-            if let Some((status, head_bytes, body_bytes, keep_alive)) =
-                parse_response_head(&self.buffer)?
+            let mut consumed = 0;
+            while let Some((status, head_bytes, body_bytes, keep_alive)) =
+                parse_response_head(&self.buffer[consumed..])?
             {
                 let total = head_bytes + body_bytes;
-                while self.buffer.len() < total {
-                    read_more(stream, &mut self.buffer).await?;
+                if self.buffer.len() - consumed < total {
+                    break;
                 }
-                self.buffer.drain(..total);
-                return Ok((status, keep_alive));
+                consumed += total;
+                let (who, sent) = self
+                    .in_flight
+                    .pop_front()
+                    .ok_or("malformed response: an answer to no request")?;
+                answers.push((who, sent, status));
+                if !keep_alive {
+                    return Ok(false);
+                }
             }
-            if self.buffer.len() > RESPONSE_HEAD_BYTES_MAX {
-                return Err("response head too large".to_owned());
+            self.buffer.drain(..consumed);
+            if !answers.is_empty() {
+                return Ok(true);
+            }
+            if self.buffer.len() > RESPONSE_HEAD_BYTES_MAX + RESPONSE_BODY_BYTES_MAX {
+                return Err("response too large".to_owned());
             }
             read_more(stream, &mut self.buffer).await?;
         }
