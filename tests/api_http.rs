@@ -1923,6 +1923,8 @@ async fn shutdown_answers_the_pipelined_commands_already_read() {
     node.state().gate.notify_one();
     let (responses, mut rest) = read_responses(&mut stream, 1).await;
     assert_eq!(responses[0].2, "OK gate");
+    let closing = ("connection".to_owned(), "close".to_owned());
+    assert!(responses[0].1.contains(&closing), "{responses:?}");
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
         .await
         .expect("the connection closes after its answers")
@@ -2000,6 +2002,33 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     );
     let reply = call(&server, Method::GET, "/livez", &[], b"").await;
     assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
+    let config = ApiConfig {
+        header_read_timeout_ms: 300,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    // One that never sends a byte, and one that goes quiet after a command: both hold
+    // a connection slot, so both are closed (as hyper closes idle keep-alive ones).
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut quiet = TcpStream::connect(server.addr).await.unwrap();
+    quiet
+        .write_all(command_request("put k v").as_bytes())
+        .await
+        .unwrap();
+    let (responses, _) = read_responses(&mut quiet, 1).await;
+    assert_eq!(responses[0].2, "OK put k v");
+    for stream in [&mut silent, &mut quiet] {
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "closed after the header read timeout");
+        assert!(rest.is_empty(), "{rest:?}");
+    }
     server.stop().await;
 }
 

@@ -55,6 +55,12 @@ pub struct ApiConfig {
     pub idempotency_key_bytes_max: usize,
     /// Connections served at once; further clients wait in the listen backlog.
     pub connections_max: usize,
+    /// Pipelined commands of one connection in flight at once (`api::pipeline`); the
+    /// connection is not read further until the oldest is answered.
+    pub pipeline_depth_max: usize,
+    /// Command bytes of one connection in flight above which it takes no more (one
+    /// command of up to `body_bytes_max` is still taken below it).
+    pub pipeline_bytes_max: usize,
     /// A client must send its request headers within this time, or the connection is
     /// closed (slow-loris guard).
     pub header_read_timeout_ms: u64,
@@ -79,6 +85,8 @@ impl Default for ApiConfig {
             admin_token: None,
             idempotency_key_bytes_max: 256,
             connections_max: 4096,
+            pipeline_depth_max: 64,
+            pipeline_bytes_max: 4 << 20,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             forward_timeout_ms: 10_000,
@@ -103,6 +111,10 @@ pub async fn serve<N: NodeApi>(
     assert!(
         config.connections_max > 0,
         "connections_max must be positive"
+    );
+    assert!(
+        config.pipeline_depth_max > 0 && config.pipeline_bytes_max > 0,
+        "pipeline_depth_max and pipeline_bytes_max must be positive"
     );
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown_grace = Duration::from_millis(config.shutdown_grace_ms);

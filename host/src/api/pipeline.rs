@@ -4,7 +4,7 @@
 //! client that pipelines N commands on a connection would wait N commit latencies, and
 //! each request would still cost its own read, write and wake-up. Every connection
 //! therefore starts here: each `POST /v1/commands` is submitted to the node as soon as it
-//! has been read, up to [`PIPELINE_DEPTH_MAX`] per connection, and the answers go back in
+//! has been read, up to `pipeline_depth_max` per connection, and the answers go back in
 //! request order (HTTP/1.1 allows no other), as many as are ready in one write.
 //!
 //! Only plain commands are taken here. The first request of any other kind (another
@@ -35,9 +35,8 @@ use super::routes::{self, Body, Route, Shared};
 use super::{ApiConfig, HEADER_IDEMPOTENCY_KEY};
 use crate::node::handle::{CommandRequest, NodeApi};
 
-/// Commands of one connection submitted and not yet answered; the connection reads no
-/// further until the oldest is answered (backpressure per connection).
-pub const PIPELINE_DEPTH_MAX: usize = 256;
+/// Answers are gathered into one write up to about this many bytes.
+const WRITE_BYTES_MAX: usize = 256 << 10;
 /// Headers of a command request taken here; a request with more goes to hyper.
 const REQUEST_HEADERS_MAX: usize = 32;
 /// A request head longer than this goes to hyper, which applies its own limits.
@@ -77,24 +76,30 @@ pub async fn serve<N: NodeApi>(
     let mut input = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut output = Vec::new();
     let mut answers = FuturesOrdered::new();
+    // Payload bytes of the commands in `answers`.
+    let mut answers_bytes = 0usize;
     let mut dates = DateCache::default();
     let mut other_next = false;
     let mut end_of_input = false;
     let mut shutting_down = *shutdown.borrow();
-    // When the bytes of the request at the front began to wait for the rest of its head.
-    let mut head_since: Option<Instant> = None;
+    // Since when the connection has waited for a request head with nothing in flight:
+    // as in hyper, an idle keep-alive connection and a slow head share one timeout.
+    let mut idle_since: Option<Instant> = None;
     loop {
-        let mut head_complete_waiting = false;
-        while !other_next && answers.len() < PIPELINE_DEPTH_MAX {
+        let mut body_pending = false;
+        while !other_next
+            && !shutting_down
+            && has_room(&shared.config, answers.len(), answers_bytes)
+        {
             match next_request(&input, &shared.config) {
                 Next::Command { bytes, request } => {
                     input.advance(bytes);
-                    head_since = None;
+                    answers_bytes += request.payload.len();
                     answers.push_back(answer(shared.clone(), request));
                 }
                 Next::Partial { head_complete } => {
                     // As in hyper, the header timeout does not cover the body.
-                    head_complete_waiting = head_complete;
+                    body_pending = head_complete;
                     break;
                 }
                 Next::Other => other_next = true,
@@ -112,16 +117,16 @@ pub async fn serve<N: NodeApi>(
                 return Ended::Closed;
             }
         }
-        if input.is_empty() || head_complete_waiting {
-            head_since = None;
-        } else if head_since.is_none() {
-            head_since = Some(Instant::now());
+        if answers.is_empty() && !body_pending {
+            idle_since.get_or_insert_with(Instant::now);
+        } else {
+            idle_since = None;
         }
-        let head_deadline = head_since
-            .filter(|_| answers.is_empty() && !other_next)
-            .map(|since| since + header_read_timeout);
-        let may_read =
-            !other_next && !end_of_input && !shutting_down && answers.len() < PIPELINE_DEPTH_MAX;
+        let head_deadline = idle_since.map(|since| since + header_read_timeout);
+        let may_read = !other_next
+            && !end_of_input
+            && !shutting_down
+            && has_room(&shared.config, answers.len(), answers_bytes);
         input.reserve(READ_CHUNK_BYTES);
         tokio::select! {
             read = stream.read_buf(&mut input), if may_read => match read {
@@ -132,21 +137,36 @@ pub async fn serve<N: NodeApi>(
                     return Ended::Closed;
                 }
             },
-            Some(first) = answers.next(), if !answers.is_empty() => {
-                // Everything answered by now goes in one write.
+            Some((first, bytes)) = answers.next(), if !answers.is_empty() => {
+                // What is answered by now goes in one write, up to a bound.
                 let now = dates.now();
-                encode(first, now, &mut output);
-                while let Some(Some(next)) = answers.next().now_or_never() {
-                    encode(next, now, &mut output);
+                answers_bytes -= bytes;
+                let mut last_head_end = encode(first, now, &mut output);
+                while output.len() < WRITE_BYTES_MAX {
+                    let Some(Some((next, bytes))) = answers.next().now_or_never() else {
+                        break;
+                    };
+                    answers_bytes -= bytes;
+                    last_head_end = encode(next, now, &mut output);
+                }
+                if shutting_down && answers.is_empty() {
+                    // The last answer on this connection says so, as hyper's would.
+                    output.splice(
+                        last_head_end..last_head_end,
+                        b"connection: close\r\n".iter().copied(),
+                    );
                 }
                 if let Err(error) = stream.write_all(&output).await {
                     tracing::debug!(%error, "api: write failed");
                     return Ended::Closed;
                 }
                 output.clear();
+                if output.capacity() > WRITE_BYTES_MAX * 4 {
+                    output = Vec::new();
+                }
             }
             () = sleep_until_some(head_deadline) => {
-                tracing::debug!("api: request head not complete within header_read_timeout; closing");
+                tracing::debug!("api: no whole request head within header_read_timeout; closing");
                 return Ended::Closed;
             }
             changed = shutdown.changed(), if !shutting_down => {
@@ -157,6 +177,12 @@ pub async fn serve<N: NodeApi>(
     }
 }
 
+/// Whether another command may be taken with `count` commands of `bytes` payload bytes
+/// in flight.
+fn has_room(config: &ApiConfig, count: usize, bytes: usize) -> bool {
+    count < config.pipeline_depth_max && bytes < config.pipeline_bytes_max
+}
+
 async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -164,8 +190,12 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// Submits one command and waits for its response.
-async fn answer<N: NodeApi>(shared: Arc<Shared<N>>, request: CommandRequest) -> Response<Body> {
+/// Submits one command and waits for its response; also returns the command's size.
+async fn answer<N: NodeApi>(
+    shared: Arc<Shared<N>>,
+    request: CommandRequest,
+) -> (Response<Body>, usize) {
+    let bytes = request.payload.len();
     let started = Instant::now();
     let response = match routes::submit_command(&shared, request).await {
         Ok(response) | Err(response) => response,
@@ -176,7 +206,7 @@ async fn answer<N: NodeApi>(shared: Arc<Shared<N>>, request: CommandRequest) -> 
         response.status(),
         started.elapsed(),
     );
-    response
+    (response, bytes)
 }
 
 /// Classifies the request at the front of `input`.
@@ -276,8 +306,9 @@ fn content_length(value: &[u8]) -> Option<usize> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// Appends `response` in HTTP/1.1 form, with the headers hyper would add.
-fn encode(response: Response<Body>, date: &str, output: &mut Vec<u8>) {
+/// Appends `response` in HTTP/1.1 form, with the headers hyper would add; returns the
+/// offset in `output` where one more header line would go (before the empty line).
+fn encode(response: Response<Body>, date: &str, output: &mut Vec<u8>) -> usize {
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
@@ -301,8 +332,11 @@ fn encode(response: Response<Body>, date: &str, output: &mut Vec<u8>) {
     output.extend_from_slice(body.len().to_string().as_bytes());
     output.extend_from_slice(b"\r\ndate: ");
     output.extend_from_slice(date.as_bytes());
-    output.extend_from_slice(b"\r\n\r\n");
+    output.extend_from_slice(b"\r\n");
+    let head_end = output.len();
+    output.extend_from_slice(b"\r\n");
     output.extend_from_slice(&body);
+    head_end
 }
 
 /// The `Date` header value, formatted once per second.
@@ -471,8 +505,10 @@ mod tests {
             "paxwasm-index",
             hyper::header::HeaderValue::from_static("7"),
         );
-        let mut output = Vec::new();
-        encode(response, "Fri, 27 Nov 2026 17:00:00 GMT", &mut output);
+        let mut output = b"earlier answers".to_vec();
+        let head_end = encode(response, "Fri, 27 Nov 2026 17:00:00 GMT", &mut output);
+        assert_eq!(&output[head_end..head_end + 4], b"\r\nOK");
+        let output = output.split_off(b"earlier answers".len());
         assert_eq!(
             String::from_utf8(output).unwrap(),
             "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\npaxwasm-index: 7\r\n\

@@ -50,6 +50,7 @@ pub struct BenchArgs {
     /// Connections the clients share (default: one per client). With fewer connections
     /// than clients, the clients of one connection pipeline their requests (HTTP/1.1);
     /// each client still sends its next command only once its previous one is answered.
+    /// At most 64 clients per connection (a server's default `pipeline_depth_max`).
     #[arg(long)]
     pub connections: Option<u32>,
     #[command(flatten)]
@@ -151,6 +152,14 @@ struct ClientReport {
 pub fn bench(args: BenchArgs) -> ExitCode {
     if args.clients == 0 || args.duration == 0 || args.keys == 0 || args.connections == Some(0) {
         eprintln!("error: --clients, --connections, --duration and --keys must be positive");
+        return ExitCode::from(2);
+    }
+    let connections = args.connections.unwrap_or(args.clients).min(args.clients);
+    let depth_max = crate::api::ApiConfig::default().pipeline_depth_max;
+    if args.clients.div_ceil(connections) as usize > depth_max {
+        eprintln!(
+            "error: at most {depth_max} clients per connection (a server's default pipeline depth); use more --connections"
+        );
         return ExitCode::from(2);
     }
     if let Err(error) = args.endpoint.connect() {
