@@ -1,14 +1,18 @@
 //! End to end: three real `paxwasm node` processes on loopback. Deploys kv, checks that
 //! bad input gets clear 4xx answers without hurting the process, then runs concurrent
-//! clients while the leader is killed with SIGKILL and restarted, and checks that every
-//! acknowledged write is present and all replicas reach the same state hash at the same
-//! index.
+//! clients (one of them pipelining its writes) while the leader is killed with SIGKILL
+//! and restarted, and checks that every acknowledged write is present and all replicas
+//! reach the same state hash at the same index. Then pipelined commands through the
+//! leader and a follower come back in order.
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use paxwasm::node::probe::{self, Response};
@@ -163,7 +167,10 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     // Concurrent clients: each writes its own keys, retrying a failed write with the same
     // idempotency key on the next node; only 200 answers count as acknowledged.
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
-    let writers = Writers::start(addrs, CLIENTS, |seq| format!("v{seq}"));
+    let writers = Writers::start(addrs.clone(), CLIENTS, |seq| format!("v{seq}"));
+    // And one client that pipelines its writes (HTTP/1.1), 16 per connection at a time.
+    let pipelined_stop = Arc::new(AtomicBool::new(false));
+    let pipelined = start_pipelined_writer(addrs, pipelined_stop.clone());
 
     std::thread::sleep(Duration::from_secs(2));
     let before_kill = writers.acks();
@@ -188,7 +195,12 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
     );
     cluster.spawn(victim, &[]);
     std::thread::sleep(Duration::from_secs(2));
-    let acknowledged = writers.stop();
+    let mut acknowledged = writers.stop();
+    pipelined_stop.store(true, Ordering::Relaxed);
+    let pipelined = pipelined.join().expect("pipelined writer");
+    assert!(!pipelined.is_empty(), "no pipelined write acknowledged");
+    let pipelined_count = pipelined.len();
+    acknowledged.extend(pipelined);
 
     // Every replica reaches the same state hash at the same index.
     let (index, hash) = wait_converged(&cluster);
@@ -273,7 +285,7 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
         }
     }
     eprintln!(
-        "e2e: {} writes acknowledged ({} before the kill, {} before the restart); state {hash} at {index}",
+        "e2e: {} writes acknowledged ({pipelined_count} of them pipelined; {} before the kill, {} before the restart); state {hash} at {index}",
         acknowledged.len(),
         before_kill,
         after_kill
@@ -281,29 +293,103 @@ fn kill_leader_under_load_loses_no_acknowledged_write() {
 }
 
 /// Sends `count` kv puts `put <name>-<n> v<n>` on one connection without waiting
-/// (each with its own idempotency key), reads the answers, checks each is `200 OK` and
-/// returns their `Paxwasm-Index` values in request order.
+/// (each with its own idempotency key), checks each answer is `200 OK` and returns
+/// their `Paxwasm-Index` values in request order.
 fn pipelined_puts(addr: &str, name: &str, count: usize) -> Vec<u64> {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    let requests: Vec<(String, String)> = (0..count)
+        .map(|n| (format!("{name}-{n}"), format!("put {name}-{n} v{n}")))
+        .collect();
+    let answers = pipelined_exchange(addr, &requests);
+    assert_eq!(answers.len(), count, "answers of {name}: {answers:?}");
+    answers
+        .into_iter()
+        .enumerate()
+        .map(|(n, (status, body, index))| {
+            assert_eq!((status, body.as_str()), (200, "OK"), "answer {n} of {name}");
+            index.expect("a 200 answer carries Paxwasm-Index")
+        })
+        .collect()
+}
+
+/// A client that pipelines: rounds of 16 puts `put pw<round>-<i> v<round>` sent on one
+/// connection at once, each with its own idempotency key. What was not answered 200 is
+/// sent again, same keys, on the next node. Returns the acknowledged keys and values.
+fn start_pipelined_writer(
+    addrs: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<BTreeMap<String, String>> {
+    std::thread::spawn(move || {
+        let mut acked = BTreeMap::new();
+        let mut target = 0;
+        let mut round = 0;
+        while !stop.load(Ordering::Relaxed) {
+            round += 1;
+            // A pause per round keeps the count of writes to check afterwards modest.
+            std::thread::sleep(Duration::from_millis(5));
+            let mut pending: Vec<(String, String)> = (0..16)
+                .map(|i| (format!("pw{round}-{i}"), format!("v{round}")))
+                .collect();
+            for _attempt in 0..8 {
+                let requests: Vec<(String, String)> = pending
+                    .iter()
+                    .map(|(key, value)| (key.clone(), format!("put {key} {value}")))
+                    .collect();
+                let answers = pipelined_exchange(&addrs[target], &requests);
+                let mut unanswered = Vec::new();
+                for (n, (key, value)) in pending.into_iter().enumerate() {
+                    match answers.get(n) {
+                        Some((200, body, _)) => {
+                            assert_eq!(body, "OK", "put {key} {value}");
+                            acked.insert(key, value);
+                        }
+                        _ => unanswered.push((key, value)),
+                    }
+                }
+                pending = unanswered;
+                if pending.is_empty() {
+                    break;
+                }
+                target = (target + 1) % addrs.len();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        acked
+    })
+}
+
+/// Sends `POST /v1/commands` for every `(idempotency key, body)` on one connection
+/// without waiting, then reads the answers in order: `(status, body, Paxwasm-Index)`
+/// for each answered before the connection failed, closed or stayed silent for 10 s.
+fn pipelined_exchange(
+    addr: &str,
+    requests: &[(String, String)],
+) -> Vec<(u16, String, Option<u64>)> {
+    let mut answers = Vec::new();
+    let Ok(socket) = addr.parse() else {
+        panic!("{addr} is not IP:PORT");
+    };
+    let Ok(mut stream) = TcpStream::connect_timeout(&socket, Duration::from_secs(5)) else {
+        return answers;
+    };
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut requests = Vec::new();
-    for n in 0..count {
-        let body = format!("put {name}-{n} v{n}");
-        requests.extend_from_slice(
+    let mut bytes = Vec::new();
+    for (key, body) in requests {
+        bytes.extend_from_slice(
             format!(
-                "POST /v1/commands HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {name}-{n}\r\n\
+                "POST /v1/commands HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\n\
                  content-length: {}\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),
         );
     }
-    stream.write_all(&requests).unwrap();
+    if stream.write_all(&bytes).is_err() {
+        return answers;
+    }
     let mut buffer = Vec::new();
-    let mut indexes = Vec::new();
-    while indexes.len() < count {
+    while answers.len() < requests.len() {
         let mut headers = [httparse::EMPTY_HEADER; 16];
         let mut response = httparse::Response::new(&mut headers);
         if let Ok(httparse::Status::Complete(head)) = response.parse(&buffer) {
@@ -317,21 +403,17 @@ fn pipelined_puts(addr: &str, name: &str, count: usize) -> Vec<u64> {
             let length: usize = header("content-length").unwrap().parse().unwrap();
             if buffer.len() >= head + length {
                 let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();
-                assert_eq!(
-                    (response.code, body.as_str()),
-                    (Some(200), "OK"),
-                    "answer {} of {name}",
-                    indexes.len()
-                );
-                indexes.push(header("paxwasm-index").unwrap().parse().unwrap());
+                let index = header("paxwasm-index").map(|index| index.parse().unwrap());
+                answers.push((response.code.unwrap(), body, index));
                 buffer.drain(..head + length);
                 continue;
             }
         }
         let mut chunk = [0u8; 4096];
-        let read = stream.read(&mut chunk).expect("answers within 30 s");
-        assert!(read > 0, "closed after {} answers", indexes.len());
-        buffer.extend_from_slice(&chunk[..read]);
+        match stream.read(&mut chunk) {
+            Ok(read) if read > 0 => buffer.extend_from_slice(&chunk[..read]),
+            _ => break,
+        }
     }
-    indexes
+    answers
 }
