@@ -1696,54 +1696,52 @@ async fn cli_status_all_reads_every_member() {
 
 #[tokio::test]
 async fn cli_bench_sends_kv_puts_of_the_requested_size() {
-    let node = FakeNode::leader(1);
-    let server = Server::start(node.clone(), config()).await;
-    let endpoint = server.endpoint();
-    let (code, out, err) = paxwasm(
-        &[
-            "bench",
-            "--clients",
-            "3",
-            "--duration",
-            "1",
-            "--size",
-            "48",
-            "--endpoint",
-            &endpoint,
-        ],
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(
-        lines[0],
-        format!("bench: 3 clients, 1 s, 48-byte commands against {endpoint}")
-    );
-    assert!(
-        lines[1].starts_with("requests    ") && lines[1].contains(" ok, 0 errors in "),
-        "{out}"
-    );
-    assert!(lines[2].starts_with("throughput  "), "{out}");
-    assert!(lines[3].starts_with("latency     p50 "), "{out}");
-    assert_eq!(lines[4], "errors      none");
-    assert!(err.contains("ok"), "a progress line each second: {err}");
-    let applied = node.state().applied.clone();
-    assert!(!applied.is_empty());
-    assert!(applied
-        .iter()
-        .all(|command| command.len() == 48 && command.starts_with(b"put k")));
-    for client in 0..3 {
-        let first = format!("put k{client}-0 ");
-        assert!(
-            applied
-                .iter()
-                .any(|command| command.starts_with(first.as_bytes())),
-            "client {client}"
+    // One connection per client, then six clients pipelined over two connections.
+    for (clients, connections, shared) in [
+        (3, None, ""),
+        (6, Some(2), " over 2 connections (pipelined)"),
+    ] {
+        let node = FakeNode::leader(1);
+        let server = Server::start(node.clone(), config()).await;
+        let endpoint = server.endpoint();
+        let clients_arg = clients.to_string();
+        let mut args = vec!["bench", "--clients", &clients_arg];
+        let connections_arg = connections.map(|n: u32| n.to_string());
+        if let Some(connections) = &connections_arg {
+            args.extend(["--connections", connections]);
+        }
+        args.extend(["--duration", "1", "--size", "48", "--endpoint", &endpoint]);
+        let (code, out, err) = paxwasm(&args, &[], b"").await;
+        assert_eq!(code, 0, "{out}{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("bench: {clients} clients{shared}, 1 s, 48-byte commands against {endpoint}")
         );
+        assert!(
+            lines[1].starts_with("requests    ") && lines[1].contains(" ok, 0 errors in "),
+            "{out}"
+        );
+        assert!(lines[2].starts_with("throughput  "), "{out}");
+        assert!(lines[3].starts_with("latency     p50 "), "{out}");
+        assert_eq!(lines[4], "errors      none");
+        assert!(err.contains("ok"), "a progress line each second: {err}");
+        let applied = node.state().applied.clone();
+        assert!(!applied.is_empty());
+        assert!(applied
+            .iter()
+            .all(|command| command.len() == 48 && command.starts_with(b"put k")));
+        for client in 0..clients {
+            let first = format!("put k{client}-0 ");
+            assert!(
+                applied
+                    .iter()
+                    .any(|command| command.starts_with(first.as_bytes())),
+                "client {client}"
+            );
+        }
+        server.stop().await;
     }
-    server.stop().await;
 }
 
 /// A plain command request as a client pipelines it.
@@ -1931,52 +1929,6 @@ async fn shutdown_answers_the_pipelined_commands_already_read() {
         .unwrap();
     assert!(rest.is_empty());
     stopped.await.unwrap();
-}
-
-#[tokio::test]
-async fn cli_bench_pipelines_clients_over_fewer_connections() {
-    let node = FakeNode::leader(1);
-    let server = Server::start(node.clone(), config()).await;
-    let endpoint = server.endpoint();
-    let (code, out, err) = paxwasm(
-        &[
-            "bench",
-            "--clients",
-            "6",
-            "--connections",
-            "2",
-            "--duration",
-            "1",
-            "--size",
-            "48",
-            "--endpoint",
-            &endpoint,
-        ],
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(
-        lines[0],
-        format!(
-            "bench: 6 clients over 2 connections (pipelined), 1 s, 48-byte commands against {endpoint}"
-        )
-    );
-    assert!(lines[1].contains(" ok, 0 errors in "), "{out}");
-    assert_eq!(lines[4], "errors      none");
-    let applied = node.state().applied.clone();
-    for client in 0..6 {
-        let first = format!("put k{client}-0 ");
-        assert!(
-            applied
-                .iter()
-                .any(|command| command.starts_with(first.as_bytes())),
-            "client {client}"
-        );
-    }
-    server.stop().await;
 }
 
 #[tokio::test]
