@@ -1985,6 +1985,55 @@ async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_client_that_pipelines_and_never_reads_is_disconnected() {
+    let config = ApiConfig {
+        request_timeout_ms: 300,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // Far more answers than the socket buffers hold; the client reads none of them.
+    let request = command_request(&"x".repeat(64));
+    let sending = tokio::spawn(async move {
+        for _ in 0..2_000 {
+            if writer
+                .write_all(request.repeat(50).as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        // Keep the connection open from this side.
+        std::future::pending::<()>().await;
+        drop(writer);
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the server gave up on it, the connection ends after what was buffered (a
+    // server still waiting to write would go on answering once this reads, and close
+    // only after header_read_timeout, 10 s).
+    let mut answers = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => answers.extend_from_slice(&chunk[..read]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection is closed by the server");
+    // (Closed with requests unread, the server's end resets, which may drop answers.)
+    assert!(answers.is_empty() || answers.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    sending.abort();
+    let reply = call(&server, Method::GET, "/livez", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn connections_above_connections_max_wait_for_a_free_slot() {
     let config = ApiConfig {
         connections_max: 1,

@@ -156,7 +156,8 @@ pub async fn serve<N: NodeApi>(
                         b"connection: close\r\n".iter().copied(),
                     );
                 }
-                if let Err(error) = stream.write_all(&output).await {
+                let write_timeout = Duration::from_millis(shared.config.request_timeout_ms);
+                if let Err(error) = write_answers(stream, &output, write_timeout).await {
                     tracing::debug!(%error, "api: write failed");
                     return Ended::Closed;
                 }
@@ -181,6 +182,28 @@ pub async fn serve<N: NodeApi>(
 /// in flight.
 fn has_room(config: &ApiConfig, count: usize, bytes: usize) -> bool {
     count < config.pipeline_depth_max && bytes < config.pipeline_bytes_max
+}
+
+/// Writes `bytes`, failing when what the socket had no room for is not taken within
+/// `timeout` (a client that does not read its answers: its connection slot is freed
+/// instead of held forever). The common case, a socket with room, costs no timer.
+async fn write_answers(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    let written = match stream.try_write(bytes) {
+        Ok(written) => written,
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(error) => return Err(error),
+    };
+    let rest = &bytes[written..];
+    if rest.is_empty() {
+        return Ok(());
+    }
+    match tokio::time::timeout(timeout, stream.write_all(rest)).await {
+        Ok(written) => written,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read no answer within request_timeout_ms",
+        )),
+    }
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {
