@@ -8,8 +8,8 @@
 //! request order (HTTP/1.1 allows no other), as many as are ready in one write.
 //!
 //! Only plain commands are taken here. The first request of any other kind (another
-//! route or method, a query string, a chunked body, `Expect`, `Connection`, HTTP/1.0, an
-//! invalid `Idempotency-Key`, too large, malformed) hands the connection, with the bytes
+//! route or method, a query string, a chunked body, `Expect`, a `Connection` other than
+//! `keep-alive`, HTTP/1.0, an invalid `Idempotency-Key`, too large, malformed) hands the connection, with the bytes
 //! already read, to hyper once the commands before it are answered; hyper serves it from
 //! then on. So every other route, every refusal and every error of the HTTP layer stays
 //! hyper's and `routes`', and a command answered here gets the answer `routes` gives (the
