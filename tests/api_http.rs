@@ -1932,6 +1932,42 @@ async fn shutdown_answers_the_pipelined_commands_already_read() {
 }
 
 #[tokio::test]
+async fn shutdown_keeps_the_last_answers_when_more_requests_were_sent() {
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config()).await;
+    // A small receive buffer, so that answers wait in the server's send queue.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let pipeline = [
+        command_request("gate"),
+        command_request(&"x".repeat(60)).repeat(59),
+    ]
+    .concat();
+    stream.write_all(pipeline.as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while Arc::strong_count(&node.state().gate) == 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the gated command arrives");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stopped = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Requests the stopping server will not read. Closing a socket with unread input
+    // makes the kernel reset the connection and drop what it has not sent yet.
+    let more = command_request("put late 1").repeat(20);
+    stream.write_all(more.as_bytes()).await.unwrap();
+    node.state().gate.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (responses, _) = read_responses(&mut stream, 60).await;
+    assert_eq!(responses[0].2, "OK gate");
+    assert!(responses.iter().all(|(status, _, _)| *status == 200));
+    stopped.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let config = ApiConfig {
         header_read_timeout_ms: 200,

@@ -173,6 +173,8 @@ pub async fn serve<N: NodeApi>(
                 if let Err(error) = watcher.watch(connection).await {
                     tracing::debug!(%error, %remote, "api: connection ended with an error");
                 }
+            } else {
+                pipeline::close(&mut stream).await;
             }
             drop(permit);
         });

@@ -35,6 +35,9 @@ use super::routes::{self, Body, Route, Shared};
 use super::{ApiConfig, HEADER_IDEMPOTENCY_KEY};
 use crate::node::handle::{CommandRequest, NodeApi};
 
+/// How long a closing connection keeps reading (and dropping) client input so that
+/// its last answers are not lost to a reset.
+const LINGER: Duration = Duration::from_secs(1);
 /// Answers are gathered into one write up to about this many bytes.
 const WRITE_BYTES_MAX: usize = 256 << 10;
 /// Headers of a command request taken here; a request with more goes to hyper.
@@ -184,26 +187,47 @@ fn has_room(config: &ApiConfig, count: usize, bytes: usize) -> bool {
     count < config.pipeline_depth_max && bytes < config.pipeline_bytes_max
 }
 
-/// Writes `bytes`, failing when what the socket had no room for is not taken within
-/// `timeout` (a client that does not read its answers: its connection slot is freed
-/// instead of held forever). The common case, a socket with room, costs no timer.
+/// Writes `bytes`, failing when the socket takes none of them for `timeout` (a client
+/// that does not read its answers: its connection slot is freed instead of held
+/// forever; a slow reader that makes progress is never cut). A socket with room, the
+/// common case, costs no timer.
 async fn write_answers(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
-    let written = match stream.try_write(bytes) {
-        Ok(written) => written,
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(error) => return Err(error),
-    };
-    let rest = &bytes[written..];
-    if rest.is_empty() {
-        return Ok(());
+    let mut rest = bytes;
+    loop {
+        match stream.try_write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => rest = &rest[written..],
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, stream.writable()).await {
+            Ok(ready) => ready?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read no answer within request_timeout_ms",
+                ))
+            }
+        }
     }
-    match tokio::time::timeout(timeout, stream.write_all(rest)).await {
-        Ok(written) => written,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the client read no answer within request_timeout_ms",
-        )),
+}
+
+/// Ends a connection this module served: sends FIN after the answers, then reads and
+/// drops what the client still sends, for up to [`LINGER`]. Closing a socket whose
+/// input was not all read makes the kernel reset the connection, which drops answers
+/// not yet sent or not yet read by the client (a pipelining client at shutdown).
+pub async fn close(stream: &mut TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
     }
+    let mut discard = vec![0u8; READ_CHUNK_BYTES];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(1..) = stream.read(&mut discard).await {}
+    })
+    .await;
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {
