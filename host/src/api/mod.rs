@@ -121,7 +121,8 @@ pub async fn serve<N: NodeApi>(
     let connection_permits = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(routes::Shared::new(node, config));
     let graceful = GracefulShutdown::new();
-    // Connections still in `pipeline` hold a receiver; `closed()` waits for them.
+    // Tells connections still in `pipeline` to stop taking commands. Waiting for them
+    // needs nothing more: each connection task holds a `graceful` watcher to its end.
     let (pipeline_shutdown, pipeline_watch) = watch::channel(false);
     tokio::pin!(shutdown);
 
@@ -162,7 +163,6 @@ pub async fn serve<N: NodeApi>(
                 &mut pipeline_watch,
             )
             .await;
-            drop(pipeline_watch);
             if let pipeline::Ended::HandOver(read) = ended {
                 let service = service_fn(move |request| routes::handle(shared.clone(), request));
                 let connection = http1::Builder::new()
@@ -181,13 +181,9 @@ pub async fn serve<N: NodeApi>(
     }
 
     drop(listener);
-    drop(pipeline_watch);
     let _ = pipeline_shutdown.send(true);
-    let drained = async {
-        tokio::join!(graceful.shutdown(), pipeline_shutdown.closed());
-    };
     tokio::select! {
-        () = drained => {}
+        () = graceful.shutdown() => {}
         () = tokio::time::sleep(shutdown_grace) => {
             tracing::warn!(?shutdown_grace, "api: requests still open after the grace period; closing");
         }

@@ -15,7 +15,7 @@
 //! hyper's and `routes`', and a command answered here gets the answer `routes` gives (the
 //! same submission, timeout and outcome mapping, through [`routes::submit_command`]).
 
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -375,8 +375,7 @@ fn encode(response: Response<Body>, date: &str, output: &mut Vec<u8>) -> usize {
         output.extend_from_slice(value.as_bytes());
         output.extend_from_slice(b"\r\n");
     }
-    output.extend_from_slice(b"content-length: ");
-    output.extend_from_slice(body.len().to_string().as_bytes());
+    write!(output, "content-length: {}", body.len()).expect("writing to a Vec never fails");
     output.extend_from_slice(b"\r\ndate: ");
     output.extend_from_slice(date.as_bytes());
     output.extend_from_slice(b"\r\n");
