@@ -21,6 +21,7 @@ use paxwasm::node::handle::{
     DeployOk, DiskView, LeaderHint, MemberChange, MemberError, MemberView, ModuleEvent, NodeApi,
     PeerView, QueryError, QueryOk, Readiness, StatusView,
 };
+use paxwasm::node::probe;
 use paxwasm::paxos::NodeId;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1752,37 +1753,16 @@ fn command_request(payload: &str) -> String {
     )
 }
 
-/// One response read off a raw connection: status, headers (lower-case names) and body.
-type RawResponse = (u16, Vec<(String, String)>, String);
-
 /// Reads `count` responses (each with a `content-length`) from `stream`, in order, and
 /// whatever was read after them.
-async fn read_responses(stream: &mut TcpStream, count: usize) -> (Vec<RawResponse>, Vec<u8>) {
+async fn read_responses(stream: &mut TcpStream, count: usize) -> (Vec<probe::Response>, Vec<u8>) {
     let mut buffer = Vec::new();
     let mut responses = Vec::new();
     while responses.len() < count {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(head)) = response.parse(&buffer) {
-            let headers: Vec<(String, String)> = response
-                .headers
-                .iter()
-                .map(|header| {
-                    let value = String::from_utf8_lossy(header.value).into_owned();
-                    (header.name.to_ascii_lowercase(), value)
-                })
-                .collect();
-            let length: usize = headers
-                .iter()
-                .find(|(name, _)| name == "content-length")
-                .map(|(_, value)| value.parse().unwrap())
-                .expect("every response has a content-length");
-            if buffer.len() >= head + length {
-                let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();
-                responses.push((response.code.unwrap(), headers, body));
-                buffer.drain(..head + length);
-                continue;
-            }
+        if let Some((response, used)) = probe::parse_next(&buffer).unwrap() {
+            responses.push(response);
+            buffer.drain(..used);
+            continue;
         }
         let mut chunk = [0u8; 4096];
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
@@ -1811,16 +1791,12 @@ async fn pipelined_commands_are_submitted_at_once_and_answered_in_request_order(
     stream.write_all(pipeline.as_bytes()).await.unwrap();
     let (responses, rest) = read_responses(&mut stream, 3).await;
     assert!(rest.is_empty());
-    let bodies: Vec<&str> = responses.iter().map(|(_, _, body)| body.as_str()).collect();
+    let bodies: Vec<String> = responses.iter().map(probe::Response::text).collect();
     assert_eq!(bodies, ["OK gate", "OK open", "OK put k v"]);
-    assert!(responses.iter().all(|(status, _, _)| *status == 200));
+    assert!(responses.iter().all(|response| response.status == 200));
     // `open` was submitted while `gate` waited, so it was decided first.
     let index = |n: usize| {
-        let (_, headers, _) = &responses[n];
-        let (_, index) = headers
-            .iter()
-            .find(|(name, _)| name == "paxwasm-index")
-            .unwrap();
+        let index = responses[n].header("paxwasm-index").unwrap();
         index.parse::<u64>().unwrap()
     };
     assert!(index(1) < index(0), "{responses:?}");
@@ -1829,7 +1805,10 @@ async fn pipelined_commands_are_submitted_at_once_and_answered_in_request_order(
         .write_all(command_request("put k w").as_bytes())
         .await
         .unwrap();
-    assert_eq!(read_responses(&mut stream, 1).await.0[0].2, "OK put k w");
+    assert_eq!(
+        read_responses(&mut stream, 1).await.0[0].text(),
+        "OK put k w"
+    );
     server.stop().await;
 }
 
@@ -1849,19 +1828,20 @@ async fn a_pipeline_goes_to_hyper_at_its_first_other_request_and_answers_stay_in
     .concat();
     stream.write_all(pipeline.as_bytes()).await.unwrap();
     let (responses, mut rest) = read_responses(&mut stream, 4).await;
-    let summary: Vec<(u16, &str)> = responses
+    let summary: Vec<(u16, String)> = responses
         .iter()
-        .map(|(status, _, body)| (*status, body.as_str()))
+        .map(|response| (response.status, response.text()))
         .collect();
     assert_eq!(
         summary,
         [
-            (200, "OK put a 1"),
-            (200, "ok\n"),
-            (200, "OK put b 2"),
+            (200, "OK put a 1".to_owned()),
+            (200, "ok\n".to_owned()),
+            (200, "OK put b 2".to_owned()),
             (
                 413,
                 "{\"error\":\"the request body is larger than body_bytes_max (64 bytes)\"}\n"
+                    .to_owned()
             ),
         ]
     );
@@ -1878,7 +1858,7 @@ async fn a_pipeline_goes_to_hyper_at_its_first_other_request_and_answers_stay_in
     // The command answered here and the one hyper answered carry the same headers.
     let names = |n: usize| {
         let mut names: Vec<&str> = responses[n]
-            .1
+            .headers
             .iter()
             .map(|(name, _)| name.as_str())
             .collect();
@@ -1891,8 +1871,8 @@ async fn a_pipeline_goes_to_hyper_at_its_first_other_request_and_answers_stay_in
         ["content-length", "content-type", "date", "paxwasm-index"]
     );
     assert_eq!(
-        responses[0].1.iter().find(|(n, _)| n == "content-type"),
-        responses[2].1.iter().find(|(n, _)| n == "content-type")
+        responses[0].header("content-type"),
+        responses[2].header("content-type")
     );
     let reply = call(&server, Method::GET, "/livez", &[], b"").await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -1920,9 +1900,8 @@ async fn shutdown_answers_the_pipelined_commands_already_read() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     node.state().gate.notify_one();
     let (responses, mut rest) = read_responses(&mut stream, 1).await;
-    assert_eq!(responses[0].2, "OK gate");
-    let closing = ("connection".to_owned(), "close".to_owned());
-    assert!(responses[0].1.contains(&closing), "{responses:?}");
+    assert_eq!(responses[0].text(), "OK gate");
+    assert_eq!(responses[0].header("connection"), Some("close"));
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
         .await
         .expect("the connection closes after its answers")
@@ -1962,8 +1941,8 @@ async fn shutdown_keeps_the_last_answers_when_more_requests_were_sent() {
     node.state().gate.notify_one();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (responses, _) = read_responses(&mut stream, 60).await;
-    assert_eq!(responses[0].2, "OK gate");
-    assert!(responses.iter().all(|(status, _, _)| *status == 200));
+    assert_eq!(responses[0].text(), "OK gate");
+    assert!(responses.iter().all(|response| response.status == 200));
     stopped.await.unwrap();
 }
 
@@ -2009,7 +1988,7 @@ async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
         .await
         .unwrap();
     let (responses, _) = read_responses(&mut quiet, 1).await;
-    assert_eq!(responses[0].2, "OK put k v");
+    assert_eq!(responses[0].text(), "OK put k v");
     for stream in [&mut silent, &mut quiet] {
         let mut rest = Vec::new();
         let closed =

@@ -302,11 +302,18 @@ fn pipelined_puts(addr: &str, name: &str, count: usize) -> Vec<u64> {
     let answers = pipelined_exchange(addr, &requests);
     assert_eq!(answers.len(), count, "answers of {name}: {answers:?}");
     answers
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(n, (status, body, index))| {
-            assert_eq!((status, body.as_str()), (200, "OK"), "answer {n} of {name}");
-            index.expect("a 200 answer carries Paxwasm-Index")
+        .map(|(n, answer)| {
+            assert_eq!(
+                (answer.status, answer.text()),
+                (200, "OK".to_owned()),
+                "answer {n} of {name}"
+            );
+            let index = answer
+                .header("paxwasm-index")
+                .expect("a 200 answer carries Paxwasm-Index");
+            index.parse().unwrap()
         })
         .collect()
 }
@@ -338,8 +345,8 @@ fn start_pipelined_writer(
                 let mut unanswered = Vec::new();
                 for (n, (key, value)) in pending.into_iter().enumerate() {
                     match answers.get(n) {
-                        Some((200, body, _)) => {
-                            assert_eq!(body, "OK", "put {key} {value}");
+                        Some(answer) if answer.status == 200 => {
+                            assert_eq!(answer.text(), "OK", "put {key} {value}");
                             acked.insert(key, value);
                         }
                         _ => unanswered.push((key, value)),
@@ -358,12 +365,9 @@ fn start_pipelined_writer(
 }
 
 /// Sends `POST /v1/commands` for every `(idempotency key, body)` on one connection
-/// without waiting, then reads the answers in order: `(status, body, Paxwasm-Index)`
-/// for each answered before the connection failed, closed or stayed silent for 10 s.
-fn pipelined_exchange(
-    addr: &str,
-    requests: &[(String, String)],
-) -> Vec<(u16, String, Option<u64>)> {
+/// without waiting, then reads the answers in order: each answered before the
+/// connection failed, closed or stayed silent for 10 s.
+fn pipelined_exchange(addr: &str, requests: &[(String, String)]) -> Vec<Response> {
     let mut answers = Vec::new();
     let Ok(socket) = addr.parse() else {
         panic!("{addr} is not IP:PORT");
@@ -390,24 +394,10 @@ fn pipelined_exchange(
     }
     let mut buffer = Vec::new();
     while answers.len() < requests.len() {
-        let mut headers = [httparse::EMPTY_HEADER; 16];
-        let mut response = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(head)) = response.parse(&buffer) {
-            let header = |wanted: &str| {
-                response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case(wanted))
-                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
-            };
-            let length: usize = header("content-length").unwrap().parse().unwrap();
-            if buffer.len() >= head + length {
-                let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();
-                let index = header("paxwasm-index").map(|index| index.parse().unwrap());
-                answers.push((response.code.unwrap(), body, index));
-                buffer.drain(..head + length);
-                continue;
-            }
+        if let Some((answer, used)) = probe::parse_next(&buffer).unwrap() {
+            answers.push(answer);
+            buffer.drain(..used);
+            continue;
         }
         let mut chunk = [0u8; 4096];
         match stream.read(&mut chunk) {

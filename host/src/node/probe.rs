@@ -73,12 +73,44 @@ fn bad(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.to_string())
 }
 
-fn parse(raw: &[u8]) -> io::Result<Response> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("headers not UTF-8"))?;
+/// The first whole response in `bytes` and the bytes it takes, or `None` until all of
+/// it is there: for reading pipelined answers off one connection. The response must
+/// carry `Content-Length`, as the API's answers do.
+pub fn parse_next(bytes: &[u8]) -> io::Result<Option<(Response, usize)>> {
+    let Some(split) = head_end(bytes) else {
+        return Ok(None);
+    };
+    let (status, headers) = parse_head(&bytes[..split])?;
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .ok_or_else(|| bad("no content-length"))?
+        .1
+        .parse()
+        .map_err(|_| bad("bad content-length"))?;
+    let end = split + 4 + length;
+    if bytes.len() < end {
+        return Ok(None);
+    }
+    let body = bytes[split + 4..end].to_vec();
+    Ok(Some((
+        Response {
+            status,
+            headers,
+            body,
+        },
+        end,
+    )))
+}
+
+/// Where the head ends (the offset of its empty line's `\r\n\r\n`).
+fn head_end(raw: &[u8]) -> Option<usize> {
+    raw.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// Status and headers (names lower-cased) of a head without its final `\r\n\r\n`.
+fn parse_head(head: &[u8]) -> io::Result<(u16, Vec<(String, String)>)> {
+    let head = std::str::from_utf8(head).map_err(|_| bad("headers not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
     let status = status_line
@@ -86,10 +118,16 @@ fn parse(raw: &[u8]) -> io::Result<Response> {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| bad("bad status line"))?;
-    let headers: Vec<(String, String)> = lines
+    let headers = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    Ok((status, headers))
+}
+
+fn parse(raw: &[u8]) -> io::Result<Response> {
+    let split = head_end(raw).ok_or_else(|| bad("no end of headers"))?;
+    let (status, headers) = parse_head(&raw[..split])?;
     let mut body = raw[split + 4..].to_vec();
     let chunked = headers
         .iter()
@@ -149,5 +187,18 @@ mod tests {
         assert_eq!(chunked.status, 404);
         assert_eq!(chunked.body, b"abcde");
         assert!(parse(b"garbage").is_err());
+    }
+
+    #[test]
+    fn parse_next_takes_one_whole_response_at_a_time() {
+        let two = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nOKHTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+        let (first, used) = parse_next(two).unwrap().unwrap();
+        assert_eq!((first.status, first.body.as_slice()), (200, &b"OK"[..]));
+        let (second, rest) = parse_next(&two[used..]).unwrap().unwrap();
+        assert_eq!((second.status, used + rest), (503, two.len()));
+        for cut in [10, used - 1] {
+            assert_eq!(parse_next(&two[..cut]).unwrap(), None, "{cut} bytes");
+        }
+        assert!(parse_next(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
     }
 }
