@@ -2049,6 +2049,131 @@ async fn a_client_that_pipelines_and_never_reads_is_disconnected() {
 }
 
 #[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408_and_the_connection_closed() {
+    let config = ApiConfig {
+        body_read_timeout_ms: 300,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    // A partial body after a pipelined command (the pipelined path) and after a request
+    // hyper serves (a query), and a partial module upload (hyper, admin route).
+    let stalled_command =
+        "POST /v1/commands HTTP/1.1\r\nhost: t\r\ncontent-length: 50\r\n\r\nput k";
+    let stalled_query = "POST /v1/queries HTTP/1.1\r\nhost: t\r\ncontent-length: 50\r\n\r\nget k";
+    let stalled_upload = "PUT /v1/app HTTP/1.1\r\nhost: t\r\nauthorization: Bearer s3cret\r\ncontent-length: 200\r\n\r\n\0asm";
+    let cases = [
+        (
+            format!("{}{stalled_command}", command_request("put a 1")),
+            200,
+        ),
+        (
+            format!("GET /livez HTTP/1.1\r\nhost: t\r\n\r\n{stalled_query}"),
+            200,
+        ),
+        (stalled_upload.to_owned(), 0),
+    ];
+    for (sent, first_status) in cases {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(sent.as_bytes()).await.unwrap();
+        let count = if first_status == 0 { 1 } else { 2 };
+        let started = std::time::Instant::now();
+        let (responses, rest) = read_responses(&mut stream, count).await;
+        if first_status != 0 {
+            assert_eq!(responses[0].status, first_status, "{sent:?}");
+        }
+        let timed_out = responses.last().unwrap();
+        assert_eq!(timed_out.status, 408, "{sent:?}: {:?}", timed_out.text());
+        assert!(
+            timed_out.text().contains("body_read_timeout_ms (300 ms)"),
+            "{:?}",
+            timed_out.text()
+        );
+        assert_eq!(timed_out.header("connection"), Some("close"), "{sent:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300), "{sent:?}");
+        assert!(rest.is_empty(), "{rest:?}");
+        let mut after = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut after)).await;
+        assert!(
+            closed.is_ok() && after.is_empty(),
+            "{sent:?}: closed after the 408"
+        );
+    }
+    let reply = call(&server, Method::GET, "/livez", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_keeps_arriving_slowly_is_read_to_the_end() {
+    let config = ApiConfig {
+        body_read_timeout_ms: 400,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    // Each piece comes well within the timeout, the whole body well after it: on both
+    // paths the timeout counts from the last bytes, not from the head.
+    let body = "put slow 0123456789";
+    for head in [
+        format!("POST /v1/commands HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n", body.len()),
+        format!("GET /livez HTTP/1.1\r\nhost: t\r\n\r\nPOST /v1/queries HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n", body.len()),
+    ] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        for piece in body.as_bytes().chunks(4) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stream.write_all(piece).await.unwrap();
+        }
+        let count = if head.starts_with("GET") { 2 } else { 1 };
+        let (responses, _) = read_responses(&mut stream, count).await;
+        let last = responses.last().unwrap();
+        assert_ne!(last.status, 408, "{head:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_answers_from_hyper_is_disconnected() {
+    let config = ApiConfig {
+        request_timeout_ms: 300,
+        ..config()
+    };
+    let server = Server::start(FakeNode::leader(1), config).await;
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // Requests hyper serves (not commands), far more answers than the socket buffers
+    // hold; the client reads none of them.
+    let request = "GET /v1/status HTTP/1.1\r\nhost: t\r\n\r\n".repeat(100);
+    let sending = tokio::spawn(async move {
+        for _ in 0..2_000 {
+            if writer.write_all(request.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+        drop(writer);
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answers = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => answers.extend_from_slice(&chunk[..read]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection is closed by the server");
+    assert!(answers.is_empty() || answers.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    sending.abort();
+    let reply = call(&server, Method::GET, "/livez", &[], b"").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn connections_above_connections_max_wait_for_a_free_slot() {
     let config = ApiConfig {
         connections_max: 1,

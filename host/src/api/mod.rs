@@ -16,6 +16,7 @@ mod json;
 mod metrics;
 mod pipeline;
 mod routes;
+mod write_timeout;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::node::handle::NodeApi;
+use write_timeout::WriteTimeout;
 
 /// Request header naming the replica that forwarded a query; a replica never forwards a
 /// request that carries it again (the loop guard: one hop at most).
@@ -64,6 +66,10 @@ pub struct ApiConfig {
     /// A client must send its request headers within this time, or the connection is
     /// closed (slow-loris guard).
     pub header_read_timeout_ms: u64,
+    /// Once a request's head has arrived, the longest the server waits for more of its
+    /// body; then it answers 408 and closes the connection (slow-loris guard for bodies;
+    /// an upload that keeps making progress is never cut).
+    pub body_read_timeout_ms: u64,
     /// Safety net over the runtime's own timeouts: a command, query or deploy with no
     /// answer after this long is answered 504 (outcome unknown).
     pub request_timeout_ms: u64,
@@ -88,6 +94,7 @@ impl Default for ApiConfig {
             pipeline_depth_max: 64,
             pipeline_bytes_max: 4 << 20,
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
             forward_timeout_ms: 10_000,
             forward_response_bytes_max: 16 * 1024 * 1024,
@@ -118,6 +125,8 @@ pub async fn serve<N: NodeApi>(
     );
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown_grace = Duration::from_millis(config.shutdown_grace_ms);
+    // The pipelined path times out stalled writes after the same time.
+    let write_timeout = Duration::from_millis(config.request_timeout_ms);
     let connection_permits = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(routes::Shared::new(node, config));
     let graceful = GracefulShutdown::new();
@@ -169,7 +178,13 @@ pub async fn serve<N: NodeApi>(
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read_timeout)
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(pipeline::Rewind::new(read, stream)), service);
+                    .serve_connection(
+                        TokioIo::new(WriteTimeout::new(
+                            pipeline::Rewind::new(read, stream),
+                            write_timeout,
+                        )),
+                        service,
+                    );
                 if let Err(error) = watcher.watch(connection).await {
                     tracing::debug!(%error, %remote, "api: connection ended with an error");
                 }

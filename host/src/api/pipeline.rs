@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
@@ -84,10 +85,15 @@ pub async fn serve<N: NodeApi>(
     let mut dates = DateCache::default();
     let mut other_next = false;
     let mut end_of_input = false;
+    // The server is shutting down, or this connection must end (a body stopped
+    // arriving): take no more requests, answer those taken, then close.
     let mut shutting_down = *shutdown.borrow();
     // Since when the connection has waited for a request head with nothing in flight:
     // as in hyper, an idle keep-alive connection and a slow head share one timeout.
     let mut idle_since: Option<Instant> = None;
+    // When bytes last arrived: a request body must keep arriving.
+    let mut last_input = Instant::now();
+    let body_read_timeout = Duration::from_millis(shared.config.body_read_timeout_ms);
     loop {
         let mut body_pending = false;
         while !other_next
@@ -98,7 +104,7 @@ pub async fn serve<N: NodeApi>(
                 Next::Command { bytes, request } => {
                     input.advance(bytes);
                     answers_bytes += request.payload.len();
-                    answers.push_back(answer(shared.clone(), request));
+                    answers.push_back(Either::Left(answer(shared.clone(), request)));
                 }
                 Next::Partial { head_complete } => {
                     // As in hyper, the header timeout does not cover the body.
@@ -130,11 +136,16 @@ pub async fn serve<N: NodeApi>(
             && !end_of_input
             && !shutting_down
             && has_room(&shared.config, answers.len(), answers_bytes);
+        if !may_read {
+            // Time the connection is not read (a full pipeline) is not the client's.
+            last_input = Instant::now();
+        }
+        let body_deadline = (body_pending && may_read).then(|| last_input + body_read_timeout);
         input.reserve(READ_CHUNK_BYTES);
         tokio::select! {
             read = stream.read_buf(&mut input), if may_read => match read {
                 Ok(0) => end_of_input = true,
-                Ok(_) => {}
+                Ok(_) => last_input = Instant::now(),
                 Err(error) => {
                     tracing::debug!(%error, "api: read failed");
                     return Ended::Closed;
@@ -172,6 +183,16 @@ pub async fn serve<N: NodeApi>(
             () = sleep_until_some(head_deadline) => {
                 tracing::debug!("api: no whole request head within header_read_timeout; closing");
                 return Ended::Closed;
+            }
+            () = sleep_until_some(body_deadline) => {
+                // As hyper's path does (`routes::body_timeout`): 408 in its place among
+                // the answers, then close, since the rest of that body cannot be told
+                // from a next request.
+                tracing::debug!("api: a command body stopped arriving; answering 408 and closing");
+                let response = routes::body_timeout(&shared.config);
+                shared.metrics.observe(Route::Commands, &Method::POST, response.status(), body_read_timeout);
+                answers.push_back(Either::Right(std::future::ready((response, 0))));
+                shutting_down = true;
             }
             changed = shutdown.changed(), if !shutting_down => {
                 // A dropped sender means the server is gone: stop as for a shutdown.

@@ -10,12 +10,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE,
-    RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderMap, HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_LENGTH,
+    CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -292,7 +292,13 @@ async fn dispatch<N: NodeApi>(
 async fn commands<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
     no_query_string(&request)?;
     let idempotency_key = idempotency_key(request.headers(), &shared.config)?;
-    let payload = read_body(request, shared.config.body_bytes_max, "body_bytes_max").await?;
+    let payload = read_body(
+        request,
+        shared.config.body_bytes_max,
+        "body_bytes_max",
+        &shared.config,
+    )
+    .await?;
     if payload.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "the command body is empty"));
     }
@@ -362,7 +368,13 @@ async fn queries<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> 
         .get(HEADER_FORWARDED_BY)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     let raw_query = request.uri().query().map(str::to_owned);
-    let payload = read_body(request, shared.config.body_bytes_max, "body_bytes_max").await?;
+    let payload = read_body(
+        request,
+        shared.config.body_bytes_max,
+        "body_bytes_max",
+        &shared.config,
+    )
+    .await?;
 
     let queried = shared.node.query(payload.to_vec(), consistency);
     let outcome = tokio::time::timeout(request_timeout(&shared.config), queried)
@@ -556,7 +568,13 @@ async fn deploy<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> H
             (other, _) => return Err(unknown_parameter(other, "migrate")),
         }
     }
-    let module = read_body(request, shared.config.module_bytes_max, "module_bytes_max").await?;
+    let module = read_body(
+        request,
+        shared.config.module_bytes_max,
+        "module_bytes_max",
+        &shared.config,
+    )
+    .await?;
     let deployed = shared.node.deploy(module.to_vec(), migrate);
     let outcome = tokio::time::timeout(request_timeout(&shared.config), deployed)
         .await
@@ -668,11 +686,13 @@ pub(super) fn checked_idempotency_key(
 }
 
 /// Reads the whole body, refusing (413) a declared or actual length above `limit_bytes`
-/// before buffering more than the limit.
+/// before buffering more than the limit, and (408) a body that stops arriving for
+/// `body_read_timeout_ms`.
 async fn read_body(
     request: Request<Incoming>,
     limit_bytes: usize,
     limit_name: &str,
+    config: &ApiConfig,
 ) -> Result<Bytes, Response<Body>> {
     let too_large = || {
         error(
@@ -691,19 +711,50 @@ async fn read_body(
             return Err(too_large());
         }
     }
-    match Limited::new(request.into_body(), limit_bytes)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(failure) => match failure.downcast::<hyper::Error>() {
-            Ok(failure) => Err(error(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the request body: {failure}"),
-            )),
-            Err(_) => Err(too_large()),
-        },
+    let stall = Duration::from_millis(config.body_read_timeout_ms);
+    let mut body = Limited::new(request.into_body(), limit_bytes);
+    let mut collected = BytesMut::new();
+    loop {
+        // The timer restarts with every frame: a slow upload that makes progress is
+        // never cut, a client that stops sending is.
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) => return Err(body_timeout(config)),
+        };
+        match frame {
+            None => return Ok(collected.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    collected.extend_from_slice(&data);
+                }
+            }
+            Some(Err(failure)) => {
+                return Err(match failure.downcast::<hyper::Error>() {
+                    Ok(failure) => error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("cannot read the request body: {failure}"),
+                    ),
+                    Err(_) => too_large(),
+                })
+            }
+        }
     }
+}
+
+/// 408 for a request whose body stopped arriving for `body_read_timeout_ms`; the
+/// connection closes after it (the rest of that body would be read as a request).
+pub(super) fn body_timeout(config: &ApiConfig) -> Response<Body> {
+    let mut response = error(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!(
+            "the request body stopped arriving: no bytes for body_read_timeout_ms ({} ms)",
+            config.body_read_timeout_ms
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// `name=value` pairs of the query string; a pair without `=` or a repeated name is 400.
@@ -973,7 +1024,13 @@ async fn members<N: NodeApi>(
         || request.uri().path().to_owned(),
         |pq| pq.as_str().to_owned(),
     );
-    let body = read_body(request, shared.config.body_bytes_max, "body_bytes_max").await?;
+    let body = read_body(
+        request,
+        shared.config.body_bytes_max,
+        "body_bytes_max",
+        &shared.config,
+    )
+    .await?;
     let change = match (route, path_id) {
         (Route::Members, _) => add_member_body(&body).map_err(|reason| {
             error(
