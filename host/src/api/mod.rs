@@ -123,6 +123,10 @@ pub async fn serve<N: NodeApi>(
         config.pipeline_depth_max > 0 && config.pipeline_bytes_max > 0,
         "pipeline_depth_max and pipeline_bytes_max must be positive"
     );
+    assert!(
+        config.body_read_timeout_ms > 0 && config.request_timeout_ms > 0,
+        "body_read_timeout_ms and request_timeout_ms must be positive"
+    );
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown_grace = Duration::from_millis(config.shutdown_grace_ms);
     // The pipelined path times out stalled writes after the same time.

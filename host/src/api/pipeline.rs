@@ -91,8 +91,10 @@ pub async fn serve<N: NodeApi>(
     // Since when the connection has waited for a request head with nothing in flight:
     // as in hyper, an idle keep-alive connection and a slow head share one timeout.
     let mut idle_since: Option<Instant> = None;
-    // When bytes last arrived: a request body must keep arriving.
-    let mut last_input = Instant::now();
+    // Since when the server has waited for the client's next bytes: the last bytes
+    // read, or the end of the last time the server itself held things up (not reading
+    // a full pipeline, writing answers). A request body must keep arriving.
+    let mut waiting_since = Instant::now();
     let body_read_timeout = Duration::from_millis(shared.config.body_read_timeout_ms);
     loop {
         let mut body_pending = false;
@@ -136,16 +138,12 @@ pub async fn serve<N: NodeApi>(
             && !end_of_input
             && !shutting_down
             && has_room(&shared.config, answers.len(), answers_bytes);
-        if !may_read {
-            // Time the connection is not read (a full pipeline) is not the client's.
-            last_input = Instant::now();
-        }
-        let body_deadline = (body_pending && may_read).then(|| last_input + body_read_timeout);
+        let body_deadline = (body_pending && may_read).then(|| waiting_since + body_read_timeout);
         input.reserve(READ_CHUNK_BYTES);
         tokio::select! {
             read = stream.read_buf(&mut input), if may_read => match read {
                 Ok(0) => end_of_input = true,
-                Ok(_) => last_input = Instant::now(),
+                Ok(_) => waiting_since = Instant::now(),
                 Err(error) => {
                     tracing::debug!(%error, "api: read failed");
                     return Ended::Closed;
@@ -175,6 +173,7 @@ pub async fn serve<N: NodeApi>(
                     tracing::debug!(%error, "api: write failed");
                     return Ended::Closed;
                 }
+                waiting_since = Instant::now();
                 output.clear();
                 if output.capacity() > WRITE_BYTES_MAX * 4 {
                     output = Vec::new();
@@ -185,19 +184,42 @@ pub async fn serve<N: NodeApi>(
                 return Ended::Closed;
             }
             () = sleep_until_some(body_deadline) => {
-                // As hyper's path does (`routes::body_timeout`): 408 in its place among
-                // the answers, then close, since the rest of that body cannot be told
-                // from a next request.
-                tracing::debug!("api: a command body stopped arriving; answering 408 and closing");
-                let response = routes::body_timeout(&shared.config);
-                shared.metrics.observe(Route::Commands, &Method::POST, response.status(), body_read_timeout);
-                answers.push_back(Either::Right(std::future::ready((response, 0))));
-                shutting_down = true;
+                // Bytes that arrived just as the deadline passed still count.
+                match stream.try_read_buf(&mut input) {
+                    Ok(0) => end_of_input = true,
+                    Ok(_) => waiting_since = Instant::now(),
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        // As hyper's path does (`routes::body_timeout`): 408 in its
+                        // place among the answers, then close, since the rest of that
+                        // body could not be told from a next request. The last answer
+                        // gets `connection: close` below.
+                        tracing::debug!(
+                            "api: a command body stopped arriving; answering 408 and closing"
+                        );
+                        let response = routes::body_timeout(&shared.config);
+                        shared.metrics.observe(
+                            Route::Commands,
+                            &Method::POST,
+                            response.status(),
+                            body_read_timeout,
+                        );
+                        answers.push_back(Either::Right(std::future::ready((response, 0))));
+                        shutting_down = true;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "api: read failed");
+                        return Ended::Closed;
+                    }
+                }
             }
             changed = shutdown.changed(), if !shutting_down => {
                 // A dropped sender means the server is gone: stop as for a shutdown.
                 shutting_down = changed.is_err() || *shutdown.borrow();
             }
+        }
+        if !may_read {
+            // The time the server did not read (a full pipeline) is not the client's.
+            waiting_since = Instant::now();
         }
     }
 }

@@ -719,7 +719,14 @@ async fn read_body(
         // never cut, a client that stops sending is.
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Ok(frame) => frame,
-            Err(_) => return Err(body_timeout(config)),
+            Err(_) => {
+                let mut response = body_timeout(config);
+                // The rest of that body would be read as the next request.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                return Err(response);
+            }
         };
         match frame {
             None => return Ok(collected.freeze()),
@@ -741,20 +748,16 @@ async fn read_body(
     }
 }
 
-/// 408 for a request whose body stopped arriving for `body_read_timeout_ms`; the
-/// connection closes after it (the rest of that body would be read as a request).
+/// 408 for a request whose body stopped arriving for `body_read_timeout_ms`; the caller
+/// closes the connection after it.
 pub(super) fn body_timeout(config: &ApiConfig) -> Response<Body> {
-    let mut response = error(
+    error(
         StatusCode::REQUEST_TIMEOUT,
         &format!(
             "the request body stopped arriving: no bytes for body_read_timeout_ms ({} ms)",
             config.body_read_timeout_ms
         ),
-    );
-    response
-        .headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    response
+    )
 }
 
 /// `name=value` pairs of the query string; a pair without `=` or a repeated name is 400.

@@ -19,8 +19,11 @@ use tokio::time::Sleep;
 pub struct WriteTimeout<S> {
     inner: S,
     timeout: Duration,
-    /// Armed at the first write that could not proceed, cleared by any progress.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// The deadline of the write side: armed at the first write, flush or shutdown that
+    /// could not proceed, disarmed by any that did. hyper flushes only once its buffered
+    /// writes are done, so a finished flush never hides a write still stuck.
+    deadline: Pin<Box<Sleep>>,
+    armed: bool,
 }
 
 impl<S> WriteTimeout<S> {
@@ -28,7 +31,8 @@ impl<S> WriteTimeout<S> {
         WriteTimeout {
             inner,
             timeout,
-            stalled: None,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
         }
     }
 
@@ -40,15 +44,18 @@ impl<S> WriteTimeout<S> {
     ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Ready(result) => {
-                self.stalled = None;
+                self.armed = false;
                 Poll::Ready(result)
             }
             Poll::Pending => {
                 let timeout = self.timeout;
-                let stalled = self
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(stalled.as_mut().poll(cx));
+                if !self.armed {
+                    self.armed = true;
+                    self.deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + timeout);
+                }
+                ready!(self.deadline.as_mut().poll(cx));
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -115,7 +122,8 @@ mod tests {
         let (near, _far) = tokio::io::duplex(64);
         let mut stream = WriteTimeout::new(near, Duration::from_secs(30));
         let started = tokio::time::Instant::now();
-        let error = stream.write_all(&[0u8; 1024]).await.unwrap_err();
+        let written = tokio::time::timeout(Duration::from_secs(60), stream.write_all(&[0u8; 1024]));
+        let error = written.await.expect("fails before 60 s").unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
