@@ -292,13 +292,7 @@ async fn dispatch<N: NodeApi>(
 async fn commands<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> Handled {
     no_query_string(&request)?;
     let idempotency_key = idempotency_key(request.headers(), &shared.config)?;
-    let payload = read_body(
-        request,
-        shared.config.body_bytes_max,
-        "body_bytes_max",
-        &shared.config,
-    )
-    .await?;
+    let payload = read_small_body(request, &shared.config).await?;
     if payload.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "the command body is empty"));
     }
@@ -368,13 +362,7 @@ async fn queries<N: NodeApi>(shared: &Shared<N>, request: Request<Incoming>) -> 
         .get(HEADER_FORWARDED_BY)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     let raw_query = request.uri().query().map(str::to_owned);
-    let payload = read_body(
-        request,
-        shared.config.body_bytes_max,
-        "body_bytes_max",
-        &shared.config,
-    )
-    .await?;
+    let payload = read_small_body(request, &shared.config).await?;
 
     let queried = shared.node.query(payload.to_vec(), consistency);
     let outcome = tokio::time::timeout(request_timeout(&shared.config), queried)
@@ -748,6 +736,14 @@ async fn read_body(
     }
 }
 
+/// `read_body` with the limit of commands, queries and the other small bodies.
+async fn read_small_body(
+    request: Request<Incoming>,
+    config: &ApiConfig,
+) -> Result<Bytes, Response<Body>> {
+    read_body(request, config.body_bytes_max, "body_bytes_max", config).await
+}
+
 /// 408 for a request whose body stopped arriving for `body_read_timeout_ms`; the caller
 /// closes the connection after it.
 pub(super) fn body_timeout(config: &ApiConfig) -> Response<Body> {
@@ -1027,13 +1023,7 @@ async fn members<N: NodeApi>(
         || request.uri().path().to_owned(),
         |pq| pq.as_str().to_owned(),
     );
-    let body = read_body(
-        request,
-        shared.config.body_bytes_max,
-        "body_bytes_max",
-        &shared.config,
-    )
-    .await?;
+    let body = read_small_body(request, &shared.config).await?;
     let change = match (route, path_id) {
         (Route::Members, _) => add_member_body(&body).map_err(|reason| {
             error(
