@@ -70,6 +70,9 @@ pub struct ApiConfig {
     /// body; then it answers 408 and closes the connection (slow-loris guard for bodies;
     /// an upload that keeps making progress is never cut).
     pub body_read_timeout_ms: u64,
+    /// ... and how many bytes of a body (or its end) each such window must bring: a
+    /// client that trickles a few bytes now and then does not keep a body alive.
+    pub body_progress_bytes_min: usize,
     /// Safety net over the runtime's own timeouts: a command, query or deploy with no
     /// answer after this long is answered 504 (outcome unknown).
     pub request_timeout_ms: u64,
@@ -95,6 +98,7 @@ impl Default for ApiConfig {
             pipeline_bytes_max: 4 << 20,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
+            body_progress_bytes_min: 1024,
             request_timeout_ms: 30_000,
             forward_timeout_ms: 10_000,
             forward_response_bytes_max: 16 * 1024 * 1024,

@@ -96,14 +96,20 @@ pub async fn serve<N: NodeApi>(
     // a full pipeline, writing answers). A request body must keep arriving.
     let mut waiting_since = Instant::now();
     let body_read_timeout = Duration::from_millis(shared.config.body_read_timeout_ms);
+    let progress_min = shared.config.body_progress_bytes_min;
+    // Bytes read towards a pending body since `waiting_since` last moved: it moves once
+    // they reach `body_progress_bytes_min`, so a trickle does not keep a body alive.
+    let mut body_progress = 0usize;
     loop {
         let mut body_pending = false;
+        let mut consumed = false;
         while !other_next
             && !shutting_down
             && has_room(&shared.config, answers.len(), answers_bytes)
         {
             match next_request(&input, &shared.config) {
                 Next::Command { bytes, request } => {
+                    consumed = true;
                     input.advance(bytes);
                     answers_bytes += request.payload.len();
                     answers.push_back(Either::Left(answer(shared.clone(), request)));
@@ -115,6 +121,11 @@ pub async fn serve<N: NodeApi>(
                 }
                 Next::Other => other_next = true,
             }
+        }
+        if consumed && body_pending {
+            // A body completed and the next one starts: it gets a window of its own.
+            waiting_since = Instant::now();
+            body_progress = 0;
         }
         if answers.is_empty() {
             if other_next {
@@ -143,7 +154,9 @@ pub async fn serve<N: NodeApi>(
         tokio::select! {
             read = stream.read_buf(&mut input), if may_read => match read {
                 Ok(0) => end_of_input = true,
-                Ok(_) => waiting_since = Instant::now(),
+                Ok(read) => {
+                    note_progress(read, body_pending, progress_min, &mut body_progress, &mut waiting_since);
+                }
                 Err(error) => {
                     tracing::debug!(%error, "api: read failed");
                     return Ended::Closed;
@@ -184,32 +197,41 @@ pub async fn serve<N: NodeApi>(
                 return Ended::Closed;
             }
             () = sleep_until_some(body_deadline) => {
-                // Bytes that arrived just as the deadline passed still count.
-                match stream.try_read_buf(&mut input) {
-                    Ok(0) => end_of_input = true,
-                    Ok(_) => waiting_since = Instant::now(),
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        // As hyper's path does (`routes::body_timeout`): 408 in its
-                        // place among the answers, then close, since the rest of that
-                        // body could not be told from a next request. The last answer
-                        // gets `connection: close` below.
-                        tracing::debug!(
-                            "api: a command body stopped arriving; answering 408 and closing"
-                        );
-                        let response = routes::body_timeout(&shared.config);
-                        shared.metrics.observe(
-                            Route::Commands,
-                            &Method::POST,
-                            response.status(),
-                            body_read_timeout,
-                        );
-                        answers.push_back(Either::Right(std::future::ready((response, 0))));
-                        shutting_down = true;
+                // Bytes that arrived just as the deadline passed still count, if they
+                // complete the body or make the progress a window needs.
+                let read = match stream.try_read_buf(&mut input) {
+                    Ok(0) => {
+                        end_of_input = true;
+                        0
                     }
+                    Ok(read) => read,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(error) => {
                         tracing::debug!(%error, "api: read failed");
                         return Ended::Closed;
                     }
+                };
+                let restarted =
+                    note_progress(read, true, progress_min, &mut body_progress, &mut waiting_since);
+                let completed = !matches!(
+                    next_request(&input, &shared.config),
+                    Next::Partial { head_complete: true }
+                );
+                if !restarted && !completed {
+                    // As hyper's path does (`routes::body_timeout`): 408 in its place
+                    // among the answers, then close, since the rest of that body could
+                    // not be told from a next request. The last answer gets
+                    // `connection: close` below.
+                    tracing::debug!("api: a command body stopped arriving; answering 408 and closing");
+                    let response = routes::body_timeout(&shared.config);
+                    shared.metrics.observe(
+                        Route::Commands,
+                        &Method::POST,
+                        response.status(),
+                        body_read_timeout,
+                    );
+                    answers.push_back(Either::Right(std::future::ready((response, 0))));
+                    shutting_down = true;
                 }
             }
             changed = shutdown.changed(), if !shutting_down => {
@@ -222,6 +244,28 @@ pub async fn serve<N: NodeApi>(
             waiting_since = Instant::now();
         }
     }
+}
+
+/// Counts `read` new bytes: while a body is pending, the body's window restarts only
+/// once `progress_min` bytes have come since it last did; otherwise at any bytes.
+/// Whether it restarted.
+fn note_progress(
+    read: usize,
+    body_pending: bool,
+    progress_min: usize,
+    body_progress: &mut usize,
+    waiting_since: &mut Instant,
+) -> bool {
+    if read == 0 {
+        return false;
+    }
+    *body_progress += read;
+    if body_pending && *body_progress < progress_min {
+        return false;
+    }
+    *waiting_since = Instant::now();
+    *body_progress = 0;
+    true
 }
 
 /// Whether another command may be taken with `count` commands of `bytes` payload bytes

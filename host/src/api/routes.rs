@@ -699,13 +699,16 @@ async fn read_body(
             return Err(too_large());
         }
     }
-    let stall = Duration::from_millis(config.body_read_timeout_ms);
+    let window = Duration::from_millis(config.body_read_timeout_ms);
     let mut body = Limited::new(request.into_body(), limit_bytes);
     let mut collected = BytesMut::new();
+    // Each window must bring `body_progress_bytes_min` bytes or the end of the body: a
+    // slow upload that makes progress is never cut, a client that stops, or trickles a
+    // byte now and then, is.
+    let mut deadline = tokio::time::Instant::now() + window;
+    let mut progress = 0usize;
     loop {
-        // The timer restarts with every frame: a slow upload that makes progress is
-        // never cut, a client that stops sending is.
-        let frame = match tokio::time::timeout(stall, body.frame()).await {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(frame) => frame,
             Err(_) => {
                 let mut response = body_timeout(config);
@@ -721,6 +724,11 @@ async fn read_body(
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     collected.extend_from_slice(&data);
+                    progress += data.len();
+                    if progress >= config.body_progress_bytes_min {
+                        deadline = tokio::time::Instant::now() + window;
+                        progress = 0;
+                    }
                 }
             }
             Some(Err(failure)) => {
@@ -744,14 +752,14 @@ async fn read_small_body(
     read_body(request, config.body_bytes_max, "body_bytes_max", config).await
 }
 
-/// 408 for a request whose body stopped arriving for `body_read_timeout_ms`; the caller
-/// closes the connection after it.
+/// 408 for a request whose body brought less than `body_progress_bytes_min` bytes in
+/// `body_read_timeout_ms`; the caller closes the connection after it.
 pub(super) fn body_timeout(config: &ApiConfig) -> Response<Body> {
     error(
         StatusCode::REQUEST_TIMEOUT,
         &format!(
-            "the request body stopped arriving: no bytes for body_read_timeout_ms ({} ms)",
-            config.body_read_timeout_ms
+            "the request body stopped arriving: less than {} bytes in body_read_timeout_ms ({} ms)",
+            config.body_progress_bytes_min, config.body_read_timeout_ms
         ),
     )
 }
