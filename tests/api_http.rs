@@ -2119,8 +2119,9 @@ async fn a_body_that_stops_arriving_is_answered_408_and_the_connection_closed() 
 }
 
 /// The body timeout counts the client's time only: while a full pipeline is not read,
-/// the rest of a body waits in the socket, and must not be taken for a stalled body
-/// once the server reads again.
+/// more of a body waits in the socket, and the body gets a fresh window once the server
+/// reads again (the body here is shorter than `body_progress_bytes_min`, so it must
+/// end within one window).
 #[tokio::test]
 async fn a_body_the_server_did_not_read_for_a_while_is_not_timed_out() {
     let config = ApiConfig {
@@ -2131,38 +2132,78 @@ async fn a_body_the_server_did_not_read_for_a_while_is_not_timed_out() {
     let node = FakeNode::leader(1);
     let server = Server::start(node.clone(), config).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    // `gate` fills the pipeline; the next command's head and half its body come with it.
+    // `gate` fills the pipeline; the next command's head and part of its body come
+    // with it, more of the body 100 ms later (unread: the pipeline is full).
     let second = command_request("put k 0123456789");
-    let (first_half, second_half) = second.split_at(second.len() - 8);
+    let (head_and_part, rest) = second.split_at(second.len() - 8);
+    let (more, last) = rest.split_at(4);
     stream
-        .write_all(format!("{}{first_half}", command_request("gate")).as_bytes())
+        .write_all(format!("{}{head_and_part}", command_request("gate")).as_bytes())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    stream.write_all(second_half.as_bytes()).await.unwrap();
-    // The server reads nothing more until `gate` is answered, well after the timeout.
+    stream.write_all(more.as_bytes()).await.unwrap();
+    // The server reads nothing more until `gate` is answered, well after the window
+    // the body started in; the body ends 150 ms into the window that follows.
     tokio::time::sleep(Duration::from_millis(700)).await;
+    node.state().gate.notify_one();
+    let (responses, _) = read_responses(&mut stream, 1).await;
+    assert_eq!(responses[0].text(), "OK gate");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stream.write_all(last.as_bytes()).await.unwrap();
+    let (responses, _) = read_responses(&mut stream, 1).await;
+    assert_eq!(responses[0].status, 200, "{:?}", responses[0].text());
+    assert_eq!(responses[0].text(), "OK put k 0123456789");
+    server.stop().await;
+}
+
+/// Pipelined bodies get a window each: the read that ends one body and starts the next
+/// restarts the window, however few bytes it brought. (The first command is `gate`, so
+/// no answer is written meanwhile, which would restart the window too.)
+#[tokio::test]
+async fn each_pipelined_body_gets_a_window_of_its_own() {
+    let config = ApiConfig {
+        body_read_timeout_ms: 400,
+        ..config()
+    };
+    let node = FakeNode::leader(1);
+    let server = Server::start(node.clone(), config).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let first = command_request("gate");
+    let second = command_request("put b 0123456789");
+    let (first_part, first_rest) = first.split_at(first.len() - 2);
+    let (second_part, second_rest) = second.split_at(second.len() - 4);
+    stream.write_all(first_part.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    stream
+        .write_all(format!("{first_rest}{second_part}").as_bytes())
+        .await
+        .unwrap();
+    // 500 ms after the first body's window began, 250 ms into the second's.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    stream.write_all(second_rest.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
     node.state().gate.notify_one();
     let (responses, _) = read_responses(&mut stream, 2).await;
     let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [200, 200], "{:?}", responses[1].text());
-    assert_eq!(responses[1].text(), "OK put k 0123456789");
     server.stop().await;
 }
 
 /// A body must bring `body_progress_bytes_min` bytes (or its end) in every
-/// `body_read_timeout_ms`: 4 bytes every 100 ms do (8 bytes in 200 ms restart a
-/// 400 ms window), and the body is read to the end well after the first window; 1 byte
-/// every 100 ms does not, on either path, although bytes keep coming.
+/// `body_read_timeout_ms`: 4 bytes every 100 ms do (12 bytes in 300 ms restart a
+/// 600 ms window), and the body is read to the end after the first window; 1 byte
+/// every 100 ms does not (6 bytes in a window), on either path, although bytes keep
+/// coming.
 #[tokio::test]
 async fn a_slow_body_is_read_to_the_end_and_a_trickle_is_answered_408() {
     let config = ApiConfig {
-        body_read_timeout_ms: 400,
-        body_progress_bytes_min: 8,
+        body_read_timeout_ms: 600,
+        body_progress_bytes_min: 12,
         ..config()
     };
     let server = Server::start(FakeNode::leader(1), config).await;
-    let body = "put slow 0123456789";
+    let body = "put slow 0123456789abcdefghijk";
     let heads = [
         format!("POST /v1/commands HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n", body.len()),
         format!("GET /livez HTTP/1.1\r\nhost: t\r\n\r\nPOST /v1/queries HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n", body.len()),

@@ -66,12 +66,13 @@ pub struct ApiConfig {
     /// A client must send its request headers within this time, or the connection is
     /// closed (slow-loris guard).
     pub header_read_timeout_ms: u64,
-    /// Once a request's head has arrived, the longest the server waits for more of its
-    /// body; then it answers 408 and closes the connection (slow-loris guard for bodies;
-    /// an upload that keeps making progress is never cut).
+    /// Once a request's head has arrived, its body must bring `body_progress_bytes_min`
+    /// bytes, or its end, within every window of this length (restarted each time it
+    /// did; time the server does not read is not counted), or the server answers 408 and
+    /// closes the connection: a slow-loris guard for bodies that never cuts an upload
+    /// faster than the minimum per window.
     pub body_read_timeout_ms: u64,
-    /// ... and how many bytes of a body (or its end) each such window must bring: a
-    /// client that trickles a few bytes now and then does not keep a body alive.
+    /// See `body_read_timeout_ms`. 0: any bytes restart the window.
     pub body_progress_bytes_min: usize,
     /// Safety net over the runtime's own timeouts: a command, query or deploy with no
     /// answer after this long is answered 504 (outcome unknown).

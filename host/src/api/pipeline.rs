@@ -91,9 +91,9 @@ pub async fn serve<N: NodeApi>(
     // Since when the connection has waited for a request head with nothing in flight:
     // as in hyper, an idle keep-alive connection and a slow head share one timeout.
     let mut idle_since: Option<Instant> = None;
-    // Since when the server has waited for the client's next bytes: the last bytes
-    // read, or the end of the last time the server itself held things up (not reading
-    // a full pipeline, writing answers). A request body must keep arriving.
+    // Start of the current body window: the last time a pending body made its progress
+    // (or bytes came while none was pending), or the end of the last time the server
+    // itself held things up (not reading a full pipeline, writing answers).
     let mut waiting_since = Instant::now();
     let body_read_timeout = Duration::from_millis(shared.config.body_read_timeout_ms);
     let progress_min = shared.config.body_progress_bytes_min;
@@ -187,6 +187,7 @@ pub async fn serve<N: NodeApi>(
                     return Ended::Closed;
                 }
                 waiting_since = Instant::now();
+                body_progress = 0;
                 output.clear();
                 if output.capacity() > WRITE_BYTES_MAX * 4 {
                     output = Vec::new();
@@ -222,7 +223,7 @@ pub async fn serve<N: NodeApi>(
                     // among the answers, then close, since the rest of that body could
                     // not be told from a next request. The last answer gets
                     // `connection: close` below.
-                    tracing::debug!("api: a command body stopped arriving; answering 408 and closing");
+                    tracing::debug!("api: a command body made too little progress; answering 408 and closing");
                     let response = routes::body_timeout(&shared.config);
                     shared.metrics.observe(
                         Route::Commands,
@@ -242,6 +243,7 @@ pub async fn serve<N: NodeApi>(
         if !may_read {
             // The time the server did not read (a full pipeline) is not the client's.
             waiting_since = Instant::now();
+            body_progress = 0;
         }
     }
 }

@@ -674,8 +674,8 @@ pub(super) fn checked_idempotency_key(
 }
 
 /// Reads the whole body, refusing (413) a declared or actual length above `limit_bytes`
-/// before buffering more than the limit, and (408) a body that stops arriving for
-/// `body_read_timeout_ms`.
+/// before buffering more than the limit, and (408) a body that brings less than
+/// `body_progress_bytes_min` bytes in a `body_read_timeout_ms` window.
 async fn read_body(
     request: Request<Incoming>,
     limit_bytes: usize,
@@ -758,7 +758,7 @@ pub(super) fn body_timeout(config: &ApiConfig) -> Response<Body> {
     error(
         StatusCode::REQUEST_TIMEOUT,
         &format!(
-            "the request body stopped arriving: less than {} bytes in body_read_timeout_ms ({} ms)",
+            "the request body came too slowly: less than {} bytes, and not its end, within body_read_timeout_ms ({} ms)",
             config.body_progress_bytes_min, config.body_read_timeout_ms
         ),
     )
