@@ -85,8 +85,8 @@ pub async fn serve<N: NodeApi>(
     let mut dates = DateCache::default();
     let mut other_next = false;
     let mut end_of_input = false;
-    // The server is shutting down, or this connection must end (a body stopped
-    // arriving): take no more requests, answer those taken, then close.
+    // The server is shutting down, or this connection must end (a body came too
+    // slowly): take no more requests, answer those taken, then close.
     let mut shutting_down = *shutdown.borrow();
     // Since when the connection has waited for a request head with nothing in flight:
     // as in hyper, an idle keep-alive connection and a slow head share one timeout.
