@@ -134,7 +134,7 @@ pub async fn serve<N: NodeApi>(
     );
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown_grace = Duration::from_millis(config.shutdown_grace_ms);
-    // The pipelined path times out stalled writes after the same time.
+    // As `pipeline::serve` does for the connections it serves.
     let write_timeout = Duration::from_millis(config.request_timeout_ms);
     let connection_permits = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(routes::Shared::new(node, config));

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::routes::{self, Body, Route, Shared};
+use super::write_timeout::WriteTimeout;
 use super::{ApiConfig, HEADER_IDEMPOTENCY_KEY};
 use crate::node::handle::{CommandRequest, NodeApi};
 
@@ -77,6 +78,10 @@ pub async fn serve<N: NodeApi>(
     header_read_timeout: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
+    // A client that pipelines and stops reading its answers is cut once a write has
+    // made no progress for `request_timeout_ms`, as on hyper's connections.
+    let write_timeout = Duration::from_millis(shared.config.request_timeout_ms);
+    let mut stream = WriteTimeout::new(stream, write_timeout);
     let mut input = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut output = Vec::new();
     let mut answers = FuturesOrdered::new();
@@ -181,8 +186,7 @@ pub async fn serve<N: NodeApi>(
                         b"connection: close\r\n".iter().copied(),
                     );
                 }
-                let write_timeout = Duration::from_millis(shared.config.request_timeout_ms);
-                if let Err(error) = write_answers(stream, &output, write_timeout).await {
+                if let Err(error) = stream.write_all(&output).await {
                     tracing::debug!(%error, "api: write failed");
                     return Ended::Closed;
                 }
@@ -200,7 +204,7 @@ pub async fn serve<N: NodeApi>(
             () = sleep_until_some(body_deadline) => {
                 // Bytes that arrived just as the deadline passed still count, if they
                 // complete the body or make the progress a window needs.
-                let read = match stream.try_read_buf(&mut input) {
+                let read = match stream.get_mut().try_read_buf(&mut input) {
                     Ok(0) => {
                         end_of_input = true;
                         0
@@ -274,34 +278,6 @@ fn note_progress(
 /// in flight.
 fn has_room(config: &ApiConfig, count: usize, bytes: usize) -> bool {
     count < config.pipeline_depth_max && bytes < config.pipeline_bytes_max
-}
-
-/// Writes `bytes`, failing when the socket takes none of them for `timeout` (a client
-/// that does not read its answers: its connection slot is freed instead of held
-/// forever; a slow reader that makes progress is never cut). A socket with room, the
-/// common case, costs no timer.
-async fn write_answers(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
-    let mut rest = bytes;
-    loop {
-        match stream.try_write(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => rest = &rest[written..],
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(error) => return Err(error),
-        }
-        if rest.is_empty() {
-            return Ok(());
-        }
-        match tokio::time::timeout(timeout, stream.writable()).await {
-            Ok(ready) => ready?,
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client read no answer within request_timeout_ms",
-                ))
-            }
-        }
-    }
 }
 
 /// Ends a connection this module served: sends FIN after the answers, then reads and

@@ -1,8 +1,8 @@
-//! A write timeout for the connections hyper serves.
+//! A write timeout for every API connection: the pipelined reader's and hyper's.
 //!
 //! hyper's HTTP/1.1 server has a timeout for request heads but none for writes: a client
-//! that sends requests and never reads the answers fills the socket buffers, hyper's
-//! write stays pending, and the connection (one of `connections_max`) is held for good.
+//! that sends requests and never reads the answers fills the socket buffers, the write
+//! stays pending, and the connection (one of `connections_max`) is held for good.
 //! [`WriteTimeout`] fails a write, and so ends the connection, once the socket has taken
 //! no byte for the given time. It counts from the last progress, so a slow reader is
 //! never cut; a socket with room, the common case, never starts a timer.
@@ -34,6 +34,11 @@ impl<S> WriteTimeout<S> {
             deadline: Box::pin(tokio::time::sleep(timeout)),
             armed: false,
         }
+    }
+
+    /// The wrapped stream, for calls that are not writes.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// What a write attempt `polled` means once the timer is taken into account.
