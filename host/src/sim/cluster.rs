@@ -587,7 +587,7 @@ impl Sim {
                 // four clients that think up to 30 ticks between operations) is judged
                 // on progress, and a stall still fails after one window.
                 committed_seen = self.committed;
-                deadline = deadline.max(self.tick + self.options.liveness_ticks_max);
+                deadline = self.tick + self.options.liveness_ticks_max;
             }
             let done =
                 self.issued == self.options.ops && self.clients.iter().all(|c| c.op.is_none());
