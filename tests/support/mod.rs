@@ -56,15 +56,76 @@ impl Drop for Cluster {
     }
 }
 
+/// `count` distinct ports on 127.0.0.1 that nothing listens on, for nodes started later.
+///
+/// They come from below the kernel's ephemeral range (`ip_local_port_range`): a port
+/// from port 0 is let go before the node binds it, and meanwhile any outgoing connection
+/// (another node's, a client's) may take it as its local port, so the node fails with
+/// "address in use" and its peers reach the wrong process. Ports below the range are
+/// only ever taken by an explicit bind. This process never hands out a port twice, so a
+/// killed node's port stays its own for its restart.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    // Hold all listeners at once so the ports are distinct, then release them.
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    static GIVEN: Mutex<Option<PortPicker>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let picker = given.get_or_insert_with(PortPicker::new);
+    (0..count).map(|_| picker.next()).collect()
+}
+
+struct PortPicker {
+    low: u16,
+    high: u16,
+    next: u16,
+    given: std::collections::HashSet<u16>,
+}
+
+impl PortPicker {
+    fn new() -> Self {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        // Below the ephemeral range if it leaves room, else (an unusual kernel setting)
+        // the 10 000 ports above it.
+        let (low, high) = if ephemeral_low >= 12_000 {
+            (ephemeral_low - 10_000, ephemeral_low)
+        } else {
+            (61_000, 65_000)
+        };
+        // Test binaries started at the same time by something other than cargo start
+        // far apart in the window.
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as u64)
+                .unwrap_or(0);
+        let next = low + (seed % u64::from(high - low)) as u16;
+        PortPicker {
+            low,
+            high,
+            next,
+            given: Default::default(),
+        }
+    }
+
+    fn next(&mut self) -> u16 {
+        for _ in self.low..self.high {
+            let port = self.next;
+            self.next = if port + 1 >= self.high {
+                self.low
+            } else {
+                port + 1
+            };
+            if self.given.contains(&port) {
+                continue;
+            }
+            // Somebody listening there (or holding it) is skipped.
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                self.given.insert(port);
+                return port;
+            }
+        }
+        panic!("no free port in {}..{}", self.low, self.high);
+    }
 }
 
 impl Cluster {
