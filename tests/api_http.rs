@@ -572,6 +572,55 @@ async fn commands_refuse_malformed_and_oversized_requests() {
     server.stop().await;
 }
 
+/// A client that sends a body too large for the route and goes on sending it while the
+/// 413 comes back must be able to send all of it and read the 413: the server closes
+/// with a lingering close, not a reset that fails the client's writes.
+#[tokio::test]
+async fn a_client_still_sending_an_oversized_body_reads_the_413() {
+    let server = Server::start(FakeNode::leader(1), config()).await;
+    const BODY_BYTES: usize = 4 << 20;
+    for (what, head) in [
+        (
+            "a command",
+            format!("POST /v1/commands HTTP/1.1\r\nhost: t\r\ncontent-length: {BODY_BYTES}\r\n\r\n"),
+        ),
+        (
+            "a module after a command (hyper's path)",
+            format!(
+                "{}PUT /v1/app HTTP/1.1\r\nhost: t\r\nauthorization: Bearer s3cret\r\ncontent-length: {BODY_BYTES}\r\n\r\n",
+                command_request("put a 1")
+            ),
+        ),
+    ] {
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        writer.write_all(head.as_bytes()).await.unwrap();
+        let sending = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..BODY_BYTES / chunk.len() {
+                writer.write_all(&chunk).await?;
+            }
+            writer.shutdown().await
+        });
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the server closes"))
+            .unwrap_or_else(|error| panic!("{what}: reading the answer failed: {error}"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.contains("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{what}: {answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), sending)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the body is taken"))
+            .unwrap()
+            .unwrap_or_else(|error| panic!("{what}: sending the body failed: {error}"));
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn idempotency_key_returns_the_first_result() {
     let node = FakeNode::leader(1);

@@ -13,6 +13,7 @@
 
 pub mod client;
 mod json;
+mod linger;
 mod metrics;
 mod pipeline;
 mod routes;
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::node::handle::NodeApi;
+use linger::Linger;
 use write_timeout::WriteTimeout;
 
 /// Request header naming the replica that forwarded a query; a replica never forwards a
@@ -188,10 +190,13 @@ pub async fn serve<N: NodeApi>(
                     .header_read_timeout(header_read_timeout)
                     .keep_alive(true)
                     .serve_connection(
-                        TokioIo::new(WriteTimeout::new(
+                        // hyper shuts the stream down when it ends a connection (a 408 or
+                        // 413 with `connection: close`, a client's close, shutdown):
+                        // `Linger` makes that a lingering close, as `pipeline::close` is.
+                        TokioIo::new(Linger::new(WriteTimeout::new(
                             pipeline::Rewind::new(read, stream),
                             write_timeout,
-                        )),
+                        ))),
                         service,
                     );
                 if let Err(error) = watcher.watch(connection).await {

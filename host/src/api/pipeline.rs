@@ -32,14 +32,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::linger::Linger;
 use super::routes::{self, Body, Route, Shared};
 use super::write_timeout::WriteTimeout;
 use super::{ApiConfig, HEADER_IDEMPOTENCY_KEY};
 use crate::node::handle::{CommandRequest, NodeApi};
 
-/// How long a closing connection keeps reading (and dropping) client input so that
-/// its last answers are not lost to a reset.
-const LINGER: Duration = Duration::from_secs(1);
 /// Answers are gathered into one write up to about this many bytes.
 const WRITE_BYTES_MAX: usize = 256 << 10;
 /// Headers of a command request taken here; a request with more goes to hyper.
@@ -280,19 +278,11 @@ fn has_room(config: &ApiConfig, count: usize, bytes: usize) -> bool {
     count < config.pipeline_depth_max && bytes < config.pipeline_bytes_max
 }
 
-/// Ends a connection this module served: sends FIN after the answers, then reads and
-/// drops what the client still sends, for up to [`LINGER`]. Closing a socket whose
-/// input was not all read makes the kernel reset the connection, which drops answers
-/// not yet sent or not yet read by the client (a pipelining client at shutdown).
+/// Ends a connection this module served with a lingering close (see [`Linger`]): a
+/// pipelining client at shutdown, or one still sending the body that got a 408, reads
+/// every answer instead of a reset.
 pub async fn close(stream: &mut TcpStream) {
-    if stream.shutdown().await.is_err() {
-        return;
-    }
-    let mut discard = vec![0u8; READ_CHUNK_BYTES];
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(1..) = stream.read(&mut discard).await {}
-    })
-    .await;
+    let _ = Linger::new(stream).shutdown().await;
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {
