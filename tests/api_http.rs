@@ -581,11 +581,11 @@ async fn a_client_still_sending_an_oversized_body_reads_the_413() {
     const BODY_BYTES: usize = 4 << 20;
     for (what, head) in [
         (
-            "a command",
+            "a command (hyper answers an oversized one)",
             format!("POST /v1/commands HTTP/1.1\r\nhost: t\r\ncontent-length: {BODY_BYTES}\r\n\r\n"),
         ),
         (
-            "a module after a command (hyper's path)",
+            "a module after a pipelined command",
             format!(
                 "{}PUT /v1/app HTTP/1.1\r\nhost: t\r\nauthorization: Bearer s3cret\r\ncontent-length: {BODY_BYTES}\r\n\r\n",
                 command_request("put a 1")

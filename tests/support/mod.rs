@@ -58,10 +58,10 @@ impl Drop for Cluster {
 
 /// `count` distinct ports on 127.0.0.1 that nothing listens on, for nodes started later.
 ///
-/// They come from below the kernel's ephemeral range (`ip_local_port_range`): a port
+/// They come from outside the kernel's ephemeral range (`ip_local_port_range`): a port
 /// from port 0 is let go before the node binds it, and meanwhile any outgoing connection
 /// (another node's, a client's) may take it as its local port, so the node fails with
-/// "address in use" and its peers reach the wrong process. Ports below the range are
+/// "address in use" and its peers reach the wrong process. Ports outside the range are
 /// only ever taken by an explicit bind. This process never hands out a port twice, so a
 /// killed node's port stays its own for its restart.
 pub fn free_ports(count: usize) -> Vec<u16> {
@@ -80,16 +80,25 @@ struct PortPicker {
 
 impl PortPicker {
     fn new() -> Self {
-        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
-            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-            .unwrap_or(32768);
-        // Below the ephemeral range if it leaves room, else (an unusual kernel setting)
-        // the 10 000 ports above it.
-        let (low, high) = if ephemeral_low >= 12_000 {
-            (ephemeral_low - 10_000, ephemeral_low)
+            .and_then(|range| {
+                let mut bounds = range.split_whitespace().map(|b| b.parse::<u16>().ok());
+                Some((bounds.next()??, bounds.next()??))
+            })
+            .unwrap_or((32768, 60999));
+        // 10 000 ports below the ephemeral range if it leaves room, else above it. A
+        // kernel whose range covers both (an unusual setting) brings the race back.
+        let (low, high) = if ephemeral.0 >= 11_024 {
+            (ephemeral.0 - 10_000, ephemeral.0)
+        } else if ephemeral.1 <= 55_534 {
+            (ephemeral.1 + 1, ephemeral.1 + 10_001)
         } else {
-            (61_000, 65_000)
+            eprintln!(
+                "warning: the ephemeral port range {ephemeral:?} leaves no 10 000 ports \
+                 outside it; test nodes may race outgoing connections for their ports"
+            );
+            (20_000, 30_000)
         };
         // Test binaries started at the same time by something other than cargo start
         // far apart in the window.

@@ -92,6 +92,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<S> {
                     this.state = State::Draining(Box::pin(tokio::time::sleep(LINGER)));
                 }
                 State::Draining(deadline) => {
+                    // Checked before every read, not only when a read waits: a client
+                    // that keeps the socket full would otherwise keep it lingering, as
+                    // tokio's cooperative budget then makes the read and the timer both
+                    // answer `Pending` in every poll, even past the deadline.
+                    if tokio::time::Instant::now() >= deadline.deadline() {
+                        this.state = State::Closed;
+                        continue;
+                    }
                     let mut discard = [0u8; DISCARD_CHUNK_BYTES];
                     let mut buf = ReadBuf::new(&mut discard);
                     match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
@@ -131,6 +139,27 @@ mod tests {
         assert!(!closing.is_finished());
         drop(client);
         closing.await.unwrap().unwrap();
+    }
+
+    /// A client that never stops sending, fast enough that every poll finds data, is
+    /// cut at the deadline all the same (real time: a paused clock never advances
+    /// while the writer is busy).
+    #[tokio::test]
+    async fn shutdown_stops_at_the_deadline_while_the_client_still_floods() {
+        let (server, mut client) = tokio::io::duplex(4 << 20);
+        let mut server = Linger::new(server);
+        let flood = tokio::spawn(async move {
+            let chunk = vec![1u8; 1 << 20];
+            while client.write_all(&chunk).await.is_ok() {}
+        });
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(LINGER * 5, server.shutdown())
+            .await
+            .expect("the lingering close ends")
+            .unwrap();
+        assert!(started.elapsed() >= LINGER);
+        drop(server);
+        flood.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

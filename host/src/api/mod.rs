@@ -191,8 +191,10 @@ pub async fn serve<N: NodeApi>(
                     .keep_alive(true)
                     .serve_connection(
                         // hyper shuts the stream down when it ends a connection (a 408 or
-                        // 413 with `connection: close`, a client's close, shutdown):
-                        // `Linger` makes that a lingering close, as `pipeline::close` is.
+                        // 413 with `connection: close`, a client's close, shutdown; not
+                        // on its header-read timeout or I/O errors, with no answer
+                        // pending): `Linger` makes that a lingering close, as
+                        // `pipeline::close` is.
                         TokioIo::new(Linger::new(WriteTimeout::new(
                             pipeline::Rewind::new(read, stream),
                             write_timeout,
