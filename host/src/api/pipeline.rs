@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::linger::Linger;
-use super::routes::{self, Body, Route, Shared};
+use super::routes::{self, Body, BodyWindow, Route, Shared};
 use super::write_timeout::WriteTimeout;
 use super::{ApiConfig, HEADER_IDEMPOTENCY_KEY};
 use crate::node::handle::{CommandRequest, NodeApi};
@@ -94,15 +94,10 @@ pub async fn serve<N: NodeApi>(
     // Since when the connection has waited for a request head with nothing in flight:
     // as in hyper, an idle keep-alive connection and a slow head share one timeout.
     let mut idle_since: Option<Instant> = None;
-    // Start of the current body window: the last time a pending body made its progress
-    // (or bytes came while none was pending), or the end of the last time the server
-    // itself held things up (not reading a full pipeline, writing answers).
-    let mut waiting_since = Instant::now();
-    let body_read_timeout = Duration::from_millis(shared.config.body_read_timeout_ms);
-    let progress_min = shared.config.body_progress_bytes_min;
-    // Bytes read towards a pending body since `waiting_since` last moved: it moves once
-    // they reach `body_progress_bytes_min`, so a trickle does not keep a body alive.
-    let mut body_progress = 0usize;
+    // The body window restarts when a pending body makes its progress (or bytes come
+    // while none is pending), and after the server itself held things up (not reading a
+    // full pipeline, writing answers).
+    let mut body_window = BodyWindow::new(&shared.config);
     loop {
         let mut body_pending = false;
         let mut consumed = false;
@@ -127,8 +122,7 @@ pub async fn serve<N: NodeApi>(
         }
         if consumed && body_pending {
             // A body completed and the next one starts: it gets a window of its own.
-            waiting_since = Instant::now();
-            body_progress = 0;
+            body_window.restart();
         }
         if answers.is_empty() {
             if other_next {
@@ -152,13 +146,13 @@ pub async fn serve<N: NodeApi>(
             && !end_of_input
             && !shutting_down
             && has_room(&shared.config, answers.len(), answers_bytes);
-        let body_deadline = (body_pending && may_read).then(|| waiting_since + body_read_timeout);
+        let body_deadline = (body_pending && may_read).then(|| body_window.deadline());
         input.reserve(READ_CHUNK_BYTES);
         tokio::select! {
             read = stream.read_buf(&mut input), if may_read => match read {
                 Ok(0) => end_of_input = true,
                 Ok(read) => {
-                    note_progress(read, body_pending, progress_min, &mut body_progress, &mut waiting_since);
+                    body_window.note(read, body_pending);
                 }
                 Err(error) => {
                     tracing::debug!(%error, "api: read failed");
@@ -188,8 +182,7 @@ pub async fn serve<N: NodeApi>(
                     tracing::debug!(%error, "api: write failed");
                     return Ended::Closed;
                 }
-                waiting_since = Instant::now();
-                body_progress = 0;
+                body_window.restart();
                 output.clear();
                 if output.capacity() > WRITE_BYTES_MAX * 4 {
                     output = Vec::new();
@@ -214,8 +207,7 @@ pub async fn serve<N: NodeApi>(
                         return Ended::Closed;
                     }
                 };
-                let restarted =
-                    note_progress(read, true, progress_min, &mut body_progress, &mut waiting_since);
+                let restarted = body_window.note(read, true);
                 let completed = !matches!(
                     next_request(&input, &shared.config),
                     Next::Partial { head_complete: true }
@@ -231,7 +223,7 @@ pub async fn serve<N: NodeApi>(
                         Route::Commands,
                         &Method::POST,
                         response.status(),
-                        body_read_timeout,
+                        body_window.length(),
                     );
                     answers.push_back(Either::Right(std::future::ready((response, 0))));
                     shutting_down = true;
@@ -244,32 +236,9 @@ pub async fn serve<N: NodeApi>(
         }
         if !may_read {
             // The time the server did not read (a full pipeline) is not the client's.
-            waiting_since = Instant::now();
-            body_progress = 0;
+            body_window.restart();
         }
     }
-}
-
-/// Counts `read` new bytes: while a body is pending, the body's window restarts only
-/// once `progress_min` bytes have come since it last did; otherwise at any bytes.
-/// Whether it restarted.
-fn note_progress(
-    read: usize,
-    body_pending: bool,
-    progress_min: usize,
-    body_progress: &mut usize,
-    waiting_since: &mut Instant,
-) -> bool {
-    if read == 0 {
-        return false;
-    }
-    *body_progress += read;
-    if body_pending && *body_progress < progress_min {
-        return false;
-    }
-    *waiting_since = Instant::now();
-    *body_progress = 0;
-    true
 }
 
 /// Whether another command may be taken with `count` commands of `bytes` payload bytes

@@ -699,16 +699,11 @@ async fn read_body(
             return Err(too_large());
         }
     }
-    let window = Duration::from_millis(config.body_read_timeout_ms);
     let mut body = Limited::new(request.into_body(), limit_bytes);
     let mut collected = BytesMut::new();
-    // Each window must bring `body_progress_bytes_min` bytes or the end of the body: a
-    // slow upload that makes progress is never cut, a client that stops, or trickles a
-    // byte now and then, is.
-    let mut deadline = tokio::time::Instant::now() + window;
-    let mut progress = 0usize;
+    let mut window = BodyWindow::new(config);
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        let frame = match tokio::time::timeout_at(window.deadline(), body.frame()).await {
             Ok(frame) => frame,
             Err(_) => {
                 let mut response = body_timeout(config);
@@ -724,11 +719,7 @@ async fn read_body(
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     collected.extend_from_slice(&data);
-                    progress += data.len();
-                    if progress >= config.body_progress_bytes_min {
-                        deadline = tokio::time::Instant::now() + window;
-                        progress = 0;
-                    }
+                    window.note(data.len(), true);
                 }
             }
             Some(Err(failure)) => {
@@ -750,6 +741,58 @@ async fn read_small_body(
     config: &ApiConfig,
 ) -> Result<Bytes, Response<Body>> {
     read_body(request, config.body_bytes_max, "body_bytes_max", config).await
+}
+
+/// The slow-body rule of both paths (this one and `pipeline`): once a request's head has
+/// arrived, its body must bring `body_progress_bytes_min` bytes, or its end, within every
+/// window of `body_read_timeout_ms`. A slow upload that makes progress is never cut; a
+/// client that stops, or trickles a byte now and then, is.
+pub(super) struct BodyWindow {
+    since: tokio::time::Instant,
+    /// Bytes towards the current window's minimum.
+    progress: usize,
+    length: Duration,
+    progress_min: usize,
+}
+
+impl BodyWindow {
+    pub(super) fn new(config: &ApiConfig) -> BodyWindow {
+        BodyWindow {
+            since: tokio::time::Instant::now(),
+            progress: 0,
+            length: Duration::from_millis(config.body_read_timeout_ms),
+            progress_min: config.body_progress_bytes_min,
+        }
+    }
+
+    /// A fresh window from now.
+    pub(super) fn restart(&mut self) {
+        self.since = tokio::time::Instant::now();
+        self.progress = 0;
+    }
+
+    /// Counts `read` new bytes. While a body is pending the window restarts only once
+    /// `progress_min` bytes have come since it last did, otherwise at any bytes. Whether
+    /// it restarted.
+    pub(super) fn note(&mut self, read: usize, body_pending: bool) -> bool {
+        if read == 0 {
+            return false;
+        }
+        self.progress += read;
+        if body_pending && self.progress < self.progress_min {
+            return false;
+        }
+        self.restart();
+        true
+    }
+
+    pub(super) fn deadline(&self) -> tokio::time::Instant {
+        self.since + self.length
+    }
+
+    pub(super) fn length(&self) -> Duration {
+        self.length
+    }
 }
 
 /// 408 for a request whose body brought less than `body_progress_bytes_min` bytes in
